@@ -1,0 +1,70 @@
+"""visiontune: adapt pretrained vision foundation models to small labeled datasets, and say honestly
+which parameter-efficient method works best on your data.
+
+Public API::
+
+    import visiontune as vt
+    cfg = vt.load_config("configs/demo.yaml", overrides=["method.name=full"])
+    result = vt.train(cfg)              # RunResult(run_dir, metrics)
+    vt.evaluate("runs/<name>")          # metrics dict
+    run = vt.load("runs/<name>")        # LoadedRun(model, config, classes, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from visiontune.config import Config, load_config
+from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError
+
+__version__ = "0.1.0"
+
+
+def train(cfg: Config) -> Any:
+    """Fine-tune and evaluate; see :func:`visiontune.train.loop.train`."""
+    from visiontune.train.loop import train as _train
+
+    return _train(cfg)
+
+
+def evaluate(run_dir: str, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate a finished run; see :func:`visiontune.runs.evaluate_run`."""
+    from visiontune.runs import evaluate_run
+
+    return evaluate_run(run_dir, data=data, device=device)
+
+
+def load(run_dir: str, device: str = "cpu", merge: bool = True) -> Any:
+    """Load a finished run; see :func:`visiontune.runs.load_run`."""
+    from visiontune.runs import load_run
+
+    return load_run(run_dir, device=device, merge=merge)
+
+
+def list_methods() -> list[str]:
+    """Registered fine-tuning methods."""
+    import visiontune.methods  # noqa: F401
+    from visiontune.registry import METHODS
+
+    return METHODS.names()
+
+
+def list_datasets() -> list[str]:
+    """Built-in datasets."""
+    import visiontune.data  # noqa: F401
+    from visiontune.registry import DATASETS
+
+    return DATASETS.names()
+
+
+def list_backbones() -> list[str]:
+    """Registered backbones and architectures with offline weights (any timm name also works)."""
+    from visiontune.backbones import list_backbones as _lb
+
+    return _lb()
+
+
+__all__ = [
+    "Config", "ConfigError", "DataError", "VisiontuneError", "WeightsError", "__version__", "evaluate", "list_backbones",
+    "list_datasets", "list_methods", "load", "load_config", "train",
+]

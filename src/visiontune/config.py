@@ -1,0 +1,422 @@
+"""Run configuration: nested dataclasses, YAML load/dump, dotted ``key=value`` overrides, validation.
+
+One vocabulary everywhere (CLI overrides, YAML, Python): ``backbone.name``, ``method.rank``,
+``data.train_per_class``, ``optim.lr``, ``run.dir`` ... Validation collects *every* problem (unknown
+keys with suggestions, wrong types, invalid choices, cross-field conflicts) and raises one
+:class:`~visiontune.errors.ConfigError` listing them all.
+
+The method section is polymorphic: ``method.name`` picks the registered method, whose own ``Config``
+dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` for LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from visiontune.errors import ConfigError
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes."""
+
+    dir: str = _help("parent folder of run directories", default="runs")
+    name: str | None = _help("run directory name; default: <dataset>-<backbone>-<method>-<time>", default=None)
+    seed: int = _help("seed for model init, augmentation and data order", default=0)
+    device: str = _help("'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1' ...", default="auto")
+    deterministic: bool = _help("use deterministic algorithms (slower on GPU)", default=True)
+    threads: int | None = _help("torch CPU threads; default: torch's choice", default=None)
+    progress: bool = _help("show progress bars", default=True)
+    resume: bool = _help("resume from run_dir/checkpoint if it exists", default=False)
+    measure_speed: bool = _help("measure inference latency/throughput after training", default=True)
+    overwrite: bool = _help("allow reusing an existing run directory", default=False)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+            out.append(f"run.device={self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
+        if self.threads is not None and self.threads < 1:
+            out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Which images, and how they are split into the limited-data regime."""
+
+    dataset: str = _help("built-in name (see `visiontune list datasets`), an image folder, or a CSV manifest", default="")
+    root: str | None = _help("folder holding a built-in dataset's files, if not the default", default=None)
+    train_per_class: int | None = _help("labeled training images per class (few-shot regime)", default=None)
+    train_fraction: float | None = _help("fraction of each class used for training", default=None)
+    val_per_class: int | None = _help("validation images per class (for best-epoch selection)", default=None)
+    val_fraction: float | None = _help("fraction of each class used for validation", default=None)
+    test_per_class: int | None = _help("cap on test images per class; null = everything else", default=None)
+    seed: int = _help("seed of the split (independent of run.seed)", default=0)
+    augment: bool = _help("random resized crop + flip on training images", default=True)
+    num_workers: int = _help("DataLoader worker processes", default=0)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.dataset:
+            out.append("data.dataset is empty; set it to a built-in name, an image folder or a CSV manifest")
+        if self.train_per_class is not None and self.train_fraction is not None:
+            out.append("data.train_per_class and data.train_fraction are both set; keep one")
+        if self.val_per_class is not None and self.val_fraction is not None:
+            out.append("data.val_per_class and data.val_fraction are both set; keep one")
+        for key in ("train_per_class", "val_per_class", "test_per_class"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                out.append(f"data.{key}={v} must be >= 1 (or null)")
+        for key in ("train_fraction", "val_fraction"):
+            v = getattr(self, key)
+            if v is not None and not 0.0 < v < 1.0:
+                out.append(f"data.{key}={v} must be in (0, 1)")
+        if self.num_workers < 0:
+            out.append(f"data.num_workers={self.num_workers} must be >= 0")
+        return out
+
+
+@dataclass
+class BackboneConfig:
+    """The pretrained model being adapted."""
+
+    name: str = _help("timm model name or a registered test backbone", default="vit_small_patch14_dinov2")
+    weights: str = _help(
+        "'hub' (timm/HF hub), 'none' (random), 'offline' or 'offline:<source>' (pip-shipped weights), or a file path",
+        default="hub",
+    )
+    img_size: int | None = _help("input resolution; null = the pretrained default", default=None)
+    drop_path: float = _help("stochastic depth rate", default=0.0)
+    grad_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name:
+            out.append("backbone.name is empty; see `visiontune list backbones`")
+        if self.img_size is not None and self.img_size < 8:
+            out.append(f"backbone.img_size={self.img_size} is too small (>= 8, or null for the default)")
+        if not 0.0 <= self.drop_path < 1.0:
+            out.append(f"backbone.drop_path={self.drop_path} must be in [0, 1)")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation: AdamW, linear warmup then cosine decay."""
+
+    epochs: int = _help("training epochs", default=10)
+    lr: float | None = _help("peak learning rate of the trained backbone/adapter parameters; null = method default", default=None)
+    head_lr: float | None = _help("peak learning rate of the classification head; null = method default", default=None)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases, norms, embeddings tokens)", default=0.05)
+    batch_size: int = _help("images per optimizer micro-step", default=32)
+    grad_accum: int = _help("micro-steps per optimizer step (effective batch = batch_size * grad_accum)", default=1)
+    warmup_epochs: float = _help("linear warmup length in epochs (fractions allowed)", default=1.0)
+    min_lr_ratio: float = _help("final learning rate as a fraction of the peak", default=0.01)
+    clip_grad: float | None = _help("max gradient norm; null disables clipping", default=1.0)
+    label_smoothing: float = _help("cross-entropy label smoothing", default=0.1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "autocast dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 is emulated and slow on most CPUs)", default="auto"
+    )
+    eval_batch_size: int = _help("batch size for evaluation and feature extraction", default=64)
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                out.append(f"optim.{key}={getattr(self, key)} must be >= 1")
+        for key in ("lr", "head_lr"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                out.append(f"optim.{key}={v} must be > 0 (or null for the method default)")
+        if self.weight_decay < 0:
+            out.append(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup_epochs < 0:
+            out.append(f"optim.warmup_epochs={self.warmup_epochs} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            out.append(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            out.append(f"optim.clip_grad={self.clip_grad} must be > 0 (or null to disable)")
+        return out
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options; subclasses add their own fields (see ``visiontune.methods``)."""
+
+    name: str = _help("fine-tuning method (see `visiontune list methods`)", default="linear")
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class Config:
+    """A whole run: ``run``, ``data``, ``backbone``, ``method``, ``optim``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> Path:
+        """Write the config as YAML to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+_SECTIONS = {"run": RunConfig, "data": DataConfig, "backbone": BackboneConfig, "optim": OptimConfig}
+
+
+# ----------------------------------------------------------------------------- dotted overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into (["a", "b"], value), the value parsed as YAML ("8" -> 8, "[q,v]" -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='; write it as section.key=value, e.g. method.name=lora")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write it as section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; users mean a number.
+        try:
+            value = float(value) if any(ch.isdigit() for ch in value) and value.strip().lower() not in ("inf", "nan") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict in place (and return it)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``extra`` into a copy of ``base`` (extra wins)."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- typed construction
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Convert ``value`` to type ``tp`` (from a dataclass annotation), recording a problem on failure."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in non_none:
+            sub = []
+            out = _coerce(value, a, where, sub)
+            if not sub:
+                return out
+        problems.extend(sub)
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            problems.append(f"{where}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, tuple):
+        (inner,) = get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}={value!r} should be a list")
+            return value
+        return [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[str(value).lower()]
+        problems.append(f"{where}={value!r} should be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{where}={value!r} should be an integer")
+            return value
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}={value!r} should be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}={value!r} should be a number")
+        return value
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}={value!r} should be a string")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, data: dict[str, Any] | None, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a dict, coercing types; unknown keys and bad values go to ``problems``."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
+            problems.append(f"unknown key {prefix}.{key}.{hint} Valid keys: {', '.join(fields)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", problems)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a bad value that slipped through coercion
+        problems.append(f"{prefix}: {e}")
+        return cls()
+    if hasattr(obj, "problems"):
+        try:
+            problems.extend(obj.problems())
+        except TypeError as e:  # a field with a wrong type makes a check crash: already reported above
+            if not problems:
+                problems.append(f"{prefix}: {e}")
+    return obj
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict; raises ConfigError listing all problems."""
+    from visiontune.registry import METHODS
+    import visiontune.methods  # noqa: F401  (fills the METHODS registry)
+
+    problems: list[str] = []
+    data = dict(data or {})
+    unknown = [k for k in data if k not in (*_SECTIONS, "method")]
+    for k in unknown:
+        close = difflib.get_close_matches(k, [*_SECTIONS, "method"], n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        problems.append(f"unknown section {k!r}.{hint} Valid sections: run, data, backbone, method, optim")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"section {name!r} should be a mapping of keys, got {raw!r}")
+            raw = {}
+        sections[name] = build_dataclass(cls, raw, name, problems)
+    raw_method = data.get("method") or {}
+    if isinstance(raw_method, str):
+        raw_method = {"name": raw_method}
+    method_name = str(raw_method.get("name", MethodConfig.name))
+    if method_name in METHODS:
+        method_cls = METHODS.get(method_name).config_cls
+        method_cfg = build_dataclass(method_cls, raw_method, "method", problems)
+        method_impl = METHODS.get(method_name)
+        if hasattr(method_impl, "check_config"):
+            problems.extend(method_impl.check_config(method_cfg, sections))
+    else:
+        problems.append(METHODS.unknown_message(method_name))
+        method_cfg = MethodConfig(name=method_name)
+    if problems:
+        raise ConfigError(problems)
+    return Config(method=method_cfg, **sections)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Load a YAML config (optional), apply dotted overrides, validate.
+
+    Args:
+        path: YAML file; may be None to start from defaults.
+        overrides: ``["method.name=lora", "method.rank=8", ...]``.
+        base: a dict merged under the file (used by sweeps).
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} should hold a mapping of sections, got {type(loaded).__name__}")
+        data = deep_merge(data, loaded)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def describe_config() -> str:
+    """Every config key with its type, default and help (``visiontune config --help-keys``)."""
+    lines = []
+    for name, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"{name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Exception types raised by visiontune.
+
+Every error message names the offending value, the valid choices where there is a finite set, and the
+fix. They subclass ``ValueError`` so that callers who do not care about the distinction can catch one
+familiar type.
+"""
+
+from __future__ import annotations
+
+
+class VisiontuneError(ValueError):
+    """Base class for all user-facing visiontune errors."""
+
+
+class ConfigError(VisiontuneError):
+    """A configuration value, key or combination is invalid.
+
+    Args:
+        problems: every problem found (validation reports all of them at once, not the first).
+    """
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the configuration:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(msg)
+
+
+class DataError(VisiontuneError):
+    """A dataset, file, row or split is unusable (names the file or row and the fix)."""
+
+
+class WeightsError(VisiontuneError):
+    """Pretrained weights cannot be found, converted or loaded, or do not match the backbone."""

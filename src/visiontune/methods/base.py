@@ -1,0 +1,144 @@
+"""The method plug-in interface.
+
+A method is one module with a ``Config`` dataclass (a :class:`~visiontune.config.MethodConfig`
+subclass) and a :class:`Method` subclass registered in :data:`visiontune.registry.METHODS`. The
+training loop only talks to this interface, so adding a method touches no core file (the peft
+``tuners/<method>/`` habit).
+
+What a method decides:
+  * which parameters train (``apply`` freezes/inserts modules; freezing walks module structure, the
+    classifier is found through timm's ``get_classifier()``, never through name prefixes);
+  * its default learning rates for the body and the head;
+  * whether the backbone stays frozen so features can be cached (``feature_cache``);
+  * whether it starts from pretrained weights (``pretrained``);
+  * what is saved (``trainable_state_dict``) and how to fold itself away for inference (``merge``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from visiontune.config import MethodConfig
+from visiontune.errors import WeightsError
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The classification head of a timm model (works through wrappers exposing ``get_classifier``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no get_classifier(); visiontune needs a timm-style model")
+    return head
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    """``id()`` of every parameter of the classification head."""
+    return {id(p) for p in classifier_of(model).parameters()}
+
+
+def freeze(module: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter of ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class Method:
+    """Base class of fine-tuning methods.
+
+    Args:
+        cfg: the method's own config dataclass instance.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    default_lr: ClassVar[float] = 1e-3
+    default_head_lr: ClassVar[float] = 1e-3
+    pretrained: ClassVar[bool] = True
+    feature_cache: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def check_config(cls, cfg: MethodConfig, sections: dict[str, Any]) -> list[str]:
+        """Cross-section checks (e.g. a method that needs a ViT backbone); returns problems, never raises."""
+        return []
+
+    # ------------------------------------------------------------------ model surgery
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Prepare ``model`` for training in place and return it (possibly wrapped).
+
+        The default trains everything; subclasses freeze and/or insert adapter modules.
+        """
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: head vs body, and no weight decay on 1-d params (biases, norms, tokens)."""
+        head_ids = head_parameter_ids(model)
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_head = id(p) in head_ids
+            no_decay = p.ndim <= 1 or n.endswith(".bias") or "token" in n or "pos_embed" in n
+            groups.setdefault((is_head, no_decay), []).append(p)
+        out = []
+        for (is_head, no_decay), params in groups.items():
+            out.append(
+                {
+                    "params": params,
+                    "lr": head_lr if is_head else lr,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": ("head" if is_head else "body") + ("_no_decay" if no_decay else ""),
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a run saves: every trained parameter (adapters, unfrozen params, head) and adapter buffers."""
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`trainable_state_dict` back into a freshly ``apply``-ed model.
+
+        Raises:
+            WeightsError: when keys are missing/unexpected or shapes differ (an adapter from another setup).
+        """
+        params = dict(model.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        unexpected = sorted(set(state) - set(params))
+        missing = sorted(expected - set(state))
+        bad_shape = sorted(n for n in state if n in params and params[n].shape != state[n].shape)
+        if unexpected or missing or bad_shape:
+            parts = []
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:5]}")
+            if missing:
+                parts.append(f"missing keys {missing[:5]}")
+            if bad_shape:
+                parts.append(
+                    "shape mismatch " + ", ".join(f"{n}: file {tuple(state[n].shape)} vs model {tuple(params[n].shape)}" for n in bad_shape[:5])
+                )
+            raise WeightsError(
+                f"adapter weights do not fit this {self.name} model ({'; '.join(parts)}); "
+                "load them with the same backbone and method settings they were trained with (the run's config.yaml)"
+            )
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].dtype))
+
+    # ------------------------------------------------------------------ inference
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return a model for fast inference (adapters folded in where the method allows). Default: as is."""
+        return model
+
+    def describe(self) -> str:
+        """Short human description used in reports, e.g. ``lora r8 qv``."""
+        return self.name

@@ -1,0 +1,252 @@
+"""Baseline methods: ``linear`` (frozen features + linear head), ``full`` (everything trains),
+``scratch`` (everything trains from random init, e.g. ResNet-18 / ViT-S as in the DINOv3 cow study).
+
+The linear probe never runs the backbone during head training: features of every image (and of
+``views - 1`` extra augmented views per training image) are computed once, then a multinomial
+logistic regression is fitted on them. By default that fit is L-BFGS to convergence with the L2
+strength chosen on the validation split, or by stratified k-fold cross-validation on the training
+features when there is no validation split (so the default holds across datasets instead of being
+tuned to one). ``solver=adamw`` trains the head with the run's optimiser settings instead.
+The fitting code is written here because it must run in torch on cached tensors and fold the
+feature standardisation back into a plain ``nn.Linear`` head; scikit-learn only chooses the folds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from visiontune.config import MethodConfig, OptimConfig
+from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.registry import METHODS
+
+_C_GRID = [10.0**e for e in np.arange(-3.0, 2.01, 0.5)]
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    """Options of the linear probe."""
+
+    name: str = "linear"
+    views: int = field(default=1, metadata={"help": "cached views per training image: 1 = the eval view only; >1 adds augmented views"})
+    solver: Literal["lbfgs", "adamw"] = field(
+        default="lbfgs", metadata={"help": "lbfgs: logistic regression to convergence (C chosen by val/CV); adamw: optim.* settings"}
+    )
+    c: float | None = field(default=None, metadata={"help": "inverse L2 strength as in scikit-learn; null = choose by validation/CV"})
+    max_iter: int = field(default=300, metadata={"help": "L-BFGS iterations per fit"})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.views < 1:
+            out.append(f"method.views={self.views} must be >= 1")
+        if self.c is not None and self.c <= 0:
+            out.append(f"method.c={self.c} must be > 0 (or null to choose it by validation)")
+        if self.max_iter < 1:
+            out.append(f"method.max_iter={self.max_iter} must be >= 1")
+        return out
+
+
+def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, scikit-learn's objective: mean CE + ||W||^2 / (2 C n)."""
+    n, d = x.shape
+    w = torch.zeros(num_classes, d, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    l2 = 1.0 / (c * n)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((x @ w.T + b).argmax(1) == y).float().mean())
+
+
+def choose_c(
+    x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int, max_iter: int,
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[float, dict[str, float]]:
+    """Pick C from a log grid by validation accuracy, or by grouped stratified k-fold CV on the train set.
+
+    Ties go to the smaller C (stronger regularisation), the safer choice with few labels.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    scores: dict[str, float] = {}
+    if val is not None and len(val[1]) > 0:
+        for c in _C_GRID:
+            w, b = _fit_lbfgs(x, y, num_classes, c, max_iter)
+            scores[f"{c:g}"] = _accuracy(w, b, *val)
+    else:
+        per_class = np.bincount(y.numpy()[np.unique(groups, return_index=True)[1]], minlength=num_classes)
+        k = int(min(5, per_class[per_class > 0].min()))
+        if k < 2:
+            return 1.0, {}
+        folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(x.numpy(), y.numpy(), groups))
+        for c in _C_GRID:
+            accs = []
+            for tr, te in folds:
+                w, b = _fit_lbfgs(x[tr], y[tr], num_classes, c, max_iter)
+                accs.append(_accuracy(w, b, x[te], y[te]))
+            scores[f"{c:g}"] = float(np.mean(accs))
+    best = max(scores.values())
+    c_best = min(float(k) for k, v in scores.items() if v >= best - 1e-9)
+    return c_best, scores
+
+
+@METHODS.register("linear")
+class Linear(Method):
+    """Frozen backbone; linear head fitted on cached pooled features (computed once per image/view)."""
+
+    name = "linear"
+    config_cls = LinearConfig
+    default_lr = 1e-3
+    default_head_lr = 1e-3
+    feature_cache = True
+    summary = "frozen backbone, linear head on cached features"
+    cfg: LinearConfig
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze(model)
+        for p in classifier_of(model).parameters():
+            p.requires_grad_(True)
+        return model
+
+    def fit_cached(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+        val: tuple[torch.Tensor, torch.Tensor] | None,
+        optim: OptimConfig,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Fit the head on cached features and write it into ``model``'s classifier.
+
+        Args:
+            model: the backbone with its (frozen) body; only its classifier changes.
+            train: (features [N, D], labels [N], group id per row = source image index).
+            val: optional (features, labels) for choosing C / reporting.
+            optim: run optimiser settings (used by ``solver=adamw``).
+            seed: seed for the adamw solver's batch order.
+
+        Returns:
+            Info for metrics.json: solver, chosen C and its scores, history.
+        """
+        head = classifier_of(model)
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"linear probe needs an nn.Linear classifier, got {type(head).__name__}")
+        x, y, groups = train
+        x = x.double()
+        mu = x.mean(0)
+        sd = x.std(0).clamp_min(1e-6)
+        xs = (x - mu) / sd
+        vs = None if val is None or len(val[1]) == 0 else ((val[0].double() - mu) / sd, val[1])
+        num_classes = head.out_features
+        info: dict[str, Any] = {"solver": self.cfg.solver}
+        if self.cfg.solver == "lbfgs":
+            if self.cfg.c is not None:
+                c, scores = self.cfg.c, {}
+            else:
+                c, scores = choose_c(xs, y, groups, num_classes, self.cfg.max_iter, vs)
+            w, b = _fit_lbfgs(xs, y, num_classes, c, self.cfg.max_iter)
+            with torch.no_grad():
+                loss = float(F.cross_entropy(xs @ w.T + b, y))
+            info.update(c=c, c_scores=scores, c_selected_by="fixed" if self.cfg.c is not None else ("val" if vs else "cv"))
+            history = [{"epoch": 1, "train_loss": loss, "lr": None}]
+            if vs is not None:
+                history[0]["val_accuracy"] = _accuracy(w, b, *vs)
+        else:
+            w, b, history = self._fit_adamw(xs, y, vs, num_classes, optim, seed)
+        # Fold the standardisation into the head so inference is a plain Linear on raw features.
+        w_raw = w / sd
+        b_raw = b - w_raw @ mu
+        with torch.no_grad():
+            head.weight.copy_(w_raw.to(head.weight.dtype))
+            head.bias.copy_(b_raw.to(head.bias.dtype))
+        info["history"] = history
+        return info
+
+    def _fit_adamw(self, x, y, val, num_classes, optim: OptimConfig, seed: int):
+        from visiontune.train.optim import warmup_cosine
+
+        gen = torch.Generator().manual_seed(seed)
+        lin = nn.Linear(x.shape[1], num_classes).double()
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        lr = optim.head_lr or self.default_head_lr
+        opt = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=optim.weight_decay)
+        steps_per_epoch = math.ceil(len(y) / optim.batch_size)
+        sched = warmup_cosine(opt, steps_per_epoch * optim.epochs, int(optim.warmup_epochs * steps_per_epoch), optim.min_lr_ratio)
+        history = []
+        for epoch in range(1, optim.epochs + 1):
+            perm = torch.randperm(len(y), generator=gen)
+            total = 0.0
+            for i in range(0, len(y), optim.batch_size):
+                idx = perm[i : i + optim.batch_size]
+                loss = F.cross_entropy(lin(x[idx]), y[idx], label_smoothing=optim.label_smoothing)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * len(idx)
+            row = {"epoch": epoch, "train_loss": total / len(y), "lr": opt.param_groups[0]["lr"]}
+            if val is not None:
+                with torch.no_grad():
+                    row["val_accuracy"] = _accuracy(lin.weight, lin.bias, *val)
+            history.append(row)
+        return lin.weight.detach(), lin.bias.detach(), history
+
+    def describe(self) -> str:
+        return "linear probe" + (f" ({self.cfg.views} views)" if self.cfg.views > 1 else "")
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Options of full fine-tuning (none beyond optim.*)."""
+
+    name: str = "full"
+
+
+@METHODS.register("full")
+class Full(Method):
+    """Every parameter trains, from the pretrained weights."""
+
+    name = "full"
+    config_cls = FullConfig
+    # Small body lr keeps pretrained features; the fresh head needs a normal one.
+    default_lr = 3e-5
+    default_head_lr = 1e-3
+    summary = "all parameters trained from pretrained weights"
+
+
+@dataclass
+class ScratchConfig(MethodConfig):
+    """Options of training from scratch (none beyond optim.*)."""
+
+    name: str = "scratch"
+
+
+@METHODS.register("scratch")
+class Scratch(Method):
+    """Every parameter trains from random initialisation (backbone.weights is ignored and recorded as none)."""
+
+    name = "scratch"
+    config_cls = ScratchConfig
+    default_lr = 1e-3
+    default_head_lr = 1e-3
+    pretrained = False
+    summary = "all parameters trained from random init"

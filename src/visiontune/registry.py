@@ -1,0 +1,100 @@
+"""Name -> factory registries, filled at import time (the timm ``register_model`` habit).
+
+A duplicate name raises, and an unknown name raises with the list of valid names and the closest
+match, so a typo in a config is fixed from the error message alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from visiontune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of factories of one kind (backbones, methods, datasets, ...).
+
+    Args:
+        kind: what the entries are, used in error messages ("method", "dataset", ...).
+        config_key: the config key that selects an entry, used in error messages ("method.name").
+    """
+
+    def __init__(self, kind: str, config_key: str | None = None):
+        self.kind = kind
+        self.config_key = config_key or kind
+        self._entries: dict[str, T] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, obj: T | None = None, *, help: str = "") -> Any:
+        """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted.
+
+        Raises:
+            ValueError: if ``name`` is already registered.
+        """
+
+        def _add(o: T) -> T:
+            if name in self._entries:
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
+                    f"choose another name"
+                )
+            self._entries[name] = o
+            doc = help or (getattr(o, "__doc__", None) or "").strip().split("\n")[0]
+            self._help[name] = doc
+            return o
+
+        if obj is None:
+            return _add
+        return _add(obj)
+
+    def get(self, name: str) -> T:
+        """Return the entry named ``name``.
+
+        Raises:
+            ConfigError: naming the unknown value, the closest valid names and all valid names.
+        """
+        if name in self._entries:
+            return self._entries[name]
+        raise ConfigError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        """The error text for an unknown ``name`` (also used by config validation)."""
+        close = difflib.get_close_matches(str(name), list(self._entries), n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return (
+            f"{self.config_key}={name!r} is not a known {self.kind}.{hint} "
+            f"Valid: {', '.join(sorted(self._entries))}."
+        )
+
+    def help(self, name: str) -> str:
+        """One-line description of an entry."""
+        return self._help.get(name, "")
+
+    def names(self) -> list[str]:
+        """Registered names, in registration order."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+BACKBONES: Registry[Callable[..., Any]] = Registry("backbone", "backbone.name")
+"""Extra backbone names (tiny test models, aliases); any timm model name works as well."""
+
+WEIGHT_SOURCES: Registry[Any] = Registry("weight source", "backbone.weights")
+"""Offline/package weight sources that produce timm-compatible state dicts."""
+
+METHODS: Registry[Any] = Registry("method", "method.name")
+"""Fine-tuning methods (linear, full, scratch, lora, ...): Method subclasses."""
+
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.dataset")
+"""Built-in datasets: functions returning ImageRecords."""

@@ -1,0 +1,148 @@
+"""Run directories: writing a finished run, and loading one back for evaluation or prediction.
+
+A run directory holds ``config.yaml`` (resolved), ``labels.json``, ``adapter.safetensors`` (only
+what was trained, plus the head, with the backbone identity in its metadata), ``metrics.json``,
+``report.md``, plots and ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from visiontune.config import Config, load_config
+from visiontune.errors import ConfigError, WeightsError
+from visiontune.methods import Method
+from visiontune.registry import METHODS
+
+ADAPTER_FILE = "adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_adapter(path: Path, method: Method, model: nn.Module, identity: dict[str, Any], classes: list[str]) -> Path:
+    """Write the trained parameters + head with the backbone identity and labels in the file's metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in method.trainable_state_dict(model).items()}
+    meta = {
+        "visiontune": json.dumps(
+            {"format": FORMAT_VERSION, "method": method.name, "backbone_identity": identity, "classes": classes}
+        )
+    }
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and visiontune metadata of an adapter file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise WeightsError(f"adapter file {str(path)!r} does not exist; is this a finished visiontune run directory?")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("visiontune", "{}"))
+    return load_file(str(path)), meta
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Refuse an adapter trained on another backbone (name, weights hash or image size differ)."""
+    diffs = [
+        f"{k}: adapter has {saved.get(k)!r}, backbone has {current.get(k)!r}"
+        for k in ("name", "sha256", "img_size")
+        if saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise WeightsError(
+            f"{where} was trained on a different backbone ({'; '.join(diffs)}); "
+            "load it with the backbone it was trained on (see its config.yaml)"
+        )
+
+
+def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Write adapter, metrics.json, plots and report.md into ``run_dir``."""
+    from visiontune.eval import plot_confusion, plot_history, write_report
+
+    classes = metrics["run"]["classes"]
+    save_adapter(run_dir / ADAPTER_FILE, method, model, identity, classes)
+    plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
+    if len(metrics["train"]["history"]) > 1:
+        plot_history(metrics["train"]["history"], run_dir / "history.png")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(run_dir, metrics)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run in memory: model (eval mode), its config, labels, method and eval transform."""
+
+    model: nn.Module
+    config: Config
+    classes: list[str]
+    method: Method
+    transform: Callable[[Any], torch.Tensor]
+    identity: dict[str, Any]
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> LoadedRun:
+    """Rebuild the backbone, re-apply the method and load the adapter of a finished run.
+
+    Args:
+        run_dir: a run directory written by :func:`visiontune.train`.
+        device: where to put the model.
+        merge: fold adapters into the backbone for fast inference when the method allows.
+
+    Raises:
+        ConfigError: not a run directory. WeightsError: adapter/backbone mismatch.
+    """
+    from visiontune.backbones import backbone_identity, build_transform, create_backbone
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")
+    cfg = load_config(run_dir / "config.yaml")
+    classes = json.loads((run_dir / "labels.json").read_text())
+    state, meta = read_adapter(run_dir / ADAPTER_FILE)
+    identity = backbone_identity(cfg.backbone)
+    check_identity(meta.get("backbone_identity", {}), identity, str(run_dir / ADAPTER_FILE))
+    method: Method = METHODS.get(cfg.method.name)(cfg.method)
+    model = create_backbone(cfg.backbone, num_classes=len(classes))
+    model = method.apply(model)
+    method.load_trainable_state_dict(model, state)
+    model = model.to(device).eval()
+    if merge:
+        model = method.merge(model)
+    transform = build_transform(model, cfg.backbone.img_size, train=False)
+    return LoadedRun(model, cfg, classes, method, transform, identity, run_dir)
+
+
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, device: str = "cpu", batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
+
+    Returns:
+        The metrics dict of :func:`visiontune.eval.compute_metrics`.
+    """
+    from visiontune.data import ImageDataset, load_records, make_splits
+    from visiontune.train.loop import autocast_dtype, evaluate_loader, make_loader, resolve_device
+
+    dev = resolve_device(device)
+    run = load_run(run_dir, device=str(dev))
+    cfg = run.config
+    if data is None:
+        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        if list(records.classes) != run.classes:
+            raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {run.classes}")
+        test = make_splits(records, cfg.data)["test"]
+    else:
+        test = load_records(data, classes=run.classes)
+    loader = make_loader(ImageDataset(test, run.transform), batch_size or cfg.optim.eval_batch_size, False, 0, 0)
+    return evaluate_loader(run.model, loader, dev, run.classes, autocast_dtype(cfg.optim.precision, dev), progress)

@@ -1,0 +1,436 @@
+"""The training loop: flat functions returning metrics dicts (the timm ``train.py`` / nanoGPT habit).
+
+``train(cfg)`` runs data -> backbone -> method -> fit -> evaluate -> report and writes the run
+directory. Methods plug in through :class:`visiontune.methods.Method`; nothing here knows about a
+particular method beyond the interface (``feature_cache`` selects the cached-features path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from visiontune.config import Config
+from visiontune.errors import ConfigError
+from visiontune.methods import Method
+from visiontune.registry import METHODS
+from visiontune.train.optim import warmup_cosine
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the run directory and its metrics (also in ``metrics.json``)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["test"]["accuracy"])
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu or auto")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``optim.precision`` (None = full fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+        persistent_workers=workers > 0, drop_last=False,
+    )
+
+
+def _batches(loader: DataLoader, desc: str, progress: bool) -> Iterator[Any]:
+    return iter(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True))
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None = None, progress: bool = False,
+    desc: str = "eval",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every batch in ``loader`` (model in eval mode, no augmentation)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y in _batches(loader, desc, progress):
+        with autocast(device, amp):
+            outs.append(model(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def evaluate_loader(
+    model: nn.Module, loader: DataLoader, device: torch.device, classes: list[str], amp: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics dict (accuracy, F1s, per-class, confusion) of ``model`` on ``loader``."""
+    from visiontune.eval import compute_metrics
+
+    logits, labels = predict_logits(model, loader, device, amp, progress)
+    return compute_metrics(labels.numpy(), logits.argmax(1).numpy(), classes)
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None = None, progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logits features (timm ``forward_head(pre_logits=True)``) and labels for ``loader``."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for x, y in _batches(loader, desc, progress):
+        with autocast(device, amp):
+            f = model.forward_head(model.forward_features(x.to(device, non_blocking=True)), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    device: torch.device,
+    amp: torch.dtype | None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}."""
+    model.train()
+    accum = cfg.optim.grad_accum
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    total, count = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    for i, (x, y) in enumerate(_batches(loader, desc, cfg.run.progress)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at batch {i}; lower optim.lr (now {optimizer.param_groups[0]['lr']:.2e}) "
+                "or use optim.precision=fp32"
+            )
+        # The last group may be shorter than grad_accum: scale by its real length so every step averages.
+        group = min(accum, n_batches - (i // accum) * accum)
+        scaled = loss / group
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        total += float(loss) * len(y)
+        count += len(y)
+        if (i + 1) % accum == 0 or i + 1 == n_batches:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    return {"train_loss": total / max(1, count), "lr": optimizer.param_groups[0]["lr"]}
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def default_run_name(cfg: Config) -> str:
+    ds = Path(cfg.data.dataset).stem if os.sep in cfg.data.dataset else cfg.data.dataset
+    return f"{ds}-{cfg.backbone.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create (or reuse, when resuming/overwriting) the run directory; refuses to clobber a finished run."""
+    run_dir = Path(cfg.run.dir) / (cfg.run.name or default_run_name(cfg))
+    if (run_dir / "metrics.json").exists() and not (cfg.run.overwrite or cfg.run.resume):
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a finished run; set run.name to another name, "
+            "or run.overwrite=true to replace it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def resolve_config(cfg: Config, method: Method, device: torch.device) -> Config:
+    """Fill method-dependent defaults so config.yaml records what actually ran."""
+    optim = dataclasses.replace(
+        cfg.optim,
+        lr=cfg.optim.lr if cfg.optim.lr is not None else method.default_lr,
+        head_lr=cfg.optim.head_lr if cfg.optim.head_lr is not None else method.default_head_lr,
+    )
+    backbone = cfg.backbone if method.pretrained else dataclasses.replace(cfg.backbone, weights="none")
+    run = cfg.run
+    if run.name is None:
+        run = dataclasses.replace(run, name=default_run_name(cfg))
+    return dataclasses.replace(cfg, optim=optim, backbone=backbone, run=run)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Atomically write a resumable checkpoint (write to a temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def train(cfg: Config) -> RunResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.data`` with ``cfg.method``; evaluate; write the run directory.
+
+    Returns:
+        The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
+        ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
+    """
+    from visiontune.backbones import backbone_identity, build_transform, create_backbone
+    from visiontune.data import ImageDataset, describe_splits, load_records, make_splits
+    from visiontune.eval import PeakMemory, count_parameters, measure_speed
+    from visiontune.runs import finish_run
+
+    method: Method = METHODS.get(cfg.method.name)(cfg.method)
+    device = resolve_device(cfg.run.device)
+    cfg = resolve_config(cfg, method, device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    amp = autocast_dtype(cfg.optim.precision, device)
+
+    records = load_records(cfg.data.dataset, root=cfg.data.root)
+    splits = make_splits(records, cfg.data)
+    classes = list(records.classes)
+    if len(splits["test"]) == 0:
+        raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
+    run_dir = prepare_run_dir(cfg)
+    cfg.dump(run_dir / "config.yaml")
+    (run_dir / "labels.json").write_text(json.dumps(classes, indent=1))
+    if cfg.run.progress:
+        print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
+
+    model = create_backbone(cfg.backbone, num_classes=len(classes))
+    model = method.apply(model).to(device)
+    identity = backbone_identity(cfg.backbone)
+    params = count_parameters(model)
+
+    eval_tf = build_transform(model, cfg.backbone.img_size, train=False)
+    train_tf = build_transform(model, cfg.backbone.img_size, train=True) if cfg.data.augment else eval_tf
+    workers = cfg.data.num_workers
+    ebs = cfg.optim.eval_batch_size
+    val_loader = (
+        make_loader(ImageDataset(splits["val"], eval_tf), ebs, False, 0, workers) if len(splits["val"]) else None
+    )
+
+    start = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    train_info: dict[str, Any] = {"feature_cache": method.feature_cache}
+    with PeakMemory(device) as mem:
+        if method.feature_cache:
+            train_info.update(_fit_cached(method, model, splits, cfg, device, amp, eval_tf, train_tf, val_loader))
+            history = train_info.pop("history")
+            best_epoch = len(history)
+        else:
+            history, best_epoch = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir)
+    wall = time.perf_counter() - start
+
+    test_loader = make_loader(ImageDataset(splits["test"], eval_tf), ebs, False, 0, workers)
+    infer_model = method.merge(model)
+    test_metrics = evaluate_loader(infer_model, test_loader, device, classes, amp, cfg.run.progress)
+    val_metrics = evaluate_loader(infer_model, val_loader, device, classes, amp) if val_loader is not None else None
+    speed = None
+    if cfg.run.measure_speed:
+        size = eval_tf_size(model, cfg.backbone.img_size)
+        speed = measure_speed(infer_model, (3, size, size), batch_size=min(32, ebs), device=str(device))
+
+    metrics = {
+        "run": {
+            "name": run_dir.name, "method": method.name, "method_detail": method.describe(),
+            "backbone": cfg.backbone.name, "weights": cfg.backbone.weights, "backbone_identity": identity,
+            "dataset": cfg.data.dataset, "classes": classes, "train_size": len(splits["train"]),
+            "val_size": len(splits["val"]), "test_size": len(splits["test"]), "seed": cfg.run.seed,
+            "device": str(device), "img_size": eval_tf_size(model, cfg.backbone.img_size),
+        },
+        "params": params,
+        "train": {
+            "wall_time_s": wall, "epochs": len(history), "best_epoch": best_epoch, "peak_memory_mb": mem.peak_mb,
+            "memory_kind": mem.kind, "history": history, **train_info,
+        },
+        "val": val_metrics,
+        "test": test_metrics,
+        "speed": speed,
+    }
+    finish_run(run_dir, method, model, identity, metrics)
+    if cfg.run.progress:
+        print(
+            f"[visiontune] {method.describe()}: test accuracy {test_metrics['accuracy']:.4f}, weighted F1 "
+            f"{test_metrics['f1_weighted']:.4f}, trainable {params['trainable']:,} ({params['trainable_pct']:.2f}%), "
+            f"{wall:.1f}s -> {run_dir / 'report.md'}"
+        )
+    return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def eval_tf_size(model: nn.Module, img_size: int | None) -> int:
+    """The square input size the model is evaluated at."""
+    if img_size:
+        return int(img_size)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _fit_cached(
+    method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
+    amp: torch.dtype | None, eval_tf: Any, train_tf: Any, val_loader: DataLoader | None,
+) -> dict[str, Any]:
+    """Frozen backbone: compute features once per image (and per cached augmented view), fit the head."""
+    from visiontune.data import ImageDataset
+
+    ebs, workers, progress = cfg.optim.eval_batch_size, cfg.data.num_workers, cfg.run.progress
+    views = getattr(method.cfg, "views", 1)
+    n = len(splits["train"])
+    xs, ys, groups = [], [], []
+    t0 = time.perf_counter()
+    for v in range(views):
+        # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
+        tf = eval_tf if v == 0 else train_tf
+        loader = make_loader(ImageDataset(splits["train"], tf), ebs, False, 0, workers)
+        f, y = extract_features(model, loader, device, amp, progress, f"features view {v + 1}/{views}")
+        xs.append(f)
+        ys.append(y)
+        groups.append(np.arange(n))
+    val = extract_features(model, val_loader, device, amp, False) if val_loader is not None else None
+    feat_time = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    info = method.fit_cached(model, (torch.cat(xs), torch.cat(ys), np.concatenate(groups)), val, cfg.optim, cfg.run.seed)
+    info.update(feature_time_s=feat_time, head_fit_time_s=time.perf_counter() - t1, cached_views=views)
+    return info
+
+
+def _fit_loop(
+    method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
+    amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
+) -> tuple[list[dict[str, Any]], int]:
+    """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume."""
+    from visiontune.data import ImageDataset
+
+    if cfg.backbone.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    train_loader = make_loader(
+        ImageDataset(splits["train"], train_tf), cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers
+    )
+    groups = method.param_groups(model, cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
+    if not groups:
+        raise ConfigError(f"method {method.name!r} left no trainable parameters")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
+    scheduler = warmup_cosine(
+        optimizer, steps_per_epoch * cfg.optim.epochs, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr_ratio
+    )
+    ckpt_path = run_dir / "checkpoint" / "last.pt"
+    history: list[dict[str, Any]] = []
+    best = {"score": -math.inf, "epoch": 0, "state": None}
+    start_epoch = 1
+    if cfg.run.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        method.load_trainable_state_dict(model, ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        history, best, start_epoch = ck["history"], ck["best"], ck["epoch"] + 1
+        _set_rng_state(ck["rng"])
+        train_loader.generator.set_state(ck["loader_rng"])
+        if cfg.run.progress:
+            print(f"[visiontune] resumed from {ckpt_path} at epoch {start_epoch}")
+    bar = tqdm(range(start_epoch, cfg.optim.epochs + 1), desc="epochs", disable=not cfg.run.progress, dynamic_ncols=True)
+    for epoch in bar:
+        row: dict[str, Any] = {"epoch": epoch}
+        row.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}"))
+        if val_loader is not None:
+            vl, vy = predict_logits(model, val_loader, device, amp)
+            row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
+            row["val_loss"] = float(F.cross_entropy(vl, vy))
+            # Best epoch: highest val accuracy, ties broken by lower val loss.
+            score = row["val_accuracy"] - 1e-6 * row["val_loss"]
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch, "state": method.trainable_state_dict(model)}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
+        save_checkpoint(
+            ckpt_path, model=method.trainable_state_dict(model), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), epoch=epoch, history=history, best=best, rng=_rng_state(),
+            loader_rng=train_loader.generator.get_state(),
+        )
+    if best["state"] is not None:
+        method.load_trainable_state_dict(model, best["state"])
+        return history, int(best["epoch"])
+    return history, len(history)
