@@ -176,8 +176,7 @@ def fashion_mnist(root: str | None = None) -> ImageRecords:
     ids: list[str] = []
     splits: list[str] = []
     for split, (img_path, lbl_path) in paths.items():
-        assert img_path is not None and lbl_path is not None
-        images, lbls = read_idx(img_path), read_idx(lbl_path)
+        images, lbls = read_idx(str(img_path)), read_idx(str(lbl_path))
         if images.ndim != 3 or lbls.ndim != 1 or len(images) != len(lbls) or images.dtype != np.uint8:
             raise DataError(f"Fashion-MNIST {split} files disagree: images {images.shape} {images.dtype} in {img_path}, "
                             f"labels {lbls.shape} in {lbl_path}. Fix: reinstall the dataset files.")

@@ -44,7 +44,7 @@ def load_image(item: str | np.ndarray, id: str | None = None) -> Image.Image:
             return _to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"image {name} does not exist ({path}). Fix: restore the file or remove it from the dataset.") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"cannot decode image {name}{_path_note(name, path)}: {exc}. "
             f"Fix: re-export or delete the file (or remove its manifest row)."

@@ -17,9 +17,12 @@ _MAX_LABEL_CHARS = 18
 
 
 def _short(label: str) -> str:
-    """Truncates a tick label so that long class names do not squeeze the matrix."""
+    """Shortens a long tick label in the middle, because class names often differ only at the end."""
     label = str(label)
-    return label if len(label) <= _MAX_LABEL_CHARS else label[: _MAX_LABEL_CHARS - 1] + "…"
+    if len(label) <= _MAX_LABEL_CHARS:
+        return label
+    head = (_MAX_LABEL_CHARS - 1) // 2
+    return label[:head] + "…" + label[-(_MAX_LABEL_CHARS - 1 - head):]
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -61,7 +64,8 @@ def plot_confusion(
     normalised = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
 
     side = max(4.0, 0.55 * n + 2.5)
-    font = 10.0 if n <= 8 else max(5.5, 10.0 - 0.35 * (n - 8))
+    # Cells keep a roughly constant size in inches as the figure grows, so the font can too.
+    font = 10.0 if n <= 8 else 8.5
     fig = Figure(figsize=(side + 1.0, side))
     ax = fig.add_subplot()
     image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -77,7 +81,8 @@ def plot_confusion(
                 ha="center",
                 va="center",
                 fontsize=font,
-                color="white" if normalised[i, j] > 0.6 else "black",
+                # Zeros in grey keep the eye on the cells that hold samples.
+                color="white" if normalised[i, j] > 0.6 else "black" if cm[i, j] else "0.6",
             )
 
     labels = [_short(c) for c in classes]
@@ -199,6 +204,7 @@ def plot_comparison(rows: list[dict], path: str | Path) -> Path:
         ax.annotate(label, (s["trainable"], 100.0 * s["test_accuracy"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)  # room for the labels of points at the edges
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs trainable parameters")

@@ -87,6 +87,11 @@ def _table(header: list[str], rows: list[list[Any]], align: list[str] | None = N
     return "\n".join(lines)
 
 
+def _facts(rows: list[list[Any]]) -> str | None:
+    """Key-value facts as a bullet list (a two-column table would need an empty header row)."""
+    return "\n".join(f"- **{key}**: {value}" for key, value in rows) if rows else None
+
+
 def _section(metrics: dict, key: str) -> dict:
     value = metrics.get(key)
     return value if isinstance(value, dict) else {}
@@ -221,8 +226,8 @@ def compare_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------- run report
 
 _MEMORY_KINDS = {
-    "cuda_allocated": "peak CUDA memory allocated to tensors",
-    "cpu_rss_peak": "peak process resident memory (RSS)",
+    "cuda_allocated": "CUDA memory allocated to tensors",
+    "cpu_rss_peak": "process resident memory, RSS",
 }
 
 
@@ -273,7 +278,7 @@ def _run_facts(run: dict) -> str | None:
     for key in ("seed", "device"):
         if run.get(key) is not None:
             facts.append([key, run[key]])
-    return _table(["", ""], facts) if facts else None
+    return _facts(facts)
 
 
 def _scores_table(metrics: dict) -> str | None:
@@ -330,13 +335,13 @@ def _train_table(train: dict) -> str | None:
             epochs += f" (best checkpoint: epoch {train['best_epoch']})"
         rows.append(["epochs", epochs])
     if train.get("peak_memory_mb") is not None:
-        kind = _MEMORY_KINDS.get(train.get("memory_kind"), train.get("memory_kind") or "peak memory")
-        rows.append(["memory", f"{train['peak_memory_mb']:,.0f} MiB ({kind})"])
+        kind = _MEMORY_KINDS.get(train.get("memory_kind"), train.get("memory_kind"))
+        rows.append(["peak memory", f"{train['peak_memory_mb']:,.0f} MiB" + (f" ({kind})" if kind else "")])
     if train.get("feature_cache") is not None:
         rows.append(["feature cache",
                      "yes: frozen-backbone features computed once and reused every epoch"
                      if train["feature_cache"] else "no"])
-    return _table(["", ""], rows) if rows else None
+    return _facts(rows)
 
 
 def _speed_table(speed: dict) -> str | None:
@@ -356,7 +361,7 @@ def _speed_table(speed: dict) -> str | None:
     if speed.get("input_size"):
         rows.append(["input", " x ".join(str(s) for s in speed["input_size"])
                      + (f", {speed['dtype']}" if speed.get("dtype") else "")])
-    return _table(["", ""], rows)
+    return _facts(rows)
 
 
 def write_report(run_dir: str | Path, metrics: dict) -> Path:

@@ -1,0 +1,327 @@
+"""Build a timm backbone from ``backbone.*`` config: name, weights, input size, regularisation.
+
+The model returned is a plain timm model (``forward_features``, ``forward_head(pre_logits=True)``,
+``get_classifier``, ``reset_classifier``, ``pretrained_cfg``) with a freshly initialised classifier of
+the requested size. Weight files are loaded through timm's own pretrained path
+(``pretrained_cfg_overlay``), so each family's checkpoint filter runs: ViT position embeddings are
+resampled to the requested ``img_size`` exactly as timm does for its hub weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import timm
+import torch.nn as nn
+
+from visiontune.backbones.weights import FILE_SUFFIXES, WeightSpec, describe_key_problems, file_sha256, parse_weights
+from visiontune.errors import ConfigError, WeightsError
+from visiontune.registry import BACKBONES, WEIGHT_SOURCES
+
+ANY_TIMM_NOTE = "any timm model name also works (timm.list_models(), e.g. vit_small_patch16_224, resnet50)"
+"""Shown next to :func:`list_backbones` output: the list is not exhaustive."""
+
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+class BackboneSpec(Protocol):
+    """What :func:`create_backbone` reads from its config (``visiontune.config.BackboneConfig``)."""
+
+    name: str
+    weights: str
+    img_size: int | None
+    drop_path: float
+    grad_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """A resolved ``backbone.name``: how to build it and what timm knows about it."""
+
+    name: str
+    arch: str  # the architecture without a pretrained tag, used to match offline sources
+    build: Callable[..., nn.Module]
+    registered: bool
+
+    def default_cfg(self) -> dict[str, Any]:
+        """Pretrained cfg as a dict without building the model ({} when timm has none)."""
+        if self.registered:
+            return dict(getattr(self.build, "pretrained_cfg", {}) or {})
+        if self.name.startswith(_HUB_PREFIXES):
+            return {}
+        cfg = timm.models.get_pretrained_cfg(self.name, allow_unregistered=True)
+        return cfg.to_dict() if cfg is not None else {}
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """A resolved ``backbone.weights``."""
+
+    spec: WeightSpec
+    canonical: str  # the spelling stored in the backbone identity ("offline" -> "offline:<source>")
+    path: Path | None = None
+    source: Any = None
+
+
+def _resolve_name(name: str) -> _Arch:
+    """Map ``backbone.name`` to a builder: a registered test backbone, else a timm model.
+
+    Raises:
+        ConfigError: unknown name, with the closest registered or timm names.
+    """
+    name = str(name).strip()
+    if name in BACKBONES:
+        return _Arch(name, name, BACKBONES.get(name), True)
+    if name.startswith(_HUB_PREFIXES):
+        return _Arch(name, name, functools.partial(timm.create_model, name), False)
+    if timm.is_model(name):
+        arch = timm.models.split_model_name_tag(name)[0]
+        return _Arch(name, arch, functools.partial(timm.create_model, name), False)
+    candidates = BACKBONES.names() + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(
+        f"backbone.name={name!r} is neither a visiontune backbone ({', '.join(BACKBONES.names())}) nor a timm "
+        f"model.{hint} Search timm names with timm.list_models('*vit*'); see `visiontune list backbones`."
+    )
+
+
+def _offline_sources_for(arch: str) -> list[Any]:
+    return [WEIGHT_SOURCES.get(n) for n in WEIGHT_SOURCES.names() if WEIGHT_SOURCES.get(n).arch == arch]
+
+
+def _resolve_weights(value: str, arch: _Arch) -> _Weights:
+    """Resolve ``backbone.weights`` for ``arch`` to a file (converting offline sources) or hub/none.
+
+    Raises:
+        WeightsError: no such file, no offline source for the architecture, source not installed or
+            made for another architecture.
+        ConfigError: unknown ``offline:<source>`` name.
+    """
+    spec = parse_weights(value)
+    if spec.kind in ("hub", "none"):
+        return _Weights(spec, spec.kind)
+    if spec.kind == "file":
+        return _Weights(spec, str(value), path=spec.path)
+    if spec.source is None:
+        sources = _offline_sources_for(arch.arch)
+        if not sources:
+            having = sorted({WEIGHT_SOURCES.get(n).arch for n in WEIGHT_SOURCES.names()})
+            raise WeightsError(
+                f"backbone.weights=offline: no offline weights exist for backbone.name={arch.name!r}. "
+                f"Architectures with offline weights: {', '.join(having)} "
+                f"(sources: {', '.join(WEIGHT_SOURCES.names())}). Use backbone.weights=hub (internet), "
+                f"a local {'/'.join(FILE_SUFFIXES)} file, or none (random init)."
+            )
+        source = sources[0]
+    else:
+        source = WEIGHT_SOURCES.get(spec.source)
+        if source.arch != arch.arch:
+            raise WeightsError(
+                f"backbone.weights=offline:{source.name} holds {source.arch} weights but backbone.name="
+                f"{arch.name!r}; set backbone.name={source.arch}"
+            )
+    return _Weights(spec, f"offline:{source.name}", path=source.path(), source=source)
+
+
+def _build(arch: _Arch, **kwargs: Any) -> nn.Module:
+    """Call the builder; CNNs reject ``img_size`` (their input size only matters to preprocessing)."""
+    try:
+        return arch.build(**kwargs)
+    except TypeError as e:
+        if "img_size" not in kwargs or "img_size" not in str(e):
+            raise
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        return arch.build(**kwargs)
+
+
+def _is_hub_failure(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod.startswith(
+        ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "urllib")
+    )
+
+
+def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offline_hint: str) -> nn.Module:
+    cfg = arch.default_cfg()
+    if not arch.name.startswith(_HUB_PREFIXES) and not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise WeightsError(
+            f"backbone.name={arch.name!r} has no pretrained weights in timm (backbone.weights=hub); use "
+            f"backbone.weights=none for random init{offline_hint}, or a local {'/'.join(FILE_SUFFIXES)} file"
+        )
+    try:
+        model = _build(arch, pretrained=True, num_classes=num_classes, **kwargs)
+    except Exception as e:
+        if not _is_hub_failure(e):
+            raise
+        where = cfg.get("hf_hub_id") or cfg.get("url") or arch.name
+        raise WeightsError(
+            f"backbone.weights=hub: cannot download {arch.name!r} weights ({where}): the Hugging Face hub is "
+            f"unreachable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Use backbone.weights=offline{offline_hint} or the path of a local {'/'.join(FILE_SUFFIXES)} file; "
+            f"HF_HUB_OFFLINE=1 skips the download retries."
+        ) from e
+    # timm keeps the pretrained classifier when the class counts happen to agree; visiontune always
+    # starts from a fresh head so that results do not depend on that coincidence.
+    model.reset_classifier(num_classes)
+    return model
+
+
+_TORCH_MISSING = re.compile(r"Missing key\(s\) in state_dict: (.*?)\.\s*$", re.M)
+_TORCH_UNEXPECTED = re.compile(r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$", re.M)
+_TORCH_SHAPE = re.compile(
+    r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[.*?\])\)"
+)
+
+
+def _mismatch_error(e: Exception, path: Path, arch: _Arch) -> WeightsError:
+    """Turn torch's strict-load RuntimeError into a message listing a few keys of each kind."""
+    text = str(e)
+
+    def keys(rx: re.Pattern[str]) -> list[str]:
+        m = rx.search(text)
+        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+    shapes = [f"{k}: file {a} vs model {b}" for k, a, b in _TORCH_SHAPE.findall(text)]
+    detail = describe_key_problems(keys(_TORCH_MISSING), keys(_TORCH_UNEXPECTED), shapes) or text.splitlines()[0]
+    return WeightsError(
+        f"backbone.weights={str(path)!r} does not fit backbone.name={arch.name!r}: {detail}. Use the "
+        f"architecture these weights were saved from (a timm model's state_dict() loads into the same "
+        f"timm name), or backbone.weights=hub/none."
+    )
+
+
+def _load_from_file(
+    arch: _Arch, path: Path, num_classes: int, kwargs: dict[str, Any], cfg_overlay: dict[str, Any]
+) -> nn.Module:
+    """Strictly load a state-dict file (classifier excepted) through timm's pretrained path."""
+    try:
+        state_dict = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"backbone.weights={str(path)!r} cannot be read as a state dict ({type(e).__name__}: {e}); "
+            f"save it with safetensors.torch.save_file(model.state_dict(), ...) or torch.save(model.state_dict(), ...)"
+        ) from e
+    # The checkpoint's classifier is dropped here (rather than by timm) so that the rest can be loaded
+    # strictly: timm turns strict loading off whenever it drops a classifier itself.
+    classifier = arch.default_cfg().get("classifier") or ()
+    for name in (classifier,) if isinstance(classifier, str) else classifier:
+        state_dict.pop(f"{name}.weight", None)
+        state_dict.pop(f"{name}.bias", None)
+    overlay = dict(cfg_overlay, state_dict=state_dict, file=str(path), num_classes=0, hf_hub_id=None, url=None)
+    try:
+        model = _build(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
+    except RuntimeError as e:
+        if "state_dict" not in str(e):
+            raise
+        raise _mismatch_error(e, path, arch) from e
+    except KeyError as e:
+        # A family's checkpoint filter indexes keys it expects (e.g. a ViT's pos_embed).
+        raise WeightsError(
+            f"backbone.weights={str(path)!r} lacks key {e} that timm's {arch.arch} loader needs; "
+            f"is it a checkpoint of backbone.name={arch.name!r}?"
+        ) from e
+    # The state dict was only a vehicle for loading; keeping it would pin a second copy of the weights.
+    model.pretrained_cfg.pop("state_dict", None)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
+    """Build the backbone ``cfg`` describes, with a fresh ``num_classes``-way classifier.
+
+    Args:
+        cfg: ``name`` (registered test backbone or any timm name), ``weights`` (hub / none / offline /
+            offline:<source> / file path), ``img_size`` (None = pretrained default), ``drop_path``
+            (stochastic depth rate), ``grad_checkpointing``.
+        num_classes: classifier size (0 = no classifier, pooled features out).
+
+    Returns:
+        A timm model. Its ``pretrained_cfg["input_size"]`` reflects ``img_size``, so
+        :func:`~visiontune.backbones.build_transform` and timm's ``resolve_data_config`` agree with it.
+
+    Raises:
+        ConfigError: unknown backbone name or invalid sizes.
+        WeightsError: weights missing, unreachable, or not matching the architecture.
+    """
+    if int(num_classes) < 0:
+        raise ConfigError(f"num_classes={num_classes} must be >= 0")
+    arch = _resolve_name(cfg.name)
+    weights = _resolve_weights(cfg.weights, arch)
+    kwargs: dict[str, Any] = {"drop_path_rate": float(cfg.drop_path)}
+    if cfg.img_size:
+        kwargs["img_size"] = int(cfg.img_size)
+
+    if weights.spec.kind == "none":
+        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    elif weights.spec.kind == "hub":
+        sources = _offline_sources_for(arch.arch)
+        if sources:
+            hint = f" (offline source {sources[0].name} has {arch.arch} weights)"
+        else:
+            having = sorted({WEIGHT_SOURCES.get(n).arch for n in WEIGHT_SOURCES.names()})
+            hint = f" (offline weights exist for: {', '.join(having)})"
+        model = _load_from_hub(arch, num_classes, kwargs, hint)
+    else:
+        overlay = dict(getattr(weights.source, "pretrained_cfg", None) or {})
+        model = _load_from_file(arch, weights.path, num_classes, kwargs, overlay)
+
+    if cfg.img_size:
+        # Keep the model's preprocessing metadata truthful: timm leaves the pretrained size here.
+        model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], cfg.img_size, cfg.img_size)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _default_img_size(arch: _Arch) -> int | None:
+    size = arch.default_cfg().get("input_size")
+    return int(size[-1]) if size else None
+
+
+def backbone_identity(cfg: BackboneSpec) -> dict[str, Any]:
+    """What an adapter was trained on, to refuse loading it onto another backbone.
+
+    Returns:
+        ``{"name", "weights", "sha256", "img_size"}``: ``weights`` is the canonical spelling
+        (``offline`` becomes ``offline:<source>``); ``sha256`` hashes the weight file actually loaded
+        (for ``hub`` it is the hub id/tag string, for random init None); ``img_size`` is the resolved
+        input size (the pretrained default when ``cfg.img_size`` is None).
+    """
+    arch = _resolve_name(cfg.name)
+    weights = _resolve_weights(cfg.weights, arch)
+    if weights.path is not None:
+        digest: str | None = file_sha256(weights.path)
+    elif weights.spec.kind == "hub":
+        dcfg = arch.default_cfg()
+        digest = arch.name if arch.name.startswith(_HUB_PREFIXES) else (
+            f"hf-hub:{dcfg['hf_hub_id']}" if dcfg.get("hf_hub_id") else dcfg.get("url") or f"timm:{arch.name}"
+        )
+    else:
+        digest = None
+    return {
+        "name": cfg.name,
+        "weights": weights.canonical,
+        "sha256": digest,
+        "img_size": int(cfg.img_size) if cfg.img_size else _default_img_size(arch),
+    }
+
+
+def list_backbones() -> list[str]:
+    """Registered test backbones, then architectures that have offline weights.
+
+    Not exhaustive: :data:`ANY_TIMM_NOTE` — any timm model name works with ``backbone.weights=hub``
+    (needs internet), ``none``, or a local weight file.
+    """
+    names = BACKBONES.names()
+    for source_name in WEIGHT_SOURCES.names():
+        arch = WEIGHT_SOURCES.get(source_name).arch
+        if arch not in names:
+            names.append(arch)
+    return names

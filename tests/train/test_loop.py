@@ -1,0 +1,128 @@
+"""Training loop behaviour on tiny models: run directory, methods' freezing, accumulation, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visiontune as vt
+from visiontune.errors import ConfigError
+from visiontune.train import loop
+
+
+def _train(overrides, *extra):
+    return vt.train(vt.load_config(None, [*overrides, *extra]))
+
+
+def test_run_directory_contents_and_eval_roundtrip(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=full", "run.name=a", "run.measure_speed=true")
+    d = res.run_dir
+    for f in ("config.yaml", "labels.json", "adapter.safetensors", "metrics.json", "report.md", "confusion.png",
+              "history.png", "checkpoint/last.pt"):
+        assert (d / f).is_file(), f
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["run"]["classes"] == [str(i) for i in range(10)]
+    assert m["run"]["train_size"] == 80 and m["run"]["test_size"] == 100
+    assert 0.0 <= m["test"]["accuracy"] <= 1.0 and len(m["test"]["confusion"]) == 10
+    assert m["params"]["trainable"] == m["params"]["total"] > 0
+    assert m["speed"]["latency_ms"] > 0 and m["speed"]["throughput_img_s"] > 0
+    assert m["train"]["epochs"] == 2 and m["train"]["peak_memory_mb"] > 0
+    assert "accuracy" in (d / "report.md").read_text().lower()
+    # Reloading the run reproduces the test metrics exactly.
+    again = vt.evaluate(str(d))
+    assert again["accuracy"] == pytest.approx(m["test"]["accuracy"])
+    assert again["confusion"] == m["test"]["confusion"]
+
+
+def test_linear_probe_freezes_backbone_and_saves_only_head(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=linear", "run.name=lin")
+    state = load_file(str(res.run_dir / "adapter.safetensors"))
+    assert sorted(state) == ["head.bias", "head.weight"]
+    m = res.metrics
+    assert m["train"]["feature_cache"] is True and m["train"]["c_selected_by"] == "cv"
+    assert m["params"]["trainable"] == 10 * 64 + 10  # head of a 64-dim test ViT
+    assert not (res.run_dir / "checkpoint").exists()  # nothing to resume: features + one fit
+
+
+def test_linear_views_cache_augmented_features(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=linear", "method.views=3", "run.name=lin3")
+    assert res.metrics["train"]["cached_views"] == 3
+
+
+def test_linear_adamw_solver_uses_epochs(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=linear", "method.solver=adamw", "optim.epochs=5", "run.name=linadam")
+    assert len(res.metrics["train"]["history"]) == 5
+
+
+def test_scratch_records_random_init(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=scratch", "backbone.weights=hub", "run.name=s")
+    cfg = vt.load_config(res.run_dir / "config.yaml")
+    assert cfg.backbone.weights == "none"
+    assert cfg.optim.lr == 1e-3  # method default filled into the resolved config
+
+
+def test_gradient_accumulation_matches_large_batch(tiny_overrides):
+    common = ["method.name=full", "data.augment=false", "optim.epochs=1", "optim.label_smoothing=0", "optim.clip_grad=null",
+              "optim.warmup_epochs=0"]
+    a = _train(tiny_overrides, *common, "optim.batch_size=16", "optim.grad_accum=1", "run.name=big")
+    b = _train(tiny_overrides, *common, "optim.batch_size=8", "optim.grad_accum=2", "run.name=acc")
+    sa = load_file(str(a.run_dir / "adapter.safetensors"))
+    sb = load_file(str(b.run_dir / "adapter.safetensors"))
+    diff = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    assert diff < 1e-5, diff
+
+
+def test_deterministic_given_seed(tiny_overrides):
+    a = _train(tiny_overrides, "method.name=full", "run.name=d1")
+    b = _train(tiny_overrides, "method.name=full", "run.name=d2")
+    assert a.metrics["train"]["history"] == b.metrics["train"]["history"]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_overrides, monkeypatch):
+    common = ["method.name=full", "optim.epochs=3"]
+    ref = _train(tiny_overrides, *common, "run.name=ref")
+    real = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_overrides, *common, "run.name=crash")
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    res = _train(tiny_overrides, *common, "run.name=crash", "run.resume=true")
+    assert [h["train_loss"] for h in res.metrics["train"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in ref.metrics["train"]["history"]], abs=1e-6
+    )
+    sa = load_file(str(ref.run_dir / "adapter.safetensors"))
+    sb = load_file(str(res.run_dir / "adapter.safetensors"))
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-6
+
+
+def test_best_epoch_selected_on_validation(tiny_overrides):
+    res = _train(tiny_overrides, "method.name=full", "data.val_per_class=3", "optim.epochs=3", "run.name=v")
+    h = res.metrics["train"]["history"]
+    assert all("val_accuracy" in r for r in h)
+    best = res.metrics["train"]["best_epoch"]
+    assert h[best - 1]["val_accuracy"] == max(r["val_accuracy"] for r in h)
+    assert res.metrics["val"]["accuracy"] == pytest.approx(h[best - 1]["val_accuracy"])
+
+
+def test_refuses_to_clobber_finished_run(tiny_overrides):
+    _train(tiny_overrides, "method.name=linear", "run.name=same")
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        _train(tiny_overrides, "method.name=linear", "run.name=same")
+    _train(tiny_overrides, "method.name=linear", "run.name=same", "run.overwrite=true")
+
+
+def test_nonfinite_loss_is_explained(tiny_overrides):
+    with pytest.raises(FloatingPointError, match="lower optim.lr"):
+        _train(tiny_overrides, "method.name=full", "optim.lr=1e30", "optim.head_lr=1e30", "optim.clip_grad=null",
+               "optim.warmup_epochs=0", "optim.epochs=3", "run.name=nan")
