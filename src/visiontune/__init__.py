@@ -17,6 +17,10 @@ from typing import Any
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError
 
+# The subpackage ``visiontune.train`` must be imported before the ``train`` function below is defined:
+# importing a submodule binds its name on the parent package, which would otherwise shadow the function.
+import visiontune.train as _train_pkg  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 

@@ -77,6 +77,20 @@ def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[s
     write_report(run_dir, metrics)
 
 
+def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
+    """Backbone + method applied, with the torch RNG seeded from ``run.seed`` first.
+
+    Seeding here makes random-init parts (a scratch backbone, a frozen random backbone under a probe,
+    freshly initialised adapter matrices) identical when a run is rebuilt for evaluation or serving,
+    which only saves the trained parameters.
+    """
+    from visiontune.backbones import create_backbone
+
+    torch.manual_seed(cfg.run.seed)
+    model = create_backbone(cfg.backbone, num_classes=num_classes)
+    return method.apply(model)
+
+
 @dataclass
 class LoadedRun:
     """A trained run in memory: model (eval mode), its config, labels, method and eval transform."""
@@ -101,7 +115,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     Raises:
         ConfigError: not a run directory. WeightsError: adapter/backbone mismatch.
     """
-    from visiontune.backbones import backbone_identity, build_transform, create_backbone
+    from visiontune.backbones import backbone_identity, build_transform
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -112,8 +126,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     identity = backbone_identity(cfg.backbone)
     check_identity(meta.get("backbone_identity", {}), identity, str(run_dir / ADAPTER_FILE))
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
-    model = create_backbone(cfg.backbone, num_classes=len(classes))
-    model = method.apply(model)
+    model = build_model(cfg, method, len(classes))
     method.load_trainable_state_dict(model, state)
     model = model.to(device).eval()
     if merge:

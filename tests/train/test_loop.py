@@ -43,7 +43,8 @@ def test_linear_probe_freezes_backbone_and_saves_only_head(tiny_overrides):
     assert sorted(state) == ["head.bias", "head.weight"]
     m = res.metrics
     assert m["train"]["feature_cache"] is True and m["train"]["c_selected_by"] == "cv"
-    assert m["params"]["trainable"] == 10 * 64 + 10  # head of a 64-dim test ViT
+    dim = vt.load(str(res.run_dir)).model.num_features
+    assert m["params"]["trainable"] == 10 * dim + 10  # exactly the head
     assert not (res.run_dir / "checkpoint").exists()  # nothing to resume: features + one fit
 
 

@@ -4,7 +4,8 @@ The model returned is a plain timm model (``forward_features``, ``forward_head(p
 ``get_classifier``, ``reset_classifier``, ``pretrained_cfg``) with a freshly initialised classifier of
 the requested size. Weight files are loaded through timm's own pretrained path
 (``pretrained_cfg_overlay``), so each family's checkpoint filter runs: ViT position embeddings are
-resampled to the requested ``img_size`` exactly as timm does for its hub weights.
+resampled to the requested ``img_size`` as timm does for its hub weights (an offline source may ask for
+the interpolation its weights were fine-tuned with instead, see ``pos_embed_antialias``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import timm
+import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
 from visiontune.backbones.weights import FILE_SUFFIXES, WeightSpec, describe_key_problems, file_sha256, parse_weights
 from visiontune.errors import ConfigError, WeightsError
@@ -82,12 +85,12 @@ def _resolve_name(name: str) -> _Arch:
     if timm.is_model(name):
         arch = timm.models.split_model_name_tag(name)[0]
         return _Arch(name, arch, functools.partial(timm.create_model, name), False)
-    candidates = BACKBONES.names() + timm.list_models()
+    candidates = list(dict.fromkeys(BACKBONES.names() + timm.list_models()))
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ConfigError(
         f"backbone.name={name!r} is neither a visiontune backbone ({', '.join(BACKBONES.names())}) nor a timm "
-        f"model.{hint} Search timm names with timm.list_models('*vit*'); see `visiontune list backbones`."
+        f"model.{hint} Search timm's names with timm.list_models('*pattern*'); see `visiontune list backbones`."
     )
 
 
@@ -151,8 +154,9 @@ def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offlin
     cfg = arch.default_cfg()
     if not arch.name.startswith(_HUB_PREFIXES) and not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsError(
-            f"backbone.name={arch.name!r} has no pretrained weights in timm (backbone.weights=hub); use "
-            f"backbone.weights=none for random init{offline_hint}, or a local {'/'.join(FILE_SUFFIXES)} file"
+            f"backbone.weights=hub: timm has no pretrained weights for backbone.name={arch.name!r}; use "
+            f"backbone.weights=none (random init), a local {'/'.join(FILE_SUFFIXES)} file, or "
+            f"backbone.weights=offline{offline_hint}"
         )
     try:
         model = _build(arch, pretrained=True, num_classes=num_classes, **kwargs)
@@ -197,10 +201,37 @@ def _mismatch_error(e: Exception, path: Path, arch: _Arch) -> WeightsError:
     )
 
 
+def _resample_pos_embed_like_source(model: nn.Module, pos_embed: torch.Tensor | None) -> None:
+    """Redo timm's position-embedding resampling without anti-aliasing.
+
+    timm anti-aliases when it shrinks a position grid; models exported from Hugging Face DINOv2 (and
+    fine-tuned there at 224 px) interpolate without it. At 224 px the two differ by up to ~0.4 in the
+    DINOv2-S output features, so for such sources the grid is resampled the way the weights were used.
+    """
+    target = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if pos_embed is None or not isinstance(target, nn.Parameter) or grid is None or pos_embed.shape == target.shape:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    resampled = resample_abs_pos_embed(pos_embed, new_size=list(grid), num_prefix_tokens=prefix, antialias=False)
+    with torch.no_grad():
+        target.copy_(resampled.to(target.dtype))
+
+
 def _load_from_file(
-    arch: _Arch, path: Path, num_classes: int, kwargs: dict[str, Any], cfg_overlay: dict[str, Any]
+    arch: _Arch,
+    path: Path,
+    num_classes: int,
+    kwargs: dict[str, Any],
+    cfg_overlay: dict[str, Any],
+    antialias: bool | None = None,
 ) -> nn.Module:
-    """Strictly load a state-dict file (classifier excepted) through timm's pretrained path."""
+    """Strictly load a state-dict file (classifier excepted) through timm's pretrained path.
+
+    Args:
+        antialias: False re-resamples a ViT position grid without anti-aliasing (see
+            :func:`_resample_pos_embed_like_source`); None keeps timm's resampling.
+    """
     try:
         state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as e:
@@ -229,6 +260,8 @@ def _load_from_file(
         ) from e
     # The state dict was only a vehicle for loading; keeping it would pin a second copy of the weights.
     model.pretrained_cfg.pop("state_dict", None)
+    if antialias is False:
+        _resample_pos_embed_like_source(model, state_dict.get("pos_embed"))
     model.reset_classifier(num_classes)
     return model
 
@@ -266,15 +299,17 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
             hint = f" (offline source {sources[0].name} has {arch.arch} weights)"
         else:
             having = sorted({WEIGHT_SOURCES.get(n).arch for n in WEIGHT_SOURCES.names()})
-            hint = f" (offline weights exist for: {', '.join(having)})"
+            hint = f" with backbone.name set to one of {', '.join(having)} (the architectures with offline weights)"
         model = _load_from_hub(arch, num_classes, kwargs, hint)
     else:
         overlay = dict(getattr(weights.source, "pretrained_cfg", None) or {})
-        model = _load_from_file(arch, weights.path, num_classes, kwargs, overlay)
+        antialias = getattr(weights.source, "pos_embed_antialias", None)
+        model = _load_from_file(arch, weights.path, num_classes, kwargs, overlay, antialias)
 
     if cfg.img_size:
         # Keep the model's preprocessing metadata truthful: timm leaves the pretrained size here.
-        model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], cfg.img_size, cfg.img_size)
+        size = int(cfg.img_size)
+        model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], size, size)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

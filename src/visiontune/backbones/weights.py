@@ -146,6 +146,9 @@ class PackageWeightSource:
         num_classes: classifier size of the converted weights (0 = no classifier).
         pretrained_cfg: overrides of timm's pretrained cfg for these weights (preprocessing etc.).
         converter_version: bump when the conversion changes, so stale cache files are not reused.
+        pos_embed_antialias: how a ViT position grid is resampled to another input size: None is
+            timm's default (anti-aliased bicubic), False is plain bicubic, for weights that were
+            fine-tuned or exported with that interpolation.
     """
 
     name: str = ""
@@ -159,6 +162,7 @@ class PackageWeightSource:
     num_classes: int = 0
     pretrained_cfg: dict = {}
     converter_version: int = 1
+    pos_embed_antialias: bool | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} -> {self.arch}>"

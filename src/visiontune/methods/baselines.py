@@ -3,17 +3,19 @@
 
 The linear probe never runs the backbone during head training: features of every image (and of
 ``views - 1`` extra augmented views per training image) are computed once, then a multinomial
-logistic regression is fitted on them. By default that fit is L-BFGS to convergence with the L2
+logistic regression is fitted on them. By default that fit is L-BFGS logistic regression with the L2
 strength chosen on the validation split, or by stratified k-fold cross-validation on the training
 features when there is no validation split (so the default holds across datasets instead of being
 tuned to one). ``solver=adamw`` trains the head with the run's optimiser settings instead.
-The fitting code is written here because it must run in torch on cached tensors and fold the
-feature standardisation back into a plain ``nn.Linear`` head; scikit-learn only chooses the folds.
+The fit itself is scikit-learn's ``LogisticRegression``; written here is only the C selection over
+grouped folds (views of one image never straddle folds) and folding the feature standardisation
+back into a plain ``nn.Linear`` head, so inference needs no scikit-learn.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,24 +54,32 @@ class LinearConfig(MethodConfig):
         return out
 
 
-def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, scikit-learn's objective: mean CE + ||W||^2 / (2 C n)."""
-    n, d = x.shape
-    w = torch.zeros(num_classes, d, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    l2 = 1.0 / (c * n)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+def _fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (scikit-learn, L-BFGS): returns (W [K, D], b [K]) over all K classes.
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
+    Classes absent from ``y`` (possible inside a CV fold) get a very negative bias so they are never predicted.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
+    from threadpoolctl import threadpool_limits
+
+    # Small problems: BLAS threads cost more than they give (and spin against torch's own OpenMP pool).
+    limit = 1 if x.size < 2_000_000 else None
+    with warnings.catch_warnings(), threadpool_limits(limits=limit):
+        # A few-shot fit can stop at max_iter with a perfectly usable solution; selection by val/CV judges it.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+    w = np.zeros((num_classes, x.shape[1]))
+    b = np.full(num_classes, -1e4)
+    if len(clf.classes_) == 2:
+        # scikit-learn stores one logit for two classes; spread it as a symmetric softmax.
+        w[clf.classes_] = np.stack([-clf.coef_[0] / 2, clf.coef_[0] / 2])
+        b[clf.classes_] = [-clf.intercept_[0] / 2, clf.intercept_[0] / 2]
+    else:
+        w[clf.classes_] = clf.coef_
+        b[clf.classes_] = clf.intercept_
+    return torch.from_numpy(w), torch.from_numpy(b)
 
 
 def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -78,30 +88,40 @@ def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 
 def choose_c(
     x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int, max_iter: int,
-    val: tuple[torch.Tensor, torch.Tensor] | None,
+    val: tuple[torch.Tensor, torch.Tensor] | None, max_rows: int = 5000,
 ) -> tuple[float, dict[str, float]]:
     """Pick C from a log grid by validation accuracy, or by grouped stratified k-fold CV on the train set.
 
-    Ties go to the smaller C (stronger regularisation), the safer choice with few labels.
+    Views of one image share a group so they never straddle folds. Above ``max_rows`` rows, C is chosen
+    on a stratified subsample of images (the final fit still uses everything). Ties go to the smaller
+    C (stronger regularisation), the safer choice with few labels.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
+    xn, yn = x.numpy(), y.numpy()
     scores: dict[str, float] = {}
     if val is not None and len(val[1]) > 0:
         for c in _C_GRID:
-            w, b = _fit_lbfgs(x, y, num_classes, c, max_iter)
+            w, b = _fit_logreg(xn, yn, num_classes, c, max_iter)
             scores[f"{c:g}"] = _accuracy(w, b, *val)
     else:
-        per_class = np.bincount(y.numpy()[np.unique(groups, return_index=True)[1]], minlength=num_classes)
+        if len(yn) > max_rows:
+            rng = np.random.default_rng(0)
+            keep_groups = rng.permutation(np.unique(groups))[: max(1, max_rows * len(np.unique(groups)) // len(yn))]
+            mask = np.isin(groups, keep_groups)
+            xn, yn, groups = xn[mask], yn[mask], groups[mask]
+        first = np.unique(groups, return_index=True)[1]
+        per_class = np.bincount(yn[first], minlength=num_classes)
         k = int(min(5, per_class[per_class > 0].min()))
         if k < 2:
             return 1.0, {}
-        folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(x.numpy(), y.numpy(), groups))
+        folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(xn, yn, groups))
+        xt, yt = torch.from_numpy(xn), torch.from_numpy(yn)
         for c in _C_GRID:
             accs = []
             for tr, te in folds:
-                w, b = _fit_lbfgs(x[tr], y[tr], num_classes, c, max_iter)
-                accs.append(_accuracy(w, b, x[te], y[te]))
+                w, b = _fit_logreg(xn[tr], yn[tr], num_classes, c, max_iter)
+                accs.append(_accuracy(w, b, xt[te], yt[te]))
             scores[f"{c:g}"] = float(np.mean(accs))
     best = max(scores.values())
     c_best = min(float(k) for k, v in scores.items() if v >= best - 1e-9)
@@ -162,7 +182,7 @@ class Linear(Method):
                 c, scores = self.cfg.c, {}
             else:
                 c, scores = choose_c(xs, y, groups, num_classes, self.cfg.max_iter, vs)
-            w, b = _fit_lbfgs(xs, y, num_classes, c, self.cfg.max_iter)
+            w, b = _fit_logreg(xs.numpy(), y.numpy(), num_classes, c, self.cfg.max_iter)
             with torch.no_grad():
                 loss = float(F.cross_entropy(xs @ w.T + b, y))
             info.update(c=c, c_scores=scores, c_selected_by="fixed" if self.cfg.c is not None else ("val" if vs else "cv"))
@@ -202,7 +222,7 @@ class Linear(Method):
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             row = {"epoch": epoch, "train_loss": total / len(y), "lr": opt.param_groups[0]["lr"]}
             if val is not None:
                 with torch.no_grad():

@@ -18,7 +18,8 @@ Decisions beyond the paper, each configurable or documented:
     ``torch.nn.utils.parametrize`` re-classes a module), so the timm model object, its state-dict
     names and its API (``forward_features``, ``forward_head``, ``get_classifier``, ``pretrained_cfg``,
     grad checkpointing) are untouched; adapter parameters appear as ``<block>.mona1.*`` /
-    ``<block>.mona2.*``.
+    ``<block>.mona2.*``. ``method.blocks`` uses the block syntax shared with LoRA
+    (:mod:`visiontune.methods.targets`): depth order, Swin blocks counted across stages.
   * Patch grid of a ViT. Token sequences are (B, prefix + H*W, C). The grid of the *current* input is
     recorded by a forward pre-hook on ``patch_embed`` (so dynamic image sizes and non-square inputs
     work); without it (blocks called directly) a square grid is inferred from the token count.
@@ -26,11 +27,13 @@ Decisions beyond the paper, each configurable or documented:
     ``skip_conv``: they take every per-token step (scaled LayerNorm, down-projection, the 1x1 projector
     with its residual, GELU, dropout, up-projection) and skip only the spatial depthwise convolutions,
     i.e. their multi-scale term is zero. They neither see nor influence the patch grid inside the
-    adapter (attention still mixes them). ``bypass`` leaves them unchanged (identity).
+    adapter (attention still mixes them). ``bypass`` leaves them unchanged (identity). A consequence
+    of class-token pooling (DINOv2's default head): after the last block's attention nothing reaches
+    the class token from the patches, so that block's depthwise kernels get zero gradient.
   * Swin. Blocks work on the full (B, H, W, C) feature map, so the adapter convolutions see the whole
     map across window borders, as in the authors' Swin code (adapters sit after the window merge).
-  * Init (``init``). ``paper`` follows the released classification code: linear weights truncated
-    normal (std 0.02) with zero bias, LayerNorm (1, 0), PyTorch's default conv init, gamma=1e-6,
+  * Init (``init``). ``paper`` follows the released classification code: linear weights
+    ``trunc_normal_(std=0.02)`` (whose default cut is at +-2 absolute, so in effect normal(0, 0.02)) with zero bias, LayerNorm (1, 0), PyTorch's default conv init, gamma=1e-6,
     gamma_x=1. ``zero`` also zeroes the up-projection, so training starts exactly at the pretrained
     network (the LoRA convention).
   * Speed. The three depthwise convolutions are averaged into one 7x7 kernel before convolving (exact:
@@ -44,7 +47,6 @@ image sizes at the same time would race (run one model per thread, or one image 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -55,6 +57,7 @@ from torch import nn
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
 from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.targets import block_spec_problems, parse_blocks
 from visiontune.registry import METHODS
 
 # timm modules whose models are built from the supported block types (used for the early config check).
@@ -125,6 +128,8 @@ class Mona(nn.Module):
         dtype: Any = None,
     ):
         super().__init__()
+        if prefix_tokens not in ("skip_conv", "bypass"):
+            raise ValueError(f"prefix_tokens={prefix_tokens!r} is not one of skip_conv, bypass")
         dd = {"device": device, "dtype": dtype}
         self.prefix_tokens = prefix_tokens
         self.norm = nn.LayerNorm(dim, **dd)
@@ -138,6 +143,8 @@ class Mona(nn.Module):
 
     def reset_parameters(self, init: Literal["paper", "zero"] = "paper") -> None:
         """Initialise as the authors' released code does (``paper``), optionally with a zero up-projection."""
+        if init not in ("paper", "zero"):
+            raise ValueError(f"init={init!r} is not one of paper, zero")
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)
         nn.init.constant_(self.gamma, 1e-6)
@@ -149,8 +156,6 @@ class Mona(nn.Module):
             conv.reset_parameters()
         if init == "zero":
             nn.init.zeros_(self.up.weight)
-        elif init != "paper":
-            raise ValueError(f"init={init!r} is not one of paper, zero")
 
     def _project_in(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.norm(x) * self.gamma + x * self.gamma_x)
@@ -232,93 +237,101 @@ class PatchGrid:
 # ============================================================================ adapted timm blocks
 
 
-def _block_types() -> dict[type, type]:
-    """Supported timm block class -> its Mona subclass (timm imported lazily)."""
-    from timm.models.eva import EvaBlock
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
-    from timm.models.vision_transformer import Block
+# Each forward mirrors timm's own and inserts the two adapters; the zero-up-projection test pins the equality.
 
-    # Each forward mirrors timm's and inserts the adapters; the zero-up-projection test pins the equality.
-    class MonaViTBlock(Block, MonaBlock):
-        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-            grid = self.mona_grid.resolve(x.shape[1])
-            p = self.mona_grid.num_prefix_tokens
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-            x = self.mona1(x, grid, p)
-            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            return self.mona2(x, grid, p)
 
-    class MonaEvaBlock(EvaBlock, MonaBlock):
-        def forward(
-            self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-            is_causal: bool = False,
-        ) -> torch.Tensor:
-            grid = self.mona_grid.resolve(x.shape[1])
-            p = self.mona_grid.num_prefix_tokens
-            x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-            if self.gamma_1 is not None:
-                x_attn = self.gamma_1 * x_attn
-            x = self.mona1(x + self.drop_path1(x_attn), grid, p)
-            x_mlp = self.mlp(self.norm2(x))
-            if self.gamma_2 is not None:
-                x_mlp = self.gamma_2 * x_mlp
-            return self.mona2(x + self.drop_path2(x_mlp), grid, p)
+def _vit_forward(
+    self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    grid, p = self.mona_grid.resolve(x.shape[1]), self.mona_grid.num_prefix_tokens
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    x = self.mona1(x, grid, p)
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    return self.mona2(x, grid, p)
 
-    class MonaSwinBlock(SwinTransformerBlock, MonaBlock):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, h, w, c = x.shape
-            x = self.mona1(x + self.drop_path1(self._attn(self.norm1(x))))
-            x = x.reshape(b, -1, c)
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
-            return self.mona2(x.reshape(b, h, w, c))
 
-    class MonaSwinV2Block(SwinTransformerV2Block, MonaBlock):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, h, w, c = x.shape
-            x = self.mona1(x + self.drop_path1(self.norm1(self._attn(x))))
-            x = x.reshape(b, -1, c)
-            x = x + self.drop_path2(self.norm2(self.mlp(x)))
-            return self.mona2(x.reshape(b, h, w, c))
+def _eva_forward(
+    self: Any, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    grid, p = self.mona_grid.resolve(x.shape[1]), self.mona_grid.num_prefix_tokens
+    x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    if self.gamma_1 is not None:
+        x_attn = self.gamma_1 * x_attn
+    x = self.mona1(x + self.drop_path1(x_attn), grid, p)
+    x_mlp = self.mlp(self.norm2(x))
+    if self.gamma_2 is not None:
+        x_mlp = self.gamma_2 * x_mlp
+    return self.mona2(x + self.drop_path2(x_mlp), grid, p)
 
-    table = {Block: MonaViTBlock, EvaBlock: MonaEvaBlock, SwinTransformerBlock: MonaSwinBlock,
-             SwinTransformerV2Block: MonaSwinV2Block}
-    for cls in table.values():
-        # Module-level names make adapted models picklable (torch.save of a whole model).
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-        globals()[cls.__name__] = cls
-    return table
+
+def _swin_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    b, h, w, c = x.shape
+    x = self.mona1(x + self.drop_path1(self._attn(self.norm1(x))))
+    x = x.reshape(b, -1, c)
+    x = x + self.drop_path2(self.mlp(self.norm2(x)))
+    return self.mona2(x.reshape(b, h, w, c))
+
+
+def _swin_v2_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    b, h, w, c = x.shape
+    x = self.mona1(x + self.drop_path1(self.norm1(self._attn(x))))  # Swin V2 normalises after the branch
+    x = x.reshape(b, -1, c)
+    x = x + self.drop_path2(self.norm2(self.mlp(x)))
+    return self.mona2(x.reshape(b, h, w, c))
+
+
+# (timm module, block class) -> (name of its Mona subclass, forward with adapters, works on a token sequence)
+_BLOCK_KINDS = {
+    ("timm.models.vision_transformer", "Block"): ("MonaViTBlock", _vit_forward, True),
+    ("timm.models.eva", "EvaBlock"): ("MonaEvaBlock", _eva_forward, True),
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): ("MonaSwinBlock", _swin_forward, False),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): ("MonaSwinV2Block", _swin_v2_forward, False),
+}
 
 
 class MonaBlock:
-    """Marker base of timm blocks carrying ``mona1`` (after attention) and ``mona2`` (after the MLP)."""
+    """Mixin of adapted timm blocks: ``mona1`` (after attention), ``mona2`` (after the MLP), and the
+    :class:`PatchGrid` of token models (None for Swin, whose blocks see (B, H, W, C) maps)."""
 
     mona1: Mona
     mona2: Mona
     mona_grid: PatchGrid | None
+    mona_tokens: bool = True
 
 
-_TABLE: dict[type, type] | None = None
+_TABLE: dict[type, type] = {}
 
 
 def block_table() -> dict[type, type]:
-    """Supported timm block classes mapped to their Mona subclasses (built once)."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _block_types()
+    """Supported timm block class -> its Mona subclass.
+
+    Built on first use so that importing visiontune (config validation, ``list methods``) does not pay
+    timm's import time. The subclasses get module-level names here so adapted models pickle.
+    """
+    if not _TABLE:
+        import importlib
+
+        for (module, cls_name), (name, forward, tokens) in _BLOCK_KINDS.items():
+            base = getattr(importlib.import_module(module), cls_name)
+            sub = type(name, (base, MonaBlock), {
+                "forward": forward, "mona_tokens": tokens, "__module__": __name__, "__qualname__": name,
+                "__doc__": f"timm {cls_name} with Mona adapters after the attention and the MLP residuals.",
+            })
+            globals()[name] = sub
+            _TABLE[base] = sub
     return _TABLE
 
 
 def __getattr__(name: str) -> Any:
-    # Unpickling a model looks up e.g. ``MonaViTBlock`` here before anything built the table.
-    if name in ("MonaViTBlock", "MonaEvaBlock", "MonaSwinBlock", "MonaSwinV2Block"):
+    # Unpickling an adapted model looks its block classes up here, possibly before anything built them.
+    if any(name == kind[0] for kind in _BLOCK_KINDS.values()):
         block_table()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
+def mona_blocks(model: nn.Module) -> list[nn.Module]:
     """Supported transformer blocks of ``model`` in forward order (module registration order)."""
     table = block_table()
     return [m for m in model.modules() if type(m) in table]
@@ -332,72 +345,6 @@ def _block_dim(block: nn.Module) -> int:
     return int(block.attn.proj.out_features)
 
 
-# ============================================================================ block selection
-
-
-_LAST_FIRST = re.compile(r"^(last|first)\s*:?\s*(\d+)$")
-_SLICE = re.compile(r"^(-?\d+)?\s*:\s*(-?\d+)?$")
-
-
-def block_spec_problems(spec: str | list[int]) -> list[str]:
-    """Syntax problems of a ``method.blocks`` value (ranges are checked once the depth is known)."""
-    if isinstance(spec, list):
-        return [] if all(isinstance(i, int) and not isinstance(i, bool) for i in spec) else [
-            f"method.blocks={spec!r} should be a list of block indices"
-        ]
-    bad = [item for item in _spec_items(spec) if not (
-        item == "all" or _LAST_FIRST.match(item) or _SLICE.match(item) or re.fullmatch(r"-?\d+", item)
-    )]
-    if not _spec_items(spec):
-        return [f"method.blocks={spec!r} is empty; use 'all', 'last4', '0,2,5', '8:12' or a list of indices"]
-    return [
-        f"method.blocks={spec!r}: cannot read {item!r}; use 'all', 'lastN', 'firstN', an index (negative counts "
-        "from the end), a Python slice 'start:stop', or several of these separated by commas"
-        for item in bad
-    ]
-
-
-def _spec_items(spec: str) -> list[str]:
-    return [s.strip().lower() for s in str(spec).split(",") if s.strip()]
-
-
-def select_blocks(spec: str | list[int], depth: int) -> list[int]:
-    """Block indices chosen by ``spec`` among ``depth`` blocks, sorted and without duplicates.
-
-    ``spec``: ``all``; ``lastN`` / ``firstN``; an index (negative counts from the end); a Python slice
-    ``start:stop`` (stop excluded); comma-separated combinations; or a list of indices.
-
-    Raises:
-        ConfigError: unreadable spec, or an index outside ``-depth .. depth-1``.
-    """
-    problems = block_spec_problems(spec)
-    if problems:
-        raise ConfigError(problems)
-    chosen: set[int] = set()
-    items = spec if isinstance(spec, list) else _spec_items(spec)
-    for item in items:
-        if isinstance(item, int) or re.fullmatch(r"-?\d+", str(item)):
-            i = int(item)
-            if not -depth <= i < depth:
-                raise ConfigError(
-                    f"method.blocks={spec!r}: block {i} does not exist; this backbone has {depth} blocks "
-                    f"(0..{depth - 1}, or -{depth}..-1 from the end)"
-                )
-            chosen.add(i % depth)
-        elif item == "all":
-            chosen.update(range(depth))
-        elif m := _LAST_FIRST.match(item):
-            n = min(int(m.group(2)), depth)
-            chosen.update(range(depth - n, depth) if m.group(1) == "last" else range(n))
-        else:
-            m = _SLICE.match(item)
-            start, stop = (int(g) if g is not None else None for g in m.groups())
-            chosen.update(range(depth)[slice(start, stop)])
-    if not chosen:
-        raise ConfigError(f"method.blocks={spec!r} selects no block of the {depth} this backbone has")
-    return sorted(chosen)
-
-
 # ============================================================================ the method
 
 
@@ -408,10 +355,10 @@ class MonaConfig(MethodConfig):
     name: str = "mona"
     inner_dim: int = field(default=64, metadata={"help": "adapter bottleneck width d (paper: 64)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout before the up-projection (paper: 0.1)"})
-    blocks: str | list[int] = field(
+    blocks: str = field(
         default="all",
-        metadata={"help": "blocks that get adapters: all, lastN, firstN, indices '0,5,-1', slices '8:12', or a list; "
-                          "Swin blocks are counted across stages"},
+        metadata={"help": "blocks that get adapters: all, last:N, first:N, or indices and inclusive ranges such as "
+                          "0-3,10,11 (depth order; Swin blocks counted across stages)"},
     )
     init: Literal["paper", "zero"] = field(
         default="paper",
@@ -449,20 +396,20 @@ class MonaMethod(Method):
     @classmethod
     def check_config(cls, cfg: MethodConfig, sections: dict[str, Any]) -> list[str]:
         """Refuse timm architectures without ViT / Eva / Swin blocks before any model is built."""
-        backbone = sections.get("backbone")
-        name = getattr(backbone, "name", "") or ""
-        try:
-            import timm
-            from timm.models import is_model_in_modules, split_model_name_tag
-        except ImportError:  # the model build reports it
-            return []
+        name = str(getattr(sections.get("backbone"), "name", "") or "")
+        import timm
+        from timm.models import is_model_in_modules, split_model_name_tag
+
+        import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
+        from visiontune.registry import BACKBONES
+
         arch = split_model_name_tag(name)[0]
-        if not timm.is_model(arch) or is_model_in_modules(arch, list(SUPPORTED_TIMM_MODULES)):
-            return []  # registered test backbones and local names are checked structurally in apply()
+        if name in BACKBONES or not timm.is_model(arch) or is_model_in_modules(arch, list(SUPPORTED_TIMM_MODULES)):
+            return []  # registered and hub-prefixed models are checked structurally in apply()
+        family = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
         return [
-            f"method.name=mona does not support backbone.name={name!r} (a timm "
-            f"{timm.models.get_arch_name(arch) if hasattr(timm.models, 'get_arch_name') else arch} model without "
-            f"transformer blocks it knows); Mona supports {SUPPORTED_FAMILIES}. Use a supported backbone, or "
+            f"method.name=mona does not support backbone.name={name!r} (timm family {family!r}, no transformer "
+            f"blocks Mona knows); Mona supports {SUPPORTED_FAMILIES}. Use a supported backbone, or "
             "method.name=lora / full / linear for this one"
         ]
 
@@ -474,19 +421,20 @@ class MonaMethod(Method):
         """
         if any(isinstance(m, MonaBlock) for m in model.modules()):
             raise ConfigError(f"this {type(model).__name__} already has Mona adapters; apply mona to a fresh backbone")
-        blocks = find_blocks(model)
+        blocks = mona_blocks(model)
         if not blocks:
             raise ConfigError(
                 f"method.name=mona found no transformer block it can adapt in {type(model).__name__}; Mona supports "
                 f"{SUPPORTED_FAMILIES}. Use a supported backbone, or method.name=lora / full / linear"
             )
-        chosen = select_blocks(self.cfg.blocks, len(blocks))
+        chosen = parse_blocks(self.cfg.blocks, len(blocks))
         freeze(model)
         table = block_table()
         grid: PatchGrid | None = None
-        if any(not _is_swin(b) for b in blocks):
-            patch_embed = getattr(model, "patch_embed", None)
+        if any(table[type(blocks[i])].mona_tokens for i in chosen):
+            # One recorder per model, shared by its blocks: the grid is a property of the input image.
             grid = PatchGrid(getattr(model, "num_prefix_tokens", 0))
+            patch_embed = getattr(model, "patch_embed", None)
             if isinstance(patch_embed, nn.Module):
                 patch_embed.register_forward_pre_hook(grid)
         for i in chosen:
@@ -499,13 +447,13 @@ class MonaMethod(Method):
                     dim, self.cfg.inner_dim, self.cfg.dropout, self.cfg.prefix_tokens, self.cfg.init,
                     device=ref.device, dtype=ref.dtype,
                 ))
-            block.mona_grid = None if _is_swin(block) else grid
+            block.mona_grid = grid if block.mona_tokens else None
         for p in classifier_of(model).parameters():
             p.requires_grad_(True)
         return model
 
     def describe(self) -> str:
-        blocks = self.cfg.blocks if isinstance(self.cfg.blocks, str) else ",".join(map(str, self.cfg.blocks))
+        blocks = self.cfg.blocks
         extra = "" if self.cfg.init == "paper" else f" init={self.cfg.init}"
         return f"mona d{self.cfg.inner_dim}" + ("" if blocks == "all" else f" blocks {blocks}") + extra
 
@@ -513,10 +461,3 @@ class MonaMethod(Method):
 def adapters(model: nn.Module) -> list[Mona]:
     """Every Mona adapter inserted in ``model``, in forward order."""
     return [m for m in model.modules() if isinstance(m, Mona)]
-
-
-def _is_swin(block: nn.Module) -> bool:
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
-
-    return isinstance(block, (SwinTransformerBlock, SwinTransformerV2Block))

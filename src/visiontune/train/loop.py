@@ -174,7 +174,7 @@ def train_one_epoch(
         group = min(accum, n_batches - (i // accum) * accum)
         scaled = loss / group
         (scaler.scale(scaled) if scaler else scaled).backward()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
         count += len(y)
         if (i + 1) % accum == 0 or i + 1 == n_batches:
             if scaler:
@@ -256,10 +256,10 @@ def train(cfg: Config) -> RunResult:
         The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
-    from visiontune.backbones import backbone_identity, build_transform, create_backbone
+    from visiontune.backbones import backbone_identity, build_transform
     from visiontune.data import ImageDataset, describe_splits, load_records, make_splits
     from visiontune.eval import PeakMemory, count_parameters, measure_speed
-    from visiontune.runs import finish_run
+    from visiontune.runs import build_model, finish_run
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     device = resolve_device(cfg.run.device)
@@ -280,8 +280,7 @@ def train(cfg: Config) -> RunResult:
     if cfg.run.progress:
         print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
 
-    model = create_backbone(cfg.backbone, num_classes=len(classes))
-    model = method.apply(model).to(device)
+    model = build_model(cfg, method, len(classes)).to(device)
     identity = backbone_identity(cfg.backbone)
     params = count_parameters(model)
 

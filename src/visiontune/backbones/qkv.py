@@ -1,0 +1,216 @@
+"""Split timm's fused ``qkv`` Linear into separate q, k and v Linears (and fuse them back).
+
+timm computes queries, keys and values of a ViT/Swin/EVA attention with one ``nn.Linear(dim, 3 * dim)``
+whose output channels are laid out ``[q | k | v]``. A LoRA adapter on that fused layer adapts all
+three projections at once, so the ``q_proj``-only setting of the DINOv3 study (and LoRA's classic
+``q, v``) cannot be expressed. :func:`split_qkv` replaces the fused layer by :class:`SplitQKV`, a
+module holding three Linears whose concatenated outputs are the fused layer's output, so the
+attention's own forward (fused SDPA, qk-norm, RoPE, register tokens, layer-scale: everything after
+``self.qkv(x)``) runs unchanged. :func:`fuse_qkv` undoes it after adapters are merged, giving back a
+plain timm model for zero-overhead inference.
+
+Written by hand because neither timm nor peft offers it (peft can only target the fused module).
+
+Only attention classes known to call ``self.qkv(x)`` with the ``[q | k | v]`` layout are split;
+others (Swin-V2, BEiT: they call ``F.linear`` on ``qkv.weight`` directly, which a replacement module
+would silently bypass) are left fused and reported by :func:`qkv_split_blocker`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SplitQKV(nn.Module):
+    """Drop-in replacement of a fused ``qkv`` Linear: three Linears, outputs concatenated ``[q | k | v]``.
+
+    Args:
+        q: query projection.
+        k: key projection.
+        v: value projection.
+    """
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module):
+        super().__init__()
+        self.q = q
+        self.k = k
+        self.v = v
+
+    @property
+    def in_features(self) -> int:
+        return int(_base(self.q).in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(_base(self.q).out_features + _base(self.k).out_features + _base(self.v).out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.q(x), self.k(x), self.v(x)), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (q|k|v)"
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The plain layer under a peft adapter wrapper (or the module itself)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
+def _attention_classes() -> dict[type, str]:
+    """timm attention classes whose forward calls ``self.qkv(x)`` and reads ``[q | k | v]``, by class."""
+    found: dict[type, str] = {}
+    try:
+        from timm.layers.attention import Attention
+
+        found[Attention] = "vit"
+    except ImportError:  # pragma: no cover - very old timm
+        pass
+    try:
+        from timm.layers.attention import AttentionRope
+
+        found[AttentionRope] = "rope"
+    except ImportError:  # pragma: no cover - timm without AttentionRope
+        pass
+    try:
+        from timm.models.eva import EvaAttention
+
+        found[EvaAttention] = "eva"
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.swin_transformer import WindowAttention
+
+        found[WindowAttention] = "swin"
+    except ImportError:  # pragma: no cover
+        pass
+    return found
+
+
+def qkv_split_blocker(attn: nn.Module) -> str | None:
+    """Why the fused ``attn.qkv`` of this attention module cannot be split, or None when it can.
+
+    Args:
+        attn: the module owning a ``qkv`` attribute (e.g. ``model.blocks[0].attn``).
+    """
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, SplitQKV):
+        return None
+    if type(qkv) is not nn.Linear:
+        return f"{type(attn).__name__}.qkv is {type(qkv).__name__}, not a plain nn.Linear"
+    kind = _attention_classes().get(type(attn))
+    if kind is None:
+        return (
+            f"{type(attn).__module__}.{type(attn).__name__} is not a known timm attention that calls self.qkv(x) "
+            "(its forward may read qkv.weight directly, which would bypass an adapter)"
+        )
+    if qkv.out_features % 3:
+        return f"{type(attn).__name__}.qkv has {qkv.out_features} outputs, not 3 equal parts"
+    # EVA with q_bias/v_bias calls F.linear(x, qkv.weight, bias): split_qkv folds those biases into the
+    # parts and clears them, which sends EVA down its `self.qkv(x)` path, so it is splittable too.
+    return None
+
+
+def _split_one(attn: nn.Module) -> None:
+    fused: nn.Linear = attn.qkv
+    w = fused.weight.detach()
+    d = fused.out_features // 3
+    bias = None if fused.bias is None else fused.bias.detach()
+    # EVA keeps q/v biases outside the Linear (q_bias, k_bias, v_bias) and calls F.linear(x, qkv.weight, bias)
+    # when they exist. Folding them into the split Linears and clearing them makes EVA take its
+    # `self.qkv(x)` path, with identical outputs.
+    separate = getattr(attn, "q_bias", None) is not None
+    if separate:
+        extra = torch.cat((attn.q_bias.detach(), attn.k_bias.detach(), attn.v_bias.detach()))
+        bias = extra if bias is None else bias + extra
+    parts = []
+    for i in range(3):
+        lin = nn.Linear(fused.in_features, d, bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w[i * d : (i + 1) * d])
+            if bias is not None:
+                lin.bias.copy_(bias[i * d : (i + 1) * d])
+        lin.weight.requires_grad_(fused.weight.requires_grad)
+        if lin.bias is not None:
+            lin.bias.requires_grad_(fused.bias.requires_grad if fused.bias is not None else attn.q_bias.requires_grad)
+        parts.append(lin)
+    if separate:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            if name in attn._parameters:
+                del attn._parameters[name]
+            if name in attn._buffers:
+                del attn._buffers[name]
+            setattr(attn, name, None)
+    attn.qkv = SplitQKV(*parts)
+
+
+def split_qkv(model: nn.Module) -> list[str]:
+    """Replace every splittable fused ``qkv`` Linear of ``model`` by a :class:`SplitQKV`, in place.
+
+    The split is exact: each part holds a copy of its rows of the fused weight (and bias), so the
+    attention output is bit-for-bit the concatenation it was (up to matmul blocking, ~1e-7). Already
+    split modules are left alone, so calling it twice is harmless.
+
+    Args:
+        model: a timm model.
+
+    Returns:
+        Names of the modules that are now :class:`SplitQKV` (e.g. ``blocks.0.attn.qkv``).
+    """
+    done = []
+    for name, module in list(model.named_modules()):
+        qkv = getattr(module, "qkv", None)
+        if isinstance(qkv, SplitQKV):
+            done.append(f"{name}.qkv" if name else "qkv")
+            continue
+        if qkv is None or not isinstance(qkv, nn.Linear):
+            continue
+        if qkv_split_blocker(module) is None:
+            _split_one(module)
+            done.append(f"{name}.qkv" if name else "qkv")
+    return done
+
+
+def unsplittable_qkv(model: nn.Module) -> dict[str, str]:
+    """Fused ``qkv`` Linears that :func:`split_qkv` leaves alone, with the reason, by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        qkv = getattr(module, "qkv", None)
+        if isinstance(qkv, nn.Linear):
+            reason = qkv_split_blocker(module)
+            if reason is not None:
+                out[f"{name}.qkv" if name else "qkv"] = reason
+    return out
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Turn every :class:`SplitQKV` whose parts are plain Linears back into one fused ``nn.Linear``.
+
+    Parts still wrapped by adapters (unmerged LoRA) are left split. EVA attention keeps its biases in
+    the fused Linear (its ``q_bias`` stays None), which computes the same thing.
+
+    Returns:
+        How many modules were fused.
+    """
+    count = 0
+    for module in list(model.modules()):
+        split = getattr(module, "qkv", None)
+        if not isinstance(split, SplitQKV):
+            continue
+        parts = (split.q, split.k, split.v)
+        if any(type(p) is not nn.Linear for p in parts):
+            continue
+        has_bias = any(p.bias is not None for p in parts)
+        w = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(w)
+            if has_bias:
+                fused.bias.copy_(
+                    torch.cat([p.bias.detach() if p.bias is not None else torch.zeros_like(p.weight[:, 0]) for p in parts])
+                )
+        fused.requires_grad_(any(p.weight.requires_grad for p in parts))
+        module.qkv = fused
+        count += 1
+    return count

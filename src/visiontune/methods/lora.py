@@ -1,0 +1,505 @@
+"""LoRA, DoRA, QLoRA and QDoRA on any timm backbone, with peft's layers and bitsandbytes' NF4.
+
+* ``lora``  - low-rank update ``W + (alpha/r) B A`` on the chosen layers (Hu et al., ICLR'22,
+  https://arxiv.org/abs/2106.09685).
+* ``dora``  - weight-decomposed LoRA: a trained per-row magnitude times the LoRA-updated direction
+  (Liu et al., ICML'24, https://arxiv.org/abs/2402.09353); peft's ``use_dora=True``.
+* ``qlora`` - LoRA over a frozen backbone whose Linears are stored in 4-bit NormalFloat (NF4), with
+  optional double quantization of the block scales (Dettmers et al., NeurIPS'23,
+  https://arxiv.org/abs/2305.14314); bitsandbytes ``Linear4bit``. The head stays full precision.
+* ``qdora`` - DoRA over the same NF4 backbone.
+
+What is written here and why: peft supplies the adapter layers, merging and the 4-bit LoRA layer,
+bitsandbytes the NF4 kernels. Written by hand: target resolution (:mod:`visiontune.methods.targets`,
+the study's ``q_proj`` / ``all-linear`` on timm module names), the fused-qkv split
+(:mod:`visiontune.backbones.qkv`), swapping timm Linears for ``Linear4bit`` (transformers does that
+for HF models only), and merging a 4-bit model into a full-precision copy. Adapters are injected in
+place with ``peft.inject_adapter_in_model``, so the returned object is still the timm model:
+``get_classifier``, ``forward_features``, ``forward_head``, ``pretrained_cfg`` and
+``set_grad_checkpointing`` keep working and adapter parameter names are plain module paths
+(``blocks.0.attn.qkv.q.lora_A.default.weight``).
+
+Defaults, chosen from how the update scales rather than from one dataset:
+
+* ``rank=8``, ``targets=qv``: the LoRA paper's best budget use on attention (query + value), also
+  peft's ViT example; ``all-linear`` (the study's best at rank 16-64) is one option away.
+* ``alpha=None`` resolves to ``2 * sqrt(8 * rank)``, i.e. the common ``alpha = 16`` at rank 8 (scale
+  ``alpha / r = 2``) carried to other ranks with rank-stabilised scaling ``alpha / r ~ 1 / sqrt(r)``
+  (Kalajdzievski 2023, rsLoRA, https://arxiv.org/abs/2312.03732): with Adam, ``alpha / r`` scaling
+  (fixed alpha) makes high ranks learn slower and a constant scale (alpha = 2r) makes them learn faster,
+  while ``1 / sqrt(r)`` keeps the size of the update independent of the rank, so one learning rate serves
+  the study's grid of ranks 8, 16 and 64. Rank 16 gets alpha 22.6, rank 64 gets 45.3. An explicit
+  ``method.alpha`` is used as given.
+* ``lr = 1e-3`` for adapters and ``head_lr = 1e-3``: ``B`` starts at zero and the head is fresh, so
+  both start from nothing and need a "from scratch" step size for AdamW; the frozen backbone is
+  not touched, so the small rates full fine-tuning needs to protect pretrained weights (3e-5) do not
+  apply. The same rate for both keeps the comparison with the linear probe / full fine-tuning about
+  the method, not the schedule. DoRA magnitudes are 1-d, so the loop exempts them from weight decay.
+* ``dropout = 0``: augmentation and weight decay already regularise; LoRA dropout also makes peft's
+  DoRA recompute the base projection in training (about 2x its cost). Set ``method.dropout=0.1`` for
+  very small sets.
+* QLoRA: NF4 with double quantization (the QLoRA paper's setting); compute dtype ``auto`` = float32
+  on CPU (bf16 is emulated and slow there) and bfloat16 on CUDA, decided at the first forward from
+  the input's device so the same run config works on both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from visiontune.backbones.qkv import fuse_qkv, split_qkv
+from visiontune.config import MethodConfig
+from visiontune.errors import ConfigError
+from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
+from visiontune.registry import METHODS
+
+ADAPTER = "default"  # peft adapter name; one adapter per model (the multi-adapter host keeps one model per task)
+
+
+def default_alpha(rank: int) -> float:
+    """``2 * sqrt(8 * rank)``: alpha 16 at rank 8, rank-stabilised (scale ~ 1/sqrt(r)) elsewhere."""
+    return 2.0 * math.sqrt(8.0 * rank)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """Options of LoRA (also the base of DoRA, QLoRA and QDoRA)."""
+
+    name: str = "lora"
+    rank: int = field(default=8, metadata={"help": "rank r of the low-rank update"})
+    alpha: float | None = field(
+        default=None, metadata={"help": "scale numerator (update = alpha/r * B A); null = 2*sqrt(8*rank): 16 at r=8"}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input during training"})
+    targets: list[str] = field(
+        default_factory=lambda: ["qv"],
+        metadata={"help": f"presets ({', '.join(PRESETS)}) and/or module-name regexes"},
+    )
+    blocks: str = field(default="all", metadata={"help": "blocks that get adapters: all, last:N, first:N, or 0-3,10,11"})
+
+    def problems(self) -> list[str]:
+        out = []
+        if not isinstance(self.rank, int) or self.rank < 1:
+            out.append(f"method.rank={self.rank} must be an integer >= 1")
+        if self.alpha is not None and self.alpha <= 0:
+            out.append(f"method.alpha={self.alpha} must be > 0 (or null for 2*sqrt(8*rank))")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"method.dropout={self.dropout} must be in [0, 1)")
+        out.extend(target_problems(list(self.targets or [])))
+        out.extend(block_spec_problems(self.blocks))
+        return out
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """Options of DoRA (same as LoRA)."""
+
+    name: str = "dora"
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """Options of QLoRA: LoRA's plus how the frozen Linears are quantized."""
+
+    name: str = "qlora"
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of the frozen Linears"})
+    double_quant: bool = field(default=True, metadata={"help": "quantize the per-block scales too (saves ~0.4 bit/weight)"})
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "dtype the 4-bit weights are dequantized to; auto = fp32 on CPU, bf16 on CUDA"}
+    )
+
+
+@dataclass
+class QDoraConfig(QLoraConfig):
+    """Options of QDoRA (same as QLoRA)."""
+
+    name: str = "qdora"
+
+
+# ----------------------------------------------------------------------------- 4-bit helpers
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # optional heavy dependency
+        raise ConfigError(
+            "method.name=qlora/qdora needs bitsandbytes; install it with pip install 'visiontune[quant]' "
+            "(or pip install bitsandbytes), or use method.name=lora/dora"
+        ) from e
+    return bnb
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies, including a bitsandbytes 4-bit tensor's quantization state."""
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)
+    if qs is not None and hasattr(qs, "as_dict"):
+        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
+    return n
+
+
+def backbone_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer except the classifier's (each shared tensor counted once)."""
+    head = {id(t) for t in [*classifier_of(model).parameters(), *classifier_of(model).buffers()]}
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or id(t) in head:
+            continue
+        seen.add(id(t))
+        total += tensor_bytes(t)
+    return total
+
+
+def _auto_compute_dtype(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: 4-bit layers compute in bf16 on CUDA and fp32 elsewhere (emulated bf16 is slow on CPU)."""
+    x = args[0] if args else None
+    if not torch.is_tensor(x):
+        return
+    dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    if getattr(module, "_visiontune_compute_dtype", None) == dtype:
+        return
+    for m in module.modules():
+        if _is_4bit(m):
+            m.compute_dtype = dtype
+            m.compute_type_is_set = True
+    module._visiontune_compute_dtype = dtype
+
+
+def quantize_linears(
+    model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto"
+) -> int:
+    """Replace every frozen ``nn.Linear`` except the classifier by a bitsandbytes ``Linear4bit``, in place.
+
+    Quantization happens on the device the weight is on (CPU here; bitsandbytes >= 0.45 has CPU kernels).
+
+    Returns:
+        How many Linears were quantized.
+    """
+    bnb = _bnb()
+    head = {id(m) for m in classifier_of(model).modules()}
+    count = 0
+    for parent in list(model.modules()):
+        if id(parent) in head:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or id(child) in head:
+                continue
+            dev = child.weight.device
+            q = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None,
+                compute_dtype=_DTYPES.get(compute_dtype), compress_statistics=double_quant, quant_type=quant_type,
+                device="meta",  # no throw-away fp32 init of a weight that is replaced right below
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.detach().float().contiguous(), requires_grad=False, quant_type=quant_type,
+                compress_statistics=double_quant,
+            )
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            setattr(parent, child_name, q.to(dev))  # .to() is what quantizes a Params4bit
+            count += 1
+    if compute_dtype == "auto" and count and _auto_compute_dtype not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_auto_compute_dtype)
+    # peft picks its 4-bit LoRA layer (dequantize-aware, DoRA-aware) only when the model says so.
+    model.is_loaded_in_4bit = True
+    return count
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every ``Linear4bit`` by a plain ``nn.Linear`` holding its dequantized weight, in place.
+
+    Returns:
+        How many layers were dequantized.
+    """
+    bnb = _bnb()
+    count = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not _is_4bit(child):
+                continue
+            data, qs = child.weight.data, child.weight.quant_state
+            if getattr(qs, "packing_format_for_cpu", False):
+                # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at inference; undo it before dequantizing.
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
+            w = bnb.functional.dequantize_4bit(data, qs).to(dtype)
+            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            if child.bias is not None:
+                lin.bias = nn.Parameter(child.bias.detach().to(dtype).clone(), requires_grad=False)
+            setattr(parent, child_name, lin)
+            count += 1
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _auto_compute_dtype:
+            del model._forward_pre_hooks[key]
+    for attr in ("is_loaded_in_4bit", "_visiontune_compute_dtype"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return count
+
+
+# ----------------------------------------------------------------------------- adapter helpers
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every peft LoRA/DoRA layer in ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every LoRA/DoRA update into its base weight in place (undo with :func:`unmerge_adapters`).
+
+    Raises:
+        ValueError: on a 4-bit model: folding into NF4 re-quantizes ``W + dW`` and the rounding
+            (about as large as the update itself) would destroy it; use ``Method.merge`` instead,
+            which merges into a full-precision copy.
+    """
+    for name, layer in lora_layers(model):
+        if _is_4bit(layer.get_base_layer()):
+            raise ValueError(
+                f"{name} is 4-bit: merging in place would re-quantize the adapter away; use method.merge(model), "
+                "which returns a full-precision merged copy"
+            )
+        layer.merge(safe_merge=True)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Subtract merged LoRA/DoRA updates again (inverse of :func:`merge_adapters`, up to float rounding)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def strip_adapters(model: nn.Module) -> int:
+    """Replace every LoRA layer by the layer it wraps (dropping the adapter, merged or not), in place."""
+    count = 0
+    for name, layer in lora_layers(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer.get_base_layer())
+        count += 1
+    if "peft_config" in model.__dict__:
+        del model.peft_config
+    return count
+
+
+def _private_module(model: nn.Module, name: str) -> None:
+    """Give ``model`` its own copy of module ``name`` (its tensors are otherwise shared with another model)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, copy.deepcopy(getattr(parent, attr)))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@METHODS.register("lora")
+class LoRA(Method):
+    """Low-rank adapters on the chosen Linears/convs of a frozen backbone, classifier trained in full."""
+
+    name = "lora"
+    config_cls = LoraConfig
+    default_lr = 1e-3
+    default_head_lr = 1e-3
+    summary = "low-rank update on chosen layers (q, v, all-linear, ...), head trained"
+    use_dora = False
+    quantized = False
+    cfg: LoraConfig
+
+    def __init__(self, cfg: LoraConfig):
+        super().__init__(cfg)
+        self.targeted: list[str] = []
+        self._report: dict[str, Any] = {}
+
+    @property
+    def alpha(self) -> float:
+        """The resolved alpha (``method.alpha`` or the rank-stabilised default)."""
+        return float(self.cfg.alpha) if self.cfg.alpha is not None else default_alpha(self.cfg.rank)
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig, sections: dict[str, Any]) -> list[str]:
+        out = []
+        if cls.quantized:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                out.append(
+                    f"method.name={cfg.name} needs bitsandbytes; pip install 'visiontune[quant]' (or bitsandbytes), "
+                    "or use method.name=lora/dora"
+                )
+            optim = sections.get("optim")
+            if getattr(optim, "precision", None) == "fp16" and getattr(cfg, "compute_dtype", "auto") == "bf16":
+                out.append("optim.precision=fp16 with method.compute_dtype=bf16 mixes two half types; pick one")
+        return out
+
+    # ------------------------------------------------------------------ backbone preparation
+    def backbone_key(self) -> str:
+        """Identifies what :meth:`prepare_backbone` does, so a multi-adapter host can share prepared backbones."""
+        if not self.quantized:
+            return "split-qkv"
+        c = self.cfg
+        return f"split-qkv+{c.quant_type}{'-dq' if c.double_quant else ''}-{c.compute_dtype}"
+
+    def prepare_backbone(self, model: nn.Module) -> nn.Module:
+        """Task-independent surgery, idempotent: split fused qkv; for q-methods quantize the frozen Linears."""
+        self._report["qkv_split"] = len(split_qkv(model))
+        if self.quantized and not getattr(model, "is_loaded_in_4bit", False):
+            cfg: QLoraConfig = self.cfg  # type: ignore[assignment]
+            before = backbone_bytes(model)
+            n = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+            after = backbone_bytes(model)
+            self._report["quantization"] = {
+                "quant_type": cfg.quant_type, "double_quant": cfg.double_quant, "compute_dtype": cfg.compute_dtype,
+                "quantized_linears": n, "backbone_mb_before": before / 2**20, "backbone_mb_after": after / 2**20,
+                "ratio": after / before if before else None,
+            }
+        return model
+
+    # ------------------------------------------------------------------ model surgery
+    def _peft_config(self, names: list[str]) -> Any:
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout, use_dora=self.use_dora,
+            bias="none",
+            # A full-match regex of exact names: peft's list form would also match name suffixes.
+            target_modules="(?:" + "|".join(re.escape(n) for n in names) + ")",
+        )
+
+    def _inject(self, model: nn.Module, names: list[str]) -> None:
+        from peft import inject_adapter_in_model
+
+        with warnings.catch_warnings():
+            # peft warns that a non-transformers model has no config / tied embeddings: irrelevant for timm.
+            warnings.filterwarnings("ignore", message=".*(tie_word_embeddings|model config|Unsupported layer).*")
+            inject_adapter_in_model(self._peft_config(names), model, adapter_name=ADAPTER)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Split qkv (and quantize), freeze everything, add adapters to the targets, train the classifier.
+
+        Returns:
+            The same timm model object, with peft LoRA/DoRA layers injected in place.
+        """
+        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        self.prepare_backbone(model)
+        names = resolve_targets(model, list(self.cfg.targets), self.cfg.blocks, model_name)
+        freeze(model)
+        self._inject(model, names)
+        for p in classifier_of(model).parameters():
+            p.requires_grad_(True)
+        self.targeted = names
+        self._report.update(
+            adapted_modules=len(names), rank=self.cfg.rank, alpha=self.alpha, scaling=self.alpha / self.cfg.rank,
+            dora=self.use_dora, targets=list(self.cfg.targets), blocks=self.cfg.blocks,
+        )
+        return model
+
+    # ------------------------------------------------------------------ inference
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain timm model with the adapters folded in and q/k/v fused again: zero inference overhead.
+
+        ``model`` itself is left untouched (it can keep training, be saved, or be unmerged-compared);
+        the copy shares every tensor it does not change. For 4-bit backbones the copy is full
+        precision (float32): its Linears hold the dequantized NF4 weights plus the adapter update.
+        Folding into 4-bit instead would re-quantize ``W + dW``, and NF4's rounding step is as large as
+        a typical low-rank update, so most of what was trained would be lost. Outputs match the
+        unmerged model to ~1e-5 (float32 rounding of a different summation order).
+        """
+        from visiontune.multi import shared_copy
+
+        layers = lora_layers(model)
+        if not layers:
+            return model
+        names = [n for n, _ in layers]
+        state = {k: v for k, v in self.trainable_state_dict(model).items() if ".lora_" in k}
+        out = shared_copy(model)
+        strip_adapters(out)
+        if getattr(out, "is_loaded_in_4bit", False):
+            dequantize_linears(out)
+        source = {id(t) for t in model.parameters()}
+        for n in names:
+            if any(id(p) in source for p in out.get_submodule(n).parameters()):
+                _private_module(out, n)  # merging writes into these weights; the source model must not see it
+        devices = [d for d in {p.device for p in out.parameters()} if d.type == "cuda"]
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self._inject(out, names)  # fresh (float) LoRA layers on the same names; init is overwritten below
+            params = dict(out.named_parameters())
+            missing = [k for k in state if k not in params]
+            if missing:
+                raise RuntimeError(f"merge could not place adapter tensors {missing[:3]}; this is a visiontune bug")
+            for k, v in state.items():
+                params[k].copy_(v)
+            merge_adapters(out)
+            strip_adapters(out)
+            fuse_qkv(out)
+        for p in out.parameters():
+            if id(p) not in source:  # shared tensors (the head) keep their flag: the source model still trains them
+                p.requires_grad_(False)
+        return out.train(model.training)
+
+    def report(self) -> dict[str, Any]:
+        """Facts for metrics.json: adapted modules, rank/alpha/scale, qkv split count, quantization memory."""
+        return dict(self._report)
+
+    def describe(self) -> str:
+        c = self.cfg
+        text = f"{self.name} r{c.rank} alpha{self.alpha:g} {'+'.join(c.targets)}"
+        if c.blocks != "all":
+            text += f" blocks {c.blocks}"
+        if self.quantized:
+            q: QLoraConfig = c  # type: ignore[assignment]
+            text += f" {q.quant_type}{'+dq' if q.double_quant else ''}"
+        return text
+
+
+@METHODS.register("dora")
+class DoRA(LoRA):
+    """Weight-decomposed LoRA: trained magnitude x LoRA-updated direction, on a frozen backbone."""
+
+    name = "dora"
+    config_cls = DoraConfig
+    summary = "magnitude + low-rank direction update (DoRA), head trained"
+    use_dora = True
+
+
+@METHODS.register("qlora")
+class QLoRA(LoRA):
+    """LoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
+
+    name = "qlora"
+    config_cls = QLoraConfig
+    summary = "LoRA over a 4-bit NF4 frozen backbone, head trained"
+    quantized = True
+
+
+@METHODS.register("qdora")
+class QDoRA(LoRA):
+    """DoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
+
+    name = "qdora"
+    config_cls = QDoraConfig
+    summary = "DoRA over a 4-bit NF4 frozen backbone, head trained"
+    use_dora = True
+    quantized = True

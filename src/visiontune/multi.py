@@ -1,0 +1,233 @@
+"""Several task adapters over one backbone in memory: each task has its own head and label set.
+
+Design (generic over methods, no per-method code): the host keeps one frozen backbone. A task model
+is ``copy.deepcopy(backbone, memo)`` where the memo maps every backbone parameter and buffer to
+itself, so the copy gets new *modules* but the *same* frozen tensors; the task's method then runs
+its ordinary ``apply`` on the copy (inserting its adapter modules, a new head) and loads its adapter
+file with ``load_trainable_state_dict``, exactly as :func:`visiontune.runs.load_run` does. Anything
+the task loads is first made private to it, so a method that trains backbone weights (``full``)
+still works - it just shares nothing.
+
+Methods may declare task-independent backbone surgery with two optional members:
+``backbone_key() -> str`` and ``prepare_backbone(model) -> model`` (LoRA's qkv split, QLoRA's NF4
+quantization). The host runs that surgery once per distinct key on a shared copy and builds every
+task with that key from it, so ten QLoRA tasks share one 4-bit backbone. Methods without them
+(linear probe, Mona, full) use the plain backbone.
+
+Each call names its task; tasks are separate module trees over shared tensors, so there is no
+"active adapter" state to switch and calls for different tasks can interleave freely. Adapters stay
+unmerged (merging would write into the shared weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from visiontune.errors import ConfigError
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` whose parameters and buffers are the original tensors (modules are new).
+
+    Replacing, adding or removing modules in the copy leaves the original alone; writing into a
+    shared tensor in place would change both.
+    """
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _storage_ptrs(module: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers()) if t.numel()}
+
+
+def _make_private(model: nn.Module, keys: list[str], shared: set[int]) -> None:
+    """Replace each named parameter/buffer that is a shared backbone tensor by a private copy."""
+    for key in keys:
+        owner_name, _, attr = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue  # unknown key: load_trainable_state_dict reports it with a clear message
+        if attr in owner._parameters and owner._parameters[attr] is not None and id(owner._parameters[attr]) in shared:
+            p = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None and id(owner._buffers[attr]) in shared:
+            owner._buffers[attr] = owner._buffers[attr].clone()
+
+
+@dataclass
+class Task:
+    """One task of an :class:`AdapterHost`: its model (sharing the backbone), method and labels."""
+
+    name: str
+    model: nn.Module
+    method: Any
+    classes: list[str]
+    backbone_key: str
+    shared_tensors: int
+    private_bytes: int
+    source: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class AdapterHost:
+    """One frozen backbone, several task adapters; every call names the task.
+
+    Args:
+        backbone: a timm model (any head; each task gets its own).
+        identity: the backbone identity (``visiontune.backbones.backbone_identity``); adapters trained on
+            another backbone are refused.
+        device: where the backbone and tasks live.
+        transform: eval transform for raw images (optional; :meth:`from_runs` sets it).
+
+    Example::
+
+        host = AdapterHost.from_runs({"cows": "runs/a", "solar": "runs/b"})
+        host.predict("solar", batch)   # -> list of labels of the solar task
+    """
+
+    def __init__(
+        self, backbone: nn.Module, identity: dict[str, Any], device: str | torch.device = "cpu",
+        transform: Callable[[Any], torch.Tensor] | None = None,
+    ):
+        self.device = torch.device(device)
+        self.identity = dict(identity)
+        self.transform = transform
+        backbone.requires_grad_(False)
+        self._bases: dict[str, nn.Module] = {"": backbone.to(self.device).eval()}
+        self.tasks: dict[str, Task] = {}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_runs(cls, runs: dict[str, str | Path], device: str | torch.device = "cpu") -> AdapterHost:
+        """A host for finished run directories (``{task name: run dir}``), built on the first run's backbone.
+
+        Raises:
+            ConfigError: no runs, or a path that is not a run directory. WeightsError: a run trained on
+                another backbone (name, weights hash or image size differ).
+        """
+        from visiontune.backbones import backbone_identity, build_transform, create_backbone
+        from visiontune.config import load_config
+
+        if not runs:
+            raise ConfigError("AdapterHost.from_runs needs at least one {task name: run directory}")
+        first_name, first_dir = next(iter(runs.items()))
+        cfg = load_config(_config_path(first_dir))
+        classes = json.loads((Path(first_dir) / "labels.json").read_text())
+        backbone = create_backbone(cfg.backbone, num_classes=len(classes))
+        transform = build_transform(backbone, cfg.backbone.img_size, train=False)
+        host = cls(backbone, backbone_identity(cfg.backbone), device=device, transform=transform)
+        for name, run_dir in runs.items():
+            host.add_run(name, run_dir)
+        return host
+
+    def add_run(self, name: str, run_dir: str | Path) -> Task:
+        """Add the task of a finished run directory (refused if trained on another backbone)."""
+        from visiontune.config import load_config
+        from visiontune.registry import METHODS
+        from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
+
+        run_dir = Path(run_dir)
+        cfg = load_config(_config_path(run_dir))
+        classes = json.loads((run_dir / "labels.json").read_text())
+        state, meta = read_adapter(run_dir / ADAPTER_FILE)
+        check_identity(meta.get("backbone_identity", {}), self.identity, f"task {name!r} ({run_dir / ADAPTER_FILE})")
+        method = METHODS.get(cfg.method.name)(cfg.method)
+        return self.add(name, method, state, classes, source=str(run_dir))
+
+    def add(
+        self, name: str, method: Any, state: dict[str, torch.Tensor], classes: list[str], source: str | None = None,
+    ) -> Task:
+        """Add a task from a method instance, its trainable state dict and its labels.
+
+        Raises:
+            ValueError: duplicate task name. WeightsError: the state does not fit (from the method).
+        """
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already loaded; remove it first or pick another name")
+        key, base = self._base_for(method)
+        model = shared_copy(base)
+        if not hasattr(model, "reset_classifier"):
+            raise TypeError(f"{type(model).__name__} has no reset_classifier(); the host needs a timm model")
+        model.reset_classifier(len(classes))
+        model = method.apply(model)
+        shared = {id(t) for t in itertools.chain(base.parameters(), base.buffers())}
+        _make_private(model, list(state), shared)
+        method.load_trainable_state_dict(model, state)
+        base.requires_grad_(False)  # an apply that unfreezes (full) must not leave the shared tensors trainable
+        model = model.to(self.device).eval()
+        base_ptrs = _storage_ptrs(base)
+        own = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.untyped_storage().data_ptr() not in base_ptrs]
+        task = Task(
+            name=name, model=model, method=method, classes=list(classes), backbone_key=key,
+            shared_tensors=len(_storage_ptrs(model) & base_ptrs),
+            private_bytes=sum(t.numel() * t.element_size() for t in own), source=source,
+            info=method.report() if hasattr(method, "report") else {},
+        )
+        self.tasks[name] = task
+        return task
+
+    def _base_for(self, method: Any) -> tuple[str, nn.Module]:
+        key = method.backbone_key() if hasattr(method, "backbone_key") else ""
+        if key not in self._bases:
+            base = shared_copy(self._bases[""])
+            base = method.prepare_backbone(base) if hasattr(method, "prepare_backbone") else base
+            base.requires_grad_(False)
+            self._bases[key] = base.to(self.device).eval()
+        return key, self._bases[key]
+
+    def remove(self, name: str) -> None:
+        """Drop a task (its private tensors are freed; the backbone stays)."""
+        self._task(name)
+        del self.tasks[name]
+
+    # ------------------------------------------------------------------ inference
+    def _task(self, name: str) -> Task:
+        if name not in self.tasks:
+            raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(self.tasks) or 'none'}")
+        return self.tasks[name]
+
+    def classes(self, name: str) -> list[str]:
+        """Label names of a task, in logit order."""
+        return list(self._task(name).classes)
+
+    @torch.inference_mode()
+    def logits(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes of the task] for a batch of preprocessed images [B, 3, H, W] (on CPU)."""
+        return self._task(name).model(images.to(self.device)).float().cpu()
+
+    def predict(self, name: str, images: torch.Tensor) -> list[str]:
+        """Predicted label of each image for task ``name``."""
+        classes = self._task(name).classes
+        return [classes[i] for i in self.logits(name, images).argmax(1).tolist()]
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes of each prepared backbone and each task's private tensors (adapters + head)."""
+
+        def nbytes(m: nn.Module) -> int:
+            seen, total = set(), 0
+            for t in itertools.chain(m.parameters(), m.buffers()):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+            return total
+
+        return {
+            "backbones": {k or "plain": nbytes(b) for k, b in self._bases.items()},
+            "tasks": {n: t.private_bytes for n, t in self.tasks.items()},
+        }
+
+
+def _config_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")
+    return path
