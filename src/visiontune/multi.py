@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, WeightsError
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -104,6 +104,8 @@ class AdapterHost:
         backbone.requires_grad_(False)
         self._bases: dict[str, nn.Module] = {"": backbone.to(self.device).eval()}
         self.tasks: dict[str, Task] = {}
+        # For a random-init backbone (weights=none): (run.seed, number of classes) it was drawn with (see from_runs).
+        self.random_init: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -122,9 +124,17 @@ class AdapterHost:
         first_name, first_dir = next(iter(runs.items()))
         cfg = load_config(_config_path(first_dir))
         classes = json.loads((Path(first_dir) / "labels.json").read_text())
-        backbone = create_backbone(cfg.backbone, num_classes=len(classes))
+        identity = backbone_identity(cfg.backbone)
+        with torch.random.fork_rng(devices=[]):
+            if identity.get("weights") == "none":
+                # A random-init backbone is only reproducible from the run's seed: train() seeds torch with
+                # run.seed and builds the backbone (head size included) before drawing any other torch number.
+                torch.manual_seed(cfg.run.seed)
+            backbone = create_backbone(cfg.backbone, num_classes=len(classes))
         transform = build_transform(backbone, cfg.backbone.img_size, train=False)
-        host = cls(backbone, backbone_identity(cfg.backbone), device=device, transform=transform)
+        host = cls(backbone, identity, device=device, transform=transform)
+        if identity.get("weights") == "none":
+            host.random_init = (cfg.run.seed, len(classes))
         for name, run_dir in runs.items():
             host.add_run(name, run_dir)
         return host
@@ -140,6 +150,13 @@ class AdapterHost:
         classes = json.loads((run_dir / "labels.json").read_text())
         state, meta = read_adapter(run_dir / ADAPTER_FILE)
         check_identity(meta.get("backbone_identity", {}), self.identity, f"task {name!r} ({run_dir / ADAPTER_FILE})")
+        if self.identity.get("weights") == "none" and (cfg.run.seed, len(classes)) != self.random_init:
+            raise WeightsError(
+                f"task {name!r} ({run_dir}) was trained on a random-init backbone (backbone.weights=none) drawn with "
+                f"run.seed={cfg.run.seed} and {len(classes)} classes, but this host's backbone was drawn with "
+                f"(run.seed, classes)={self.random_init}; timm's random init depends on both, so only such runs can "
+                "share a host; train with pretrained weights to host any mix"
+            )
         method = METHODS.get(cfg.method.name)(cfg.method)
         return self.add(name, method, state, classes, source=str(run_dir))
 

@@ -88,7 +88,25 @@ def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
 
     torch.manual_seed(cfg.run.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes)
+    zero_head(model)
     return method.apply(model)
+
+
+def zero_head(model: nn.Module) -> None:
+    """Start the fresh classifier at zero, so the first logits are uniform (loss = ln K).
+
+    PyTorch's default Linear init on large-norm pretrained features (DINOv2: logit std ~1.2) starts
+    above chance loss and spends the first steps of a few-shot budget undoing it; zero init is the
+    MAE / DINOv2 fine-tuning habit. A zero head still receives gradients, so the body learns from step 2.
+    """
+    from visiontune.methods.base import classifier_of
+
+    head = classifier_of(model)
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 import torch
 from timm.models.convnext import ConvNeXt
 from timm.models.eva import Eva
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
 from visiontune.backbones import create_backbone
@@ -170,3 +171,14 @@ def test_config_time_checks_report_everything() -> None:
 def test_targets_from_the_command_line() -> None:
     cfg = load_config(overrides=["data.dataset=digits", "method.name=qlora", "method.targets=q,mlp", "method.rank=16"])
     assert cfg.method.targets == ["q", "mlp"] and cfg.method.rank == 16 and cfg.method.double_quant is True
+
+
+def test_swin_v2_fused_qkv_is_never_a_target() -> None:
+    # Swin-V2 computes F.linear(x, self.qkv.weight, ...): an adapter wrapping qkv would never run.
+    model = _split(SwinTransformerV2(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)))
+    with pytest.raises(ConfigError, match=r"'q' selects nothing.*cannot be split into q/k/v.*supports: attn, mlp, all-linear"):
+        resolve_targets(model, ["q"])
+    rels = ("attn.cpb_mlp.0", "attn.cpb_mlp.2", "attn.proj", "mlp.fc1", "mlp.fc2")  # cpb_mlp: position-bias MLP
+    assert resolve_targets(model, ["all-linear"], blocks="0") == [f"layers.0.blocks.0.{r}" for r in rels]
+    with pytest.raises(ConfigError, match="qkv cannot carry an adapter.*reads self.qkv.weight"):
+        resolve_targets(model, ["attn.qkv"])

@@ -225,6 +225,21 @@ def test_adapter_file_round_trip_and_switching(backbone, tmp_path):
         other.load_trainable_state_dict(other.apply(copy.deepcopy(backbone)), load_file(str(tmp_path / "a.safetensors")))
 
 
+@pytest.mark.parametrize("name", ["vit_reg", "swin"])
+def test_grad_checkpointing_gives_the_same_gradients(name):
+    torch.manual_seed(0)
+    model = MonaMethod(MonaConfig(dropout=0.0)).apply(BACKBONES[name]()).train()
+    x, y = _images(2), torch.tensor([0, 2])
+    grads = []
+    for ckpt in (False, True):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_adapted_model_deepcopies_and_pickles():
     torch.manual_seed(0)
     model = MonaMethod(MonaConfig()).apply(BACKBONES["vit_reg"]()).eval()

@@ -18,6 +18,8 @@ would silently bypass) are left fused and reported by :func:`qkv_split_blocker`.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -182,6 +184,27 @@ def unsplittable_qkv(model: nn.Module) -> dict[str, str]:
             if reason is not None:
                 out[f"{name}.qkv" if name else "qkv"] = reason
     return out
+
+
+def _forward_reads_qkv_weight(attn: nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):  # no source (compiled / dynamically created class): assume the worst
+        return True
+    return "self.qkv.weight" in src
+
+
+def bypassed_qkv(model: nn.Module) -> dict[str, str]:
+    """Fused ``qkv`` Linears (left unsplit) whose attention reads ``qkv.weight`` directly.
+
+    An adapter wrapping such a layer would never run (the forward calls ``F.linear`` on the weight),
+    so target resolution leaves them out. Returns ``{module name: reason}``.
+    """
+    return {
+        name: f"{reason}; its forward reads self.qkv.weight, so an adapter there would never run"
+        for name, reason in unsplittable_qkv(model).items()
+        if _forward_reads_qkv_weight(model.get_submodule(name.rpartition(".")[0]) if "." in name else model)
+    }
 
 
 def fuse_qkv(model: nn.Module) -> int:

@@ -432,6 +432,9 @@ class LoRA(Method):
         layers = lora_layers(model)
         if not layers:
             return model
+        # peft's injection below freezes every non-adapter parameter it sees, and the copy shares the
+        # source's parameters (the head): remember the flags to give them back.
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         names = [n for n, _ in layers]
         state = {k: v for k, v in self.trainable_state_dict(model).items() if ".lora_" in k}
         out = shared_copy(model)
@@ -455,8 +458,9 @@ class LoRA(Method):
             strip_adapters(out)
             fuse_qkv(out)
         for p in out.parameters():
-            if id(p) not in source:  # shared tensors (the head) keep their flag: the source model still trains them
-                p.requires_grad_(False)
+            p.requires_grad_(False)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         return out.train(model.training)
 
     def report(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Where adapters go: target presets and block ranges that mean the same on every timm backbone.
+r"""Where adapters go: target presets and block ranges that mean the same on every timm backbone.
 
 Shared by every method that places modules in a backbone (LoRA/DoRA/QLoRA, and any adapter that
 needs "which blocks"). A model is read as a list of **blocks** in depth order:
@@ -18,7 +18,8 @@ Presets (``method.targets``), applied inside the selected blocks:
   (timm's fused ``qkv`` is split by :mod:`visiontune.backbones.qkv` so these exist separately);
 * ``attn``: q, k, v and the attention output projection;
 * ``mlp``: every Linear (or 1x1 conv) of the block's MLP;
-* ``all-linear``: every ``nn.Linear`` inside the blocks (the study's ``all-linear``);
+* ``all-linear``: every ``nn.Linear`` inside the blocks (the study's ``all-linear``), except a fused
+  ``qkv`` that its attention reads as ``qkv.weight`` (Swin-V2, BEiT): an adapter there would never run;
 * ``conv``: every ungrouped ``nn.Conv2d`` inside the blocks (CNNs; depthwise convs are skipped
   because peft cannot merge grouped convs).
 
@@ -29,6 +30,9 @@ pooling head) are reachable by patterns only. The classifier is never a target: 
 
 Block syntax (``method.blocks``): ``all``; ``last:N``; ``first:N``; or a comma list of indices and
 inclusive ranges, ``0-3,10,11``. Indices count blocks in depth order across stages.
+
+On the command line ``method.targets=q,mlp`` is split at commas; a pattern that itself contains a
+comma goes in a YAML list: ``method.targets="['blocks\.\d{1,2}\.mlp\.fc1']"``.
 """
 
 from __future__ import annotations
@@ -273,6 +277,9 @@ def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", m
             for n, _ in model.get_submodule(b).named_modules():
                 block_of[f"{b}.{n}" if n else b] = b
     selected_blocks = set(selected_prefixes)
+    from visiontune.backbones.qkv import bypassed_qkv
+
+    bypassed = bypassed_qkv(model)
 
     def in_selection(name: str) -> bool:
         b = block_of.get(name)
@@ -283,7 +290,7 @@ def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", m
         found = []
         for b in selected_prefixes:
             for rel, m in model.get_submodule(b).named_modules():
-                if rel and adaptable(m) and _preset_match(preset, rel, m):
+                if rel and adaptable(m) and _preset_match(preset, rel, m) and f"{b}.{rel}" not in bypassed:
                     found.append(f"{b}.{rel}")
         if not found:
             raise ConfigError(_unsupported_preset_message(model, layout, preset, label, modules))
@@ -291,13 +298,15 @@ def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", m
     for pat in patterns:
         rx = re.compile(pat)
         hits = [n for n, m in modules if _pattern_match(rx, n)]
-        usable = [n for n in hits if adaptable(model.get_submodule(n)) and in_selection(n)]
+        usable = [n for n in hits if adaptable(model.get_submodule(n)) and in_selection(n) and n not in bypassed]
         if not usable:
-            why = (
-                f"it matches only {', '.join(sorted(hits)[:4])} (not Linear/Conv2d layers, or outside method.blocks={blocks!r})"
-                if hits
-                else "it matches no module"
-            )
+            skipped = [n for n in hits if n in bypassed]
+            if skipped:
+                why = f"{skipped[0]} cannot carry an adapter: {bypassed[skipped[0]]}"
+            elif hits:
+                why = f"it matches only {', '.join(sorted(hits)[:4])} (not Linear/Conv2d layers, or outside method.blocks={blocks!r})"
+            else:
+                why = "it matches no module"
             close = difflib.get_close_matches(pat, list(PRESETS), n=1, cutoff=0.6)
             hint = f" Did you mean the preset {close[0]!r}?" if close else ""
             raise ConfigError(
@@ -314,10 +323,16 @@ def supported_presets(model: nn.Module) -> list[str]:
     layout = find_blocks(model)
     if layout is None:
         return []
+    from visiontune.backbones.qkv import bypassed_qkv
+
+    bypassed = bypassed_qkv(model)
     out = []
     for preset in PRESETS:
         for b in layout.names:
-            if any(rel and adaptable(m) and _preset_match(preset, rel, m) for rel, m in model.get_submodule(b).named_modules()):
+            if any(
+                rel and adaptable(m) and _preset_match(preset, rel, m) and f"{b}.{rel}" not in bypassed
+                for rel, m in model.get_submodule(b).named_modules()
+            ):
                 out.append(preset)
                 break
     return out

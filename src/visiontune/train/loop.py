@@ -326,6 +326,7 @@ def train(cfg: Config) -> RunResult:
             "wall_time_s": wall, "epochs": len(history), "best_epoch": best_epoch, "peak_memory_mb": mem.peak_mb,
             "memory_kind": mem.kind, "history": history, **train_info,
         },
+        "method": method.report() if hasattr(method, "report") else {},
         "val": val_metrics,
         "test": test_metrics,
         "speed": speed,
