@@ -65,6 +65,7 @@ class DataConfig:
     test_per_class: int | None = _help("cap on test images per class; null = everything else", default=None)
     seed: int = _help("seed of the split (independent of run.seed)", default=0)
     augment: bool = _help("random resized crop + flip on training images", default=True)
+    crop_scale: float = _help("smallest image-area fraction a random training crop keeps (ImageNet recipes: 0.08)", default=0.5)
     num_workers: int = _help("DataLoader worker processes", default=0)
 
     def problems(self) -> list[str]:
@@ -83,6 +84,8 @@ class DataConfig:
             v = getattr(self, key)
             if v is not None and not 0.0 < v < 1.0:
                 out.append(f"data.{key}={v} must be in (0, 1)")
+        if not 0.0 < self.crop_scale <= 1.0:
+            out.append(f"data.crop_scale={self.crop_scale} must be in (0, 1]")
         if self.num_workers < 0:
             out.append(f"data.num_workers={self.num_workers} must be >= 0")
         return out
@@ -130,6 +133,11 @@ class OptimConfig:
         "autocast dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 is emulated and slow on most CPUs)", default="auto"
     )
     eval_batch_size: int = _help("batch size for evaluation and feature extraction", default=64)
+    head_init: Literal["probe", "zero"] = _help(
+        "gradient methods on pretrained weights: 'probe' fits the head as a linear probe on the initial features "
+        "first (LP-FT, Kumar et al. ICLR'22), 'zero' starts it at zero; random-init (scratch) runs always use zero",
+        default="probe",
+    )
 
     def problems(self) -> list[str]:
         out = []

@@ -226,6 +226,32 @@ def test_adapter_file_round_trip_and_switching(backbone, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_reg", "swin"])
+def test_multi_adapter_host_serves_mona_tasks_over_one_backbone(name):
+    from visiontune.methods.mona import MonaBlock
+    from visiontune.multi import AdapterHost
+
+    torch.manual_seed(0)
+    backbone = BACKBONES[name]().eval()
+    x = _images(2, seed=3)
+    expected, states = {}, {}
+    for task, (seed, classes) in {"a": (1, 3), "b": (2, 5)}.items():
+        method = MonaMethod(MonaConfig())
+        model = copy.deepcopy(backbone)
+        model.reset_classifier(classes)
+        model = method.apply(model)
+        _train_steps(method, model, seed)
+        states[task] = method.trainable_state_dict(model)
+        with torch.no_grad():
+            expected[task] = model(x)
+    host = AdapterHost(copy.deepcopy(backbone), identity={})
+    for task, state in states.items():
+        host.add(task, MonaMethod(MonaConfig()), state, [f"c{i}" for i in range(expected[task].shape[1])])
+    for task in ("a", "b", "a"):
+        torch.testing.assert_close(host.logits(task, x), expected[task], rtol=1e-6, atol=1e-6)
+    assert not any(isinstance(m, MonaBlock) for m in host._bases[""].modules())  # the shared backbone stays plain
+
+
+@pytest.mark.parametrize("name", ["vit_reg", "swin"])
 def test_grad_checkpointing_gives_the_same_gradients(name):
     torch.manual_seed(0)
     model = MonaMethod(MonaConfig(dropout=0.0)).apply(BACKBONES[name]()).train()

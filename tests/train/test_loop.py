@@ -67,7 +67,7 @@ def test_scratch_records_random_init(tiny_overrides):
 
 def test_gradient_accumulation_matches_large_batch(tiny_overrides):
     common = ["method.name=full", "data.augment=false", "optim.epochs=1", "optim.label_smoothing=0", "optim.clip_grad=null",
-              "optim.warmup_epochs=0"]
+              "optim.warmup_epochs=0", "optim.head_init=zero"]
     a = _train(tiny_overrides, *common, "optim.batch_size=16", "optim.grad_accum=1", "run.name=big")
     b = _train(tiny_overrides, *common, "optim.batch_size=8", "optim.grad_accum=2", "run.name=acc")
     sa = load_file(str(a.run_dir / "adapter.safetensors"))
@@ -127,3 +127,23 @@ def test_nonfinite_loss_is_explained(tiny_overrides):
     with pytest.raises(FloatingPointError, match="lower optim.lr"):
         _train(tiny_overrides, "method.name=full", "optim.lr=1e30", "optim.head_lr=1e30", "optim.clip_grad=null",
                "optim.warmup_epochs=0", "optim.epochs=3", "run.name=nan")
+
+
+def test_probe_head_init_starts_from_a_fitted_head(tiny_overrides):
+    """LP-FT: gradient methods on pretrained weights start from a linear-probe head; scratch from zero."""
+    res = _train(tiny_overrides, "method.name=full", "optim.epochs=1", "run.name=lpft")
+    t = res.metrics["train"]
+    assert t["head_init"] == "probe" and t["head_init_c"] > 0
+    res = _train(tiny_overrides, "method.name=scratch", "optim.epochs=1", "run.name=scr")
+    assert res.metrics["train"]["head_init"] == "zero"
+
+
+def test_fresh_head_is_zero_before_training():
+    from visiontune.methods.base import classifier_of
+    from visiontune.registry import METHODS
+    from visiontune.runs import build_model
+
+    cfg = vt.load_config(None, ["data.dataset=digits", "backbone.name=test_vit", "backbone.weights=none", "method.name=full"])
+    model = build_model(cfg, METHODS.get("full")(cfg.method), 7)
+    head = classifier_of(model)
+    assert head.out_features == 7 and float(head.weight.abs().sum()) == 0.0 and float(head.bias.abs().sum()) == 0.0

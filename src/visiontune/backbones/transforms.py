@@ -47,7 +47,9 @@ def data_config(model: nn.Module, img_size: int | None = None) -> dict:
     return cfg
 
 
-def build_transform(model: nn.Module, img_size: int | None, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(
+    model: nn.Module, img_size: int | None, train: bool, crop_scale: float = 0.5
+) -> Callable[[Image.Image], torch.Tensor]:
     """Image -> normalised tensor transform matching the backbone's pretraining preprocessing.
 
     Args:
@@ -57,6 +59,10 @@ def build_transform(model: nn.Module, img_size: int | None, train: bool) -> Call
         train: random-resized crop + horizontal flip (no colour jitter, no auto-augment: with a few
             hundred images those distort more than they help by default). Otherwise resize + center
             crop, deterministic.
+        crop_scale: smallest area fraction a training crop keeps. 0.5 rather than ImageNet's 0.08:
+            with few labels, a crop that cuts out the one small defect/lesion/animal changes the label
+            (inspection, medical, remote sensing), and PEFT few-shot protocols (VTAB-1k) use little
+            or no augmentation.
 
     Returns:
         A picklable callable mapping any PIL image (gray, palette, RGBA, 16-bit) to a ``3 x H x W`` tensor.
@@ -64,7 +70,7 @@ def build_transform(model: nn.Module, img_size: int | None, train: bool) -> Call
     cfg = data_config(model, img_size)
     if train:
         tf = create_transform(
-            **cfg, is_training=True, hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0
+            **cfg, is_training=True, scale=(crop_scale, 1.0), hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0
         )
     else:
         tf = create_transform(**cfg, is_training=False)

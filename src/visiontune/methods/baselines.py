@@ -128,6 +128,71 @@ def choose_c(
     return c_best, scores
 
 
+def _linear_head(model: nn.Module) -> nn.Linear:
+    head = classifier_of(model)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"a probe head needs an nn.Linear classifier, got {type(head).__name__}")
+    return head
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.double()
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
+def _write_head(head: nn.Linear, w: torch.Tensor, b: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Fold the feature standardisation into the head so inference is a plain Linear on raw features."""
+    w_raw = w / sd
+    with torch.no_grad():
+        head.weight.copy_(w_raw.to(head.weight.dtype))
+        head.bias.copy_((b - w_raw @ mu).to(head.bias.dtype))
+
+
+def fit_probe_head(
+    head: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    c: float | None = None,
+    max_iter: int = 300,
+) -> dict[str, Any]:
+    """Fit ``head`` (an ``nn.Linear``) as a logistic regression on features; C by val or grouped CV when None.
+
+    Used by the ``linear`` method and, as the LP-FT head initialisation (``optim.head_init=probe``),
+    before gradient fine-tuning.
+
+    Args:
+        head: the classifier to overwrite.
+        train: (features [N, D], labels [N], group id per row = source image index).
+        val: optional (features, labels) for choosing C and reporting.
+        c: fixed inverse L2 strength, or None to choose it.
+        max_iter: L-BFGS iterations per fit.
+
+    Returns:
+        Info for metrics.json: chosen C, its scores, how it was chosen, and a one-row history.
+    """
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"a probe head needs an nn.Linear classifier, got {type(head).__name__}")
+    x, y, groups = train
+    mu, sd = _moments(x)
+    xs = (x.double() - mu) / sd
+    vs = None if val is None or len(val[1]) == 0 else ((val[0].double() - mu) / sd, val[1])
+    num_classes = head.out_features
+    scores: dict[str, float] = {}
+    if c is None:
+        c, scores = choose_c(xs, y, groups, num_classes, max_iter, vs)
+        how = "val" if vs is not None else "cv"
+    else:
+        how = "fixed"
+    w, b = _fit_logreg(xs.numpy(), y.numpy(), num_classes, c, max_iter)
+    with torch.no_grad():
+        loss = float(F.cross_entropy(xs @ w.T + b, y))
+    history: list[dict[str, Any]] = [{"epoch": 1, "train_loss": loss, "lr": None}]
+    if vs is not None:
+        history[0]["val_accuracy"] = _accuracy(w, b, *vs)
+    _write_head(head, w, b, mu, sd)
+    return {"solver": "lbfgs", "c": c, "c_scores": scores, "c_selected_by": how, "history": history}
+
+
 @METHODS.register("linear")
 class Linear(Method):
     """Frozen backbone; linear head fitted on cached pooled features (computed once per image/view)."""
@@ -166,39 +231,16 @@ class Linear(Method):
         Returns:
             Info for metrics.json: solver, chosen C and its scores, history.
         """
-        head = classifier_of(model)
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"linear probe needs an nn.Linear classifier, got {type(head).__name__}")
-        x, y, groups = train
-        x = x.double()
-        mu = x.mean(0)
-        sd = x.std(0).clamp_min(1e-6)
-        xs = (x - mu) / sd
-        vs = None if val is None or len(val[1]) == 0 else ((val[0].double() - mu) / sd, val[1])
-        num_classes = head.out_features
-        info: dict[str, Any] = {"solver": self.cfg.solver}
         if self.cfg.solver == "lbfgs":
-            if self.cfg.c is not None:
-                c, scores = self.cfg.c, {}
-            else:
-                c, scores = choose_c(xs, y, groups, num_classes, self.cfg.max_iter, vs)
-            w, b = _fit_logreg(xs.numpy(), y.numpy(), num_classes, c, self.cfg.max_iter)
-            with torch.no_grad():
-                loss = float(F.cross_entropy(xs @ w.T + b, y))
-            info.update(c=c, c_scores=scores, c_selected_by="fixed" if self.cfg.c is not None else ("val" if vs else "cv"))
-            history = [{"epoch": 1, "train_loss": loss, "lr": None}]
-            if vs is not None:
-                history[0]["val_accuracy"] = _accuracy(w, b, *vs)
-        else:
-            w, b, history = self._fit_adamw(xs, y, vs, num_classes, optim, seed)
-        # Fold the standardisation into the head so inference is a plain Linear on raw features.
-        w_raw = w / sd
-        b_raw = b - w_raw @ mu
-        with torch.no_grad():
-            head.weight.copy_(w_raw.to(head.weight.dtype))
-            head.bias.copy_(b_raw.to(head.bias.dtype))
-        info["history"] = history
-        return info
+            return fit_probe_head(classifier_of(model), train, val, self.cfg.c, self.cfg.max_iter)
+        head = _linear_head(model)
+        x, y, _ = train
+        mu, sd = _moments(x)
+        xs = (x.double() - mu) / sd
+        vs = None if val is None or len(val[1]) == 0 else ((val[0].double() - mu) / sd, val[1])
+        w, b, history = self._fit_adamw(xs, y, vs, head.out_features, optim, seed)
+        _write_head(head, w, b, mu, sd)
+        return {"solver": "adamw", "history": history}
 
     def _fit_adamw(self, x, y, val, num_classes, optim: OptimConfig, seed: int):
         from visiontune.train.optim import warmup_cosine

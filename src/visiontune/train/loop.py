@@ -285,7 +285,7 @@ def train(cfg: Config) -> RunResult:
     params = count_parameters(model)
 
     eval_tf = build_transform(model, cfg.backbone.img_size, train=False)
-    train_tf = build_transform(model, cfg.backbone.img_size, train=True) if cfg.data.augment else eval_tf
+    train_tf = build_transform(model, cfg.backbone.img_size, train=True, crop_scale=cfg.data.crop_scale) if cfg.data.augment else eval_tf
     workers = cfg.data.num_workers
     ebs = cfg.optim.eval_batch_size
     val_loader = (
@@ -301,7 +301,8 @@ def train(cfg: Config) -> RunResult:
             history = train_info.pop("history")
             best_epoch = len(history)
         else:
-            history, best_epoch = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir)
+            history, best_epoch, loop_info = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir)
+            train_info.update(loop_info)
     wall = time.perf_counter() - start
 
     test_loader = make_loader(ImageDataset(splits["test"], eval_tf), ebs, False, 0, workers)
@@ -380,7 +381,7 @@ def _fit_cached(
 def _fit_loop(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
     """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume."""
     from visiontune.data import ImageDataset
 
@@ -389,6 +390,11 @@ def _fit_loop(
     train_loader = make_loader(
         ImageDataset(splits["train"], train_tf), cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers
     )
+    info: dict[str, Any] = {"head_init": "zero"}
+    ckpt_path = run_dir / "checkpoint" / "last.pt"
+    resuming = cfg.run.resume and ckpt_path.exists()
+    if cfg.optim.head_init == "probe" and method.pretrained and not resuming:
+        info = _probe_head_init(model, splits, cfg, device, amp, val_loader)
     groups = method.param_groups(model, cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
     if not groups:
         raise ConfigError(f"method {method.name!r} left no trainable parameters")
@@ -397,11 +403,10 @@ def _fit_loop(
     scheduler = warmup_cosine(
         optimizer, steps_per_epoch * cfg.optim.epochs, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr_ratio
     )
-    ckpt_path = run_dir / "checkpoint" / "last.pt"
     history: list[dict[str, Any]] = []
     best = {"score": -math.inf, "epoch": 0, "state": None}
     start_epoch = 1
-    if cfg.run.resume and ckpt_path.exists():
+    if resuming:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         method.load_trainable_state_dict(model, ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -432,5 +437,28 @@ def _fit_loop(
         )
     if best["state"] is not None:
         method.load_trainable_state_dict(model, best["state"])
-        return history, int(best["epoch"])
-    return history, len(history)
+        return history, int(best["epoch"]), info
+    return history, len(history), info
+
+
+def _probe_head_init(
+    model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device, amp: torch.dtype | None,
+    val_loader: DataLoader | None,
+) -> dict[str, Any]:
+    """LP-FT: fit the head as a linear probe on the (frozen, un-augmented) starting features.
+
+    Fine-tuning then starts from a good head instead of spending its few-shot budget, and its large
+    early gradients, on a random one, which distorts pretrained features (Kumar et al., ICLR 2022).
+    """
+    from visiontune.data import ImageDataset
+    from visiontune.backbones import build_transform
+    from visiontune.methods.baselines import fit_probe_head
+    from visiontune.methods.base import classifier_of
+
+    t0 = time.perf_counter()
+    tf = build_transform(model, cfg.backbone.img_size, train=False)
+    loader = make_loader(ImageDataset(splits["train"], tf), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    x, y = extract_features(model, loader, device, amp, cfg.run.progress, "probe head init")
+    val = extract_features(model, val_loader, device, amp) if val_loader is not None else None
+    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val)
+    return {"head_init": "probe", "head_init_c": info["c"], "head_init_time_s": time.perf_counter() - t0}
