@@ -22,7 +22,7 @@ EXPERIMENTS: list[tuple[str, list[str]]] = [
     ("lora", ["method.name=lora", "method.targets=qv", "method.rank=8"]),
     ("full", ["method.name=full"]),
     ("scratch-resnet18", ["method.name=scratch", "backbone.name=resnet18", "optim.epochs=30"]),
-    ("scratch-vit-s", ["method.name=scratch", "optim.epochs=30"]),
+    ("scratch-vit-s", ["method.name=scratch", "optim.epochs=20"]),
 ]
 
 

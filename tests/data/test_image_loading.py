@@ -32,13 +32,13 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert out[0, :, 0].tolist() == [0, 128, 255]
 
 
-def test_rgba_and_transparent_palette_composite_onto_black(tmp_path):
+def test_rgba_and_transparent_palette_composite_onto_white(tmp_path):
     rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [200, 100, 50, 128]]], dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
     out = _rgb(str(tmp_path / "a.png"))
-    assert out[0, 0].tolist() == [0, 0, 0]
+    assert out[0, 0].tolist() == [255, 255, 255]
     assert out[0, 1].tolist() == [255, 0, 0]
-    assert np.abs(out[0, 2].astype(int) - [100, 50, 25]).max() <= 1
+    assert np.abs(out[0, 2].astype(int) - [227, 177, 152]).max() <= 1
 
     pal = Image.new("P", (2, 1))
     pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
@@ -47,7 +47,7 @@ def test_rgba_and_transparent_palette_composite_onto_black(tmp_path):
     pal.info["transparency"] = 1  # colour index 1 (green) is transparent
     pal.save(tmp_path / "p.png")
     out = _rgb(str(tmp_path / "p.png"))
-    assert out[0].tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert out[0].tolist() == [[255, 255, 255], [0, 0, 0]]
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -15,25 +14,15 @@ from torchvision import transforms as T
 class ToRGB:
     """Convert any PIL image to 8-bit RGB so every backbone sees 3 channels.
 
-    Transparent pixels are composited onto white (dropping alpha would expose whatever colour the
-    transparent pixels happen to store), and 16-bit grayscale is scaled to 8 bits rather than
-    clipped (a plain ``convert("RGB")`` turns most 16-bit images white).
+    The same conversion as dataset loading (:func:`visiontune.data.images.to_rgb`: gray replicated,
+    16-bit scaled rather than clipped, transparency composited), so a PIL image handed straight to a
+    transform is preprocessed exactly as one read from disk.
     """
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        if img.mode == "RGB":
-            return img
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+        from visiontune.data.images import to_rgb
+
+        return to_rgb(img)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -2,7 +2,7 @@
 
 All decoding goes through :func:`load_image`, so training, evaluation and serving see the same pixels
 for the same file: EXIF orientation applied, grayscale / palette / CMYK converted to RGB, transparency
-composited onto black, and 16-bit or float images scaled to 8 bits (PIL's own ``convert("RGB")`` would
+composited onto white (as a browser shows it), and 16-bit or float images scaled to 8 bits (PIL's own ``convert("RGB")`` would
 clip 16-bit values at 255 and turn most of such an image white).
 """
 
@@ -41,7 +41,7 @@ def load_image(item: str | np.ndarray, id: str | None = None) -> Image.Image:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"image {name} does not exist ({path}). Fix: restore the file or remove it from the dataset.") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -55,7 +55,7 @@ def _path_note(name: str, path: str) -> str:
     return "" if name == path else f" ({path})"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (see the module docstring for the choices)."""
     if img.mode == "RGB":
         img.load()
@@ -67,7 +67,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
@@ -99,7 +99,7 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
         else:
             raise DataError(f"image {name} has dtype {a.dtype}; expected uint8. Fix: convert it to uint8 (0..255).")
     img = Image.fromarray(np.ascontiguousarray(a))
-    return _to_rgb(img) if img.mode != "RGB" else img
+    return to_rgb(img) if img.mode != "RGB" else img
 
 
 def _check_file(path: str, decode: bool) -> str | None:
