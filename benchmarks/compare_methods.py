@@ -1,7 +1,7 @@
 """Same split, same budget, several methods: the accuracy / trainable-% / time table for a config.
 
 Usage (from the repo root):
-    .venv/bin/python benchmarks/compare_methods.py --config configs/lora-elpv.yaml \
+    .venv/bin/python benchmarks/compare_methods.py --config configs/demo.yaml \
         --methods linear lora dora mona --out benchmarks/results/elpv-methods [overrides ...]
 
 Writes ``<out>/comparison.md`` (table + the exact command) and ``<out>/comparison.png``; the runs
