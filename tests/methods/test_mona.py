@@ -170,7 +170,7 @@ def test_zero_up_projection_leaves_the_network_unchanged(backbone):
 
 
 def test_only_mona_and_head_get_gradients(backbone):
-    model = MonaMethod(MonaConfig()).apply(backbone).train()
+    model = MonaMethod(MonaConfig(init="paper")).apply(backbone).train()
     head = head_parameter_ids(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, p in model.named_parameters() if _is_mona_param(n) or id(p) in head}
@@ -376,3 +376,23 @@ def test_trains_and_reloads_through_the_run_directory(tiny_overrides):
     again = evaluate_run(result.run_dir, progress=False)
     assert again["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
     assert again["confusion"] == result.metrics["test"]["confusion"]
+
+
+def test_default_zero_init_starts_at_the_pretrained_function_and_still_learns():
+    from visiontune.backbones import create_backbone
+    from visiontune.config import BackboneConfig
+
+    torch.manual_seed(0)
+    base = create_backbone(BackboneConfig(name="test_vit_reg", weights="none"), num_classes=3).eval()
+    x = _images(2)
+    with torch.no_grad():
+        ref = base(x)
+    model = MonaMethod(MonaConfig()).apply(base).train()
+    assert MonaConfig().init == "zero"
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-6)
+    model.train()
+    F.cross_entropy(model(_images(4)), torch.tensor([0, 1, 2, 0])).backward()
+    ups = [p for n, p in model.named_parameters() if _is_mona_param(n) and p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+    assert ups, "the up-projections must receive gradient at step 0"
