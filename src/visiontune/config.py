@@ -52,6 +52,24 @@ class RunConfig:
         return out
 
 
+def split_problems(cfg: Any) -> list[str]:
+    """Problems of the split settings of ``cfg`` (a DataConfig or any object with the same split fields)."""
+    out = []
+    if cfg.train_per_class is not None and cfg.train_fraction is not None:
+        out.append("data.train_per_class and data.train_fraction are both set; keep one")
+    if cfg.val_per_class is not None and cfg.val_fraction is not None:
+        out.append("data.val_per_class and data.val_fraction are both set; keep one")
+    for key in ("train_per_class", "val_per_class", "test_per_class"):
+        v = getattr(cfg, key)
+        if v is not None and (int(v) != v or v < 1):
+            out.append(f"data.{key}={v!r} must be an integer >= 1 (or null)")
+    for key in ("train_fraction", "val_fraction"):
+        v = getattr(cfg, key)
+        if v is not None and not 0.0 < v < 1.0:
+            out.append(f"data.{key}={v!r} must be in (0, 1) (or null)")
+    return out
+
+
 @dataclass
 class DataConfig:
     """Which images, and how they are split into the limited-data regime."""
@@ -72,18 +90,7 @@ class DataConfig:
         out = []
         if not self.dataset:
             out.append("data.dataset is empty; set it to a built-in name, an image folder or a CSV manifest")
-        if self.train_per_class is not None and self.train_fraction is not None:
-            out.append("data.train_per_class and data.train_fraction are both set; keep one")
-        if self.val_per_class is not None and self.val_fraction is not None:
-            out.append("data.val_per_class and data.val_fraction are both set; keep one")
-        for key in ("train_per_class", "val_per_class", "test_per_class"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                out.append(f"data.{key}={v} must be >= 1 (or null)")
-        for key in ("train_fraction", "val_fraction"):
-            v = getattr(self, key)
-            if v is not None and not 0.0 < v < 1.0:
-                out.append(f"data.{key}={v} must be in (0, 1)")
+        out.extend(split_problems(self))
         if not 0.0 < self.crop_scale <= 1.0:
             out.append(f"data.crop_scale={self.crop_scale} must be in (0, 1]")
         if self.num_workers < 0:

@@ -62,19 +62,9 @@ class SplitConfig:
 
 
 def _check_spec(cfg: SplitSpec) -> None:
-    problems = []
-    if cfg.train_per_class is not None and cfg.train_fraction is not None:
-        problems.append("data.train_per_class and data.train_fraction are both set; keep one")
-    if cfg.val_per_class is not None and cfg.val_fraction is not None:
-        problems.append("data.val_per_class and data.val_fraction are both set; keep one")
-    for key in ("train_per_class", "val_per_class", "test_per_class"):
-        v = getattr(cfg, key)
-        if v is not None and (int(v) != v or v < 1):
-            problems.append(f"data.{key}={v!r} must be an integer >= 1 (or null)")
-    for key in ("train_fraction", "val_fraction"):
-        v = getattr(cfg, key)
-        if v is not None and not 0.0 < v < 1.0:
-            problems.append(f"data.{key}={v!r} must be in (0, 1) (or null)")
+    from visiontune.config import split_problems
+
+    problems = split_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
