@@ -68,6 +68,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from visiontune.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file, overrides=args.overrides)
+    if args.dry_run:
+        for e in sweep.entries:
+            print(e.name)
+        return 0
+    out = run_sweep(sweep, progress=not args.quiet)
+    print(json.dumps({k: (v if k != "failed" else sorted(v)) for k, v in out.items()}))
+    return 1 if out["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visiontune", description="Parameter-efficient fine-tuning of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_dirs", nargs="+")
     cp.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
     cp.set_defaults(func=_cmd_compare)
+    sw = sub.add_parser("sweep", help="run a comparison grid (resumable) and write results.csv + report.md")
+    sw.add_argument("sweep_file", help="configs/sweeps/*.yaml")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to the base config of every run")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
     return p
 
 
