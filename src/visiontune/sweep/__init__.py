@@ -102,7 +102,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for combo in combos:
         group = _slug(combo)
         for seed in seeds:
-            name = f"{group},seed={seed}" if len(seeds) > 1 else group
+            name = f"{group}__seed={seed}" if len(seeds) > 1 else group
             entries.append(SweepEntry(name=name, overrides=combo, seed=seed, group=group))
             try:
                 entry_config(base, entries[-1], out)
