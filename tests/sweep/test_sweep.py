@@ -41,6 +41,14 @@ def test_expansion_runs_grid_and_seeds(tmp_path):
     assert cfg.method.rank == 2 and cfg.run.seed == dora.seed and cfg.run.name == dora.name
 
 
+def test_entries_do_not_leak_overrides_into_each_other(tmp_path):
+    sw = load_sweep(_write(tmp_path, runs=[{"method.name": "scratch", "backbone.name": "test_resnet"},
+                                           {"method.name": "linear"}]))
+    first, second = (entry_config(sw.base, e, sw.dir) for e in sw.entries)
+    assert first.backbone.name == "test_resnet" and second.backbone.name == "test_vit"
+    assert sw.base["backbone"]["name"] == "test_vit"
+
+
 def test_invalid_entries_reported_together(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_sweep(_write(tmp_path, grid={"method.name": ["lora", "lorra"], "optim.epochs": [1, "x"]}))

@@ -20,6 +20,7 @@ does grid expansion over this config vocabulary plus study-style aggregation.
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from visiontune.config import apply_overrides, config_from_dict, deep_merge
+from visiontune.config import apply_overrides, config_from_dict
 from visiontune.errors import ConfigError
 
 
@@ -87,7 +88,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         if not bpath.is_file():
             raise ConfigError(f"sweep base config {str(bpath)!r} (from {path}) does not exist")
         base = yaml.safe_load(bpath.read_text()) or {}
-    base = apply_overrides(deep_merge({}, base), list(overrides or []))
+    base = apply_overrides(copy.deepcopy(base), list(overrides or []))
     out = Path(spec.get("dir") or base.get("run", {}).get("dir") or f"runs/sweeps/{path.stem}")
     seeds = [int(s) for s in (spec.get("seeds") or [base.get("run", {}).get("seed", 0)])]
     combos: list[dict[str, Any]] = [dict(r) for r in (spec.get("runs") or [])]
@@ -117,7 +118,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 def entry_config(base: dict[str, Any], entry: SweepEntry, out: Path) -> Any:
     """The validated Config of one entry (method-specific base keys are dropped when the method changes)."""
-    data = deep_merge({}, base)
+    data = copy.deepcopy(base)  # apply_overrides edits nested sections in place: never touch the shared base
     if "method.name" in entry.overrides and entry.overrides["method.name"] != data.get("method", {}).get("name"):
         data["method"] = {}  # the base's method options belong to another method
     data = apply_overrides(data, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in entry.overrides.items()])
