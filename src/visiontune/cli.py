@@ -72,6 +72,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from visiontune.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file, overrides=args.overrides)
+    if args.status:
+        from visiontune.sweep import sweep_status
+
+        states = sweep_status(sweep)
+        for name, state in states:
+            print(f"{name:60s} {state}")
+        print(f"{sum(s == 'done' for _, s in states)}/{len(states)} done")
+        return 0
     if args.dry_run:
         for e in sweep.entries:
             print(e.name)
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep_file", help="configs/sweeps/*.yaml")
     sw.add_argument("overrides", nargs="*", help="dotted overrides applied to the base config of every run")
     sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sw.add_argument("--status", action="store_true", help="show which runs are done, failed, partial or pending")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
     return p

@@ -70,6 +70,10 @@ def test_failure_isolated_then_skip_and_aggregate(tmp_path):
     mean = sum(accs) / 2
     assert f"{mean * 100:.1f} ±" in report
     assert (tmp_path / "out" / "accuracy_vs_params.png").is_file()
+    from visiontune.sweep import sweep_status
+
+    states = dict(sweep_status(load_sweep(path)))
+    assert sorted(states.values())[:4] == ["done"] * 4 and sum(v.startswith("failed") for v in states.values()) == 2
     again = run_sweep(load_sweep(path), progress=False)
     assert again["done"] == [] and len(again["skipped"]) == 4  # finished runs are not redone (failed ones retried)
 

@@ -165,6 +165,25 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> dict[str, Any]:
     return {"done": done, "skipped": skipped, "failed": failures, "report": str(report)}
 
 
+def sweep_status(sweep: Sweep) -> list[tuple[str, str]]:
+    """(run name, state) for every entry: done, failed, partial (has a checkpoint: resumes) or pending."""
+    fail_path = sweep.dir / "failures.json"
+    failures = json.loads(fail_path.read_text()) if fail_path.exists() else {}
+    out = []
+    for e in sweep.entries:
+        d = sweep.dir / "runs" / e.name
+        if (d / "metrics.json").exists():
+            state = "done"
+        elif e.name in failures:
+            state = "failed: " + failures[e.name].splitlines()[0]
+        elif (d / "checkpoint" / "last.pt").exists():
+            state = "partial (resumes from its checkpoint)"
+        else:
+            state = "pending"
+        out.append((e.name, state))
+    return out
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
