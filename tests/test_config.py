@@ -79,3 +79,12 @@ def test_shipped_configs_validate():
     assert files, "configs/*.yaml should exist"
     for f in files:
         vt.load_config(f)
+
+
+def test_deep_merge_shares_nothing_with_its_inputs():
+    from visiontune.config import deep_merge
+
+    base, extra = {"a": {"b": 1}}, {"c": {"d": [1]}}
+    out = apply_overrides(deep_merge(base, extra), ["a.b=2", "c.d=[3]"])
+    assert out == {"a": {"b": 2}, "c": {"d": [3]}}
+    assert base == {"a": {"b": 1}} and extra == {"c": {"d": [1]}}

@@ -11,6 +11,7 @@ dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` fo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -244,13 +245,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``extra`` into a copy of ``base`` (extra wins)."""
-    out = dict(base)
+    """Recursively merge ``extra`` into a deep copy of ``base`` (extra wins); neither input is shared with the result,
+    so later in-place overrides cannot leak back into a caller's dicts."""
+    out = copy.deepcopy(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 
