@@ -270,5 +270,5 @@ def describe_key_problems(missing: list[str], unexpected: list[str], shapes: lis
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) ({few(unexpected)})")
     if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es) ({few(shapes)})")
+        parts.append(f"{len(shapes)} key(s) with a shape mismatch ({few(shapes)})")
     return "; ".join(parts)

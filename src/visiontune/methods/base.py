@@ -117,17 +117,11 @@ class Method:
         missing = sorted(expected - set(state))
         bad_shape = sorted(n for n in state if n in params and params[n].shape != state[n].shape)
         if unexpected or missing or bad_shape:
-            parts = []
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:5]}")
-            if missing:
-                parts.append(f"missing keys {missing[:5]}")
-            if bad_shape:
-                parts.append(
-                    "shape mismatch " + ", ".join(f"{n}: file {tuple(state[n].shape)} vs model {tuple(params[n].shape)}" for n in bad_shape[:5])
-                )
+            from visiontune.backbones.weights import describe_key_problems
+
+            shapes = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(params[n].shape)}" for n in bad_shape]
             raise WeightsError(
-                f"adapter weights do not fit this {self.name} model ({'; '.join(parts)}); "
+                f"adapter weights do not fit this {self.name} model ({describe_key_problems(missing, unexpected, shapes)}); "
                 "load them with the same backbone and method settings they were trained with (the run's config.yaml)"
             )
         with torch.no_grad():
