@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,quant,onnx]" $(TORCH_PIN)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,quant,onnx,serve]" $(TORCH_PIN)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(OFFLINE_PKGS)
 	touch $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m visiontune.demo
+
+# visiontune vs a hand-written timm + peft loop, side by side (~10-15 min on 2 quiet cores; BENCH_ARGS=--full
+# for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs demo-out .pytest_cache

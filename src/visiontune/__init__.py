@@ -8,6 +8,8 @@ Public API::
     result = vt.train(cfg)              # RunResult(run_dir, metrics)
     vt.evaluate("runs/<name>")          # metrics dict
     run = vt.load("runs/<name>")        # LoadedRun(model, config, classes, ...)
+    res = vt.pretrain(vt.load_pretrain_config("configs/pretrain/explora-elpv.yaml"))  # ExPLoRA -> new backbone
+    predict = vt.pipeline("runs/<name>")  # predict("img.jpg") -> [{"label": ..., "score": ...}, ...]
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsEr
 # The subpackage ``visiontune.train`` must be imported before the ``train`` function below is defined:
 # importing a submodule binds its name on the parent package, which would otherwise shadow the function.
 import visiontune.train as _train_pkg  # noqa: E402,F401
+import visiontune.pretrain as _pretrain_pkg  # noqa: E402,F401  (same reason, for ``pretrain`` below)
+from visiontune.pretrain.config import PretrainConfig, load_pretrain_config  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,13 @@ def train(cfg: Config) -> Any:
     from visiontune.train.loop import train as _train
 
     return _train(cfg)
+
+
+def pretrain(cfg: PretrainConfig) -> Any:
+    """ExPLoRA extended self-supervised pretraining -> a new backbone file; see :func:`visiontune.pretrain.pretrain`."""
+    from visiontune.pretrain.loop import pretrain as _pretrain
+
+    return _pretrain(cfg)
 
 
 def evaluate(run_dir: str, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
@@ -43,6 +54,16 @@ def load(run_dir: str, device: str = "cpu", merge: bool = True) -> Any:
     from visiontune.runs import load_run
 
     return load_run(run_dir, device=device, merge=merge)
+
+
+def pipeline(run_dir: str, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32) -> Any:
+    """A predictor for a finished run: ``vt.pipeline("runs/<name>")("img.jpg")`` -> top-k labels with scores.
+
+    See :class:`visiontune.infer.Predictor` (paths, PIL images, arrays, bytes, or lists of them).
+    """
+    from visiontune.infer import pipeline as _pipeline
+
+    return _pipeline(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size)
 
 
 def list_methods() -> list[str]:
@@ -70,5 +91,5 @@ def list_backbones() -> list[str]:
 
 __all__ = [
     "Config", "ConfigError", "DataError", "VisiontuneError", "WeightsError", "__version__", "evaluate", "list_backbones",
-    "list_datasets", "list_methods", "load", "load_config", "train",
+    "list_datasets", "list_methods", "load", "load_config", "load_pretrain_config", "PretrainConfig", "pretrain", "pipeline", "train",
 ]

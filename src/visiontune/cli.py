@@ -69,9 +69,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from visiontune.sweep import load_sweep, run_sweep
+    from pathlib import Path
 
+    from visiontune.sweep import aggregate, load_sweep, run_sweep
+
+    if args.sweep_file in ("status", "report") and args.overrides and not Path(args.sweep_file).exists():
+        # `visiontune sweep status FILE` / `sweep report FILE`: the same as --status / --report
+        setattr(args, args.sweep_file, True)
+        args.sweep_file, args.overrides = args.overrides[0], args.overrides[1:]
     sweep = load_sweep(args.sweep_file, overrides=args.overrides)
+    if args.report:
+        print(aggregate(sweep))
+        return 0
     if args.status:
         from visiontune.sweep import sweep_status
 
@@ -84,9 +93,82 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for e in sweep.entries:
             print(e.name)
         return 0
-    out = run_sweep(sweep, progress=not args.quiet)
+    out = run_sweep(sweep, progress=not args.quiet, workers=args.workers)
     print(json.dumps({k: (v if k != "failed" else sorted(v)) for k, v in out.items()}))
     return 1 if out["failed"] else 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from visiontune.infer import pipeline
+    from visiontune.infer.files import collect_images, format_results
+
+    predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size)
+    paths, problems = collect_images(args.inputs)
+    # Progress only where it helps: a folder's worth of images, and never in quiet mode.
+    progress = not args.quiet and len(paths) >= 2 * args.batch_size
+    results = list(predictor.predict_many(paths, top_k=args.top_k, progress=progress, workers=args.workers))
+    order = {str(p): i for i, p in enumerate(args.inputs)}
+    results += sorted(problems, key=lambda r: order.get(r.source, 0))
+    for r in results:
+        if r.error is not None:
+            where = "" if r.source in r.error else f" {r.source}"
+            print(f"visiontune: skipped{where}: {r.error}", file=sys.stderr)
+    print(format_results(results, args.format, args.top_k))
+    return 1 if any(r.error is not None for r in results) else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from visiontune.errors import ConfigError
+
+    adapters: dict[str, str] = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec.rstrip("/")).name, spec)
+        if not name or not path:
+            raise ConfigError(f"--adapter {spec!r} is malformed; write NAME=RUN_DIR, e.g. --adapter cows=runs/a")
+        if name in adapters:
+            raise ConfigError(f"adapter name {name!r} is given twice; give each --adapter its own NAME=")
+        adapters[name] = path
+    from visiontune.serve.app import serve
+
+    serve(adapters, host=args.host, port=args.port, device=args.device, max_bytes=args.max_bytes,
+          max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from visiontune.infer.export import export_run
+
+    res = export_run(args.run_dir, out=args.out, fmt=args.format, exporter=args.exporter, opset=args.opset,
+                     check=not args.no_check)
+    print(json.dumps({"model": str(res.model_path), "metadata": str(res.metadata_path), "exporter": res.exporter,
+                      "merged": res.merged, "max_abs_diff_vs_pytorch": res.max_abs_diff}))
+    return 0
+
+
+def _cmd_bench_infer(args: argparse.Namespace) -> int:
+    from visiontune.errors import ConfigError
+    from visiontune.infer.bench import bench_infer, format_bench
+
+    try:
+        sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r} is invalid; give integers like 1,32") from None
+    rows = bench_infer(args.run_dir, batch_sizes=sizes, iters=args.iters, min_time_s=args.min_time, device=args.device)
+    print(json.dumps(rows) if args.json else format_bench(rows))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from visiontune.pretrain import load_pretrain_config, pretrain
+
+    result = pretrain(load_pretrain_config(args.config, overrides=args.overrides))
+    print(json.dumps({"backbone": str(result.backbone), "lineage": str(result.run_dir / "backbone.json"),
+                      "steps": result.lineage["training"]["steps"], "wall_time_s": result.lineage["training"]["wall_time_s"],
+                      "use": result.lineage["use"]}))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,12 +197,60 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
     cp.set_defaults(func=_cmd_compare)
     sw = sub.add_parser("sweep", help="run a comparison grid (resumable) and write results.csv + report.md")
-    sw.add_argument("sweep_file", help="configs/sweeps/*.yaml")
+    sw.add_argument("sweep_file", help="configs/sweeps/*.yaml; `sweep status FILE` / `sweep report FILE` = --status / --report")
     sw.add_argument("overrides", nargs="*", help="dotted overrides applied to the base config of every run")
     sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
     sw.add_argument("--status", action="store_true", help="show which runs are done, failed, partial or pending")
+    sw.add_argument("--report", action="store_true", help="only rebuild results.csv, report.md and plots from finished runs")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    pt = sub.add_parser("pretrain", help="ExPLoRA: extended self-supervised pretraining on unlabeled images -> a new backbone")
+    pt.add_argument("--config", "-c", default=None, help="YAML config (configs/pretrain/*.yaml)")
+    pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.steps=100 explora.recipe=D-ExPLoRA-[1,L]-r32")
+    pt.set_defaults(func=_cmd_pretrain)
+    pr = sub.add_parser("predict", help="top-k labels of images, files or folders, with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    pr.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+    pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_predict)
+
+    sv = sub.add_parser("serve", help="HTTP service + web page: one backbone, several task adapters")
+    sv.add_argument("--adapter", action="append", required=True, metavar="NAME=RUN_DIR",
+                    help="a task adapter (repeat for more); all must share the backbone")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="largest accepted image file")
+    sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
+    sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=_cmd_serve)
+
+    ex = sub.add_parser("export", help="export a run's merged model (ONNX) with labels and preprocessing")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", default=None, help="output .onnx path (default <run_dir>/export/model.onnx)")
+    ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
+                    help="torch.export-based (needs onnxscript) or the legacy tracer; auto tries them in that order")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch comparison")
+    ex.set_defaults(func=_cmd_export)
+
+    bi = sub.add_parser("bench-infer", help="predictor latency/throughput, merged vs unmerged")
+    bi.add_argument("run_dir")
+    bi.add_argument("--batch-sizes", default="1,32", help="comma-separated; 1 is the latency")
+    bi.add_argument("--iters", type=int, default=None, help="timed passes per measurement (default: time-based)")
+    bi.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement when --iters is not given")
+    bi.add_argument("--device", default="cpu")
+    bi.add_argument("--json", action="store_true")
+    bi.set_defaults(func=_cmd_bench_infer)
     return p
 
 

@@ -40,9 +40,17 @@ class RunConfig:
     deterministic: bool = _help("use deterministic algorithms (slower on GPU)", default=True)
     threads: int | None = _help("torch CPU threads; default: torch's choice", default=None)
     progress: bool = _help("show progress bars", default=True)
+    tensorboard: bool = _help("write per-epoch scalars to <run dir>/tensorboard (needs the tensorboard extra)", default=False)
     resume: bool = _help("resume from run_dir/checkpoint if it exists", default=False)
     measure_speed: bool = _help("measure inference latency/throughput after training", default=True)
     overwrite: bool = _help("allow reusing an existing run directory", default=False)
+    prefix_cache: Literal["auto", "views", "none"] = _help(
+        "cache the tokens entering the first trained ViT block: auto = only when exact (no training augmentation; "
+        "validation always), views = also with augmentation, run.prefix_views crops per image (changes results), none",
+        default="auto",
+    )
+    prefix_views: int = _help("augmented views per image cached by run.prefix_cache=views", default=4)
+    compile: bool = _help("torch.compile the training forward (compile time counts: slower on small CPU runs)", default=False)
 
     def problems(self) -> list[str]:
         out = []
@@ -50,6 +58,8 @@ class RunConfig:
             out.append(f"run.device={self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
         if self.threads is not None and self.threads < 1:
             out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
+        if self.prefix_views < 1:
+            out.append(f"run.prefix_views={self.prefix_views} must be >= 1")
         return out
 
 
@@ -86,6 +96,7 @@ class DataConfig:
     augment: bool = _help("random resized crop + flip on training images", default=True)
     crop_scale: float = _help("smallest image-area fraction a random training crop keeps (ImageNet recipes: 0.08)", default=0.5)
     num_workers: int = _help("DataLoader worker processes", default=0)
+    cache: bool = _help("decode train/val images once and keep them in memory (up to 2 GB per split; same pixels)", default=True)
 
     def problems(self) -> list[str]:
         out = []

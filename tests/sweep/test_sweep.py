@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 
 import pytest
 import yaml
 
 from visiontune.errors import ConfigError
-from visiontune.sweep import entry_config, load_sweep, run_sweep
+from visiontune.sweep import aggregate, entry_config, load_sweep, mean_std, run_sweep, worker_threads
+from visiontune.sweep.report import margin
 from visiontune.train import loop
 
 BASE = {
     "data": {"dataset": "digits", "train_per_class": 5, "test_per_class": 8},
     "backbone": {"name": "test_vit", "weights": "none", "img_size": 32},
     "method": {"name": "lora", "rank": 4},
-    "optim": {"epochs": 2, "batch_size": 16},
+    "optim": {"epochs": 2, "batch_size": 16, "head_init": "zero"},  # no probe-head fit: seconds saved per run
     "run": {"progress": False, "measure_speed": False},
 }
 
@@ -65,22 +68,26 @@ def test_failure_isolated_then_skip_and_aggregate(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert len(rows) == 4 and {r["method"] for r in rows} == {"linear", "full"}
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "±" in report and "Best:" in report and "Failed runs" in report and "Per-class" in report
-    accs = [float(r["test_accuracy"]) for r in rows if r["method"] == "full"]
-    mean = sum(accs) / 2
-    assert f"{mean * 100:.1f} ±" in report
-    assert (tmp_path / "out" / "accuracy_vs_params.png").is_file()
+    assert "Best configuration:" in report and "Failed runs" in report and "Per-class" in report
+    for method in ("full", "linear"):  # mean ± sample std (ddof=1) over the two seeds, in the table
+        accs = [float(r["test_accuracy"]) for r in rows if r["method"] == method]
+        assert f"{statistics.mean(accs) * 100:.1f} ± {statistics.stdev(accs) * 100:.1f}" in report
+    assert "Margin over the linear probe" in report or "The linear probe is the best configuration" in report
+    for png in ("accuracy_vs_params", "accuracy_vs_time", "best_confusion", "best_per_class_f1"):
+        assert (tmp_path / "out" / f"{png}.png").stat().st_size > 5000
+        assert f"]({png}.png)" in report  # embedded in report.md
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["sessions"][-1]["done"] == 4
     from visiontune.sweep import sweep_status
 
     states = dict(sweep_status(load_sweep(path)))
     assert sorted(states.values())[:4] == ["done"] * 4 and sum(v.startswith("failed") for v in states.values()) == 2
-    again = run_sweep(load_sweep(path), progress=False)
+    again = run_sweep(load_sweep(path), progress=False, report=False)
     assert again["done"] == [] and len(again["skipped"]) == 4  # finished runs are not redone (failed ones retried)
 
 
 def test_killed_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     path = _write(tmp_path, runs=[{"method.name": "full"}, {"method.name": "full", "optim.lr": 1e-4}],
-                  base=dict(BASE, optim={"epochs": 3, "batch_size": 16}))
+                  base=dict(BASE, optim={"epochs": 3, "batch_size": 16, "head_init": "zero"}))
     real = loop.train_one_epoch
     calls = {"n": 0}
 
@@ -92,12 +99,99 @@ def test_killed_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "train_one_epoch", killed_in_second_run)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(load_sweep(path), progress=False)
+        run_sweep(load_sweep(path), progress=False, report=False)
     monkeypatch.setattr(loop, "train_one_epoch", real)
     sw = load_sweep(path)
     second = tmp_path / "out" / "runs" / sw.entries[1].name
     assert (second / "checkpoint" / "last.pt").exists() and not (second / "metrics.json").exists()
-    out = run_sweep(sw, progress=False)
+    out = run_sweep(sw, progress=False, report=False)
     assert out["skipped"] == [sw.entries[0].name] and out["done"] == [sw.entries[1].name]
     m = json.loads((second / "metrics.json").read_text())
     assert len(m["train"]["history"]) == 3
+
+
+def test_margin_combines_test_set_and_seed_uncertainty():
+    def group(accs, n_test=100):
+        m, sd = mean_std(accs)
+        return {"runs": [{"seed": i, "test_accuracy": a} for i, a in enumerate(accs)], "n": len(accs),
+                "acc_mean": m, "acc_std": sd, "test_size": n_test}
+
+    one = margin(group([0.6]), group([0.5]))
+    assert one["margin"] == pytest.approx(0.1) and one["se_seed"] == 0.0
+    assert one["se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100 + 0.5 * 0.5 / 100))
+    paired = margin(group([0.60, 0.64, 0.62]), group([0.50, 0.52, 0.54]))  # per-seed differences 0.10, 0.12, 0.08
+    assert paired["se_seed"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.08]) / math.sqrt(3))
+    assert paired["se"] == pytest.approx(math.hypot(paired["se_test"], paired["se_seed"]))
+
+
+def test_parallel_workers_match_sequential(tmp_path):
+    """--workers 2: each run in its own process with cores//2 threads, same results as one after another."""
+    spec = {"base": BASE, "seeds": [0, 1], "runs": [{"method.name": "full", "optim.epochs": 1}]}
+    paths = {}
+    for mode in ("seq", "par"):
+        paths[mode] = tmp_path / f"{mode}.yaml"
+        paths[mode].write_text(yaml.safe_dump({**spec, "dir": str(tmp_path / mode)}))
+    seq = run_sweep(load_sweep(paths["seq"]), progress=False, report=False)
+    par = run_sweep(load_sweep(paths["par"]), progress=False, workers=2, report=False)
+    assert sorted(par["done"]) == sorted(seq["done"]) and len(par["done"]) == 2 and not par["failed"]
+    for name in seq["done"]:
+        a, b = (json.loads((tmp_path / mode / "runs" / name / "metrics.json").read_text()) for mode in ("seq", "par"))
+        assert a["test"]["confusion"] == b["test"]["confusion"]
+        assert a["train"]["history"][0]["train_loss"] == pytest.approx(b["train"]["history"][0]["train_loss"], rel=1e-4)
+        threads = yaml.safe_load((tmp_path / "par" / "runs" / name / "config.yaml").read_text())["run"]["threads"]
+        assert threads == worker_threads(2)
+    session = json.loads((tmp_path / "par" / "sweep.json").read_text())["sessions"][-1]
+    assert session["workers"] == 2 and session["done"] == 2
+
+
+def test_cli_status_report_and_workers_flag(tmp_path, capsys):
+    from visiontune.cli import main
+
+    path = _write(tmp_path, grid={"method.name": ["linear", "full"]})
+    assert main(["sweep", "status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "method=linear" in out and "pending" in out and "0/2 done" in out
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.split() == ["method=linear", "method=full"]
+    assert main(["sweep", "report", str(path)]) == 0  # nothing finished yet: a report saying so, no crash
+    assert "0 of 2 runs finished" in (tmp_path / "out" / "report.md").read_text()
+    assert worker_threads(3, cores=16) == 5 and worker_threads(4, cores=2) == 1
+
+
+def _fake_run(run_dir, method, accs_seed, seed, target=None, rank=None, trainable=1000, n_test=100):
+    """A finished run directory as train() writes it (metrics.json + config.yaml), with chosen scores."""
+    acc = accs_seed[seed]
+    classes = ["a", "b"]
+    per_class = {c: {"precision": acc, "recall": acc, "f1": acc + 0.01 * i, "support": n_test // 2} for i, c in enumerate(classes)}
+    right = round(acc * n_test / 2)
+    metrics = {
+        "run": {"name": run_dir.name, "method": method, "method_detail": method, "backbone": "test_vit", "weights": "none",
+                "dataset": "digits", "classes": classes, "train_size": 10, "val_size": 0, "test_size": n_test, "seed": seed},
+        "params": {"trainable": trainable, "total": 10_000, "trainable_pct": trainable / 100},
+        "train": {"wall_time_s": 10.0 + seed, "epochs": 1},
+        "test": {"accuracy": acc, "f1_weighted": acc - 0.05, "f1_macro": acc - 0.05, "per_class": per_class,
+                 "confusion": [[right, n_test // 2 - right], [n_test // 2 - right, right]]},
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    method_cfg = {"name": method, **({"targets": [target], "rank": rank} if target else {})}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"method": method_cfg, "data": {"test_per_class": None}}))
+
+
+def test_aggregate_table_mean_std_and_margin_sentence(tmp_path):
+    grid = {"linear": [0.50, 0.52, 0.54], "q": [0.60, 0.64, 0.62], "all-linear": [0.55, 0.55, 0.56]}
+    path = _write(tmp_path, seeds=[0, 1, 2], runs=[{"method.name": "linear"}],
+                  grid={"method.name": ["lora"], "method.targets": [["q"], ["all-linear"]], "method.rank": [8]})
+    sw = load_sweep(path)
+    for e in sw.entries:
+        target = e.overrides.get("method.targets", [None])[0]
+        _fake_run(sw.dir / "runs" / e.name, e.overrides["method.name"], grid[target or "linear"], e.seed, target,
+                  8 if target else None)
+    report = aggregate(sw).read_text()
+    assert "| lora | q | 8 | 1.0K | 10.00% | 11.0 s ± 1.0 s | **62.0 ± 2.0** | 0.570 ± 0.020 | 3 |" in report
+    assert "| linear | — | — |" in report and "52.0 ± 2.0" in report
+    se = math.hypot(math.sqrt(0.62 * 0.38 / 100 + 0.52 * 0.48 / 100), statistics.stdev([0.10, 0.12, 0.08]) / math.sqrt(3))
+    assert f"**+10.0 ± {se * 100:.1f} points**" in report and "not a demonstrated improvement" in report
+    assert "Best configuration: lora · q · r8" in report and "| b | 0.620 ± 0.020 |" in report
+    rows = list(csv.DictReader(open(sw.dir / "results.csv")))
+    assert len(rows) == 9 and {(r["target"], r["rank"]) for r in rows} == {("", ""), ("q", "8"), ("all-linear", "8")}

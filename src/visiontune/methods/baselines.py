@@ -14,6 +14,7 @@ back into a plain ``nn.Linear`` head, so inference needs no scikit-learn.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +55,15 @@ class LinearConfig(MethodConfig):
         return out
 
 
+@functools.cache
+def _thread_pools() -> Any:
+    """One threadpoolctl controller for the process: ``threadpool_limits()`` re-scans every loaded library on
+    each call (~5 ms), which was a fifth of a few-shot probe's C search (55 small fits)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression (scikit-learn, L-BFGS): returns (W [K, D], b [K]) over all K classes.
 
@@ -62,11 +72,9 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, max_it
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from threadpoolctl import threadpool_limits
-
     # Small problems: BLAS threads cost more than they give (and spin against torch's own OpenMP pool).
     limit = 1 if x.size < 2_000_000 else None
-    with warnings.catch_warnings(), threadpool_limits(limits=limit):
+    with warnings.catch_warnings(), _thread_pools().limit(limits=limit):
         # A few-shot fit can stop at max_iter with a perfectly usable solution; selection by val/CV judges it.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)

@@ -14,27 +14,37 @@ A sweep file (YAML)::
       method.rank: [8, 16, 64]
 
 Resumable: a run whose ``metrics.json`` exists is skipped; one with a checkpoint resumes from it.
-One run's failure is recorded in ``failures.json`` and the rest go on. Written by hand: no library
-does grid expansion over this config vocabulary plus study-style aggregation.
+One run's failure is recorded in ``failures.json`` and the rest go on. Runs go one after another in
+this process by default, or ``workers`` at a time in their own processes. Each invocation is logged
+in ``sweep.json``; :func:`aggregate` (``sweep/report.py``) writes results.csv, report.md and figures.
+Written by hand: no library does grid expansion over this config vocabulary plus study-style aggregation.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
 import json
-import math
+import os
 import re
+import shlex
+import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from visiontune.config import apply_overrides, config_from_dict
 from visiontune.errors import ConfigError
+from visiontune.sweep.report import aggregate, mean_std
+
+__all__ = [
+    "Sweep", "SweepEntry", "aggregate", "available_cores", "entry_config", "load_sweep", "mean_std", "run_sweep",
+    "sweep_status", "worker_threads",
+]
 
 
 @dataclass
@@ -126,43 +136,181 @@ def entry_config(base: dict[str, Any], entry: SweepEntry, out: Path) -> Any:
     return config_from_dict(data)
 
 
-def run_sweep(sweep: Sweep, progress: bool = True) -> dict[str, Any]:
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads per worker process: the cores split evenly, so N workers never oversubscribe them."""
+    return max(1, (cores or available_cores()) // max(1, workers))
+
+
+def _failure_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+
+
+def _train_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: Path, progress: bool, threads: int | None = None) -> float:
+    """Train one entry (resuming from its checkpoint if it has one); returns its test accuracy."""
+    import visiontune as vt
+
+    cfg = entry_config(sweep_base, entry, out)
+    cfg.run.resume = (out / "runs" / entry.name / "checkpoint" / "last.pt").exists()
+    cfg.run.progress = progress and cfg.run.progress
+    if threads is not None and cfg.run.threads is None:
+        cfg.run.threads = threads
+    return vt.train(cfg).accuracy
+
+
+def _worker(sweep_base: dict[str, Any], entry: SweepEntry, out: str, threads: int, conn: Any) -> None:
+    """Body of one worker process: train one entry, send ("ok"|"failed"|"interrupted", text) back."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        acc = _train_entry(sweep_base, entry, Path(out), progress=False, threads=threads)
+        conn.send(("ok", f"{acc:.4f}"))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent handles it
+        conn.send(("interrupted", ""))
+    except Exception as e:  # reported to the parent, which records it and goes on
+        conn.send(("failed", _failure_text(e)))
+    finally:
+        conn.close()
+
+
+def _run_parallel(
+    sweep: Sweep, todo: list[SweepEntry], workers: int, bar: Any, record: Callable[[SweepEntry, str, str], None]
+) -> None:
+    """Run ``todo`` in up to ``workers`` fresh processes at a time, one process per run.
+
+    ``record(entry, state, text)`` is called as each finishes ("ok" with its accuracy, or "failed" with
+    the error); ``bar`` (tqdm) advances by one per finished run.
+
+    A process per run gives every run a clean interpreter, so a crash, a leak or an out-of-memory kill
+    costs that run only. Processes come from a fork server that imported torch and visiontune once
+    (never forked from this process: forking after torch started its thread pools can hang), so a run
+    does not pay the imports again; ``spawn`` where there is no fork server (Windows). A hand-rolled
+    scheduler rather than ``ProcessPoolExecutor``: a worker killed by the OS breaks a whole executor,
+    and here it must only be recorded as that run's failure.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["visiontune", "visiontune.train.loop", "visiontune.runs", "visiontune.sweep"])
+    else:
+        ctx = mp.get_context("spawn")
+    threads = worker_threads(workers)
+    pending = list(todo)
+    running: dict[Any, tuple[Any, SweepEntry]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                entry = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(sweep.base, entry, str(sweep.dir), threads, send),
+                                   name=f"visiontune-sweep {entry.name}")
+                proc.start()
+                send.close()  # the parent keeps only its read end, so a dead child reads as EOF
+                running[recv] = (proc, entry)
+            for recv in wait(list(running)):
+                proc, entry = running.pop(recv)
+                try:
+                    state, text = recv.recv()
+                except EOFError:
+                    state, text = "failed", ""
+                proc.join()
+                if state == "interrupted":
+                    raise KeyboardInterrupt(entry.name)
+                if state == "failed" and not text:
+                    text = (f"worker process exited with code {proc.exitcode} before reporting "
+                            "(killed by a signal or out of memory?)")
+                record(entry, state, text)
+                bar.update(1)
+    finally:
+        for proc, _ in running.values():  # interrupted: stop the others; their checkpoints let them resume
+            proc.terminate()
+            proc.join()
+
+
+def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: bool = True) -> dict[str, Any]:
     """Run every entry not finished yet (resuming from checkpoints), then aggregate.
 
+    Args:
+        sweep: from :func:`load_sweep`.
+        progress: show the sweep's progress bar (and each run's, when sequential).
+        workers: 1 runs in this process, one after another; N > 1 runs up to N at a time, each in its
+            own process with ``cores // N`` torch threads (unless the config sets ``run.threads``).
+            Runs are seeded, so results do not depend on this beyond floating-point summation order.
+        report: aggregate afterwards (results.csv, report.md, figures; see :func:`aggregate`).
+
     Returns:
-        {"done": [...], "skipped": [...], "failed": {name: error}, "report": path}
+        {"done": [...], "skipped": [...], "failed": {name: error}, "report": path or None}
     """
     from tqdm.auto import tqdm
 
-    import visiontune as vt
-
+    if workers < 1:
+        raise ConfigError(f"workers={workers} must be >= 1 (1 = sequential in this process)")
     sweep.dir.mkdir(parents=True, exist_ok=True)
     fail_path = sweep.dir / "failures.json"
     failures: dict[str, str] = json.loads(fail_path.read_text()) if fail_path.exists() else {}
-    done, skipped = [], []
-    bar = tqdm(sweep.entries, desc="sweep", disable=not progress, dynamic_ncols=True)
-    for entry in bar:
-        bar.set_postfix_str(entry.name[:60])
-        run_dir = sweep.dir / "runs" / entry.name
-        if (run_dir / "metrics.json").exists():
-            skipped.append(entry.name)
-            continue
-        cfg = entry_config(sweep.base, entry, sweep.dir)
-        cfg.run.resume = (run_dir / "checkpoint" / "last.pt").exists()
-        cfg.run.progress = progress and cfg.run.progress
-        try:
-            vt.train(cfg)
+    done: list[str] = []
+    skipped = [e.name for e in sweep.entries if (sweep.dir / "runs" / e.name / "metrics.json").exists()]
+    todo = [e for e in sweep.entries if e.name not in set(skipped)]
+    bar = tqdm(total=len(sweep.entries), initial=len(skipped), desc="sweep", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+
+    def record(entry: SweepEntry, state: str, text: str) -> None:
+        if state == "ok":
             done.append(entry.name)
             failures.pop(entry.name, None)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one run's failure must not stop the sweep: record it and go on
-            failures[entry.name] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
             if progress:
-                print(f"[sweep] {entry.name} failed: {type(e).__name__}: {e}")
+                bar.write(f"[sweep] {entry.name}: test accuracy {text}")
+        else:  # one run's failure must not stop the sweep: record it and go on
+            failures[entry.name] = text
+            if progress:
+                bar.write(f"[sweep] {entry.name} failed: {text.splitlines()[0]}")
         fail_path.write_text(json.dumps(failures, indent=1))
-    report = aggregate(sweep)
-    return {"done": done, "skipped": skipped, "failed": failures, "report": str(report)}
+
+    try:
+        if workers == 1:
+            for entry in todo:
+                bar.set_postfix_str(entry.name[:60])
+                try:
+                    acc = _train_entry(sweep.base, entry, sweep.dir, progress)
+                    record(entry, "ok", f"{acc:.4f}")
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    record(entry, "failed", _failure_text(e))
+                bar.update(1)
+        else:
+            _run_parallel(sweep, todo, workers, bar, record)
+    finally:
+        bar.close()
+        _log_session(sweep, workers, time.perf_counter() - started, len(done), len(skipped))
+    path = aggregate(sweep) if report else None
+    return {"done": done, "skipped": skipped, "failed": failures, "report": str(path) if path else None}
+
+
+def _log_session(sweep: Sweep, workers: int, wall: float, done: int, skipped: int) -> None:
+    """Append this invocation to sweep.json, so the report can say how long the sweep took and how it ran."""
+    import torch
+
+    path = sweep.dir / "sweep.json"
+    data = json.loads(path.read_text()) if path.exists() else {"sessions": []}
+    data["sessions"].append({
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
+        "wall_time_s": round(wall, 2), "workers": workers,
+        "threads_per_worker": worker_threads(workers) if workers > 1 else torch.get_num_threads(),
+        "cores": available_cores(), "done": done, "skipped": skipped,
+    })
+    path.write_text(json.dumps(data, indent=1))
 
 
 def sweep_status(sweep: Sweep) -> list[tuple[str, str]]:
@@ -182,80 +330,3 @@ def sweep_status(sweep: Sweep) -> list[tuple[str, str]]:
             state = "pending"
         out.append((e.name, state))
     return out
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
-
-
-def aggregate(sweep: Sweep) -> Path:
-    """Write results.csv, report.md (study-style table, mean ± std over seeds, best vs linear probe) and plots."""
-    from visiontune.eval import plot_comparison
-    from visiontune.eval.report import format_count, format_duration, summarize_run
-
-    rows, metrics_by_name = [], {}
-    for e in sweep.entries:
-        mpath = sweep.dir / "runs" / e.name / "metrics.json"
-        if not mpath.exists():
-            continue
-        m = json.loads(mpath.read_text())
-        metrics_by_name[e.name] = m
-        detail = m["run"].get("method_detail", m["run"]["method"])
-        rows.append({"run": e.name, "group": e.group, "seed": e.seed, "detail": detail, **summarize_run(m)})
-    with open(sweep.dir / "results.csv", "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r)
-    lines = [f"# Sweep `{sweep.dir.name}`", "", f"{len(rows)} of {len(sweep.entries)} runs finished.", ""]
-    table = [
-        "| method | detail | backbone | trainable | trainable % | train time | test accuracy (%) | weighted F1 | seeds |",
-        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|",
-    ]
-    summary = []
-    for g, rs in groups.items():
-        acc_m, acc_s = _mean_std([r["test_accuracy"] for r in rs])
-        f1_m, f1_s = _mean_std([r["test_f1_weighted"] for r in rs])
-        t_m, _ = _mean_std([r["train_time_s"] or 0.0 for r in rs])
-        r0 = rs[0]
-        summary.append((g, r0, acc_m, acc_s, f1_m, f1_s, len(rs)))
-        pm = lambda m, s, k=1.0, fmt=".1f": f"{m * k:{fmt}}" + (f" ± {s * k:{fmt}}" if len(rs) > 1 else "")  # noqa: E731
-        table.append(
-            f"| {r0['method']} | {r0['detail']} | {r0['backbone']} | {format_count(r0['trainable'])} | "
-            f"{r0['trainable_pct']:.2f}% | {format_duration(t_m)} | {pm(acc_m, acc_s, 100)} | {pm(f1_m, f1_s, 1, '.4f')} | {len(rs)} |"
-        )
-    lines += table
-    if summary:
-        best = max(summary, key=lambda s: s[2])
-        lines += ["", f"**Best: {best[1]['detail']}** ({best[1]['backbone']}) — test accuracy {best[2] * 100:.1f}%"
-                  + (f" ± {best[3] * 100:.1f}" if best[6] > 1 else "") + f", weighted F1 {best[4]:.4f}."]
-        probe = [s for s in summary if s[1]["method"] == "linear"]
-        if probe and probe[0] is not best:
-            p = probe[0]
-            n = metrics_by_name[best[1]["run"]]["run"]["test_size"]
-            se = math.sqrt(max(best[2] * (1 - best[2]), 1e-9) / n) * 100
-            lines.append(
-                f"Margin over the linear probe: {(best[2] - p[2]) * 100:+.1f} points "
-                f"(binomial standard error of one run's accuracy on {n} test images: ±{se:.1f}"
-                + (f"; seed std {best[3] * 100:.1f}" if best[6] > 1 else "") + ")."
-            )
-        best_run = metrics_by_name[best[1]["run"]]
-        lines += ["", "## Per-class scores of the best configuration", "",
-                  "| class | precision | recall | F1 | support |", "|:---|---:|---:|---:|---:|"]
-        for c, r in best_run["test"]["per_class"].items():
-            lines.append(f"| {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
-        plot_comparison(list(metrics_by_name.values()), sweep.dir / "accuracy_vs_params.png")
-        lines += ["", "![accuracy vs trainable parameters](accuracy_vs_params.png)",
-                  f"", f"Confusion matrix of the best run: `runs/{best[1]['run']}/confusion.png`."]
-    fail_path = sweep.dir / "failures.json"
-    failures = json.loads(fail_path.read_text()) if fail_path.exists() else {}
-    if failures:
-        lines += ["", "## Failed runs", ""] + [f"- `{k}`: {v.splitlines()[0]}" for k, v in failures.items()]
-    report = sweep.dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report

@@ -30,6 +30,7 @@ from visiontune.errors import ConfigError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
 from visiontune.train.optim import warmup_cosine
+from visiontune.train.tblog import ScalarLogger
 
 
 @dataclass
@@ -257,8 +258,10 @@ def train(cfg: Config) -> RunResult:
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
     from visiontune.backbones import backbone_identity, build_transform
-    from visiontune.data import ImageDataset, describe_splits, load_records, make_splits
+    from visiontune.data import describe_splits, load_records, make_splits
+    from visiontune.data.cache import image_dataset
     from visiontune.eval import PeakMemory, count_parameters, measure_speed
+    from visiontune.train.speed import channels_last_if_convnet, fast_forward
     from visiontune.runs import build_model, finish_run
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
@@ -275,12 +278,14 @@ def train(cfg: Config) -> RunResult:
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
     run_dir = prepare_run_dir(cfg)
+    tb = ScalarLogger(run_dir / "tensorboard" if cfg.run.tensorboard else None)  # fails early if not installed
     cfg.dump(run_dir / "config.yaml")
     (run_dir / "labels.json").write_text(json.dumps(classes, indent=1))
     if cfg.run.progress:
         print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
 
     model = build_model(cfg, method, len(classes)).to(device)
+    channels_last = channels_last_if_convnet(model)  # speed: NHWC convolutions (visiontune.train.speed)
     identity = backbone_identity(cfg.backbone)
     params = count_parameters(model)
 
@@ -289,25 +294,31 @@ def train(cfg: Config) -> RunResult:
     workers = cfg.data.num_workers
     ebs = cfg.optim.eval_batch_size
     val_loader = (
-        make_loader(ImageDataset(splits["val"], eval_tf), ebs, False, 0, workers) if len(splits["val"]) else None
+        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache), ebs, False, 0, workers) if len(splits["val"]) else None
     )
 
     start = time.perf_counter()
     history: list[dict[str, Any]] = []
-    train_info: dict[str, Any] = {"feature_cache": method.feature_cache}
+    train_info: dict[str, Any] = {"feature_cache": method.feature_cache, "channels_last": channels_last}
     with PeakMemory(device) as mem:
         if method.feature_cache:
             train_info.update(_fit_cached(method, model, splits, cfg, device, amp, eval_tf, train_tf, val_loader))
             history = train_info.pop("history")
             best_epoch = len(history)
         else:
-            history, best_epoch, loop_info = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir)
+            history, best_epoch, loop_info = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb)
             train_info.update(loop_info)
     wall = time.perf_counter() - start
 
-    test_loader = make_loader(ImageDataset(splits["test"], eval_tf), ebs, False, 0, workers)
-    infer_model = method.merge(model)
+    # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
+    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False), ebs, False, 0, workers)
+    eval_start = time.perf_counter()
+    infer_model = fast_forward(method.merge(model))
+    merge_s = time.perf_counter() - eval_start
     test_metrics = evaluate_loader(infer_model, test_loader, device, classes, amp, cfg.run.progress)
+    eval_s = time.perf_counter() - eval_start - merge_s
+    tb.log(len(history), {f"test/{k}": test_metrics[k] for k in ("accuracy", "f1_weighted", "f1_macro")})
+    tb.close()
     val_metrics = evaluate_loader(infer_model, val_loader, device, classes, amp) if val_loader is not None else None
     speed = None
     if cfg.run.measure_speed:
@@ -325,12 +336,14 @@ def train(cfg: Config) -> RunResult:
         "params": params,
         "train": {
             "wall_time_s": wall, "epochs": len(history), "best_epoch": best_epoch, "peak_memory_mb": mem.peak_mb,
-            "memory_kind": mem.kind, "history": history, **train_info,
+            "peak_memory_delta_mb": mem.delta_mb, "memory_kind": mem.kind, "history": history, **train_info,
         },
         "method": method.report() if hasattr(method, "report") else {},
         "val": val_metrics,
         "test": test_metrics,
         "speed": speed,
+        # One-off merge (like loading a model), then the test pass; throughput excludes the merge.
+        "eval_time": {"merge_s": merge_s, "test_s": eval_s, "test_images_per_s": len(splits["test"]) / max(eval_s, 1e-9)},
     }
     finish_run(run_dir, method, model, identity, metrics)
     if cfg.run.progress:
@@ -355,22 +368,25 @@ def _fit_cached(
     amp: torch.dtype | None, eval_tf: Any, train_tf: Any, val_loader: DataLoader | None,
 ) -> dict[str, Any]:
     """Frozen backbone: compute features once per image (and per cached augmented view), fit the head."""
-    from visiontune.data import ImageDataset
+    from visiontune.data.cache import image_dataset
+    from visiontune.train.speed import fast_forward
 
+    fast = fast_forward(model)  # same features, last ViT block at the class token only
     ebs, workers, progress = cfg.optim.eval_batch_size, cfg.data.num_workers, cfg.run.progress
     views = getattr(method.cfg, "views", 1)
     n = len(splits["train"])
     xs, ys, groups = [], [], []
     t0 = time.perf_counter()
+    seed_everything(cfg.run.seed, cfg.run.deterministic)  # see _reseed_note
     for v in range(views):
         # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
         tf = eval_tf if v == 0 else train_tf
-        loader = make_loader(ImageDataset(splits["train"], tf), ebs, False, 0, workers)
-        f, y = extract_features(model, loader, device, amp, progress, f"features view {v + 1}/{views}")
+        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), ebs, False, 0, workers)
+        f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
         xs.append(f)
         ys.append(y)
         groups.append(np.arange(n))
-    val = extract_features(model, val_loader, device, amp, False) if val_loader is not None else None
+    val = extract_features(fast, val_loader, device, amp, False) if val_loader is not None else None
     feat_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     info = method.fit_cached(model, (torch.cat(xs), torch.cat(ys), np.concatenate(groups)), val, cfg.optim, cfg.run.seed)
@@ -381,20 +397,34 @@ def _fit_cached(
 def _fit_loop(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
+    tb: ScalarLogger | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
     """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume."""
-    from visiontune.data import ImageDataset
+    from visiontune.data.cache import image_dataset
+    from visiontune.train.cache import build_prefix_cache
+    from visiontune.train.speed import fast_forward, maybe_compile
 
     if cfg.backbone.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    train_loader = make_loader(
-        ImageDataset(splits["train"], train_tf), cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers
-    )
+    train_set = image_dataset(splits["train"], train_tf, cfg.data.cache)
+    train_loader = make_loader(train_set, cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers)
     info: dict[str, Any] = {"head_init": "zero"}
     ckpt_path = run_dir / "checkpoint" / "last.pt"
     resuming = cfg.run.resume and ckpt_path.exists()
     if cfg.optim.head_init == "probe" and method.pretrained and not resuming:
         info = _probe_head_init(model, splits, cfg, device, amp, val_loader)
+    # ---- speed (visiontune.train.cache): blocks below the first trained one run once, not every epoch.
+    prefix, info["prefix_cache"] = build_prefix_cache(
+        model, cfg.run.prefix_cache, cfg.run.prefix_views, cfg.data.augment, train_set, val_loader,
+        cfg.optim.eval_batch_size, device, lambda: autocast(device, amp), cfg.run.progress,
+    )
+    train_model = val_model = fast_forward(model)
+    if prefix is not None and prefix.train_views is not None:
+        train_loader, train_model = prefix.train_loader(cfg.optim.batch_size, cfg.run.seed), prefix.suffix
+    if prefix is not None and prefix.val is not None:
+        val_loader, val_model = prefix.val_loader(cfg.optim.eval_batch_size), prefix.suffix
+    train_model = maybe_compile(train_model, cfg.run.compile)
+    # ---- end speed
     groups = method.param_groups(model, cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
     if not groups:
         raise ConfigError(f"method {method.name!r} left no trainable parameters")
@@ -416,12 +446,20 @@ def _fit_loop(
         train_loader.generator.set_state(ck["loader_rng"])
         if cfg.run.progress:
             print(f"[visiontune] resumed from {ckpt_path} at epoch {start_epoch}")
+    if not resuming:
+        # _reseed_note: seed again right before the random augmentations. A module imported lazily since
+        # train() seeded can draw from the global RNGs (sklearn imports rich, which calls random.getrandbits),
+        # so without this a run's result depended on what the process had imported before it (the first
+        # run of a sweep differed from the same run later in the sweep, or in a fresh worker process).
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
     bar = tqdm(range(start_epoch, cfg.optim.epochs + 1), desc="epochs", disable=not cfg.run.progress, dynamic_ncols=True)
     for epoch in bar:
         row: dict[str, Any] = {"epoch": epoch}
-        row.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}"))
+        if prefix is not None:
+            prefix.set_epoch(epoch)
+        row.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}"))
         if val_loader is not None:
-            vl, vy = predict_logits(model, val_loader, device, amp)
+            vl, vy = predict_logits(val_model, val_loader, device, amp)
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
             row["val_loss"] = float(F.cross_entropy(vl, vy))
             # Best epoch: highest val accuracy, ties broken by lower val loss.
@@ -429,6 +467,8 @@ def _fit_loop(
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch, "state": method.trainable_state_dict(model)}
         history.append(row)
+        if tb is not None:
+            tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
         save_checkpoint(
             ckpt_path, model=method.trainable_state_dict(model), optimizer=optimizer.state_dict(),
@@ -450,15 +490,17 @@ def _probe_head_init(
     Fine-tuning then starts from a good head instead of spending its few-shot budget, and its large
     early gradients, on a random one, which distorts pretrained features (Kumar et al., ICLR 2022).
     """
-    from visiontune.data import ImageDataset
+    from visiontune.data.cache import image_dataset
     from visiontune.backbones import build_transform
+    from visiontune.train.speed import fast_forward
     from visiontune.methods.baselines import fit_probe_head
     from visiontune.methods.base import classifier_of
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = make_loader(ImageDataset(splits["train"], tf), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
-    x, y = extract_features(model, loader, device, amp, cfg.run.progress, "probe head init")
-    val = extract_features(model, val_loader, device, amp) if val_loader is not None else None
+    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    fast = fast_forward(model)
+    x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
+    val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
     info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val)
     return {"head_init": "probe", "head_init_c": info["c"], "head_init_time_s": time.perf_counter() - t0}

@@ -1,0 +1,84 @@
+"""Predicting on files and folders (``visiontune predict``): collecting inputs and writing results.
+
+Folders are searched recursively for image files (the extensions image folders use,
+:data:`visiontune.data.IMAGE_EXTENSIONS`; hidden files and folders skipped); a file named explicitly
+is always tried, whatever its extension. Results come as a table, JSON or CSV, one entry per input in
+input order, with an ``error`` instead of predictions for an input that could not be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from visiontune.infer.predictor import PredictionResult
+
+FORMATS = ("table", "json", "csv")
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[PredictionResult]]:
+    """Expand files and folders into image paths (sorted per folder).
+
+    Returns:
+        ``(paths to predict, problems)``: a missing path or a folder without images becomes a
+        :class:`PredictionResult` with an error rather than stopping the others.
+    """
+    from visiontune.data import IMAGE_EXTENSIONS
+
+    paths: list[str] = []
+    problems: list[PredictionResult] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(os.path.join(root, f) for f in sorted(files)
+                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                problems.append(PredictionResult(str(p), error=f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+            paths.extend(found)
+        elif p.exists():
+            paths.append(str(p))
+        else:
+            problems.append(PredictionResult(str(p), error="no such file or folder"))
+    return paths, problems
+
+
+def format_results(results: Iterable[PredictionResult], fmt: str, top_k: int) -> str:
+    """Render results as ``table`` (aligned text), ``json`` (a list) or ``csv`` (one row per input).
+
+    CSV columns: ``file``, then ``label_1, score_1, ... label_k, score_k``, then ``error``.
+    """
+    results = list(results)
+    if fmt == "json":
+        return json.dumps(
+            [{"file": r.source, "predictions": r.predictions} if r.error is None else {"file": r.source, "error": r.error}
+             for r in results],
+            indent=1,
+        )
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["file", *[c for i in range(1, top_k + 1) for c in (f"label_{i}", f"score_{i}")], "error"])
+        for r in results:
+            cells: list[str] = []
+            for i in range(top_k):
+                p = r.predictions[i] if r.predictions and i < len(r.predictions) else None
+                cells += [p["label"], f"{p['score']:.6f}"] if p else ["", ""]
+            writer.writerow([r.source, *cells, r.error or ""])
+        return buf.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
+    width = max([len("file"), *(len(r.source) for r in results)])
+    lines = [f"{'file':<{width}}  predictions"]
+    for r in results:
+        if r.error is not None:
+            lines.append(f"{r.source:<{width}}  ERROR: {r.error}")
+        else:
+            lines.append(f"{r.source:<{width}}  " + "  ".join(f"{p['label']} {p['score']:.3f}" for p in r.predictions or []))
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""The predictor: a finished run as a callable from images to top-k ``[{"label", "score"}]``.
+
+The ModelScope vision-efficient-tuning pipeline answers one image with its candidate labels and their
+confidences; this is that interface over a visiontune run directory. It loads the run through
+:func:`visiontune.runs.load_run` with ``merge=True`` (adapters folded into the backbone where the
+method allows) and preprocesses with the run's own eval transform, so a prediction here sees exactly
+the pixels evaluation saw. Decoding goes through :func:`visiontune.data.load_image` for the same reason.
+
+Written by hand because it is glue: what it does (accept paths / PIL images / arrays / bytes, batch
+them, soft-max and rank) is specific to visiontune's run format; timm and torchvision supply the
+transform and the model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from visiontune.errors import ConfigError, DataError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
+"""One image: a file path, a PIL image, a uint8 array (HxW[xC]), or encoded file bytes (PNG, JPEG ...)."""
+
+Prediction = list[dict[str, Any]]
+"""Top-k of one image, best first: ``[{"label": str, "score": float in [0, 1]}, ...]``."""
+
+
+def decode_bytes(data: bytes | bytearray, name: str = "uploaded image") -> Image.Image:
+    """Decode encoded image bytes to 8-bit RGB the way :func:`visiontune.data.load_image` decodes files.
+
+    Raises:
+        DataError: empty data or not an image PIL can decode; the message names ``name``.
+    """
+    from visiontune.data.images import to_rgb
+
+    if not data:
+        raise DataError(f"{name} is empty (0 bytes); send the image file's contents")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            return to_rgb(ImageOps.exif_transpose(img))
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{name} is not an image PIL can decode ({len(data)} bytes starting {bytes(data[:8])!r}); "
+            "send a PNG, JPEG, BMP, TIFF, WebP or GIF file"
+        ) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode {name}: {exc}; re-export the image") from exc
+
+
+def to_image(item: ImageInput, name: str | None = None) -> Image.Image:
+    """Any supported single-image input -> 8-bit RGB PIL image.
+
+    Raises:
+        DataError: unreadable file, undecodable bytes, or an array that is not an image.
+        TypeError: an unsupported input type.
+    """
+    from visiontune.data.images import load_image, to_rgb
+
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, (bytes, bytearray)):
+        return decode_bytes(item, name or "image bytes")
+    if isinstance(item, (str, os.PathLike, np.ndarray)):
+        return load_image(item, name)
+    raise TypeError(
+        f"cannot predict on a {type(item).__name__}; pass a file path, a PIL image, a uint8 numpy array "
+        "(HxW, HxWxC, or NxHxWxC for a batch), encoded image bytes, or a list of these"
+    )
+
+
+def check_top_k(top_k: Any) -> int:
+    """Validate ``top_k`` (an integer >= 1) and return it as an int.
+
+    Raises:
+        ConfigError: naming the bad value.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r} is invalid; use an integer >= 1 (larger than the number of labels means all)")
+    return int(top_k)
+
+
+def top_k_predictions(probs: torch.Tensor, classes: Sequence[str], top_k: int) -> list[Prediction]:
+    """Rank each row of ``probs`` [B, C] and return the best ``top_k`` labels per row (all if fewer)."""
+    k = min(check_top_k(top_k), probs.shape[1])
+    scores, idx = probs.float().topk(k, dim=1)
+    return [
+        [{"label": classes[i], "score": float(s)} for s, i in zip(row_s, row_i)]
+        for row_s, row_i in zip(scores.tolist(), idx.tolist())
+    ]
+
+
+@dataclass
+class PredictionResult:
+    """One input's outcome in :meth:`Predictor.predict_many`: predictions, or the error that stopped it."""
+
+    source: str
+    predictions: Prediction | None = None
+    error: str | None = None
+
+
+def _is_batch(inputs: Any) -> bool:
+    if isinstance(inputs, (list, tuple)):
+        return True
+    return isinstance(inputs, np.ndarray) and inputs.ndim == 4
+
+
+def _source_name(item: Any, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"<{type(item).__name__} #{index}>"
+
+
+class Predictor:
+    """Top-k label predictions from a trained model, with the run's eval preprocessing.
+
+    Build it with :func:`pipeline` / :meth:`from_run`; call it on one image or a batch::
+
+        predict = vt.pipeline("runs/my-run")
+        predict("cow.jpg")                     # [{"label": "lying", "score": 0.91}, ...]
+        predict(["a.jpg", pil_img, array])     # one list per image
+
+    Args:
+        model: maps ``[B, 3, H, W]`` to logits ``[B, len(classes)]`` (eval mode).
+        classes: label names in logit order.
+        transform: RGB PIL image -> ``3 x H x W`` tensor (the run's eval transform).
+        device: where ``model`` lives.
+        top_k: default number of labels returned per image.
+        batch_size: images per forward pass for batch input.
+        amp: autocast dtype (None: the model's own precision).
+        merged: whether ``model`` has the adapters folded in (reported by :attr:`info`).
+        run_dir: the run it came from, if any.
+        method: the run's method name, if any (reported by :attr:`info`).
+    """
+
+    def __init__(
+        self, model: nn.Module, classes: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
+        device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 32, amp: torch.dtype | None = None,
+        merged: bool = False, run_dir: str | Path | None = None, method: str | None = None,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} is invalid; use an integer >= 1")
+        self.model = model.eval()
+        self.classes = list(classes)
+        self.transform = transform
+        self.device = torch.device(device)
+        self.top_k = check_top_k(top_k)
+        self.batch_size = int(batch_size)
+        self.amp = amp
+        self.merged = merged
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.method = method
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
+    ) -> Predictor:
+        """Load a finished run directory (merged fast path when ``merge`` and the method allows).
+
+        Raises:
+            ConfigError: not a run directory. WeightsError: the adapter does not fit its backbone.
+        """
+        from visiontune.runs import load_run
+        from visiontune.train.loop import autocast_dtype, resolve_device
+
+        dev = resolve_device(device)
+        run = load_run(run_dir, device=str(dev), merge=False)
+        model = run.method.merge(run.model) if merge else run.model
+        # Method.merge returns the model itself when there is nothing to fold (linear, full, Mona).
+        merged = merge and model is not run.model
+        return cls(
+            model.eval(), run.classes, run.transform, device=dev, top_k=top_k, batch_size=batch_size,
+            amp=autocast_dtype(run.config.optim.precision, dev), merged=merged, run_dir=run.run_dir,
+            method=run.config.method.name,
+        )
+
+    # ------------------------------------------------------------------ info
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` the transform produces."""
+        return tuple(self.transform(Image.new("RGB", (8, 8))).shape)  # type: ignore[return-value]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What is being served: run, method, labels, merged or not, device, input size."""
+        return {
+            "run_dir": str(self.run_dir) if self.run_dir else None, "method": self.method, "classes": self.classes,
+            "merged": self.merged, "device": str(self.device), "input_size": list(self.input_size),
+        }
+
+    # ------------------------------------------------------------------ prediction
+    def preprocess(self, item: ImageInput, name: str | None = None) -> torch.Tensor:
+        """One input -> the normalised ``3 x H x W`` tensor the model sees."""
+        return self.transform(to_image(item, name))
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Soft-max class probabilities ``[B, C]`` (on CPU) of preprocessed images ``[B, 3, H, W]``."""
+        from visiontune.train.loop import autocast
+
+        with autocast(self.device, self.amp):
+            logits = self.model(batch.to(self.device))
+        return logits.float().softmax(dim=1).cpu()
+
+    def __call__(self, inputs: ImageInput | Sequence[ImageInput], top_k: int | None = None) -> Prediction | list[Prediction]:
+        """Top-k labels of one image, or one list per image for a list / tuple / ``N x H x W x C`` array.
+
+        Raises:
+            DataError: an input cannot be decoded (for batches, :meth:`predict_many` reports per input instead).
+            ConfigError: a bad ``top_k``.
+        """
+        k = check_top_k(self.top_k if top_k is None else top_k)
+        if not _is_batch(inputs):
+            return top_k_predictions(self.probabilities(self.preprocess(inputs)[None]), self.classes, k)[0]  # type: ignore[arg-type]
+        items = list(inputs)  # type: ignore[arg-type]
+        out: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            x = torch.stack([self.preprocess(it, _source_name(it, start + i)) for i, it in enumerate(chunk)])
+            out.extend(top_k_predictions(self.probabilities(x), self.classes, k))
+        return out
+
+    def predict_many(
+        self, items: Iterable[ImageInput], top_k: int | None = None, progress: bool = False, workers: int = 2,
+    ) -> Iterator[PredictionResult]:
+        """Predict a stream of inputs in batches; an unreadable input yields an error result, the rest go on.
+
+        Decoding and preprocessing run on ``workers`` threads (PIL and torchvision release the GIL
+        while decoding and resizing) while the model runs batch by batch.
+
+        Args:
+            items: inputs (paths are named by their path in results, others by type and position).
+            top_k: labels per image (default: the predictor's).
+            progress: show a progress bar (tqdm, on stderr).
+            workers: preprocessing threads.
+        """
+        from tqdm import tqdm
+
+        k = check_top_k(self.top_k if top_k is None else top_k)
+        items = list(items)
+
+        def prep(pair: tuple[int, ImageInput]) -> tuple[str, torch.Tensor | None, str | None]:
+            i, it = pair
+            name = _source_name(it, i)
+            try:
+                return name, self.preprocess(it, name), None
+            except (DataError, TypeError) as exc:
+                return name, None, str(exc)
+
+        bar = tqdm(total=len(items), disable=not progress, unit="img", dynamic_ncols=True, desc="predict")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for start in range(0, len(items), self.batch_size):
+                prepared = list(pool.map(prep, enumerate(items[start:start + self.batch_size], start)))
+                good = [(n, t) for n, t, e in prepared if t is not None]
+                preds = iter(top_k_predictions(self.probabilities(torch.stack([t for _, t in good])), self.classes, k)) if good else iter(())
+                for name, tensor, error in prepared:
+                    yield PredictionResult(name, error=error) if tensor is None else PredictionResult(name, next(preds))
+                bar.update(len(prepared))
+        bar.close()
+
+
+def pipeline(run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32) -> Predictor:
+    """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
+
+    Args:
+        run_dir: a run directory written by :func:`visiontune.train`.
+        device: ``cpu``, ``cuda``, ``auto`` ...
+        merge: fold adapters into the backbone when the method allows (same outputs, faster).
+        top_k: default labels returned per image.
+        batch_size: images per forward pass for batch input.
+    """
+    return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size)

@@ -1,0 +1,28 @@
+"""ExPLoRA: parameter-efficient extended self-supervised pretraining on unlabeled target-domain images.
+
+Khanna et al., "ExPLoRA: Parameter-Efficient Extended Pre-Training to Adapt Vision Transformers under
+Domain Shifts", ICML 2025, https://arxiv.org/abs/2406.10973. Starting from DINOv2 weights, train one
+or two blocks in full, every norm layer, and LoRA on q/v elsewhere with DINOv2's own objective
+(:mod:`visiontune.pretrain.losses`), then merge: the result is a new backbone file for any fine-tuning
+method (``backbone.weights=<run>/backbone.safetensors``), with its lineage in ``backbone.json``.
+
+::
+
+    import visiontune as vt
+    cfg = vt.load_pretrain_config("configs/pretrain/explora-elpv.yaml", overrides=["optim.steps=100"])
+    result = vt.pretrain(cfg)
+    vt.train(vt.load_config("configs/demo.yaml", overrides=result.overrides()))
+"""
+
+from visiontune.pretrain.config import (
+    PretrainConfig, Recipe, load_pretrain_config, parse_recipe, pretrain_config_from_dict, resolve_unfrozen,
+)
+from visiontune.pretrain.loop import (
+    BACKBONE_FILE, LINEAGE_FILE, PretrainResult, build_student, export_checkpoint, load_backbone, plot_history, pretrain,
+)
+
+__all__ = [
+    "BACKBONE_FILE", "LINEAGE_FILE", "PretrainConfig", "PretrainResult", "Recipe", "build_student", "export_checkpoint",
+    "load_backbone", "load_pretrain_config",
+    "parse_recipe", "plot_history", "pretrain", "pretrain_config_from_dict", "resolve_unfrozen",
+]

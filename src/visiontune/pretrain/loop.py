@@ -1,0 +1,519 @@
+"""The extended-pretraining loop: DINOv2 self-distillation on ExPLoRA's partially unfrozen backbone.
+
+``pretrain(cfg)`` builds student and EMA teacher from ``backbone.*`` (LoRA + unfrozen blocks + norms,
+see :mod:`visiontune.pretrain.model`), fresh heads, multi-crop data from unlabeled images, and runs
+``optim.steps`` optimizer steps. Per step: the teacher sees the two global crops; the student sees
+them with iBOT masks plus the local crops; loss = DINO (every student view vs the teacher's other
+global views) + iBOT (masked patches) + KoLeo (student class tokens); AdamW step; teacher EMA.
+The run directory gets ``backbone.safetensors`` (LoRA merged: a plain timm state dict that
+``backbone.weights=<path>`` loads for any fine-tuning method), ``backbone.json`` (lineage: base
+weights, data, steps, recipe), ``history.json``, ``loss.png``, ``config.yaml`` and ``checkpoint/``.
+
+The loop is written here (a flat function, like :mod:`visiontune.train.loop`) because no library
+runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from visiontune.errors import ConfigError
+from visiontune.pretrain.config import PretrainConfig, resolve_unfrozen
+from visiontune.pretrain.crops import (
+    CropDataset, MultiCrop, StreamSampler, UnlabeledImages, band_statistics, collate_crops, load_unlabeled,
+)
+from visiontune.pretrain.heads import SSLHeads
+from visiontune.pretrain.losses import (
+    TeacherCentering, cosine_schedule, ema_update, ibot_patch_loss, koleo_loss, pairwise_dino_loss, teacher_temperature,
+)
+from visiontune.pretrain.masking import sample_masks
+from visiontune.pretrain.model import (
+    apply_explora, check_vit, enable_multicrop, export_backbone, install_mask_hook, make_teacher, masked, patch_size,
+    replace_patch_embed, tokens, trained_pairs,
+)
+
+BACKBONE_FILE = "backbone.safetensors"
+LINEAGE_FILE = "backbone.json"
+LINEAGE_FORMAT = 1
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        backbone: the new backbone file (use it as ``backbone.weights``).
+        lineage: the contents of ``backbone.json``.
+        history: one row of losses and schedules per step.
+    """
+
+    run_dir: Path
+    backbone: Path
+    lineage: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def overrides(self) -> list[str]:
+        """The fine-tuning overrides that select this backbone."""
+        return [f"backbone.name={self.lineage['backbone']['name']}", f"backbone.weights={self.backbone}",
+                f"backbone.img_size={self.lineage['backbone']['img_size']}"]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _run_dir(cfg: PretrainConfig) -> Path:
+    name = cfg.run.name
+    if not name:
+        ds = Path(cfg.data.dataset).name or "data"
+        recipe = re.sub(r"[\[\]]", "", cfg.recipe_name()).replace(",", "+")
+        name = f"{ds}-{cfg.backbone.name}-{recipe}"
+    run_dir = Path(cfg.run.dir) / name
+    if (run_dir / LINEAGE_FILE).exists() and not (cfg.run.overwrite or cfg.run.resume):
+        raise ConfigError(
+            f"pretraining run {str(run_dir)!r} is already finished; set run.name to another name, run.overwrite=true "
+            "to replace it, or run.resume=true to continue it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _crop_sizes(cfg: PretrainConfig, model: nn.Module) -> tuple[int, int]:
+    ps = patch_size(model)
+    default = int((model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1])
+    g = int(cfg.crops.global_size or cfg.backbone.img_size or default)
+    loc = cfg.crops.local_size or max(ps, int(round(g * 7 / 16 / ps)) * ps)
+    bad = [f"crops.{k}={v}" for k, v in (("global_size", g), ("local_size", loc)) if v % ps]
+    if bad:
+        raise ConfigError(
+            f"{' and '.join(bad)} must be a multiple of the patch size {ps} of {cfg.backbone.name}; e.g. "
+            f"{(g // ps) * ps} and {max(ps, (int(loc) // ps) * ps)}"
+        )
+    return g, int(loc)
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, tag: str) -> list[dict[str, Any]]:
+    decay = [p for n, p in named if p.requires_grad and not (p.ndim <= 1 or n.endswith(".bias") or "token" in n or "pos_embed" in n)]
+    no_decay = [p for n, p in named if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias") or "token" in n or "pos_embed" in n)]
+    return [g for g in ({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": tag},
+                        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{tag}_no_decay"}) if g["params"]]
+
+
+def _trained_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().clone() for n in names}
+
+
+def _load_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _save_checkpoint(path: Path, **state: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss curves (total, DINO, iBOT, KoLeo; raw and smoothed) and the teacher feature spread per step.
+
+    Returns:
+        The written PNG path.
+    """
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in history])
+    fig = Figure(figsize=(11, 4))
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    window = max(1, len(history) // 25)
+    for key, color in (("loss", "black"), ("dino", "tab:blue"), ("ibot", "tab:orange"), ("koleo", "tab:green")):
+        y = np.array([r.get(key, np.nan) for r in history], dtype=float)
+        if np.all(np.isnan(y)):
+            continue
+        ax.plot(steps, y, color=color, alpha=0.25, linewidth=0.8)
+        smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
+        ax.plot(steps[window - 1 :] if len(y) >= window else steps, smooth, color=color, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "pretraining losses")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    spread = np.array([r.get("teacher_feat_std", np.nan) for r in history], dtype=float)
+    ax2.plot(steps, spread, color="tab:purple", label="teacher class-token spread (1 = isotropic, 0 = collapsed)")
+    ent = np.array([r.get("teacher_entropy", np.nan) for r in history], dtype=float)
+    if not np.all(np.isnan(ent)):
+        ax3 = ax2.twinx()
+        ax3.plot(steps, ent, color="tab:red", alpha=0.7, label="entropy of the batch-mean teacher probs (nats)")
+        per = np.array([r.get("teacher_sample_entropy", np.nan) for r in history], dtype=float)
+        if not np.all(np.isnan(per)):
+            # High batch-mean entropy with low per-sample entropy = prototypes used evenly and confidently;
+            # both at log K = the teacher says nothing yet (uniform), a collapse DINO's centering can hide.
+            ax3.plot(steps, per, color="tab:red", linestyle="--", alpha=0.7, label="mean per-image teacher entropy")
+        ax3.set_ylabel("entropy (nats)")
+        ax3.legend(loc="lower right", fontsize=8)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("spread")
+    ax2.legend(loc="upper right", fontsize=8)
+    ax2.grid(alpha=0.3)
+    ax2.set_title("collapse diagnostics")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def build_student(cfg: PretrainConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, SSLHeads, Any]:
+    """The student backbone after ExPLoRA's surgery (multi-crop and mask hook on) and fresh SSL heads.
+
+    Seeded by ``run.seed``, so the same config rebuilds identical LoRA and head initialisations (resume, export).
+
+    Returns:
+        (student, heads, :class:`~visiontune.pretrain.model.ExploraSurgery`).
+    """
+    from visiontune.backbones import create_backbone
+    from visiontune.methods.targets import find_blocks
+
+    torch.manual_seed(cfg.run.seed)
+    student = create_backbone(cfg.backbone, num_classes=0)
+    check_vit(student, cfg.backbone.name)
+    if cfg.data.channels is not None:
+        replace_patch_embed(student, cfg.data.channels)
+    unfrozen = resolve_unfrozen(cfg.explora.unfrozen, len(find_blocks(student).names))
+    surgery = apply_explora(student, unfrozen, cfg.explora.rank, cfg.explora.alpha, list(cfg.explora.targets),
+                            cfg.explora.dropout, cfg.explora.norms, new_patch_embed=cfg.data.channels is not None,
+                            label=cfg.backbone.name)
+    enable_multicrop(student)
+    install_mask_hook(student)
+    student.to(device).train()
+    ssl = cfg.ssl
+    heads = SSLHeads(student.num_features, ssl.prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim,
+                     ssl.head_layers).to(device).train()
+    return student, heads, surgery
+
+
+def export_checkpoint(run_dir: str | Path, network: str = "teacher", out: str | Path | None = None) -> Path:
+    """Write the backbone of a pretraining checkpoint (e.g. of an unfinished or interrupted run) as a file.
+
+    Args:
+        run_dir: a pretraining run directory (with ``config.yaml`` and ``checkpoint/last.pt``).
+        network: ``teacher`` or ``student``.
+        out: output path; default ``<run_dir>/<network>-step<N>.safetensors``.
+
+    Returns:
+        The written file; load it with ``backbone.weights=<path>``.
+    """
+    from visiontune.backbones.weights import save_safetensors_atomic
+    from visiontune.pretrain.config import load_pretrain_config
+
+    run_dir = Path(run_dir)
+    if network not in ("teacher", "student"):
+        raise ConfigError(f"network={network!r} is not teacher or student")
+    ck_path = run_dir / "checkpoint" / "last.pt"
+    if not ck_path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} has no checkpoint/last.pt; pass a pretraining run directory")
+    cfg = load_pretrain_config(run_dir / "config.yaml")
+    student, _, _ = build_student(cfg)
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    _load_trained(student, ck[network])
+    state = {k: v.detach().cpu().contiguous() for k, v in export_backbone(student).state_dict().items()}
+    path = Path(out) if out else run_dir / f"{network}-step{ck['step']}.safetensors"
+    save_safetensors_atomic(state, path, metadata={"visiontune_pretrain": cfg.recipe_name(), "arch": cfg.backbone.name,
+                                                   "network": network, "steps": str(ck["step"])})
+    return path
+
+
+def load_backbone(path: str | Path, num_classes: int = 0) -> nn.Module:
+    """Build the backbone a pretraining run wrote, from its file and the ``backbone.json`` beside it.
+
+    RGB backbones load through the normal weight mechanism (:func:`visiontune.backbones.create_backbone`
+    with ``backbone.weights=<path>``); multi-band ones are built with the recorded ``in_chans``
+    (the ``visiontune train`` pipeline itself reads RGB images only).
+
+    Args:
+        path: ``backbone.safetensors`` of a pretraining run (or its run directory).
+        num_classes: size of a fresh classifier (0 = pooled features out).
+    """
+    from visiontune.backbones import create_backbone
+    from visiontune.backbones.factory import _resolve_name
+    from visiontune.config import BackboneConfig
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / BACKBONE_FILE
+    meta_path = path.with_name(LINEAGE_FILE)
+    if not meta_path.is_file():
+        raise ConfigError(f"{str(path)!r} has no {LINEAGE_FILE} beside it; is it the output of `visiontune pretrain`?")
+    meta = json.loads(meta_path.read_text())["backbone"]
+    if int(meta.get("in_chans", 3)) == 3:
+        return create_backbone(BackboneConfig(name=meta["name"], weights=str(path), img_size=meta["img_size"]), num_classes)
+    from safetensors.torch import load_file
+
+    model = _resolve_name(meta["name"]).build(pretrained=False, in_chans=int(meta["in_chans"]), img_size=int(meta["img_size"]),
+                                              num_classes=num_classes)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    head = {n for n, _ in model.get_classifier().named_parameters(prefix="head")} if num_classes else set()
+    if unexpected or set(missing) - head:
+        raise ConfigError(f"{path} does not fit {meta['name']} with in_chans={meta['in_chans']}: "
+                          f"missing {sorted(set(missing) - head)[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None = None) -> PretrainResult:
+    """Run ExPLoRA extended pretraining and write the new backbone with its lineage.
+
+    Args:
+        cfg: the pretraining config (:func:`visiontune.pretrain.load_pretrain_config`).
+        callback: called after every step (and after its checkpoint, if one was due) with the step
+            number (1-based) and its history row; an exception raised there stops the run after a
+            checkpoint is written, so it can be resumed with ``run.resume=true``.
+
+    Returns:
+        The run directory, the backbone file, its lineage record and the per-step history.
+    """
+    from visiontune.backbones import backbone_identity, data_config
+    from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
+    from visiontune.train.loop import autocast, autocast_dtype, resolve_device, seed_everything
+
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed = cfg.run.seed
+    seed_everything(seed, True)
+    amp = autocast_dtype(cfg.optim.precision, device)
+    ssl, steps, batch = cfg.ssl, cfg.optim.steps, cfg.optim.batch_size
+
+    pool: UnlabeledImages = load_unlabeled(cfg.data.dataset, cfg.data.root, cfg.data.channels, cfg.data.exclude_eval_of,
+                                           cfg.data.max_images, seed)
+    if len(pool) < batch:
+        raise ConfigError(f"optim.batch_size={batch} is larger than the {len(pool)} pretraining images; lower it")
+    run_dir = _run_dir(cfg)
+    cfg.dump(run_dir / "config.yaml")
+
+    # ---- networks (seeded so that a resumed run rebuilds identical LoRA / head initialisations)
+    student, heads, surgery = build_student(cfg, device)
+    identity = backbone_identity(cfg.backbone)
+    channels = cfg.data.channels
+    teacher = make_teacher(student)
+    teacher_head = copy.deepcopy(heads.head).requires_grad_(False).eval()
+    center_dino = TeacherCentering(ssl.prototypes, ssl.center_momentum, ssl.centering).to(device)
+    center_ibot = TeacherCentering(ssl.prototypes, ssl.center_momentum, ssl.centering).to(device)
+    trained_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    t_params, s_params = trained_pairs(student, teacher)
+
+    # ---- data
+    gsize, lsize = _crop_sizes(cfg, student)
+    if channels is None:
+        dcfg = data_config(student, gsize)
+        mean, std = list(dcfg["mean"]), list(dcfg["std"])
+    elif cfg.data.band_mean is not None and cfg.data.band_std is not None:
+        mean, std = list(cfg.data.band_mean), list(cfg.data.band_std)
+    else:
+        m_, s_ = band_statistics([str(i) for i in pool.items], channels, seed=seed)
+        mean, std = cfg.data.band_mean or m_, cfg.data.band_std or s_
+    transform = MultiCrop(gsize, lsize, cfg.crops.local_number, cfg.crops.global_scale, cfg.crops.local_scale, mean, std,
+                          photometric=cfg.crops.photometric, multiband=channels is not None)
+    dataset = CropDataset(pool, transform, seed, channels)
+    grid = (gsize // patch_size(student), gsize // patch_size(student))
+
+    # ---- optimisation
+    lr = cfg.optim.resolved_lr()
+    head_lr = cfg.optim.head_lr or lr
+    groups = _param_groups(list(student.named_parameters()), lr, cfg.optim.weight_decay, "backbone")
+    groups += _param_groups(list(heads.named_parameters()), head_lr, cfg.optim.weight_decay, "heads")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    from visiontune.train.optim import warmup_cosine
+
+    scheduler = warmup_cosine(optimizer, steps, round(cfg.optim.warmup * steps), cfg.optim.min_lr_ratio)
+    temp_warmup = round(ssl.teacher_temp_warmup * steps)
+    freeze_last = round(ssl.freeze_last_layer * steps)
+    n_local = cfg.crops.local_number
+    use_ibot = ssl.ibot_weight > 0
+
+    # ---- resume
+    ckpt_path = run_dir / "checkpoint" / "last.pt"
+    start, history, wall_before, cpu_before = 0, [], 0.0, 0.0
+    if cfg.run.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["trained_names"] != trained_names:
+            raise ConfigError(f"checkpoint {ckpt_path} was written by a different setup (trained parameters differ); "
+                              "resume with the config in its run directory, or start a new run.name")
+        _load_trained(student, ck["student"])
+        _load_trained(teacher, ck["teacher"])
+        heads.load_state_dict(ck["heads"])
+        teacher_head.load_state_dict(ck["teacher_head"])
+        center_dino.load_state_dict(ck["center_dino"])
+        center_ibot.load_state_dict(ck["center_ibot"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])
+        start, history, wall_before, cpu_before = ck["step"], ck["history"], ck["wall_time_s"], ck.get("cpu_time_s", 0.0)
+        if cfg.run.progress:
+            print(f"[visiontune] resumed {run_dir} at step {start}/{steps}")
+
+    saved = {"step": start}
+
+    def checkpoint(step: int, wall: float) -> None:
+        saved["step"] = step
+        cpu = cpu_before + time.process_time() - cpu0
+        _save_checkpoint(
+            ckpt_path, step=step, trained_names=trained_names, student=_trained_state(student, trained_names),
+            teacher=_trained_state(teacher, trained_names), heads=heads.state_dict(), teacher_head=teacher_head.state_dict(),
+            center_dino=center_dino.state_dict(), center_ibot=center_ibot.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(), history=history, wall_time_s=wall,
+            cpu_time_s=cpu,
+        )
+
+    loader = DataLoader(dataset, batch_size=batch, sampler=StreamSampler(len(pool), seed, start * batch),
+                        num_workers=cfg.data.num_workers, collate_fn=collate_crops, persistent_workers=False)
+    if cfg.run.progress:
+        print(f"[visiontune] {cfg.recipe_name()} on {cfg.backbone.name}: {len(pool)} unlabeled images"
+              f"{f' ({pool.excluded} held out)' if pool.excluded else ''}, {steps} steps x {batch} images, "
+              f"crops 2x{gsize} + {n_local}x{lsize}, trainable backbone {surgery.trainable:,}/{surgery.total:,} -> {run_dir}")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not cfg.run.progress, dynamic_ncols=True)
+    batches = iter(loader)
+    step = start
+    try:
+        for step in range(start, steps):
+            crops = next(batches)
+            t_step = time.perf_counter()
+            temp = teacher_temperature(step, temp_warmup, ssl.warmup_teacher_temp, ssl.teacher_temp)
+            momentum = cosine_schedule(ssl.teacher_momentum, ssl.final_teacher_momentum, step, steps)
+            glob = torch.cat(crops[:2]).to(device, non_blocking=True)
+            n_img = glob.shape[0]
+            masks = (sample_masks(n_img, grid, ssl.mask_probability, tuple(ssl.mask_ratio),
+                                  np.random.default_rng([seed, 5, step])) if use_ibot
+                     else torch.zeros(n_img, *grid, dtype=torch.bool))
+            mask_flat = masks.flatten(1).to(device)
+            # ---- teacher: both global crops, unmasked
+            with torch.no_grad(), autocast(device, amp):
+                t_cls, t_patch = tokens(teacher, glob)
+                t_out = teacher_head(torch.cat([t_cls, t_patch[mask_flat]])).float()
+            t_probs = center_dino(t_out[:n_img], temp)
+            t_patch_probs = center_ibot(t_out[n_img:], temp) if t_out.shape[0] > n_img else t_out[n_img:]
+            # ---- student: masked global crops + local crops
+            train_backbone = step >= ssl.head_warmup_steps
+            with torch.set_grad_enabled(train_backbone), autocast(device, amp):
+                with masked(student, masks if use_ibot else None, heads.mask_token):
+                    s_cls, s_patch = tokens(student, glob)
+                s_local = tokens(student, torch.cat(crops[2:]).to(device, non_blocking=True))[0] if n_local else s_cls[:0]
+            with autocast(device, amp):
+                s_out = heads.head(torch.cat([s_cls, s_local, s_patch[mask_flat]])).float()
+            s_views = list(s_out[:n_img].chunk(2)) + (list(s_out[n_img : n_img + len(s_local)].chunk(n_local)) if n_local else [])
+            dino_sum, pairs = pairwise_dino_loss(s_views, list(t_probs.chunk(2)), ssl.student_temp)
+            dino = dino_sum / pairs
+            koleo = sum(koleo_loss(c) for c in s_cls.float().chunk(2)) if ssl.koleo_weight > 0 else dino.new_zeros(())
+            image_index = mask_flat.nonzero()[:, 0]
+            ibot = ibot_patch_loss(s_out[n_img + len(s_local) :], t_patch_probs, image_index, n_img, ssl.student_temp)
+            loss = ssl.dino_weight * dino + ssl.koleo_weight * koleo + ssl.ibot_weight * ibot
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step + 1}; lower optim.lr "
+                                         f"(now {optimizer.param_groups[0]['lr']:.2e}) or use optim.precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < freeze_last:
+                # DINO keeps the prototypes still at first: moving them and the features at once destabilises.
+                for p in heads.head.last_layer_parameters():
+                    p.grad = None
+            if cfg.optim.clip_grad:
+                for module in (student, heads):
+                    nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], cfg.optim.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            ema_update(t_params, s_params, momentum)
+            ema_update(teacher_head.parameters(), heads.head.parameters(), momentum)
+            with torch.no_grad():
+                spread = float(F.normalize(t_cls.float(), dim=-1).std(dim=0).mean() * math.sqrt(t_cls.shape[-1]))
+                mean_p = t_probs.mean(dim=0)
+                entropy = float(-(mean_p * torch.log(mean_p + 1e-12)).sum())
+                sample_entropy = float(-(t_probs * torch.log(t_probs + 1e-12)).sum(dim=1).mean())
+            row = {"step": step + 1, "loss": float(loss.detach()), "dino": float(dino.detach()), "ibot": float(ibot.detach()),
+                   "koleo": float(koleo.detach()),
+                   "lr": optimizer.param_groups[0]["lr"], "teacher_temp": temp, "momentum": momentum,
+                   "masked_patches": int(mask_flat.sum()), "teacher_feat_std": spread, "teacher_entropy": entropy,
+                   "teacher_sample_entropy": sample_entropy,
+                   "backbone_trained": train_backbone, "step_time_s": time.perf_counter() - t_step}
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{row['dino']:.3f}", ibot=f"{row['ibot']:.3f}")
+            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == steps:
+                checkpoint(step + 1, wall_before + time.perf_counter() - t0)
+            if callback is not None:
+                callback(step + 1, row)
+    except BaseException:
+        # Ctrl-C or a failing callback: keep every finished step resumable.
+        if len(history) != saved["step"]:
+            checkpoint(len(history), wall_before + time.perf_counter() - t0)
+        raise
+    finally:
+        bar.close()
+    wall = wall_before + time.perf_counter() - t0
+    cpu = cpu_before + time.process_time() - cpu0
+
+    # ---- the new backbone: LoRA merged, plain timm state dict, lineage beside it
+    source = teacher if cfg.run.save == "teacher" else student
+    merged = export_backbone(source)
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    out = run_dir / BACKBONE_FILE
+    save_safetensors_atomic(state, out, metadata={
+        "visiontune_pretrain": cfg.recipe_name(), "arch": cfg.backbone.name, "base_weights": str(identity["weights"]),
+        "steps": str(len(history)),
+    })
+    img_size = int(cfg.backbone.img_size or gsize)
+    lineage = {
+        "format": LINEAGE_FORMAT,
+        "kind": "explora",
+        "recipe": cfg.recipe_name(),
+        "backbone": {"name": cfg.backbone.name, "img_size": img_size, "in_chans": channels or 3,
+                     "file": BACKBONE_FILE, "sha256": file_sha256(out), "network": cfg.run.save},
+        "base": identity,
+        "data": {
+            "dataset": cfg.data.dataset, "source": pool.source, "images": len(pool), "held_out": pool.excluded,
+            "exclude_eval_of": cfg.data.exclude_eval_of, "excluded": pool.excluded_from,
+            "mean": mean, "std": std, "channels": channels or 3,
+        },
+        "training": {
+            "steps": len(history), "batch_size": batch, "images_seen": len(history) * batch,
+            "epochs": len(history) * batch / len(pool), "crops": f"2x{gsize} + {n_local}x{lsize}",
+            "wall_time_s": wall, "cpu_time_s": cpu, "device": str(device),
+            "final": {k: history[-1][k] for k in ("loss", "dino", "ibot", "koleo", "teacher_feat_std")} if history else {},
+        },
+        "explora": {
+            "unfrozen_blocks_1based": [i + 1 for i in surgery.unfrozen_blocks], "lora_blocks_1based": [i + 1 for i in surgery.lora_blocks],
+            "lora_modules": len(surgery.lora_modules), "rank": cfg.explora.rank, "targets": list(cfg.explora.targets),
+            "norm_layers": len(surgery.norm_modules), "new_patch_embed": surgery.new_patch_embed,
+            "trainable_backbone_params": surgery.trainable, "backbone_params": surgery.total,
+            "head_params": sum(p.numel() for p in heads.parameters() if p.requires_grad),
+        },
+        "config": cfg.to_dict(),
+        "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}",
+    }
+    (run_dir / "history.json").write_text(json.dumps(history))
+    if history and cfg.run.plot:
+        plot_history(history, run_dir / "loss.png", title=f"{cfg.recipe_name()} on {Path(cfg.data.dataset).name}")
+    (run_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
+    if cfg.run.progress:
+        print(f"[visiontune] new backbone {out} ({len(history)} steps, {wall:.0f}s); fine-tune it with {lineage['use']}")
+    return PretrainResult(run_dir=run_dir, backbone=out, lineage=lineage, history=history)

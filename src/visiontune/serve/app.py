@@ -1,0 +1,389 @@
+"""The HTTP service: one backbone in memory, many task adapters, chosen per request.
+
+The Mona authors' deployment argument is "one large vision model + n adapters": this app serves an
+:class:`visiontune.multi.AdapterHost` (one frozen backbone shared by every task; each task brings its
+own LoRA/DoRA/Mona/head and label set) over FastAPI. Endpoints:
+
+- ``POST /v1/predict``: an image (multipart file field ``image``, or JSON ``{"image": base64}``),
+  ``adapter`` (optional when only one is loaded) and ``top_k`` -> top-k ``{"label", "score"}``.
+- ``GET /v1/adapters``: loaded adapters, their methods and labels, and the shared backbone.
+- ``GET /healthz``: liveness plus batching counters.
+- ``GET /``: a small web page (choose an adapter, drop an image, see the top-k bars).
+- ``GET /docs``: FastAPI's OpenAPI page.
+
+Every bad request gets a 4xx JSON body ``{"error": {"code", "message"}}`` whose message names the
+problem and the fix; the service keeps serving. Forward passes run on one worker thread that
+micro-batches concurrent requests per adapter (:mod:`visiontune.serve.batching`).
+
+FastAPI, starlette and uvicorn do the HTTP work; what is written here is the request checking (the
+body is read with a size cap before any parsing, so an oversized upload is refused without being
+held in memory) and the glue to the adapter host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import difflib
+import json
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, AsyncIterator
+
+import torch
+
+from visiontune.errors import ConfigError, DataError
+
+try:
+    import fastapi
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from pydantic import BaseModel, Field
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra installed
+    raise ConfigError(
+        f"the HTTP service needs FastAPI, uvicorn and python-multipart ({_exc}); install them with: "
+        "pip install 'visiontune[serve]'"
+    ) from _exc
+from visiontune.infer.predictor import check_top_k, decode_bytes, top_k_predictions
+from visiontune.multi import AdapterHost
+from visiontune.serve.batching import MicroBatcher
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+"""Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
+
+DEFAULT_TOP_K = 5
+# Multipart framing and base64 (4 bytes per 3) make a request body larger than the image it carries.
+_BODY_SLACK = 64 * 1024
+# After refusing an oversized body, read (and drop) at most this much more so the client receives the
+# 413 instead of a connection reset mid-upload; beyond it the connection is simply closed.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """A request problem answered as ``{"error": {"code", "message"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Label(BaseModel):
+    """One ranked label."""
+
+    label: str = Field(description="class name")
+    score: float = Field(description="soft-max probability in [0, 1]")
+
+
+class PredictResponse(BaseModel):
+    """Answer of ``POST /v1/predict``."""
+
+    adapter: str = Field(description="the adapter that answered")
+    predictions: list[Label] = Field(description="top-k labels, best first")
+    batch_size: int = Field(description="how many requests shared this forward pass (micro-batching)")
+    latency_ms: float = Field(description="server time from a complete request to the answer")
+
+
+class PredictJSON(BaseModel):
+    """JSON request body of ``POST /v1/predict``."""
+
+    image: str = Field(description="the image file, base64-encoded (a data: URL is accepted too)")
+    adapter: str | None = Field(default=None, description="adapter name (see GET /v1/adapters); optional with one adapter")
+    top_k: int | None = Field(default=None, description="labels to return (>= 1)")
+
+
+class AdapterInfo(BaseModel):
+    """One loaded adapter."""
+
+    name: str
+    method: str
+    classes: list[str]
+    num_classes: int
+    source: str | None
+    private_bytes: int = Field(description="memory this adapter adds to the shared backbone (adapter + head)")
+
+
+class AdaptersResponse(BaseModel):
+    """Answer of ``GET /v1/adapters``."""
+
+    backbone: dict[str, Any]
+    adapters: list[AdapterInfo]
+    default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
+    max_bytes: int
+    default_top_k: int
+
+
+class ErrorBody(BaseModel):
+    """What went wrong and how to fix it."""
+
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    error: ErrorBody
+
+
+def _multipart_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the image file"},
+            "adapter": {"type": "string", "description": "adapter name; optional with one adapter"},
+            "top_k": {"type": "integer", "minimum": 1, "description": "labels to return"},
+        },
+    }
+
+
+async def _read_body(request: Any, limit: int, max_bytes: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes (checked while streaming).
+
+    ``limit`` is the image limit ``max_bytes`` plus room for multipart framing and base64 growth.
+    """
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            too_big = True
+        if too_big:
+            if total > _DRAIN_LIMIT:
+                break
+            continue
+        chunks.append(chunk)
+    if too_big:
+        size = declared if declared.isdigit() else f"more than {total}"
+        raise ApiError(413, "too_large", f"the request body is {size} bytes, too large for this server's image limit of "
+                       f"{max_bytes} bytes (--max-bytes); send a smaller or more compressed image")
+    return b"".join(chunks)
+
+
+async def _parse_request(request: Any, max_bytes: int) -> tuple[bytes, Any, Any]:
+    """(image bytes, adapter, top_k) from a multipart form or a JSON body."""
+    ctype = request.headers.get("content-type", "").lower()
+    if not (ctype.startswith("multipart/form-data") or ctype.startswith("application/json")):
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {ctype or 'none'!r} is not supported; send multipart/form-data with a file field "
+                       "'image', or application/json {\"image\": \"<base64>\", \"adapter\": ..., \"top_k\": ...}")
+    body = await _read_body(request, max_bytes * 4 // 3 + _BODY_SLACK, max_bytes)
+    if ctype.startswith("application/json"):
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "bad_json", f"the body is not valid JSON ({exc}); send {{\"image\": \"<base64>\"}}") from None
+        if not isinstance(doc, dict):
+            raise ApiError(400, "bad_json", f"the JSON body is a {type(doc).__name__}; send an object {{\"image\": \"<base64>\"}}")
+        unknown = sorted(set(doc) - {"image", "adapter", "top_k"})
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; valid fields: image, adapter, top_k")
+        encoded = doc.get("image")
+        if not isinstance(encoded, str) or not encoded:
+            raise ApiError(400, "missing_image", "field 'image' is missing or not a string; put the base64-encoded image file there")
+        if encoded.startswith("data:") and "," in encoded:
+            encoded = encoded.split(",", 1)[1]
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(400, "bad_base64", f"field 'image' is not valid base64 ({exc}); encode the file's bytes with base64") from None
+        return data, doc.get("adapter"), doc.get("top_k")
+
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=8).parse()
+    except MultiPartException as exc:
+        raise ApiError(400, "bad_multipart", f"cannot parse the multipart body ({exc.message}); send one file field 'image'") from None
+    try:
+        unknown = sorted(set(form.keys()) - {"image", "adapter", "top_k"})
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown form field(s) {unknown}; valid fields: image, adapter, top_k")
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_image", "form field 'image' is missing or not a file; send the image as a file part named 'image'")
+        data = await upload.read()
+        return data, form.get("adapter"), form.get("top_k")
+    finally:
+        await form.close()
+
+
+def _parse_top_k(value: Any, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        return check_top_k(int(value.strip()) if isinstance(value, str) else value)
+    except (ValueError, ConfigError):
+        raise ApiError(400, "bad_top_k", f"top_k={value!r} is invalid; use an integer >= 1 (e.g. top_k=3)") from None
+
+
+def _pick_adapter(host: AdapterHost, value: Any) -> str:
+    names = list(host.tasks)
+    if value is None or value == "":
+        if len(names) == 1:
+            return names[0]
+        raise ApiError(400, "missing_adapter", f"this server hosts {len(names)} adapters; name one with 'adapter': {', '.join(names)}")
+    if not isinstance(value, str) or value not in host.tasks:
+        close = difflib.get_close_matches(str(value), names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ApiError(404, "unknown_adapter", f"no adapter {value!r}.{hint} Loaded adapters: {', '.join(names)} (GET /v1/adapters)")
+    return value
+
+
+def create_app(
+    host: AdapterHost, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
+    default_top_k: int = DEFAULT_TOP_K,
+) -> Any:
+    """The FastAPI app serving ``host``'s adapters.
+
+    Args:
+        host: the adapters (``AdapterHost.from_runs({...})``); its ``transform`` preprocesses images.
+        max_bytes: largest accepted image file in bytes (larger -> 413).
+        max_batch: most requests per batched forward pass.
+        max_wait_ms: how long the batcher waits for companions of a request.
+        default_top_k: labels returned when a request gives no ``top_k``.
+    """
+    if host.transform is None:
+        raise ConfigError("the adapter host has no transform; build it with AdapterHost.from_runs(...)")
+    if not host.tasks:
+        raise ConfigError("the adapter host has no adapters; pass at least one --adapter NAME=RUN_DIR")
+    if max_bytes < 1:
+        raise ConfigError(f"max_bytes={max_bytes} must be >= 1")
+    default_top_k = check_top_k(default_top_k)
+
+    def forward(name: str, batch: torch.Tensor) -> torch.Tensor:
+        return host.logits(name, batch).softmax(dim=1)
+
+    batcher = MicroBatcher(forward, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = fastapi.FastAPI(
+        title="visiontune",
+        description="One vision backbone, many task adapters: image classification with per-request adapter choice.",
+        version=__import__("visiontune").__version__,
+        lifespan=lifespan,
+    )
+    app.state.host = host
+    app.state.batcher = batcher
+    errors = {"model": ErrorResponse}
+
+    def error_response(status: int, code: str, message: str) -> Any:
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Any, exc: ApiError) -> Any:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Any, exc: StarletteHTTPException) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Any, exc: RequestValidationError) -> Any:
+        return error_response(422, "invalid_request", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, summary="Top-k labels of one image",
+        responses={400: errors, 404: errors, 413: errors, 415: errors, 422: errors},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": _multipart_schema()},
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+        }}},
+    )
+    async def predict(request: fastapi.Request) -> dict[str, Any]:
+        """Classify one image with the named adapter: multipart field ``image`` or JSON base64 ``image``."""
+        data, adapter, top_k = await _parse_request(request, max_bytes)
+        t0 = time.perf_counter()
+        name = _pick_adapter(host, adapter)
+        k = _parse_top_k(top_k, default_top_k)
+        if len(data) > max_bytes:
+            raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} bytes "
+                           "(--max-bytes); send a smaller or more compressed image")
+        try:
+            x = await run_in_threadpool(lambda: host.transform(decode_bytes(data, "the uploaded image")))
+        except DataError as exc:
+            raise ApiError(422, "not_an_image", str(exc)) from None
+        try:
+            result = await asyncio.wrap_future(batcher.submit(name, x))
+        except Exception as exc:  # noqa: BLE001 - a model failure is the server's, reported as such
+            raise ApiError(500, "internal", f"the model failed on this request: {type(exc).__name__}: {exc}") from exc
+        preds = top_k_predictions(result.output[None], host.classes(name), k)[0]
+        return {"adapter": name, "predictions": preds, "batch_size": result.batch_size,
+                "latency_ms": 1000 * (time.perf_counter() - t0)}
+
+    @app.get("/v1/adapters", response_model=AdaptersResponse, summary="Loaded adapters and the shared backbone")
+    async def adapters() -> dict[str, Any]:
+        """Every adapter with its method and label set; the backbone they share."""
+        return {
+            "backbone": host.identity,
+            "adapters": [
+                {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
+                 "source": t.source, "private_bytes": t.private_bytes}
+                for t in host.tasks.values()
+            ],
+            "default": next(iter(host.tasks)) if len(host.tasks) == 1 else None,
+            "max_bytes": max_bytes,
+            "default_top_k": default_top_k,
+        }
+
+    @app.get("/healthz", summary="Liveness and batching counters")
+    async def healthz() -> dict[str, Any]:
+        """``status: ok`` while the model worker runs; request / batch counters."""
+        alive = batcher._thread.is_alive()
+        body = {"status": "ok" if alive else "worker stopped", "adapters": list(host.tasks), **batcher.snapshot()}
+        return body if alive else JSONResponse(body, status_code=503)
+
+    page = resources.files("visiontune.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> Any:
+        return HTMLResponse(page)
+
+    return app
+
+
+def serve(
+    adapters: dict[str, str], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+    max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
+) -> None:
+    """Load the adapters on one backbone and serve them until interrupted (blocking).
+
+    Args:
+        adapters: ``{name: run directory}``; all must share the backbone (name, weights, image size).
+        host: interface to bind; the default loopback keeps the service private to this machine.
+        port: TCP port.
+        device: where the backbone runs.
+        max_bytes: largest accepted image file.
+        max_batch: most requests per batched forward pass.
+        max_wait_ms: batching window.
+        log_level: uvicorn's log level.
+
+    Raises:
+        ConfigError: a path that is not a run. WeightsError: runs trained on different backbones.
+    """
+    try:
+        import uvicorn
+    except ImportError as exc:  # pragma: no cover
+        raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
+    from visiontune.train.loop import resolve_device
+
+    adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
+    app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{host}:{port} "
+          f"(web page /, API docs /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,37 @@
+"""`visiontune bench-infer`: both variants timed at each batch size; the table and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from visiontune.cli import main
+from visiontune.errors import ConfigError
+from visiontune.infer.bench import bench_infer, format_bench
+
+
+def test_bench_merged_and_unmerged(adapter_runs: dict[str, Path]) -> None:
+    rows = bench_infer(adapter_runs["colors"], batch_sizes=[1, 3], iters=2, warmup=0)
+    assert [(r["variant"], r["batch"]) for r in rows] == [("merged", 1), ("merged", 3), ("unmerged", 1), ("unmerged", 3)]
+    for r in rows:
+        assert r["iters"] == 2 and r["forward_ms"] > 0 and r["predictor_ms"] > 0
+        # With two passes the median is the mean: img/s = batch / (ms per batch).
+        assert r["forward_img_s"] == pytest.approx(r["batch"] / (r["forward_ms"] / 1000), rel=1e-9)
+        assert r["predictor_img_s"] == pytest.approx(r["batch"] / (r["predictor_ms"] / 1000), rel=1e-9)
+    table = format_bench(rows)
+    assert table.splitlines()[0].startswith("| model | batch | forward ms/batch")
+    assert "| merged | 3 |" in table and "batch 1: merged forward" in table
+
+
+def test_bench_method_without_merge_and_cli(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "2", "--iters", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["variant"], r["batch"]) for r in rows] == [("as trained", 2)]
+    table = format_bench(rows)
+    assert "| as trained | 2 |" in table and "nothing to merge" in table
+    assert main(["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes '1,x' is invalid" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"batch sizes \[0\] are invalid"):
+        bench_infer(adapter_runs["tone"], batch_sizes=[0])

@@ -1,0 +1,73 @@
+"""`visiontune predict`: folders recursed, bad files reported without stopping, table / JSON / CSV output."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from visiontune.cli import main
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path, runs_helper: ModuleType) -> Path:
+    """Images in nested folders, a corrupt image, a non-image file and a hidden file."""
+    root = tmp_path / "imgs"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    runs_helper.noisy_image(runs_helper.COLORS["red"], 1).save(root / "a_red.png")
+    runs_helper.noisy_image(runs_helper.COLORS["green"], 2).save(root / "sub" / "b_green.jpg", quality=95)
+    runs_helper.noisy_image(runs_helper.COLORS["blue"], 3).save(root / "sub" / "deeper" / "c_blue.PNG")
+    runs_helper.noisy_image(runs_helper.COLORS["blue"], 4).save(root / ".hidden" / "skip.png")
+    (root / "sub" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    (root / "notes.txt").write_text("not an image, not an image extension: skipped in folders")
+    return root
+
+
+def test_predict_folder_and_files_as_json(adapter_runs: dict[str, Path], image_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["predict", str(adapter_runs["colors"]), str(image_tree), str(image_tree / "a_red.png"),
+               str(image_tree / "nope.png"), "--top-k", "2", "--format", "json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # some inputs failed; the rest were predicted
+    rows = {Path(r["file"]).name: r for r in json.loads(out)}
+    assert set(rows) == {"a_red.png", "b_green.jpg", "c_blue.PNG", "corrupt.png", "nope.png"}
+    assert rows["a_red.png"]["predictions"][0]["label"] == "red" and len(rows["a_red.png"]["predictions"]) == 2
+    assert rows["b_green.jpg"]["predictions"][0]["label"] == "green"
+    assert rows["c_blue.PNG"]["predictions"][0]["label"] == "blue"
+    assert "cannot decode" in rows["corrupt.png"]["error"] and rows["nope.png"]["error"] == "no such file or folder"
+    assert len(json.loads(out)) == 6  # a_red.png twice: once from the folder, once named
+    assert "visiontune: skipped" in err and "corrupt.png" in err and "nope.png" in err and "skip.png" not in out
+
+
+def test_predict_table_and_csv(adapter_runs: dict[str, Path], image_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["predict", str(adapter_runs["tone"]), str(image_tree / "a_red.png"), "--top-k", "5", "--quiet"]) == 0
+    out, _ = capsys.readouterr()
+    header, line = out.strip().splitlines()
+    assert header.split() == ["file", "predictions"] and "a_red.png" in line
+    assert {"dark", "light"} <= set(line.split()) and "ERROR" not in line  # k clipped to the 2 labels
+
+    main(["predict", str(adapter_runs["colors"]), str(image_tree / "sub"), "--format", "csv", "--top-k", "3", "--quiet"])
+    out, _ = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["file", "label_1", "score_1", "label_2", "score_2", "label_3", "score_3", "error"]
+    by = {Path(r["file"]).name: r for r in rows}
+    assert by["b_green.jpg"]["label_1"] == "green" and by["b_green.jpg"]["error"] == ""
+    assert abs(sum(float(by["b_green.jpg"][f"score_{i}"]) for i in (1, 2, 3)) - 1) < 1e-4
+    assert by["corrupt.png"]["label_1"] == "" and by["corrupt.png"]["error"]
+
+
+def test_progress_bar_on_large_inputs_and_bad_options(adapter_runs: dict[str, Path], image_tree: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    # 4 images at batch size 2: "large" relative to the batch, so the bar shows (on stderr).
+    assert main(["predict", str(adapter_runs["colors"]), str(image_tree / "a_red.png"), str(image_tree / "sub" / "b_green.jpg"),
+                 str(image_tree / "a_red.png"), str(image_tree / "a_red.png"), "--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "predict: 100%" in err and "4/4" in err and len(out.strip().splitlines()) == 5
+    assert main(["predict", str(adapter_runs["colors"]), str(image_tree), "--top-k", "0"]) == 2
+    assert "top_k=0 is invalid" in capsys.readouterr().err
+    assert main(["predict", str(image_tree), str(image_tree)]) == 2
+    assert "not a visiontune run directory" in capsys.readouterr().err
