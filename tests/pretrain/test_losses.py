@@ -91,7 +91,7 @@ def test_koleo_on_fixed_points_and_its_gradient_spreads_them():
     assert float(koleo_loss(square)) == pytest.approx(-math.log(math.sqrt(2.0)), rel=1e-6)
     assert float(koleo_loss(3.0 * square)) == pytest.approx(float(koleo_loss(square)), rel=1e-6)  # scale-free
     pts = torch.tensor([[1.0, 0.05], [1.0, -0.05], [0.0, 1.0], [-1.0, 0.2]], requires_grad=True)
-    before = float(koleo_loss(pts))
+    before = float(koleo_loss(pts).detach())
     koleo_loss(pts).backward()
     with torch.no_grad():
         moved = pts - 0.05 * pts.grad

@@ -410,7 +410,7 @@ def _apply_recipe(data: dict[str, Any], problems: list[str]) -> None:
             if str(given) != str(value):
                 problems.append(
                     f"{prefix}.{key}={section[key]!r} contradicts explora.recipe={explora['recipe']!r} "
-                    f"(which means {key}={value!r}); drop one of them"
+                    f"(which means {key}={value!r}); drop one of them, e.g. add explora.recipe=null"
                 )
                 continue
         section[key] = value

@@ -283,6 +283,8 @@ def load_backbone(path: str | Path, num_classes: int = 0) -> nn.Module:
 def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None = None) -> PretrainResult:
     """Run ExPLoRA extended pretraining and write the new backbone with its lineage.
 
+    ``run.threads`` applies during the run only; torch's thread count is restored afterwards.
+
     Args:
         cfg: the pretraining config (:func:`visiontune.pretrain.load_pretrain_config`).
         callback: called after every step (and after its checkpoint, if one was due) with the step
@@ -292,13 +294,22 @@ def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None
     Returns:
         The run directory, the backbone file, its lineage record and the per-step history.
     """
+    previous = torch.get_num_threads()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _pretrain(cfg, callback)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None) -> PretrainResult:
+    """The body of :func:`pretrain` (which only scopes the thread count around it)."""
     from visiontune.backbones import backbone_identity, data_config
     from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
     from visiontune.train.loop import autocast, autocast_dtype, resolve_device, seed_everything
 
     device = resolve_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     seed = cfg.run.seed
     seed_everything(seed, True)
     amp = autocast_dtype(cfg.optim.precision, device)
@@ -394,7 +405,6 @@ def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None
     t0, cpu0 = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not cfg.run.progress, dynamic_ncols=True)
     batches = iter(loader)
-    step = start
     try:
         for step in range(start, steps):
             crops = next(batches)
