@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -18,3 +22,29 @@ TINY = [
 def tiny_overrides(tmp_path) -> list[str]:
     """Overrides for a seconds-long run of a tiny random ViT on digits, writing under tmp_path."""
     return [*TINY, f"run.dir={tmp_path / 'runs'}"]
+
+
+# ----------------------------------------------------------------------------- tiny trained runs (tests/infer, tests/serve)
+
+
+def _load_adapter_runs_helper() -> ModuleType:
+    """``tests/infer/_adapter_runs.py`` as a module (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("visiontune_test_adapter_runs", Path(__file__).parent / "infer" / "_adapter_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ADAPTER_RUNS = _load_adapter_runs_helper()
+
+
+@pytest.fixture(scope="session")
+def runs_helper() -> ModuleType:
+    """The helper module: ``COLORS``, ``TONES``, ``noisy_image``, ``png_bytes``."""
+    return _ADAPTER_RUNS
+
+
+@pytest.fixture(scope="session")
+def adapter_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run directories ``colors`` (LoRA), ``tone`` (Mona), ``big`` (other image size), trained once per session."""
+    return _ADAPTER_RUNS.make_adapter_runs(tmp_path_factory.getbasetemp() / "adapter-runs")

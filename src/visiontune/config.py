@@ -190,19 +190,12 @@ class MethodConfig:
         return []
 
 
-@dataclass
-class Config:
-    """A whole run: ``run``, ``data``, ``backbone``, ``method``, ``optim``."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class YamlConfig:
+    """``to_dict`` / ``dump`` for a top-level config dataclass (fine-tuning runs and extended pretraining)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     def dump(self, path: str | Path) -> Path:
         """Write the config as YAML to ``path``."""
@@ -210,6 +203,17 @@ class Config:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
+
+
+@dataclass
+class Config(YamlConfig):
+    """A whole run: ``run``, ``data``, ``backbone``, ``method``, ``optim``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 _SECTIONS = {"run": RunConfig, "data": DataConfig, "backbone": BackboneConfig, "optim": OptimConfig}

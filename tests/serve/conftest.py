@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
@@ -15,29 +13,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the service needs the serve extra (fastapi, uvicorn, python-multipart)")
 
 
-def _load_helper() -> ModuleType:
-    path = Path(__file__).parents[1] / "infer" / "_adapter_runs.py"
-    spec = importlib.util.spec_from_file_location("visiontune_test_adapter_runs_serve", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_HELPER = _load_helper()
 MAX_BYTES = 20_000
 """The live server's --max-bytes: small, so the too-large case needs no big upload."""
-
-
-@pytest.fixture(scope="session")
-def runs_helper() -> ModuleType:
-    """The helper module: ``COLORS``, ``TONES``, ``noisy_image``, ``png_bytes``."""
-    return _HELPER
-
-
-@pytest.fixture(scope="session")
-def adapter_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same runs as tests/infer (trained once per session, whichever folder asks first)."""
-    return _HELPER.make_adapter_runs(tmp_path_factory.getbasetemp() / "adapter-runs")
 
 
 class LiveServer:

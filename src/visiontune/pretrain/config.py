@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from visiontune.config import BackboneConfig, _help, apply_overrides, build_dataclass, deep_merge
+from visiontune.config import BackboneConfig, _help, apply_overrides, YamlConfig, build_dataclass, deep_merge
 from visiontune.errors import ConfigError
 
 _RECIPE = re.compile(r"^(?:(?P<obj>[A-Za-z])-)?explora-\[(?P<blocks>[^\]]+)\]-r(?P<rank>\d+)$", re.IGNORECASE)
@@ -359,7 +359,7 @@ class PretrainOptimConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(YamlConfig):
     """A whole extended-pretraining run."""
 
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
@@ -369,17 +369,6 @@ class PretrainConfig:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (what ``config.yaml`` holds)."""
-        return dataclasses.asdict(self)
-
-    def dump(self, path: str | Path) -> Path:
-        """Write the config as YAML."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
 
     def recipe_name(self) -> str:
         """The paper's name of this configuration, e.g. ``D-ExPLoRA-[L]-r64``."""
