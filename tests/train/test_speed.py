@@ -86,6 +86,8 @@ def test_self_check_rejects_a_wrong_shortcut(tiny_overrides, monkeypatch):
     real = speed.last_block_class_token
     monkeypatch.setattr(speed, "last_block_class_token", lambda block, x: real(block, x).flip(-1))  # (a constant shift would vanish in the final LayerNorm)
     assert speed.fast_forward(model) is model
+    monkeypatch.setattr(speed, "last_block_class_token", real)
+    assert speed.fast_forward(model) is model  # the verdict is kept per model object
     state = torch.random.get_rng_state()
     speed.fast_forward(model)
     assert torch.equal(state, torch.random.get_rng_state())  # the check draws from its own generator

@@ -21,6 +21,7 @@ format for a model.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ def class_token_blocker(model: nn.Module) -> str | None:
         return f"{type(model).__name__} is not a timm VisionTransformer with the standard forward"
     if type(model).forward_head is not VisionTransformer.forward_head or type(model).forward is not VisionTransformer.forward:
         return "the model overrides forward / forward_head"
+    if model._forward_hooks or model._forward_pre_hooks_with_kwargs:
+        return "the model has forward hooks that expect its own forward"
     if model.global_pool != "token" or model.attn_pool is not None:
         return f"the head pools {model.global_pool!r}, not the class token"
     if not isinstance(model.blocks, nn.Sequential) or not len(model.blocks):
@@ -72,6 +75,7 @@ class ClassTokenViT(nn.Module):
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
+        x = run_pre_hooks(m, x)
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         return run_blocks(m, x, 0)
 
@@ -83,6 +87,16 @@ class ClassTokenViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def run_pre_hooks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call ``model``'s forward pre-hooks as ``model(x)`` would (e.g. QLoRA's compute-dtype choice at the first
+    input) for code that runs the model's parts itself; returns the possibly replaced input."""
+    for hook in model._forward_pre_hooks.values():
+        out = hook(model, (x,))
+        if out is not None:
+            x = out[0] if isinstance(out, tuple) else out
+    return x
 
 
 def run_blocks(model: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -142,9 +156,17 @@ def fast_forward(model: nn.Module, check: bool = True) -> nn.Module:
     if class_token_blocker(model) is not None:
         return model
     fast = ClassTokenViT(model)
-    if check and not _agrees(model, fast):
-        return model
+    if check:
+        # The shortcut is exact for any weights, so one check per model object is enough (a run wraps
+        # the same model for the probe head init, training and validation).
+        if model not in _CHECKED:
+            _CHECKED[model] = _agrees(model, fast)
+        if not _CHECKED[model]:
+            return model
     return fast
+
+
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
@@ -152,12 +174,11 @@ def _agrees(model: nn.Module, fast: nn.Module) -> bool:
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        ref = next((p for p in model.parameters()), None)
-        size = model.patch_embed.img_size
+        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, *size, generator=gen)
+        x = torch.randn(1, 3, *model.patch_embed.img_size, generator=gen)
         if ref is not None:
-            x = x.to(ref.device)
+            x = x.to(ref.device, ref.dtype)
         a, b = model(x), fast(x)
         return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(a.abs().max()))))
     finally:
