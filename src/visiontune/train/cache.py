@@ -18,7 +18,7 @@ image, so a cache cannot be exact. ``run.prefix_cache=views`` (opt-in) caches ``
 augmented views per image and epoch ``e`` trains on view ``e mod V``: the prefix costs V passes
 instead of one per epoch, at the price of only V distinct crops per image. It pays off when
 ``V < epochs``; with ``V >= epochs`` it computes as much as the uncached loop and only reorders the
-random draws.
+random draws. ``run.prefix_cache=none`` turns caching off.
 
 Written by hand: timm has no notion of "run the model from block k", and peft/accelerate cache
 nothing between epochs. Supported models: timm ``VisionTransformer`` (ViT, DeiT, DINOv2, CLIP ViT,
@@ -83,6 +83,8 @@ class FrozenPrefix:
             return None, "blocks are not an nn.Sequential"
         if getattr(model, "dynamic_img_size", False):
             return None, "dynamic_img_size models are not supported"
+        if model._forward_hooks or model._forward_pre_hooks_with_kwargs:
+            return None, "the model has forward hooks that expect its own forward"
         if _trains(model.patch_embed, model.cls_token, model.reg_token, model.pos_embed, model.norm_pre):
             return None, "the patch embedding / tokens / position embedding train: no frozen prefix"
         start = next((i for i, b in enumerate(model.blocks) if _trains(b)), len(model.blocks))
@@ -99,8 +101,10 @@ class FrozenPrefix:
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens entering block ``start`` (no autograd: nothing below it trains)."""
+        from visiontune.train.speed import run_pre_hooks
+
         m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(run_pre_hooks(m, x)))))
         return m.blocks[: self.start](x)
 
     @property
