@@ -412,6 +412,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return Config(method=method_cfg, **sections)
 
 
+def read_config_file(path: str | Path, where: str) -> dict[str, Any]:
+    """A YAML config file as a dict of sections; ConfigError (naming the file and the fix) otherwise.
+
+    Args:
+        path: the file.
+        where: folder of example configs named in the "does not exist" message.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see {where})")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(p)!r} should hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -429,16 +448,7 @@ def load_config(
     """
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} should hold a mapping of sections, got {type(loaded).__name__}")
-        data = deep_merge(data, loaded)
+        data = deep_merge(data, read_config_file(path, "configs/"))
     if overrides:
         data = apply_overrides(data, list(overrides))
     return config_from_dict(data)

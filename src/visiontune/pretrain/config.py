@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from visiontune.config import BackboneConfig, _help, apply_overrides, YamlConfig, build_dataclass, deep_merge
+from visiontune.config import BackboneConfig, _help, apply_overrides, YamlConfig, build_dataclass, deep_merge, read_config_file
 from visiontune.errors import ConfigError
 
 _RECIPE = re.compile(r"^(?:(?P<obj>[A-Za-z])-)?explora-\[(?P<blocks>[^\]]+)\]-r(?P<rank>\d+)$", re.IGNORECASE)
@@ -447,18 +446,7 @@ def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | 
     Raises:
         ConfigError: listing every problem found.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/pretrain/)")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} should hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
+    data: dict[str, Any] = read_config_file(path, "configs/pretrain/") if path is not None else {}
     if overrides:
         data = apply_overrides(data, list(overrides))
     return pretrain_config_from_dict(data)
