@@ -57,8 +57,8 @@ METHODS: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 # peft module-name regexes for timm's ViT (full match): the fused qkv, or every Linear inside the blocks.
 PEER_TARGETS = {"qkv": r"blocks\.\d+\.attn\.qkv", "all": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"}
-QUICK = {"epochs": 2, "test_per_class": 40, "repeats": 2, "linear_loop_epochs": 10}
-FULL = {"epochs": 10, "test_per_class": 100, "repeats": 3, "linear_loop_epochs": 10}
+QUICK = {"epochs": 2, "test_per_class": 40, "repeats": 2, "linear_loop_epochs": 30}
+FULL = {"epochs": 10, "test_per_class": 100, "repeats": 3, "linear_loop_epochs": 30}
 
 
 # ============================================================================ workers (fresh processes)

@@ -28,7 +28,8 @@ def save_adapter(path: Path, method: Method, model: nn.Module, identity: dict[st
     """Write the trained parameters + head with the backbone identity and labels in the file's metadata."""
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in method.trainable_state_dict(model).items()}
+    # Cloned: split q/k/v weights are views of one tensor, which safetensors refuses to write as such.
+    state = {k: v.detach().clone().contiguous() for k, v in method.trainable_state_dict(model).items()}
     meta = {
         "visiontune": json.dumps(
             {"format": FORMAT_VERSION, "method": method.name, "backbone_identity": identity, "classes": classes}

@@ -128,3 +128,114 @@ def test_attention_that_reads_qkv_weight_is_left_fused() -> None:
     blocked = unsplittable_qkv(model)
     assert set(blocked) == {"layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.qkv"}
     assert all("WindowAttention" in why for why in blocked.values())
+
+
+def _peft_split(kind: str, targets: str, dora: bool, bias: bool = True) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    if bias:
+        _randomize_biases(model)
+    split_qkv(model)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():  # peft starts B at zero, which would hide a wrong adapter term
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor, per_part: bool, monkeypatch: pytest.MonkeyPatch):
+    import visiontune.backbones.qkv as qkv_mod
+
+    calls = []
+    real = qkv_mod._fused_forward
+    monkeypatch.setattr(qkv_mod, "_fused_forward", lambda *a: calls.append(1) or real(*a))
+    if per_part:
+        monkeypatch.setattr(qkv_mod, "_fusable_bases", lambda parts: None)
+    model.train()
+    model.zero_grad()
+    y = model(x)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    with torch.inference_mode():
+        ev = model(x)
+    monkeypatch.undo()
+    return y.detach(), grads, ev, len(calls)
+
+
+@pytest.mark.parametrize(
+    "kind,targets,dora",
+    [
+        ("vit_bias_qknorm", r".*qkv\.(q|k|v)", False),
+        ("vit", r".*qkv\.(q|v)", False),  # k stays a plain Linear inside the fused GEMM
+        ("dinov2_reg_layerscale", r".*qkv\.(q|k|v)", True),
+        ("dinov3_eva_rope", r".*qkv\.q", True),
+        ("eva_q_v_bias", r".*(qkv\.(q|k|v)|proj|fc1|fc2)", False),
+    ],
+)
+def test_fused_qkv_path_equals_calling_the_parts(kind, targets, dora, monkeypatch) -> None:
+    """One GEMM on the concatenated q/k/v weights + per-part adapters == peft's per-layer forward."""
+    model = _peft_split(kind, targets, dora)
+    x = torch.randn(2, 3, 32, 32)
+    ref, ref_g, ref_eval, ref_calls = _outputs_and_grads(model, x, True, monkeypatch)
+    out, g, ev, calls = _outputs_and_grads(model, x, False, monkeypatch)
+    assert ref_calls == 0 and calls >= 2  # the fused path ran in every block, the reference never
+    assert (out - ref).abs().max().item() <= TOL
+    assert (ev - ref_eval).abs().max().item() <= TOL
+    assert ref_g.keys() == g.keys() and len(g) > 0
+    for n in g:
+        assert torch.allclose(g[n], ref_g[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_fused_qkv_path_follows_merge_disable_and_adapter_switch(monkeypatch) -> None:
+    import visiontune.backbones.qkv as qkv_mod
+    from peft import LoraConfig
+
+    model = _peft_split("vit", r".*qkv\.(q|k|v)", False).eval()
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=r".*qkv\.(q|v)"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.other" in n:
+                p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            fused = model(x)
+            with monkeypatch.context() as m:
+                m.setattr(qkv_mod, "_fusable_bases", lambda parts: None)
+                ref = model(x)
+        return fused, ref
+
+    outs = {}
+    for state in ("default", "other", "disabled", "merged"):
+        if state == "other":
+            model.set_adapter("other")
+        elif state == "disabled":
+            with model.disable_adapter():
+                outs[state] = both()
+            continue
+        elif state == "merged":
+            model.set_adapter("default")
+            model.merge_adapter()
+        outs[state] = both()
+    for state, (fused, ref) in outs.items():
+        assert (fused - ref).abs().max().item() <= TOL, state
+    # The states really differ (the adapters do something), and merging keeps the default adapter's function.
+    assert (outs["default"][0] - outs["other"][0]).abs().max() > 1e-3
+    assert (outs["default"][0] - outs["disabled"][0]).abs().max() > 1e-3
+    assert (outs["default"][0] - outs["merged"][0]).abs().max() <= 1e-4
+
+
+def test_a_hooked_part_is_called_itself() -> None:
+    model = _vit().eval()
+    split_qkv(model)
+    seen = []
+    model.blocks[0].attn.qkv.k.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 1  # block 0 took the per-part path so the hook ran; block 1 is unaffected

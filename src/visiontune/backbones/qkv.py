@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,11 +34,13 @@ class SplitQKV(nn.Module):
         v: value projection.
     """
 
-    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module):
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, fused_weight: torch.Tensor | None = None):
         super().__init__()
         self.q = q
         self.k = k
         self.v = v
+        # Not a parameter or buffer: the storage the parts' weights are views of, when they are (see _split_one).
+        self._fused_weight = fused_weight
 
     @property
     def in_features(self) -> int:
@@ -48,10 +51,121 @@ class SplitQKV(nn.Module):
         return int(_base(self.q).out_features + _base(self.k).out_features + _base(self.v).out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((self.q(x), self.k(x), self.v(x)), dim=-1)
+        parts = (self.q, self.k, self.v)
+        bases = _fusable_bases(parts)
+        if bases is None:
+            return torch.cat([p(x) for p in parts], dim=-1)
+        weight = self._shared_weight(bases)
+        return _fused_forward(x, parts, bases, weight)
+
+    def _shared_weight(self, bases: list[nn.Linear]) -> torch.Tensor:
+        """The ``[q | k | v]`` weight: the shared storage while the parts are still views of it, else a copy.
+
+        A merge that assigns new data (peft's DoRA merge), ``.to()``, or loading other tensors breaks the
+        sharing; the reference is then dropped for good and the weights are concatenated per call. Trainable
+        weights (ExPLoRA's unfrozen blocks) are always concatenated, so their gradients reach the parts.
+        """
+        fused = self._fused_weight
+        if fused is not None:
+            offset, size = fused.data_ptr(), fused.element_size()
+            for b in bases:
+                w = b.weight
+                if w.requires_grad or w.dtype != fused.dtype or w.device != fused.device or w.data_ptr() != offset:
+                    break
+                if not w.is_contiguous():
+                    break
+                offset += w.numel() * size
+            else:
+                if offset == fused.data_ptr() + fused.numel() * size:
+                    return fused
+            if not any(b.weight.requires_grad for b in bases):
+                self._fused_weight = None
+        return torch.cat([b.weight for b in bases])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (q|k|v)"
+
+
+def _lora_linear_type() -> type | None:
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return LoraLinear
+
+
+def _fusable_bases(parts: tuple[nn.Module, ...]) -> list[nn.Linear] | None:
+    """The three plain ``nn.Linear`` layers under ``parts`` when one fused GEMM may replace three, else None.
+
+    Allowed: each part a plain ``nn.Linear`` or a peft LoRA/DoRA ``Linear`` over one, without forward
+    hooks (a hook expects its module's own call). Anything else (4-bit layers, other tuners, hooks)
+    takes the per-part path.
+    """
+    lora_type = _lora_linear_type()
+    bases = []
+    for part in parts:
+        if type(part) is nn.Linear:
+            base = part
+        elif lora_type is not None and type(part) is lora_type:
+            base = part.get_base_layer()
+            if type(base) is not nn.Linear or part._forward_hooks or part._forward_pre_hooks:
+                return None
+        else:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        bases.append(base)
+    return bases
+
+
+def _fused_forward(
+    x: torch.Tensor, parts: tuple[nn.Module, ...], bases: list[nn.Linear], weight: torch.Tensor
+) -> torch.Tensor:
+    """``cat(q(x), k(x), v(x))`` with one GEMM on the concatenated frozen weights, adapters added per part.
+
+    Same function as calling the parts (peft's ``lora.Linear.forward``: base output, then for every active
+    adapter ``+ B(A(dropout(x))) * scaling``, or the DoRA variant's rescaling), but the base projection is
+    one ``(dim -> 3 dim)`` matmul instead of three ``(dim -> dim)`` ones plus a concatenation: fewer,
+    larger GEMMs forward and backward and no per-part output buffers. Concatenating the weights costs a
+    copy of them per call unless ``weight`` is the storage they share (see :meth:`SplitQKV._shared_weight`).
+    """
+    bias = None
+    if any(b.bias is not None for b in bases):
+        bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+    out = F.linear(x, weight, bias)
+    sizes = [b.out_features for b in bases]
+    pieces = list(out.split(sizes, dim=-1))
+    deltas: list[list[torch.Tensor]] = [[] for _ in parts]
+    variant = False
+    for i, part in enumerate(parts):
+        if part is bases[i] or part.disable_adapters or part.merged:
+            continue
+        active = [name for name in part.active_adapters if name in part.lora_A.keys()]
+        # DoRA rescales the output it is given, so a part with a variant adapter is built up in order,
+        # exactly as peft does; plain LoRA terms are added into the fused output in place.
+        in_order = any(name in part.lora_variant for name in active)
+        variant = variant or in_order
+        for name in active:
+            xi = part._cast_input_dtype(x, part.lora_A[name].weight.dtype)
+            if name in part.lora_variant:
+                pieces[i] = part.lora_variant[name].forward(part, active_adapter=name, x=xi, result=pieces[i])
+                continue
+            term = part.lora_B[name](part.lora_A[name](part.lora_dropout[name](xi))) * part.scaling[name]
+            if in_order:
+                pieces[i] = pieces[i] + term
+            else:
+                deltas[i].append(term)
+    if variant:
+        for i, extra in enumerate(deltas):
+            for d in extra:
+                pieces[i] = pieces[i] + d
+        return torch.cat(pieces, dim=-1).to(out.dtype)
+    start = 0
+    for size, extra in zip(sizes, deltas):
+        for d in extra:
+            out.narrow(-1, start, size).add_(d)  # into `out`: no concatenation needed
+        start += size
+    return out
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -127,13 +241,14 @@ def _split_one(attn: nn.Module) -> None:
         extra = torch.cat((attn.q_bias.detach(), attn.k_bias.detach(), attn.v_bias.detach()))
         bias = extra if bias is None else bias + extra
     parts = []
+    w = w.contiguous()
     for i in range(3):
-        lin = nn.Linear(fused.in_features, d, bias=bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w[i * d : (i + 1) * d])
-            if bias is not None:
-                lin.bias.copy_(bias[i * d : (i + 1) * d])
-        lin.weight.requires_grad_(fused.weight.requires_grad)
+        lin = nn.Linear(fused.in_features, d, bias=bias is not None, device="meta", dtype=w.dtype)
+        # The parts' weights are views of the fused weight (no copy): the fused GEMM of
+        # :func:`_fused_forward` can then use that one tensor as long as nothing has replaced them.
+        lin.weight = nn.Parameter(w[i * d : (i + 1) * d], requires_grad=fused.weight.requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[i * d : (i + 1) * d].clone())
         if lin.bias is not None:
             lin.bias.requires_grad_(fused.bias.requires_grad if fused.bias is not None else attn.q_bias.requires_grad)
         parts.append(lin)
@@ -144,7 +259,7 @@ def _split_one(attn: nn.Module) -> None:
             if name in attn._buffers:
                 del attn._buffers[name]
             setattr(attn, name, None)
-    attn.qkv = SplitQKV(*parts)
+    attn.qkv = SplitQKV(*parts, fused_weight=w)
 
 
 def split_qkv(model: nn.Module) -> list[str]:
