@@ -19,6 +19,7 @@ would silently bypass) are left fused and reported by :func:`qkv_split_blocker`.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ def _fused_forward(
     out = F.linear(x, weight, bias)
     sizes = [b.out_features for b in bases]
     pieces = list(out.split(sizes, dim=-1))
-    deltas: list[list[torch.Tensor]] = [[] for _ in parts]
+    deltas: list[list[Any]] = [[] for _ in parts]
     variant = False
     for i, part in enumerate(parts):
         if part is bases[i] or part.disable_adapters or part.merged:
@@ -150,22 +151,40 @@ def _fused_forward(
             if name in part.lora_variant:
                 pieces[i] = part.lora_variant[name].forward(part, active_adapter=name, x=xi, result=pieces[i])
                 continue
-            term = part.lora_B[name](part.lora_A[name](part.lora_dropout[name](xi))) * part.scaling[name]
-            if in_order:
-                pieces[i] = pieces[i] + term
-            else:
-                deltas[i].append(term)
+            lora_b = part.lora_B[name]
+            hidden = part.lora_A[name](part.lora_dropout[name](xi))
+            if in_order or type(lora_b) is not nn.Linear or lora_b.bias is not None or lora_b._forward_hooks:
+                term = lora_b(hidden) * part.scaling[name]
+                if in_order:
+                    pieces[i] = pieces[i] + term
+                else:
+                    deltas[i].append(term)
+            else:  # B's matmul accumulates straight into the output: no (tokens x dim) temporaries
+                deltas[i].append((hidden, lora_b.weight, part.scaling[name]))
     if variant:
         for i, extra in enumerate(deltas):
             for d in extra:
-                pieces[i] = pieces[i] + d
+                pieces[i] = pieces[i] + _term(d)
         return torch.cat(pieces, dim=-1).to(out.dtype)
+    flat = out.view(-1, out.shape[-1])
     start = 0
     for size, extra in zip(sizes, deltas):
         for d in extra:
-            out.narrow(-1, start, size).add_(d)  # into `out`: no concatenation needed
+            view = flat.narrow(1, start, size)
+            if isinstance(d, tuple):
+                hidden, b_weight, scaling = d
+                view.addmm_(hidden.reshape(-1, hidden.shape[-1]), b_weight.t(), alpha=scaling)
+            else:
+                view.add_(d.reshape(view.shape))
         start += size
     return out
+
+
+def _term(d: torch.Tensor | tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    if isinstance(d, tuple):
+        hidden, b_weight, scaling = d
+        return F.linear(hidden, b_weight) * scaling
+    return d
 
 
 def _base(module: nn.Module) -> nn.Module:
