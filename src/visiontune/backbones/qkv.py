@@ -19,7 +19,6 @@ would silently bypass) are left fused and reported by :func:`qkv_split_blocker`.
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,18 +97,19 @@ def _lora_linear_type() -> type | None:
 def _fusable_bases(parts: tuple[nn.Module, ...]) -> list[nn.Linear] | None:
     """The three plain ``nn.Linear`` layers under ``parts`` when one fused GEMM may replace three, else None.
 
-    Allowed: each part a plain ``nn.Linear`` or a peft LoRA/DoRA ``Linear`` over one, without forward
-    hooks (a hook expects its module's own call). Anything else (4-bit layers, other tuners, hooks)
-    takes the per-part path.
+    Allowed: each part a plain ``nn.Linear`` or a peft LoRA/DoRA ``Linear`` over one, adapters enabled
+    (peft unmerges a merged layer when adapters are disabled, so that mode runs the parts themselves),
+    without forward hooks (a hook expects its module's own call). Anything else (4-bit layers, other
+    tuners, hooks) takes the per-part path.
     """
     lora_type = _lora_linear_type()
     bases = []
     for part in parts:
         if type(part) is nn.Linear:
             base = part
-        elif lora_type is not None and type(part) is lora_type:
+        elif lora_type is not None and isinstance(part, lora_type):
             base = part.get_base_layer()
-            if type(base) is not nn.Linear or part._forward_hooks or part._forward_pre_hooks:
+            if type(base) is not nn.Linear or part._forward_hooks or part._forward_pre_hooks or part.disable_adapters:
                 return None
         else:
             return None
@@ -127,64 +127,44 @@ def _fused_forward(
     Same function as calling the parts (peft's ``lora.Linear.forward``: base output, then for every active
     adapter ``+ B(A(dropout(x))) * scaling``, or the DoRA variant's rescaling), but the base projection is
     one ``(dim -> 3 dim)`` matmul instead of three ``(dim -> dim)`` ones plus a concatenation: fewer,
-    larger GEMMs forward and backward and no per-part output buffers. Concatenating the weights costs a
-    copy of them per call unless ``weight`` is the storage they share (see :meth:`SplitQKV._shared_weight`).
+    larger GEMMs forward and backward, and plain LoRA terms accumulate into the fused output in place
+    (:func:`visiontune.methods.lean_lora.accumulate`). ``weight`` is the storage the parts share, or a
+    copy (see :meth:`SplitQKV._shared_weight`).
     """
+    from visiontune.methods.lean_lora import accumulate, plain_terms
+
     bias = None
     if any(b.bias is not None for b in bases):
         bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-    out = F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    out = F.linear(flat, weight, bias)
     sizes = [b.out_features for b in bases]
-    pieces = list(out.split(sizes, dim=-1))
-    deltas: list[list[Any]] = [[] for _ in parts]
-    variant = False
+    terms = [[] if part is base else plain_terms(part, flat) for part, base in zip(parts, bases)]
+    if all(t is not None for t in terms):
+        start = 0
+        for size, t in zip(sizes, terms):
+            accumulate(out.narrow(1, start, size), t, flat)
+            start += size
+        return out.view(*lead, out.shape[-1])
+    # Some part needs peft's own semantics (DoRA rescales the base output it is given): build each part's
+    # output in order from its slice of the fused base output, exactly as peft's forward does.
+    pieces = list(out.view(*lead, out.shape[-1]).split(sizes, dim=-1))
     for i, part in enumerate(parts):
-        if part is bases[i] or part.disable_adapters or part.merged:
+        if terms[i] is not None:
+            for lora_a, dropout, b_weight, scaling in terms[i]:
+                pieces[i] = pieces[i] + F.linear(lora_a(dropout(x)), b_weight) * scaling
             continue
-        active = [name for name in part.active_adapters if name in part.lora_A.keys()]
-        # DoRA rescales the output it is given, so a part with a variant adapter is built up in order,
-        # exactly as peft does; plain LoRA terms are added into the fused output in place.
-        in_order = any(name in part.lora_variant for name in active)
-        variant = variant or in_order
-        for name in active:
+        for name in part.active_adapters if not part.merged else ():
+            if name not in part.lora_A.keys():
+                continue
             xi = part._cast_input_dtype(x, part.lora_A[name].weight.dtype)
             if name in part.lora_variant:
                 pieces[i] = part.lora_variant[name].forward(part, active_adapter=name, x=xi, result=pieces[i])
-                continue
-            lora_b = part.lora_B[name]
-            hidden = part.lora_A[name](part.lora_dropout[name](xi))
-            if in_order or type(lora_b) is not nn.Linear or lora_b.bias is not None or lora_b._forward_hooks:
-                term = lora_b(hidden) * part.scaling[name]
-                if in_order:
-                    pieces[i] = pieces[i] + term
-                else:
-                    deltas[i].append(term)
-            else:  # B's matmul accumulates straight into the output: no (tokens x dim) temporaries
-                deltas[i].append((hidden, lora_b.weight, part.scaling[name]))
-    if variant:
-        for i, extra in enumerate(deltas):
-            for d in extra:
-                pieces[i] = pieces[i] + _term(d)
-        return torch.cat(pieces, dim=-1).to(out.dtype)
-    flat = out.view(-1, out.shape[-1])
-    start = 0
-    for size, extra in zip(sizes, deltas):
-        for d in extra:
-            view = flat.narrow(1, start, size)
-            if isinstance(d, tuple):
-                hidden, b_weight, scaling = d
-                view.addmm_(hidden.reshape(-1, hidden.shape[-1]), b_weight.t(), alpha=scaling)
             else:
-                view.add_(d.reshape(view.shape))
-        start += size
-    return out
-
-
-def _term(d: torch.Tensor | tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
-    if isinstance(d, tuple):
-        hidden, b_weight, scaling = d
-        return F.linear(hidden, b_weight) * scaling
-    return d
+                term = part.lora_B[name](part.lora_A[name](part.lora_dropout[name](xi))) * part.scaling[name]
+                pieces[i] = pieces[i] + term.to(pieces[i].dtype)
+    return torch.cat(pieces, dim=-1)
 
 
 def _base(module: nn.Module) -> nn.Module:

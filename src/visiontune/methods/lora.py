@@ -381,11 +381,15 @@ class LoRA(Method):
     def _peft_config(self, names: list[str]) -> Any:
         from peft import LoraConfig as PeftLoraConfig
 
-        return PeftLoraConfig(
-            r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout, use_dora=self.use_dora,
-            bias="none",
-            # A full-match regex of exact names: peft's list form would also match name suffixes.
-            target_modules="(?:" + "|".join(re.escape(n) for n in names) + ")",
+        from visiontune.methods.lean_lora import use_lean_layers
+
+        return use_lean_layers(
+            PeftLoraConfig(
+                r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout, use_dora=self.use_dora,
+                bias="none",
+                # A full-match regex of exact names: peft's list form would also match name suffixes.
+                target_modules="(?:" + "|".join(re.escape(n) for n in names) + ")",
+            )
         )
 
     def _inject(self, model: nn.Module, names: list[str]) -> None:
