@@ -239,3 +239,60 @@ def test_a_hooked_part_is_called_itself() -> None:
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     assert len(seen) == 1  # block 0 took the per-part path so the hook ran; block 1 is unaffected
+
+
+def test_four_bit_parts_accumulate_like_peft(monkeypatch) -> None:
+    """QLoRA's 4-bit q/k/v parts: base per part, LoRA products accumulated in place == calling the parts."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    import visiontune.backbones.qkv as qkv_mod
+    from visiontune.methods.lora import quantize_linears
+
+    torch.manual_seed(0)
+    model = _vit(qkv_bias=True)
+    _randomize_biases(model)
+    split_qkv(model)
+    quantize_linears(model, "nf4", True, "float32")
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=r".*qkv\.(q|v)"), model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    import visiontune.methods.lean_lora as lean
+
+    calls = []
+    orig = lean.plain_terms
+    monkeypatch.setattr(lean, "plain_terms", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
+    out, grads = run()
+    assert len(calls) >= 4 and all(calls)  # the lean per-part path ran, with adapter terms for q and v
+    monkeypatch.setattr(qkv_mod, "_per_part_forward", lambda x, parts: torch.cat([p(x) for p in parts], dim=-1))
+    ref, ref_grads = run()
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in k for k in grads)
+    for k in grads:
+        assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_fused_weight_is_shared_then_released_when_parts_are_replaced() -> None:
+    model = _vit().eval().requires_grad_(False)  # a frozen backbone, as under adapters
+    split_qkv(model)
+    split = model.blocks[0].attn.qkv
+    fused = split._fused_weight
+    assert fused is not None and split.q.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    assert split._fused_weight is fused  # still the parts' storage: used as the fused GEMM's weight
+    split.k.weight = nn.Parameter(split.k.weight.detach().clone(), requires_grad=False)  # e.g. .to(), a DoRA merge
+    with torch.no_grad():
+        out = model(x)
+    assert split._fused_weight is None and torch.isfinite(out).all()

@@ -54,9 +54,21 @@ class SplitQKV(nn.Module):
         parts = (self.q, self.k, self.v)
         bases = _fusable_bases(parts)
         if bases is None:
-            return torch.cat([p(x) for p in parts], dim=-1)
+            if self._fused_weight is not None and not self._aliased():
+                self._fused_weight = None  # the parts were replaced (e.g. quantized): free the float weight
+            return _per_part_forward(x, parts)
         weight = self._shared_weight(bases)
         return _fused_forward(x, parts, bases, weight)
+
+    def _aliased(self) -> bool:
+        """Whether some part's weight still lives in the storage of ``_fused_weight``."""
+        storage = self._fused_weight.untyped_storage().data_ptr()
+        for part in (self.q, self.k, self.v):
+            w = getattr(_base(part), "weight", None)
+            if isinstance(w, torch.Tensor) and w.device == self._fused_weight.device:
+                if w.untyped_storage().data_ptr() == storage:
+                    return True
+        return False
 
     def _shared_weight(self, bases: list[nn.Linear]) -> torch.Tensor:
         """The ``[q | k | v]`` weight: the shared storage while the parts are still views of it, else a copy.
@@ -165,6 +177,32 @@ def _fused_forward(
                 term = part.lora_B[name](part.lora_A[name](part.lora_dropout[name](xi))) * part.scaling[name]
                 pieces[i] = pieces[i] + term.to(pieces[i].dtype)
     return torch.cat(pieces, dim=-1)
+
+
+def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Tensor:
+    """``cat(q(x), k(x), v(x))`` when the parts cannot share one GEMM (e.g. 4-bit layers for QLoRA).
+
+    Parts with only plain LoRA adapters run their base layer, and their adapter products are accumulated
+    into the concatenated output in place (as :func:`_fused_forward` does) instead of peft's out-of-place
+    sum per part (for 4-bit layers peft also clones the base output). Anything else calls the part.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    from visiontune.methods.lean_lora import accumulate, plain_terms
+
+    flat = x.reshape(-1, x.shape[-1])
+    terms = [plain_terms(p, flat, any_base=True) if isinstance(p, LoraLayer) else None for p in parts]
+    outs = [p.get_base_layer()(x) if t is not None else p(x) for p, t in zip(parts, terms)]
+    if any(o.dtype != x.dtype for o, t in zip(outs, terms) if t is not None):  # a base that casts: peft's path
+        return torch.cat([p(x) for p in parts], dim=-1)
+    out = torch.cat(outs, dim=-1)
+    flat_out = out.view(-1, out.shape[-1])
+    start = 0
+    for o, t in zip(outs, terms):
+        if t:
+            accumulate(flat_out.narrow(1, start, o.shape[-1]), t, flat)
+        start += o.shape[-1]
+    return out
 
 
 def _base(module: nn.Module) -> nn.Module:

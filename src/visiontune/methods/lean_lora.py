@@ -41,17 +41,23 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def plain_terms(layer: nn.Module, x: torch.Tensor) -> list[Term] | None:
+def plain_terms(layer: nn.Module, x: torch.Tensor, any_base: bool = False) -> list[Term] | None:
     """The active plain-LoRA terms of a peft LoRA ``Linear`` for input ``x``, or None when peft must run it.
 
-    An empty list means the base layer alone (adapters merged or none active).
+    An empty list means the base layer alone (adapters merged or none active). ``any_base`` accepts any
+    base layer that maps ``x`` to an output of its dtype (e.g. bitsandbytes' 4-bit Linear, whose peft
+    layer adds the same ``B(A(x)) * scaling``); by default the base must be a plain float ``nn.Linear``.
     """
     if layer.disable_adapters or _hooked(layer):
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or _hooked(base) or x.dtype != base.weight.dtype:
+    if _hooked(base):
+        return None
+    if not any_base and (type(base) is not nn.Linear or x.dtype != base.weight.dtype):
+        return None
+    if not hasattr(layer, "lora_variant") or not hasattr(layer, "scaling"):
         return None
     if layer.merged:
         return []
