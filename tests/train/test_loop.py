@@ -146,4 +146,4 @@ def test_fresh_head_is_zero_before_training():
     cfg = vt.load_config(None, ["data.dataset=digits", "backbone.name=test_vit", "backbone.weights=none", "method.name=full"])
     model = build_model(cfg, METHODS.get("full")(cfg.method), 7)
     head = classifier_of(model)
-    assert head.out_features == 7 and float(head.weight.abs().sum()) == 0.0 and float(head.bias.abs().sum()) == 0.0
+    assert head.out_features == 7 and float(head.weight.detach().abs().sum()) == 0.0 and float(head.bias.detach().abs().sum()) == 0.0
