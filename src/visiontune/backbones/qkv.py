@@ -98,14 +98,6 @@ class SplitQKV(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features} (q|k|v)"
 
 
-def _lora_linear_type() -> type | None:
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    return LoraLinear
-
-
 def _fusable_bases(parts: tuple[nn.Module, ...]) -> list[nn.Linear] | None:
     """The three plain ``nn.Linear`` layers under ``parts`` when one fused GEMM may replace three, else None.
 
@@ -114,12 +106,13 @@ def _fusable_bases(parts: tuple[nn.Module, ...]) -> list[nn.Linear] | None:
     without forward hooks (a hook expects its module's own call). Anything else (4-bit layers, other
     tuners, hooks) takes the per-part path.
     """
-    lora_type = _lora_linear_type()
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     bases = []
     for part in parts:
         if type(part) is nn.Linear:
             base = part
-        elif lora_type is not None and isinstance(part, lora_type):
+        elif isinstance(part, LoraLinear):
             base = part.get_base_layer()
             if type(base) is not nn.Linear or part._forward_hooks or part._forward_pre_hooks or part.disable_adapters:
                 return None
@@ -143,7 +136,7 @@ def _fused_forward(
     (:func:`visiontune.methods.lean_lora.accumulate`). ``weight`` is the storage the parts share, or a
     copy (see :meth:`SplitQKV._shared_weight`).
     """
-    from visiontune.methods.lean_lora import accumulate, plain_terms
+    from visiontune.methods.lean_lora import plain_terms
 
     bias = None
     if any(b.bias is not None for b in bases):
@@ -154,10 +147,7 @@ def _fused_forward(
     sizes = [b.out_features for b in bases]
     terms = [[] if part is base else plain_terms(part, flat) for part, base in zip(parts, bases)]
     if all(t is not None for t in terms):
-        start = 0
-        for size, t in zip(sizes, terms):
-            accumulate(out.narrow(1, start, size), t, flat)
-            start += size
+        _accumulate_parts(out, sizes, terms, flat)
         return out.view(*lead, out.shape[-1])
     # Some part needs peft's own semantics (DoRA rescales the base output it is given): build each part's
     # output in order from its slice of the fused base output, exactly as peft's forward does.
@@ -188,7 +178,7 @@ def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Te
     """
     from peft.tuners.lora import LoraLayer
 
-    from visiontune.methods.lean_lora import accumulate, plain_terms
+    from visiontune.methods.lean_lora import plain_terms
 
     flat = x.reshape(-1, x.shape[-1])
     terms = [plain_terms(p, flat, any_base=True) if isinstance(p, LoraLayer) else None for p in parts]
@@ -196,13 +186,19 @@ def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Te
     if any(o.dtype != x.dtype for o, t in zip(outs, terms) if t is not None):  # a base that casts: peft's path
         return torch.cat([p(x) for p in parts], dim=-1)
     out = torch.cat(outs, dim=-1)
-    flat_out = out.view(-1, out.shape[-1])
-    start = 0
-    for o, t in zip(outs, terms):
-        if t:
-            accumulate(flat_out.narrow(1, start, o.shape[-1]), t, flat)
-        start += o.shape[-1]
+    _accumulate_parts(out.view(-1, out.shape[-1]), [o.shape[-1] for o in outs], terms, flat)
     return out
+
+
+def _accumulate_parts(out: torch.Tensor, sizes: list[int], terms: list, x: torch.Tensor) -> None:
+    """Add each part's plain-LoRA terms into its column block of the 2-d output ``out``, in place."""
+    from visiontune.methods.lean_lora import accumulate
+
+    start = 0
+    for size, t in zip(sizes, terms):
+        if t:
+            accumulate(out.narrow(1, start, size), t, x)
+        start += size
 
 
 def _base(module: nn.Module) -> nn.Module:

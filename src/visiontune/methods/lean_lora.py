@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from peft.tuners.lora.layer import Linear as _PeftLinear
-except ImportError:  # pragma: no cover - peft is a dependency
-    _PeftLinear = nn.Module  # type: ignore[assignment,misc]
+from peft.tuners.lora.layer import Linear as _PeftLinear
 
 Term = tuple[nn.Module, nn.Module, torch.Tensor, float]
 """One adapter's pieces: (lora_A, dropout, lora_B weight, scaling)."""
