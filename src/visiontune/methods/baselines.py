@@ -7,16 +7,16 @@ logistic regression is fitted on them. By default that fit is L-BFGS logistic re
 strength chosen on the validation split, or by stratified k-fold cross-validation on the training
 features when there is no validation split (so the default holds across datasets instead of being
 tuned to one). ``solver=adamw`` trains the head with the run's optimiser settings instead.
-The fit itself is scikit-learn's ``LogisticRegression``; written here is only the C selection over
-grouped folds (views of one image never straddle folds) and folding the feature standardisation
-back into a plain ``nn.Linear`` head, so inference needs no scikit-learn.
+The fit minimises scikit-learn's ``LogisticRegression`` objective with scipy's L-BFGS-B, all CV folds
+and every C as stacked problems (:mod:`visiontune.methods.logreg`, which says why); written here is the
+C selection over grouped folds (scikit-learn's ``StratifiedGroupKFold``; views of one image never
+straddle folds) and folding the feature standardisation back into a plain ``nn.Linear`` head, so
+inference needs neither library.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from visiontune.config import MethodConfig, OptimConfig
 from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.logreg import fit_path
 from visiontune.registry import METHODS
 
 _C_GRID = [10.0**e for e in np.arange(-3.0, 2.01, 0.5)]
@@ -55,62 +56,6 @@ class LinearConfig(MethodConfig):
         return out
 
 
-@functools.cache
-def _thread_pools() -> Any:
-    """One threadpoolctl controller for the process: ``threadpool_limits()`` re-scans every loaded library on
-    each call (~5 ms), which was a fifth of a few-shot probe's C search (55 small fits)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (scikit-learn, L-BFGS): returns (W [K, D], b [K]) over all K classes.
-
-    Classes absent from ``y`` (possible inside a CV fold) get a very negative bias so they are never predicted.
-    """
-    return _fit_path(x, y, num_classes, [c], max_iter)[0]
-
-
-def _fit_path(
-    x: np.ndarray, y: np.ndarray, num_classes: int, cs: list[float], max_iter: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_fit_logreg` for each C of ``cs`` in order, each fit warm-started from the previous solution.
-
-    A regularisation path (as scikit-learn's ``LogisticRegressionCV`` walks it): with C increasing, each
-    solution is a close start for the next, so L-BFGS needs a fraction of the iterations of a cold start.
-    Every fit still runs to scikit-learn's tolerance (or ``max_iter``), so the solutions are the same
-    optimum up to that tolerance.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    # Small problems: BLAS threads cost more than they give (and spin against torch's own OpenMP pool).
-    limit = 1 if x.size < 2_000_000 else None
-    out = []
-    clf = LogisticRegression(max_iter=max_iter, warm_start=True)
-    with warnings.catch_warnings(), _thread_pools().limit(limits=limit):
-        # A few-shot fit can stop at max_iter with a perfectly usable solution; selection by val/CV judges it.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in cs:
-            clf.set_params(C=c).fit(x, y)
-            out.append(_full_head(clf, x.shape[1], num_classes))
-    return out
-
-
-def _full_head(clf: Any, dim: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = np.zeros((num_classes, dim))
-    b = np.full(num_classes, -1e4)
-    if len(clf.classes_) == 2:
-        # scikit-learn stores one logit for two classes; spread it as a symmetric softmax.
-        w[clf.classes_] = np.stack([-clf.coef_[0] / 2, clf.coef_[0] / 2])
-        b[clf.classes_] = [-clf.intercept_[0] / 2, clf.intercept_[0] / 2]
-    else:
-        w[clf.classes_] = clf.coef_
-        b[clf.classes_] = clf.intercept_
-    return torch.from_numpy(w), torch.from_numpy(b)
-
-
 def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((x @ w.T + b).argmax(1) == y).float().mean())
 
@@ -118,22 +63,27 @@ def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 def choose_c(
     x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int, max_iter: int,
     val: tuple[torch.Tensor, torch.Tensor] | None, max_rows: int = 5000,
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], tuple[torch.Tensor, torch.Tensor] | None]:
     """Pick C from a log grid by validation accuracy, or by grouped stratified k-fold CV on the train set.
 
     Views of one image share a group so they never straddle folds. Above ``max_rows`` rows, C is chosen
     on a stratified subsample of images (the final fit still uses everything). Ties go to the smaller
-    C (stronger regularisation), the safer choice with few labels.
+    C (stronger regularisation), the safer choice with few labels. Every C's fits run as one stacked
+    L-BFGS problem (:mod:`visiontune.methods.logreg`) together with the fit on all of ``x`` when that
+    fits in ``max_rows``, so the head at the chosen C comes with it.
+
+    Returns:
+        (C, accuracy per C as {"0.01": acc}, (W, b) fitted on all of ``x`` at C or None when not fitted).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
     xn, yn = x.numpy(), y.numpy()
-    scores: dict[str, float] = {}
     if val is not None and len(val[1]) > 0:
-        for c, (w, b) in zip(_C_GRID, _fit_path(xn, yn, num_classes, _C_GRID, max_iter)):
-            scores[f"{c:g}"] = _accuracy(w, b, *val)
+        path = [heads[0] for heads in fit_path(xn, yn, [np.arange(len(yn))], num_classes, _C_GRID, max_iter)]
+        accs = np.array([_accuracy(w, b, *val) for w, b in path])
     else:
-        if len(yn) > max_rows:
+        subsample = len(yn) > max_rows
+        if subsample:
             rng = np.random.default_rng(0)
             keep_groups = rng.permutation(np.unique(groups))[: max(1, max_rows * len(np.unique(groups)) // len(yn))]
             mask = np.isin(groups, keep_groups)
@@ -142,17 +92,16 @@ def choose_c(
         per_class = np.bincount(yn[first], minlength=num_classes)
         k = int(min(5, per_class[per_class > 0].min()))
         if k < 2:
-            return 1.0, {}
+            return 1.0, {}, None
         folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(xn, yn, groups))
+        subsets = [tr for tr, _ in folds] + ([] if subsample else [np.arange(len(yn))])
+        path_all = fit_path(xn, yn, subsets, num_classes, _C_GRID, max_iter)
         xt, yt = torch.from_numpy(xn), torch.from_numpy(yn)
-        accs = np.zeros((len(_C_GRID), len(folds)))
-        for j, (tr, te) in enumerate(folds):
-            for i, (w, b) in enumerate(_fit_path(xn[tr], yn[tr], num_classes, _C_GRID, max_iter)):
-                accs[i, j] = _accuracy(w, b, xt[te], yt[te])
-        scores = {f"{c:g}": float(a) for c, a in zip(_C_GRID, accs.mean(1))}
-    best = max(scores.values())
-    c_best = min(float(k) for k, v in scores.items() if v >= best - 1e-9)
-    return c_best, scores
+        accs = np.array([[_accuracy(w, b, xt[te], yt[te]) for (w, b), (_, te) in zip(heads, folds)] for heads in path_all]).mean(1)
+        path = None if subsample else [heads[-1] for heads in path_all]
+    best = accs.max()
+    i = int(np.flatnonzero(accs >= best - 1e-9)[0])  # the grid ascends: the first is the smallest C
+    return _C_GRID[i], {f"{c:g}": float(a) for c, a in zip(_C_GRID, accs)}, None if path is None else path[i]
 
 
 def _linear_head(model: nn.Module) -> nn.Linear:
@@ -205,12 +154,13 @@ def fit_probe_head(
     vs = None if val is None or len(val[1]) == 0 else ((val[0].double() - mu) / sd, val[1])
     num_classes = head.out_features
     scores: dict[str, float] = {}
+    fitted = None
     if c is None:
-        c, scores = choose_c(xs, y, groups, num_classes, max_iter, vs)
+        c, scores, fitted = choose_c(xs, y, groups, num_classes, max_iter, vs)
         how = "val" if vs is not None else "cv"
     else:
         how = "fixed"
-    w, b = _fit_logreg(xs.numpy(), y.numpy(), num_classes, c, max_iter)
+    w, b = fitted or fit_path(xs.numpy(), y.numpy(), [np.arange(len(y))], num_classes, [c], max_iter)[0][0]
     with torch.no_grad():
         loss = float(F.cross_entropy(xs @ w.T + b, y))
     history: list[dict[str, Any]] = [{"epoch": 1, "train_loss": loss, "lr": None}]
@@ -238,8 +188,8 @@ class Linear(Method):
             p.requires_grad_(True)
         if self.cfg.solver == "lbfgs":
             # Import the solver's libraries with the model setup (a one-off ~1-2 s on this CPU for scikit-learn's
-            # model_selection + linear_model), so the timed training is the fit, as in a script that imports first.
-            import sklearn.linear_model  # noqa: F401
+            # model_selection and scipy.optimize), so the timed training is the fit, as in a script that imports first.
+            import scipy.optimize  # noqa: F401
             import sklearn.model_selection  # noqa: F401
         return model
 
