@@ -37,7 +37,7 @@ def _rss_mb() -> float:
         return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def worker(variant: str, targets: str, steps: int, threads: int, quant: bool = False) -> dict:
+def worker(variant: str, targets: str, steps: int, threads: int, quant: bool = False, dora: bool = False) -> dict:
     import timm
     import torch
     from peft import LoraConfig, get_peft_model
@@ -58,7 +58,8 @@ def worker(variant: str, targets: str, steps: int, threads: int, quant: bool = F
         from visiontune.methods.lora import quantize_linears
 
         quantize_linears(model, "nf4", True, "float32")
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=peer if variant == "peft" else ours, modules_to_save=["head"])
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=peer if variant == "peft" else ours, modules_to_save=["head"],
+                     use_dora=dora)
     if variant == "lean":
         use_lean_layers(cfg)
     model = get_peft_model(model, cfg)
@@ -75,7 +76,7 @@ def worker(variant: str, targets: str, steps: int, threads: int, quant: bool = F
         cpu.append(time.process_time() - c)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "variant": variant, "targets": targets + ("-nf4" if quant else ""), "rank": rank, "rss_start_mb": start, "rss_peak_mb": peak,
+        "variant": variant, "targets": targets + ("-nf4" if quant else "") + ("-dora" if dora else ""), "rank": rank, "rss_start_mb": start, "rss_peak_mb": peak,
         "training_added_mb": peak - start, "step_s": statistics.median(wall[1:]), "step_cpu_s": statistics.median(cpu[1:]),
     }
 
@@ -87,24 +88,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats per variant")
     p.add_argument("--quant", action="store_true", help="QLoRA: block Linears in NF4 for every variant")
+    p.add_argument("--dora", action="store_true", help="DoRA instead of LoRA for every variant")
+    p.add_argument("--variants", nargs="+", default=["peft", "split", "lean"], choices=["peft", "split", "lean"])
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "TARGETS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.threads, args.quant)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.threads, args.quant, args.dora)))
         return
     rows = []
     for targets in args.targets:
         for r in range(args.repeats):
-            for variant in ("peft", "split", "lean"):
+            for variant in args.variants:
                 cmd = [sys.executable, __file__, "--worker", variant, targets, "--steps", str(args.steps),
-                       "--threads", str(args.threads)] + (["--quant"] if args.quant else [])
+                       "--threads", str(args.threads)] + (["--quant"] if args.quant else []) + (["--dora"] if args.dora else [])
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 rows.append(json.loads(out))
                 print(f"{targets} #{r} {variant}: {rows[-1]}", file=sys.stderr)
     print(f"| targets | variant | RSS start MB | peak MB | training added MB | step s (median of {args.repeats} runs) |")
     print("|:--|:--|--:|--:|--:|--:|")
     for targets in args.targets:
-        for variant in ("peft", "split", "lean"):
+        for variant in args.variants:
             got = [r for r in rows if r["targets"].split("-")[0] == targets and r["variant"] == variant]
             med = lambda k: statistics.median(r[k] for r in got)  # noqa: E731
             print(f"| {got[0]['targets']} r{got[0]['rank']} | {variant} | {med('rss_start_mb'):.0f} | {med('rss_peak_mb'):.0f} | "

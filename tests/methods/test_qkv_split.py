@@ -140,19 +140,24 @@ def _peft_split(kind: str, targets: str, dora: bool, bias: bool = True) -> nn.Mo
     split_qkv(model)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
     model = get_peft_model(model, cfg)
-    with torch.no_grad():  # peft starts B at zero, which would hide a wrong adapter term
+    with torch.no_grad():  # peft starts B at zero (and DoRA's magnitude at the norm), which would hide a wrong term
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     return model
 
 
 def _outputs_and_grads(model: nn.Module, x: torch.Tensor, per_part: bool, monkeypatch: pytest.MonkeyPatch):
     import visiontune.backbones.qkv as qkv_mod
 
-    calls = []
-    real = qkv_mod._fused_forward
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    calls, dora_calls = [], []
+    real, real_dora = qkv_mod._fused_forward, DoraLinearLayer.forward
     monkeypatch.setattr(qkv_mod, "_fused_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(DoraLinearLayer, "forward", lambda *a, **k: dora_calls.append(1) or real_dora(*a, **k))
     if per_part:
         monkeypatch.setattr(qkv_mod, "_fusable_bases", lambda parts: None)
     model.train()
@@ -164,7 +169,7 @@ def _outputs_and_grads(model: nn.Module, x: torch.Tensor, per_part: bool, monkey
     with torch.inference_mode():
         ev = model(x)
     monkeypatch.undo()
-    return y.detach(), grads, ev, len(calls)
+    return y.detach(), grads, ev, (len(calls), len(dora_calls))
 
 
 @pytest.mark.parametrize(
@@ -181,9 +186,11 @@ def test_fused_qkv_path_equals_calling_the_parts(kind, targets, dora, monkeypatc
     """One GEMM on the concatenated q/k/v weights + per-part adapters == peft's per-layer forward."""
     model = _peft_split(kind, targets, dora)
     x = torch.randn(2, 3, 32, 32)
-    ref, ref_g, ref_eval, ref_calls = _outputs_and_grads(model, x, True, monkeypatch)
-    out, g, ev, calls = _outputs_and_grads(model, x, False, monkeypatch)
+    ref, ref_g, ref_eval, (ref_calls, ref_dora) = _outputs_and_grads(model, x, True, monkeypatch)
+    out, g, ev, (calls, dora_calls) = _outputs_and_grads(model, x, False, monkeypatch)
     assert ref_calls == 0 and calls >= 2  # the fused path ran in every block, the reference never
+    # The reference is peft's DoRA forward; the fused path rescales in place of it (train and eval).
+    assert dora_calls == 0 and (ref_dora > 0) == dora
     assert (out - ref).abs().max().item() <= TOL
     assert (ev - ref_eval).abs().max().item() <= TOL
     assert ref_g.keys() == g.keys() and len(g) > 0
@@ -270,8 +277,8 @@ def test_four_bit_parts_accumulate_like_peft(monkeypatch) -> None:
     import visiontune.methods.lean_lora as lean
 
     calls = []
-    orig = lean.plain_terms
-    monkeypatch.setattr(lean, "plain_terms", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
+    orig = lean.lean_terms
+    monkeypatch.setattr(lean, "lean_terms", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
     out, grads = run()
     assert len(calls) >= 4 and all(calls)  # the lean per-part path ran, with adapter terms for q and v
     monkeypatch.setattr(qkv_mod, "_per_part_forward", lambda x, parts: torch.cat([p(x) for p in parts], dim=-1))

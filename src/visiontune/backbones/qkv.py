@@ -132,23 +132,30 @@ def _fused_forward(
     Same function as calling the parts (peft's ``lora.Linear.forward``: base output, then for every active
     adapter ``+ B(A(dropout(x))) * scaling``, or the DoRA variant's rescaling), but the base projection is
     one ``(dim -> 3 dim)`` matmul instead of three ``(dim -> dim)`` ones plus a concatenation: fewer,
-    larger GEMMs forward and backward, and plain LoRA terms accumulate into the fused output in place
-    (:func:`visiontune.methods.lean_lora.accumulate`). ``weight`` is the storage the parts share, or a
-    copy (see :meth:`SplitQKV._shared_weight`).
+    larger GEMMs forward and backward, and LoRA terms accumulate into the fused output in place
+    (:func:`visiontune.methods.lean_lora.accumulate`; DoRA parts then rescale their columns in one
+    product). ``weight`` is the storage the parts share, or a copy (see :meth:`SplitQKV._shared_weight`).
     """
-    from visiontune.methods.lean_lora import plain_terms
+    from visiontune.methods.lean_lora import lean_terms, rescale
 
     bias = None
     if any(b.bias is not None for b in bases):
         bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    out = F.linear(flat, weight, bias)
     sizes = [b.out_features for b in bases]
-    terms = [[] if part is base else plain_terms(part, flat) for part, base in zip(parts, bases)]
-    if all(t is not None for t in terms):
-        _accumulate_parts(out, sizes, terms, flat)
+    lean = [([], None) if part is base else lean_terms(part, flat) for part, base in zip(parts, bases)]
+    if all(item is not None for item in lean):
+        scales = [scale for _, scale in lean]
+        dora = any(scale is not None for scale in scales)
+        out = F.linear(flat, weight, None if dora else bias)
+        _accumulate_parts(out, sizes, [terms for terms, _ in lean], flat)
+        if dora:  # one product over the fused output: DoRA parts' scales, ones for the others
+            scale = torch.cat([s if s is not None else out.new_ones(n) for s, n in zip(scales, sizes)])
+            out = rescale(out, scale, bias)
         return out.view(*lead, out.shape[-1])
+    out = F.linear(flat, weight, bias)
+    terms = [item[0] if item is not None and item[1] is None else None for item in lean]
     # Some part needs peft's own semantics (DoRA rescales the base output it is given): build each part's
     # output in order from its slice of the fused base output, exactly as peft's forward does.
     pieces = list(out.view(*lead, out.shape[-1]).split(sizes, dim=-1))
@@ -178,10 +185,11 @@ def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Te
     """
     from peft.tuners.lora import LoraLayer
 
-    from visiontune.methods.lean_lora import plain_terms
+    from visiontune.methods.lean_lora import lean_terms
 
     flat = x.reshape(-1, x.shape[-1])
-    terms = [plain_terms(p, flat, any_base=True) if isinstance(p, LoraLayer) else None for p in parts]
+    lean = [lean_terms(p, flat, any_base=True) if isinstance(p, LoraLayer) else None for p in parts]
+    terms = [item[0] if item is not None and item[1] is None else None for item in lean]  # plain LoRA only
     outs = [p.get_base_layer()(x) if t is not None else p(x) for p, t in zip(parts, terms)]
     if any(o.dtype != x.dtype for o, t in zip(outs, terms) if t is not None):  # a base that casts: peft's path
         return torch.cat([p(x) for p in parts], dim=-1)
