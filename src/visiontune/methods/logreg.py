@@ -22,7 +22,6 @@ negative bias so they are never predicted.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
