@@ -97,7 +97,9 @@ def choose_c(
         subsets = [tr for tr, _ in folds] + ([] if subsample else [np.arange(len(yn))])
         path_all = fit_path(xn, yn, subsets, num_classes, _C_GRID, max_iter)
         xt, yt = torch.from_numpy(xn), torch.from_numpy(yn)
-        accs = np.array([[_accuracy(w, b, xt[te], yt[te]) for (w, b), (_, te) in zip(heads, folds)] for heads in path_all]).mean(1)
+        accs = np.array(
+            [[_accuracy(w, b, xt[te], yt[te]) for (w, b), (_, te) in zip(heads, folds)] for heads in path_all]
+        ).mean(1)
         path = None if subsample else [heads[-1] for heads in path_all]
     best = accs.max()
     i = int(np.flatnonzero(accs >= best - 1e-9)[0])  # the grid ascends: the first is the smallest C

@@ -16,9 +16,9 @@ it, one product (saving one tensor) and the bias added in place.
 
 Only LoRA/DoRA on a plain ``nn.Linear`` in float, outside autocast, with no forward hooks, takes the
 lean path; adapters being disabled, mixed-batch ``adapter_names``, 4-bit bases under DoRA, several
-active DoRA adapters and anything else run peft's own forward. The class is plugged in through peft's custom-module dispatch
-(``LoraConfig._register_custom_module``), so peft still owns everything else: ``update_layer``, merging,
-multiple adapters, the state-dict names (``...q.lora_A.default.weight``).
+active DoRA adapters and anything else run peft's own forward. The class is plugged in through peft's
+custom-module dispatch (``LoraConfig._register_custom_module``), so peft still owns everything else:
+``update_layer``, merging, multiple adapters, the state-dict names (``...q.lora_A.default.weight``).
 
 :func:`lean_terms`, :func:`accumulate` and :func:`rescale` also serve the fused q/k/v path
 (:mod:`visiontune.backbones.qkv`), which adds three parts' terms into one fused output.
