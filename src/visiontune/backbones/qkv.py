@@ -154,15 +154,12 @@ def _fused_forward(
             scale = torch.cat([s if s is not None else out.new_ones(n) for s, n in zip(scales, sizes)])
             out = rescale(out, scale, bias)
         return out.view(*lead, out.shape[-1])
-    out = F.linear(flat, weight, bias)
-    terms = [item[0] if item is not None and item[1] is None else None for item in lean]
-    # Some part needs peft's own semantics (DoRA rescales the base output it is given): build each part's
+    # Some part needs peft's own semantics (e.g. DoRA with dropout recomputes the base): build each part's
     # output in order from its slice of the fused base output, exactly as peft's forward does.
+    out = F.linear(flat, weight, bias)
     pieces = list(out.view(*lead, out.shape[-1]).split(sizes, dim=-1))
-    for i, part in enumerate(parts):
-        if terms[i] is not None:
-            for lora_a, dropout, b_weight, scaling in terms[i]:
-                pieces[i] = pieces[i] + F.linear(lora_a(dropout(x)), b_weight) * scaling
+    for i, (part, base) in enumerate(zip(parts, bases)):
+        if part is base:
             continue
         for name in part.active_adapters if not part.merged else ():
             if name not in part.lora_A.keys():

@@ -101,8 +101,8 @@ def _dora_scale(layer: nn.Module, name: str, term: Term, n_active: int) -> torch
     magnitude = layer.lora_magnitude_vector[name]
     if _hooked(magnitude) or _hooked(lora_a):
         return None
-    with torch.no_grad():
-        norm = torch.linalg.norm(torch.addmm(base.weight, b_weight, lora_a.weight, alpha=scaling), dim=1)
+    with torch.no_grad():  # peft's own norm ||W + scaling * B A|| per output row
+        norm = magnitude.get_weight_norm(base.weight, b_weight @ lora_a.weight, scaling)
     return magnitude.weight / norm
 
 
