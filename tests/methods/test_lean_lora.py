@@ -14,10 +14,10 @@ from visiontune.methods.lean_lora import LeanLoraLinear, use_lean_layers
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 12, hidden: int = 24) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(12, 24)
-        self.fc2 = nn.Linear(24, 5, bias=False)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, 5, bias=False)
         self.head = nn.Linear(5, 3)
 
     def get_classifier(self) -> nn.Module:
@@ -115,9 +115,9 @@ def test_four_bit_bases_keep_peft_bnb_layer() -> None:
     from visiontune.methods.lora import quantize_linears
 
     torch.manual_seed(0)
-    net = Net()
+    net = Net(width=32, hidden=64)  # NF4 blocks must tile each row: widths that are multiples of 32
     quantize_linears(net, "nf4", True, "float32")
     model = inject_adapter_in_model(use_lean_layers(LoraConfig(r=4, target_modules=["fc1", "fc2"])), net)
     assert not isinstance(model.fc1, LeanLoraLinear)
     assert isinstance(model.fc1.get_base_layer(), bnb.nn.Linear4bit)
-    model(torch.randn(2, 12)).sum().backward()
+    model(torch.randn(2, 32)).sum().backward()

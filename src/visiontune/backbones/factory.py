@@ -10,6 +10,7 @@ the interpolation its weights were fine-tuned with instead, see ``pos_embed_anti
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import re
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
+from visiontune.backbones.hub import hub_access, offline_mode
 from visiontune.backbones.weights import FILE_SUFFIXES, WeightSpec, describe_key_problems, file_sha256, parse_weights
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.registry import BACKBONES, WEIGHT_SOURCES
@@ -158,17 +160,23 @@ def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offlin
             f"backbone.weights=none (random init), a local {'/'.join(FILE_SUFFIXES)} file, or "
             f"backbone.weights=offline{offline_hint}"
         )
+    access = hub_access(cfg)
     try:
-        model = _build(arch, pretrained=True, num_classes=num_classes, **kwargs)
+        with contextlib.nullcontext() if access.online else offline_mode():
+            model = _build(arch, pretrained=True, num_classes=num_classes, **kwargs)
     except Exception as e:
         if not _is_hub_failure(e):
             raise
         where = cfg.get("hf_hub_id") or cfg.get("url") or arch.name
+        why = (
+            f"{access.reason} and the weights are not in the local Hugging Face cache" if not access.online
+            else f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        )
         raise WeightsError(
-            f"backbone.weights=hub: cannot download {arch.name!r} weights ({where}): the Hugging Face hub is "
-            f"unreachable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"Use backbone.weights=offline{offline_hint} or the path of a local {'/'.join(FILE_SUFFIXES)} file; "
-            f"HF_HUB_OFFLINE=1 skips the download retries."
+            f"backbone.weights=hub: cannot load {arch.name!r} weights ({where}): {why}. "
+            f"Use backbone.weights=offline{offline_hint} or the path of a local {'/'.join(FILE_SUFFIXES)} file "
+            f"(backbone.weights=/path/to/weights.safetensors); with weights already downloaded, HF_HUB_OFFLINE=1 "
+            f"reads them from the cache without asking the network."
         ) from e
     # timm keeps the pretrained classifier when the class counts happen to agree; visiontune always
     # starts from a fresh head so that results do not depend on that coincidence.

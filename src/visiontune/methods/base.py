@@ -16,6 +16,7 @@ What a method decides:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +37,17 @@ def classifier_of(model: nn.Module) -> nn.Module:
 def head_parameter_ids(model: nn.Module) -> set[int]:
     """``id()`` of every parameter of the classification head."""
     return {id(p) for p in classifier_of(model).parameters()}
+
+
+def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running mean / variance / batch count of ``model``, by state-dict name."""
+    return {
+        f"{mn}.{bn}" if mn else bn: b
+        for mn, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for bn, b in m.named_buffers(recurse=False)
+        if b is not None
+    }
 
 
 def freeze(module: nn.Module) -> None:
@@ -102,8 +114,15 @@ class Method:
 
     # ------------------------------------------------------------------ saving
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a run saves: every trained parameter (adapters, unfrozen params, head) and adapter buffers."""
-        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        """What a run saves: every trained parameter (adapters, unfrozen params, head) and running statistics.
+
+        BatchNorm running means/variances change whenever the model trains, even with frozen weights (LoRA
+        on a ResNet), so they are part of what a run learned; without them a reloaded ResNet-18 predicts
+        differently from the model that was evaluated.
+        """
+        out = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        out.update({n: b.detach().cpu().clone() for n, b in running_stats(model).items()})
+        return out
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`trainable_state_dict` back into a freshly ``apply``-ed model.
@@ -112,21 +131,31 @@ class Method:
             WeightsError: when keys are missing/unexpected or shapes differ (an adapter from another setup).
         """
         params = dict(model.named_parameters())
+        stats = running_stats(model)
+        tensors = {**params, **stats}
         expected = {n for n, p in params.items() if p.requires_grad}
-        unexpected = sorted(set(state) - set(params))
+        unexpected = sorted(set(state) - set(tensors))
         missing = sorted(expected - set(state))
-        bad_shape = sorted(n for n in state if n in params and params[n].shape != state[n].shape)
+        bad_shape = sorted(n for n in state if n in tensors and tensors[n].shape != state[n].shape)
         if unexpected or missing or bad_shape:
             from visiontune.backbones.weights import describe_key_problems
 
-            shapes = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(params[n].shape)}" for n in bad_shape]
+            shapes = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(tensors[n].shape)}" for n in bad_shape]
             raise WeightsError(
                 f"adapter weights do not fit this {self.name} model ({describe_key_problems(missing, unexpected, shapes)}); "
                 "load them with the same backbone and method settings they were trained with (the run's config.yaml)"
             )
+        absent = sorted(set(stats) - set(state))
+        if absent:
+            warnings.warn(
+                f"the saved weights have no BatchNorm running statistics ({len(absent)} tensors, e.g. {absent[0]}): "
+                "they were written before visiontune saved them; predictions use the backbone's "
+                "own statistics and can differ from the ones reported at training time. Retrain to fix.",
+                stacklevel=2,
+            )
         with torch.no_grad():
             for n, t in state.items():
-                params[n].copy_(t.to(params[n].dtype))
+                tensors[n].copy_(t.to(tensors[n].dtype))
 
     # ------------------------------------------------------------------ inference
     def merge(self, model: nn.Module) -> nn.Module:

@@ -170,6 +170,27 @@ def backbone_bytes(model: nn.Module) -> int:
     return total
 
 
+def keep_portable_4bit_layout(layer: nn.Module) -> None:
+    """Keep a ``Linear4bit`` in bitsandbytes' portable NF4 layout on every CPU (no AVX-512 BF16 repacking).
+
+    On a CPU with AVX-512 BF16, bitsandbytes (0.48-0.50 at least) rewrites a 4-bit weight into a packed
+    layout for its bf16 CPU kernel the first time the layer runs in eval mode without gradients, and keeps it
+    that way. Three things then break: (1) the packed branch of ``matmul_4bit`` has no autograd, so the next
+    training step after any eval pass (the probe's head initialisation, a validation epoch) fails with "a view
+    of a leaf Variable that requires grad is being used in an in-place operation"; (2) the repacking reshapes
+    the block scales to ``[out, in / 64]`` and crashes for layers whose ``in_features`` is not a multiple of the
+    64-value block (32, 96, 160: Swin-T, tiny models); (3) it computes in bf16, so NF4 features drift further
+    from fp32 (cosine 0.984 vs >= 0.99). Turning the kernel off per layer gives the same dequantize-then-fp32
+    path on every CPU (the one AVX2 machines take anyway): identical numbers on both kinds of CPU, and
+    inference speed is unaffected where it matters, because predictors use the merged full-precision model.
+    """
+    if not hasattr(layer, "support_avx512bf16_for_cpu"):
+        # A bitsandbytes release without the CPU repacking (or with it renamed): nothing to switch off here;
+        # tests/methods/test_qlora_cpu.py fails on the locked version if this attribute ever disappears.
+        return
+    layer.support_avx512bf16_for_cpu = False
+
+
 def _auto_compute_dtype(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: 4-bit layers compute in bf16 on CUDA and fp32 elsewhere (emulated bf16 is slow on CPU)."""
     x = args[0] if args else None
@@ -185,24 +206,54 @@ def _auto_compute_dtype(module: nn.Module, args: tuple) -> None:
     module._visiontune_compute_dtype = dtype
 
 
+NF4_BLOCKS = (64, 32)  # 64: bitsandbytes' default and the QLoRA paper's; 32 where a row is not whole 64-blocks
+
+
+def nf4_blocksize(in_features: int) -> int | None:
+    """The NF4 block size for a Linear with ``in_features`` inputs: 64, else 32, else None (keep it fp32).
+
+    Blocks must tile each weight row exactly. bitsandbytes counts blocks over the flattened weight when it
+    quantizes, but its native CPU dequantize kernel on AVX-512 machines (0.50.2, seen on AMD EPYC Zen 4)
+    indexes the block scales row by row; the two agree only when every row holds whole blocks. With 64-blocks
+    on 32-, 96- or 160-wide rows the dequantized weight was 18-40 % off (relative Frobenius error) instead of
+    NF4's usual 9 %; with 32-blocks it is exact on every CPU. CUDA supports both sizes.
+    """
+    return next((b for b in NF4_BLOCKS if in_features % b == 0), None)
+
+
+@dataclass
+class Quantized:
+    """What :func:`quantize_linears` did: layers quantized, which of them use 32-value blocks, which stayed fp32."""
+
+    count: int = 0
+    block32: list[str] = field(default_factory=list)
+    kept_full_precision: dict[str, str] = field(default_factory=dict)
+
+
 def quantize_linears(
     model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto"
-) -> int:
+) -> Quantized:
     """Replace every frozen ``nn.Linear`` except the classifier by a bitsandbytes ``Linear4bit``, in place.
 
     Quantization happens on the device the weight is on (CPU here; bitsandbytes >= 0.45 has CPU kernels).
-
-    Returns:
-        How many Linears were quantized.
+    A Linear whose input width is not a multiple of 32 stays in full precision (see :func:`nf4_blocksize`);
+    the returned record names it.
     """
     bnb = _bnb()
     head = {id(m) for m in classifier_of(model).modules()}
-    count = 0
-    for parent in list(model.modules()):
+    done = Quantized()
+    for parent_name, parent in list(model.named_modules()):
         if id(parent) in head:
             continue
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or id(child) in head:
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            blocksize = nf4_blocksize(child.in_features)
+            if blocksize is None:
+                done.kept_full_precision[name] = (
+                    f"in_features={child.in_features} is not a multiple of {NF4_BLOCKS[-1]} (the NF4 block)"
+                )
                 continue
             dev = child.weight.device
             q = bnb.nn.Linear4bit(
@@ -212,17 +263,20 @@ def quantize_linears(
             )
             q.weight = bnb.nn.Params4bit(
                 child.weight.detach().float().contiguous(), requires_grad=False, quant_type=quant_type,
-                compress_statistics=double_quant,
+                compress_statistics=double_quant, blocksize=blocksize,
             )
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            keep_portable_4bit_layout(q)
             setattr(parent, child_name, q.to(dev))  # .to() is what quantizes a Params4bit
-            count += 1
-    if compute_dtype == "auto" and count and _auto_compute_dtype not in model._forward_pre_hooks.values():
+            done.count += 1
+            if blocksize != NF4_BLOCKS[0]:
+                done.block32.append(name)
+    if compute_dtype == "auto" and done.count and _auto_compute_dtype not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_auto_compute_dtype)
     # peft picks its 4-bit LoRA layer (dequantize-aware, DoRA-aware) only when the model says so.
     model.is_loaded_in_4bit = True
-    return count
+    return done
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -368,13 +422,23 @@ class LoRA(Method):
         if self.quantized and not getattr(model, "is_loaded_in_4bit", False):
             cfg: QLoraConfig = self.cfg  # type: ignore[assignment]
             before = backbone_bytes(model)
-            n = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+            done = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
             after = backbone_bytes(model)
             self._report["quantization"] = {
                 "quant_type": cfg.quant_type, "double_quant": cfg.double_quant, "compute_dtype": cfg.compute_dtype,
-                "quantized_linears": n, "backbone_mb_before": before / 2**20, "backbone_mb_after": after / 2**20,
+                "quantized_linears": done.count, "block32_linears": len(done.block32),
+                "full_precision_linears": done.kept_full_precision,
+                "backbone_mb_before": before / 2**20, "backbone_mb_after": after / 2**20,
                 "ratio": after / before if before else None,
             }
+            if done.kept_full_precision:
+                warnings.warn(
+                    f"{self.name}: {len(done.kept_full_precision)} Linear layer(s) stay in full precision because "
+                    f"their input width is not a multiple of {NF4_BLOCKS[-1]} (e.g. "
+                    f"{next(iter(done.kept_full_precision))}); they are frozen as in QLoRA, only not 4-bit. "
+                    "metrics.json lists them under method.quantization.full_precision_linears.",
+                    stacklevel=2,
+                )
         return model
 
     # ------------------------------------------------------------------ model surgery
