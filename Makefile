@@ -34,7 +34,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 demo: $(STAMP)
-	$(BIN)/python -m visiontune.demo
+	$(BIN)/python -m visiontune.demo $(DEMO_ARGS)
+
+# The README's demo table against the last `make demo` output (CI runs it after `make demo`).
+demo-check: $(STAMP)
+	$(BIN)/python -m visiontune.demo --check README.md
 
 # visiontune vs a hand-written timm + peft loop, side by side (~10-15 min on 2 quiet cores; BENCH_ARGS=--full
 # for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.

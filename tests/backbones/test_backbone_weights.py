@@ -63,7 +63,8 @@ def test_hub_unreachable_suggests_offline(bb, monkeypatch):
     with pytest.raises(WeightsError) as info:
         create_backbone(bb(name="test_convnext", weights="hub"), 2)
     msg = str(info.value)
-    assert "hub is unreachable" in msg and "backbone.weights=offline" in msg and "local .safetensors" in msg
+    assert "HF_HUB_OFFLINE is set" in msg and "not in the local Hugging Face cache" in msg
+    assert "backbone.weights=offline" in msg and "local .safetensors" in msg
     assert "timm/test_convnext" in msg
 
 
