@@ -157,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo check: {record_path} does not exist; run `make demo` first", file=sys.stderr)
         return 2
     record = json.loads(record_path.read_text())
-    problems = check(Path(args.check).read_text(), record)
-    _, recorded = readme_block(Path(args.check).read_text())
+    try:
+        problems = check(Path(args.check).read_text(), record)
+        _, recorded = readme_block(Path(args.check).read_text())
+    except (OSError, ValueError) as e:
+        print(f"demo check: {args.check}: {e}", file=sys.stderr)
+        return 1
     how = "identical (same machine)" if recorded == record["machine"] else f"within {TOLERANCE_SE:g} SE (other machine)"
     if problems:
         print(f"demo check: {args.check} disagrees with {record_path}:", *problems, sep="\n  - ", file=sys.stderr)
