@@ -36,6 +36,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_auto(args: argparse.Namespace) -> int:
+    from visiontune.auto import AutoSelect, parse_budget
+
+    out = args.out or f"runs/auto/{_slug_data(args.data)}"
+    sel = AutoSelect(
+        args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
+        overrides=args.overrides, progress=not args.quiet,
+    )
+    if args.dry_run:
+        print(sel.plan().describe())
+        return 0
+    record = sel.run()
+    print(json.dumps({"out": out, "chosen": record["decision"]["candidate"], "run_dir": record["final"]["run_dir"],
+                      "test": record["final"].get("test"), "leaderboard": f"{out}/leaderboard.md"}))
+    return 0
+
+
+def _slug_data(data: str) -> str:
+    from pathlib import Path
+
+    name = Path(data.rstrip("/")).stem or "data"
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import visiontune as vt
     from visiontune.registry import DATASETS, METHODS
@@ -196,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_dirs", nargs="+")
     cp.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
     cp.set_defaults(func=_cmd_compare)
+    au = sub.add_parser("auto", help="choose the adaptation method for your data by cross-validation and ship that model")
+    au.add_argument("data", help="anything data.dataset accepts: a built-in name, an image folder or a CSV manifest")
+    au.add_argument("overrides", nargs="*", help="dotted overrides for every candidate, e.g. data.train_per_class=20")
+    au.add_argument("--backbone", action="append", default=None, help="backbone to consider (repeat for more)")
+    au.add_argument("--budget", default=None, help="time budget, e.g. 20m, 1.5h, 900s (default: none)")
+    au.add_argument("--folds", type=int, default=5, help="cross-validation folds (fewer when a class is smaller)")
+    au.add_argument("--out", default=None, help="selection folder (default runs/auto/<data name>)")
+    au.add_argument("--dry-run", action="store_true", help="print the plan and time estimates; train nothing")
+    au.add_argument("--quiet", action="store_true")
+    au.set_defaults(func=_cmd_auto)
     sw = sub.add_parser("sweep", help="run a comparison grid (resumable) and write results.csv + report.md")
     sw.add_argument("sweep_file", help="configs/sweeps/*.yaml; `sweep status FILE` / `sweep report FILE` = --status / --report")
     sw.add_argument("overrides", nargs="*", help="dotted overrides applied to the base config of every run")

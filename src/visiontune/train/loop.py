@@ -250,8 +250,13 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 # ----------------------------------------------------------------------------- main entry
 
 
-def train(cfg: Config) -> RunResult:
+def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` with ``cfg.method``; evaluate; write the run directory.
+
+    Args:
+        cfg: the run's configuration.
+        splits: explicit ``{"train", "val", "test"}`` :class:`~visiontune.data.ImageRecords` instead of the split
+            ``cfg.data`` describes (``visiontune auto`` trains each candidate on cross-validation folds this way).
 
     Returns:
         The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
@@ -273,9 +278,10 @@ def train(cfg: Config) -> RunResult:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     amp = autocast_dtype(cfg.optim.precision, device)
 
-    records = load_records(cfg.data.dataset, root=cfg.data.root)
-    splits = make_splits(records, cfg.data)
-    classes = list(records.classes)
+    if splits is None:
+        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        splits = make_splits(records, cfg.data)
+    classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
     run_dir = prepare_run_dir(cfg)
@@ -439,6 +445,14 @@ def _fit_loop(
     )
     history: list[dict[str, Any]] = []
     best = {"score": -math.inf, "epoch": 0, "state": None}
+    if val_loader is not None and not resuming and info.get("head_init") == "probe":
+        # Epoch 0 competes too: the probe-initialised head before any fine-tuning. A fine-tune that does not
+        # beat it on validation falls back to it, instead of to its least bad epoch.
+        vl, vy = predict_logits(val_model, val_loader, device, amp)
+        best = {
+            "score": float((vl.argmax(1) == vy).float().mean()) - 1e-6 * float(F.cross_entropy(vl, vy)),
+            "epoch": 0, "state": method.trainable_state_dict(model),
+        }
     start_epoch = 1
     if resuming:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -481,6 +495,7 @@ def _fit_loop(
         )
     if best["state"] is not None:
         method.load_trainable_state_dict(model, best["state"])
+        info["epoch0_is_probe_head"] = info.get("head_init") == "probe"
         return history, int(best["epoch"]), info
     return history, len(history), info
 

@@ -1,0 +1,578 @@
+"""``visiontune auto``: choose the adaptation method for the user's data, say how sure that is, ship that model.
+
+Stages, all on the labeled training images only (the test split, when the data has one, is read once, by the
+final run, for the report):
+
+1. **Folds.** Stratified k-fold over the labeled pool (``k = min(--folds, smallest class size)``), the same folds
+   for every candidate so that differences are paired.
+2. **Cheap first.** Per backbone, features are computed once per image; the linear probe (C chosen by CV inside
+   each fold's training part) and the nearest class mean (:mod:`visiontune.methods.prototype`) are scored on
+   every fold. The best backbone is the one whose best cheap candidate scores highest.
+3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
+   blocks only, Mona, full) run fold by fold on that backbone. Each starts from the probe's head and keeps its
+   best epoch on an inner validation split carved out of the fold's training part — epoch 0, the probe head,
+   included — so the fold's held-out part stays untouched by any choice. Optuna's successive-halving pruner
+   compares every candidate's running fold mean with the others' (the cheap candidates included) and stops
+   those that are not in the top fraction; the budget stops the stage when the next fold would not fit.
+   The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size.
+4. **Decide like a statistician.** Every candidate gets a mean and a 95 % interval over folds and a paired
+   difference against the probe (:mod:`visiontune.auto.stats`: corrected resampled t). The best mean wins
+   unless its gain over a cheaper candidate lies inside the interval; then the cheapest such candidate wins,
+   and the report says so in words.
+5. **Ship.** The winner is retrained on every labeled image (fine-tuning for the median best number of steps
+   found on the folds) as a normal run in ``OUT/model`` (``predict``, ``serve``, ``export``, ``eval`` work on
+   it); ``OUT/leaderboard.md`` / ``.json`` and two plots hold the selection.
+
+Everything is recorded in ``OUT/auto.json`` after each fold (atomically), and the pruner's study in
+``OUT/search.journal``: after Ctrl-C or a kill, the same command continues where it stopped. Written by hand:
+the orchestration and the decision rule (no library chooses between fine-tuning methods); the folds are
+scikit-learn's, the pruning Optuna's, the training visiontune's own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visiontune.auto.stats import Estimate, corrected_interval
+from visiontune.config import Config, load_config
+from visiontune.errors import ConfigError, DataError
+
+FINETUNE_STEPS = 120
+"""Optimizer steps per fine-tuning run (batch 16): about 90-120 steps is where a hand-written timm + peft loop
+stopped underfitting on 10-20 labels per class, while 10 epochs at batch 32 (~20 steps) underfit."""
+MIN_EPOCHS, MAX_EPOCHS = 2, 60
+INNER_VAL_FRACTION = 0.2
+STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
+REDUCTION_FACTOR = 3
+CHEAPER_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the selection can choose; ``cheap`` ones are fitted on cached features."""
+
+    name: str
+    overrides: tuple[str, ...]
+    cheap: bool = False
+
+
+CHEAP = (
+    Candidate("linear probe", ("method.name=linear",), cheap=True),
+    Candidate("nearest prototype", ("method.name=prototype",), cheap=True),
+)
+FINETUNE = (
+    Candidate("lora all-linear r16 last 4 blocks", ("method.name=lora", "method.targets=all-linear", "method.rank=16", "method.blocks=last:4")),
+    Candidate("lora q,v r8", ("method.name=lora", "method.targets=qv", "method.rank=8")),
+    Candidate("dora all-linear r16", ("method.name=dora", "method.targets=all-linear", "method.rank=16")),
+    Candidate("mona", ("method.name=mona",)),
+    Candidate("full fine-tuning", ("method.name=full",)),
+)
+PROBE = CHEAP[0].name
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def parse_budget(text: str | None) -> float | None:
+    """'20m', '1.5h', '90s', '600' (seconds) -> seconds; None/'' -> no budget."""
+    if not text:
+        return None
+    t = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r} is not a duration; use e.g. 90s, 20m or 1.5h") from None
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=float)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from visiontune.eval.metrics import compute_metrics
+
+    m = compute_metrics(y_true, y_pred, classes)
+    return {"accuracy": m["accuracy"], "f1_weighted": m["f1_weighted"], "f1_macro": m["f1_macro"], "confusion": m["confusion"]}
+
+
+@dataclass
+class Plan:
+    """What ``auto`` will do: data sizes, folds, candidates, estimated seconds per stage."""
+
+    pool: int
+    test: int
+    classes: list[str]
+    folds: int
+    backbones: list[str]
+    candidates: list[str]
+    estimates_s: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [
+            f"labeled pool: {self.pool} images, {len(self.classes)} classes; test split: {self.test} images (held out, read once at the end)",
+            f"folds: stratified {self.folds}-fold, the same folds for every candidate",
+            f"backbones: {', '.join(self.backbones)}",
+            f"cheap candidates: {', '.join(c.name for c in CHEAP)}",
+            f"fine-tuning candidates (pruned by successive halving, factor {REDUCTION_FACTOR}): {', '.join(self.candidates)}",
+            "estimated time (this machine, measured forward pass): "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items()),
+        ]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the selection
+
+
+class AutoSelect:
+    """One selection run; see the module docstring. ``run()`` returns the leaderboard record."""
+
+    def __init__(
+        self,
+        data: str,
+        out: str | Path,
+        backbones: list[str] | None = None,
+        budget_s: float | None = None,
+        folds: int = 5,
+        overrides: list[str] | None = None,
+        candidates: tuple[Candidate, ...] = FINETUNE,
+        progress: bool = True,
+        steps: int = FINETUNE_STEPS,
+    ):
+        from visiontune.data import load_records, make_splits
+
+        self.out = Path(out)
+        self.budget_s = budget_s
+        self.progress = progress
+        self.candidates = candidates
+        self.steps = int(steps)
+        self.user_overrides = list(overrides or [])
+        base = [f"data.dataset={data}", "optim.batch_size=16", "run.measure_speed=false", *self.user_overrides]
+        self.base_overrides = base
+        cfg = load_config(None, overrides=base)
+        self.cfg = cfg
+        self.backbones = list(backbones or [cfg.backbone.name])
+        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        splits = make_splits(records, cfg.data)
+        # The selection sees the training (and validation) images only; the test split goes to the final run.
+        pool_idx = np.concatenate([np.arange(len(splits["train"])), len(splits["train"]) + np.arange(len(splits["val"]))])
+        self.pool = _concat(splits["train"], splits["val"]) if len(splits["val"]) else splits["train"]
+        assert len(self.pool) == len(pool_idx)
+        self.test = splits["test"]
+        self.classes = list(self.pool.classes)
+        counts = np.bincount(self.pool.labels, minlength=len(self.classes))
+        smallest = int(counts[counts > 0].min())
+        if smallest < 2:
+            raise DataError(
+                f"a class has {smallest} labeled image(s); cross-validation needs at least 2 per class "
+                "(add images or raise data.train_per_class)"
+            )
+        self.k = max(2, min(int(folds), smallest))
+        from sklearn.model_selection import StratifiedKFold
+
+        skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
+        self.folds = [(tr, va) for tr, va in skf.split(np.zeros(len(self.pool)), self.pool.labels)]
+        self.signature = {
+            "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
+            "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
+        }
+        self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}
+        self._t0 = time.perf_counter()
+        self._elapsed_before = 0.0
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self) -> None:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            return
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is unreadable ({e}); move it away to start the selection again") from e
+        old = state.get("signature", {})
+        if old != self.signature:
+            diff = sorted(k for k in set(old) | set(self.signature) if old.get(k) != self.signature.get(k))
+            raise ConfigError(
+                f"{self.out} holds a selection with other settings ({', '.join(diff)} differ); rerun with the same "
+                "data, backbones, folds and overrides to continue it, or choose another --out"
+            )
+        self.state = state
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def _save(self) -> None:
+        self.state["elapsed_s"] = self.elapsed()
+        _atomic_json(self.out / STATE_FILE, self.state)
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._t0
+
+    def _log(self, text: str) -> None:
+        if self.progress:
+            print(f"[auto] {text}", flush=True)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> Plan:
+        """The plan with time estimates from one measured forward pass per backbone (nothing is trained)."""
+        import visiontune.methods  # noqa: F401  (registration)
+        from visiontune.runs import build_model
+
+        est: dict[str, float] = {}
+        n = len(self.pool)
+        fold_train = n * (self.k - 1) / self.k * (1 - INNER_VAL_FRACTION)
+        for name in self.backbones:
+            cfg = self._config(name, CHEAP[0].overrides)
+            model = build_model(cfg, _method(cfg), len(self.classes)).eval()
+            size = cfg.backbone.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            x = torch.randn(8, 3, size, size)
+            with torch.no_grad():
+                model(x)
+                t = time.perf_counter()
+                model(x)
+                per_img = (time.perf_counter() - t) / 8
+            est[f"features ({name})"] = per_img * n
+        bs = 16
+        steps_time = self.steps * bs * per_img * 3  # forward + backward ~ 3 forwards
+        epochs = self._epochs(int(fold_train))
+        step_epoch = math.ceil(fold_train / bs)
+        est["fine-tuning, one fold"] = per_img * 3 * bs * step_epoch * epochs + per_img * n / self.k * epochs * 0.2
+        est["fine-tuning, every candidate on every fold (no pruning)"] = est["fine-tuning, one fold"] * self.k * len(self.candidates)
+        est["final retrain"] = steps_time
+        return Plan(len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates], est)
+
+    def _epochs(self, n_train: int, bs: int = 16) -> int:
+        per_epoch = max(1, math.ceil(n_train / bs))
+        return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(self.steps / per_epoch))))
+
+    def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
+        return load_config(None, overrides=[*self.base_overrides, f"backbone.name={backbone}", *overrides, *(extra or [])])
+
+    # ------------------------------------------------------------------ stage 2: cheap candidates
+    def _cheap_stage(self) -> str:
+        from visiontune.backbones import build_transform
+        from visiontune.data.cache import image_dataset
+        from visiontune.methods.baselines import fit_probe_head
+        from visiontune.methods.prototype import prototype_head
+        from visiontune.runs import build_model
+        from visiontune.train.loop import extract_features, make_loader, resolve_device
+        from visiontune.train.speed import fast_forward
+
+        for name in self.backbones:
+            if name in self.state["cheap"]:
+                continue
+            cfg = self._config(name, CHEAP[0].overrides)
+            device = resolve_device(cfg.run.device)
+            model = build_model(cfg, _method(cfg), len(self.classes)).to(device).eval()
+            t0 = time.perf_counter()
+            tf = build_transform(model, cfg.backbone.img_size, train=False)
+            loader = make_loader(image_dataset(self.pool, tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, 0)
+            x, y = extract_features(fast_forward(model), loader, device, None, self.progress, f"features {name}")
+            feat_s = time.perf_counter() - t0
+            head_numel = sum(p.numel() for p in model.get_classifier().parameters())
+            total = sum(p.numel() for p in model.parameters())
+            results: dict[str, Any] = {}
+            for cand in CHEAP:
+                rows = []
+                for j, (tr, va) in enumerate(self.folds):
+                    t1 = time.perf_counter()
+                    if cand.name == PROBE:
+                        head = torch.nn.Linear(x.shape[1], len(self.classes))
+                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None)
+                        with torch.no_grad():
+                            pred = head(x[va]).argmax(1).numpy()
+                    else:
+                        w, b = prototype_head(x[tr], y[tr], len(self.classes), 10.0)
+                        pred = (x[va].double() @ w.T + b).argmax(1).numpy()
+                    row = _scores(y[va].numpy(), pred, self.classes)
+                    row["train_s"] = time.perf_counter() - t1 + feat_s * len(tr) / len(y)
+                    rows.append(row)
+                results[cand.name] = {"folds": rows, "status": "complete", "trainable_pct": 100.0 * head_numel / total}
+            self.state["cheap"][name] = {"candidates": results, "feature_s": feat_s}
+            self._save()
+            best = max(results.values(), key=lambda r: np.mean([f["accuracy"] for f in r["folds"]]))
+            self._log(f"{name}: probe {_mean(results[PROBE]):.3f}, prototype {_mean(results[CHEAP[1].name]):.3f} (fold means)")
+            del best
+        return max(
+            self.backbones,
+            key=lambda b: max(_mean(r) for r in self.state["cheap"][b]["candidates"].values()),
+        )
+
+    # ------------------------------------------------------------------ stage 3: fine-tuning with pruning
+    def _study(self, backbone: str) -> Any:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self.out / STUDY_FILE)))
+        study = optuna.create_study(
+            study_name=f"auto-{backbone}", storage=storage, direction="maximize", load_if_exists=True,
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
+        )
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-candidate; its folds are in auto.json
+        if not study.get_trials(deepcopy=False):
+            for cand in CHEAP:  # the cheap candidates compete at every rung: escalation must beat them to go on
+                folds = self.state["cheap"][backbone]["candidates"][cand.name]["folds"]
+                trial = study.ask()
+                trial.set_user_attr("candidate", cand.name)
+                for j in range(len(folds)):
+                    trial.report(float(np.mean([f["accuracy"] for f in folds[: j + 1]])), j + 1)
+                study.tell(trial, float(np.mean([f["accuracy"] for f in folds])))
+        return study
+
+    def _fold_splits(self, j: int) -> dict[str, Any]:
+        from sklearn.model_selection import StratifiedShuffleSplit
+
+        tr, va = self.folds[j]
+        labels = self.pool.labels[tr]
+        counts = np.bincount(labels)
+        n_val = max(int(round(INNER_VAL_FRACTION * len(tr))), int((counts > 0).sum()))
+        if counts[counts > 0].min() < 2 or n_val >= len(tr):
+            inner_tr, inner_va = np.arange(len(tr)), np.array([], dtype=int)
+        else:
+            sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=self.cfg.run.seed + j)
+            inner_tr, inner_va = next(sss.split(np.zeros(len(tr)), labels))
+        return {
+            "train": self.pool.subset(np.sort(tr[inner_tr])), "val": self.pool.subset(np.sort(tr[inner_va])),
+            "test": self.pool.subset(va),
+        }
+
+    def _finetune_stage(self, backbone: str) -> None:
+        from tqdm.auto import tqdm
+
+        from visiontune.train.loop import train
+
+        study = self._study(backbone)
+        state = self.state["finetune"]
+        fold_times: list[float] = [f["train_s"] for r in state.values() for f in r["folds"]]
+        units = len(self.candidates) * self.k
+        done = sum(len(r["folds"]) for r in state.values())
+        bar = tqdm(total=units, initial=done, desc="fine-tuning folds", disable=not self.progress, dynamic_ncols=True)
+        for cand in self.candidates:
+            rec = state.setdefault(cand.name, {"folds": [], "status": "running", "best_epochs": [], "steps_per_epoch": []})
+            if rec["status"] in ("complete", "pruned", "budget"):
+                continue
+            trial = study.ask()
+            trial.set_user_attr("candidate", cand.name)
+            for j, f in enumerate(rec["folds"]):  # folds finished before a kill
+                trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
+            for j in range(len(rec["folds"]), self.k):
+                if self._over_budget(fold_times):
+                    rec["status"] = "budget" if rec["folds"] == [] else "partial (budget)"
+                    self._log(f"{cand.name}: stopped by the budget after {len(rec['folds'])} fold(s)")
+                    break
+                splits = self._fold_splits(j)
+                epochs = self._epochs(len(splits["train"]))
+                cfg = self._config(
+                    backbone, cand.overrides,
+                    [f"optim.epochs={epochs}", "run.progress=false", f"run.dir={self.out / 'folds'}",
+                     f"run.name={_slug(cand.name)}-fold{j + 1}", "run.overwrite=true"],
+                )
+                result = train(cfg, splits=splits)
+                m = result.metrics
+                row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
+                row["train_s"] = m["train"]["wall_time_s"]
+                rec["folds"].append(row)
+                rec["best_epochs"].append(int(m["train"]["best_epoch"]))
+                rec["steps_per_epoch"].append(math.ceil(len(splits["train"]) / cfg.optim.batch_size))
+                rec["trainable_pct"] = m["params"]["trainable_pct"]
+                fold_times.append(row["train_s"])
+                self._save()
+                bar.update(1)
+                trial.report(float(np.mean([g["accuracy"] for g in rec["folds"]])), j + 1)
+                if trial.should_prune():
+                    rec["status"] = "pruned"
+                    self._log(f"{cand.name}: pruned after fold {j + 1} (fold mean {_mean(rec):.3f})")
+                    bar.update(self.k - j - 1)
+                    break
+            else:
+                rec["status"] = "complete"
+                self._log(f"{cand.name}: {_mean(rec):.3f} over {self.k} folds")
+            self._save()
+            import optuna
+
+            if rec["status"] == "complete":
+                study.tell(trial, _mean(rec))
+            elif rec["status"] == "pruned":
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                bar.update(self.k - len(rec["folds"]))
+        bar.close()
+
+    def _over_budget(self, fold_times: list[float]) -> bool:
+        if self.budget_s is None:
+            return False
+        if not fold_times:
+            return self.elapsed() > 0.5 * self.budget_s
+        # The next fold plus the final retrain on all images (~1.3 folds) must fit.
+        need = max(fold_times) * (1 + 1.3 * self.k / max(self.k - 1, 1))
+        return self.elapsed() + need > self.budget_s
+
+    # ------------------------------------------------------------------ stage 4: decision
+    def leaderboard(self, backbone: str) -> list[dict[str, Any]]:
+        cheap = self.state["cheap"][backbone]["candidates"]
+        probe = [f["accuracy"] for f in cheap[PROBE]["folds"]]
+        vf = 1.0 / max(self.k - 1, 1)
+        rows = []
+        for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
+            folds = rec["folds"]
+            if not folds:
+                rows.append({"candidate": name, "status": rec["status"], "folds": 0})
+                continue
+            acc = [f["accuracy"] for f in folds]
+            est = corrected_interval(acc, vf, bounds=(0.0, 1.0))
+            diff = corrected_interval([a - p for a, p in zip(acc, probe)], vf)
+            rows.append({
+                "candidate": name, "backbone": backbone, "status": rec["status"], "folds": len(folds),
+                "accuracy": est.mean, "accuracy_ci": [est.low, est.high],
+                "f1_weighted": float(np.mean([f["f1_weighted"] for f in folds])),
+                "f1_macro": float(np.mean([f["f1_macro"] for f in folds])),
+                "vs_probe": diff.mean, "vs_probe_ci": [diff.low, diff.high],
+                "train_s_per_fold": float(np.mean([f["train_s"] for f in folds])),
+                "trainable_pct": rec.get("trainable_pct"),
+                "eligible": rec["status"] == "complete",
+            })
+        return rows
+
+    def decide(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Best mean, unless a cheaper candidate is within the paired interval; the reason in words."""
+        eligible = [r for r in rows if r.get("eligible")]
+        best = max(eligible, key=lambda r: (r["accuracy"], -r["train_s_per_fold"]))
+        folds = {r["candidate"]: self._fold_acc(r["candidate"]) for r in eligible}
+        vf = 1.0 / max(self.k - 1, 1)
+        chosen, why = best, (
+            f"{best['candidate']} has the highest cross-validated accuracy ({100 * best['accuracy']:.1f} %, "
+            f"95 % interval {100 * best['accuracy_ci'][0]:.1f}-{100 * best['accuracy_ci'][1]:.1f})"
+        )
+        # "Cheaper" means at most half the training time of the best: candidates that cost about the same
+        # compete on accuracy alone. Among the cheaper ones whose deficit is within the paired interval, the
+        # most accurate is taken.
+        cheaper = [r for r in eligible if r is not best and r["train_s_per_fold"] <= CHEAPER_RATIO * best["train_s_per_fold"]]
+        tied = []
+        for r in cheaper:
+            gain = corrected_interval([a - b for a, b in zip(folds[best["candidate"]], folds[r["candidate"]])], vf)
+            if gain.contains_zero():
+                tied.append((r, gain))
+        if tied:
+            r, gain = max(tied, key=lambda t: (t[0]["accuracy"], -t[0]["train_s_per_fold"]))
+            chosen = r
+            why = (
+                f"{best['candidate']} scored highest ({100 * best['accuracy']:.1f} %), but its gain over "
+                f"{r['candidate']} ({100 * gain.mean:+.1f} points, 95 % interval {100 * gain.low:+.1f} to "
+                f"{100 * gain.high:+.1f}) is not distinguishable from zero on {self.k} folds, and {r['candidate']} "
+                f"trains in {r['train_s_per_fold']:.1f} s per fold instead of {best['train_s_per_fold']:.1f} s, so the "
+                "cheaper one is chosen"
+            )
+        if chosen is best and chosen["candidate"] != PROBE:
+            probe_row = next(r for r in rows if r["candidate"] == PROBE)
+            why += (
+                f"; it beats the cheaper candidates beyond their intervals (vs the linear probe: "
+                f"{100 * chosen['vs_probe']:+.1f} points, 95 % interval {100 * chosen['vs_probe_ci'][0]:+.1f} to "
+                f"{100 * chosen['vs_probe_ci'][1]:+.1f}; probe {100 * probe_row['accuracy']:.1f} %)"
+            )
+        return {"candidate": chosen["candidate"], "reason": why}
+
+    def _fold_acc(self, name: str) -> list[float]:
+        for pool in (*self.state["cheap"].values(),):
+            if name in pool["candidates"]:
+                return [f["accuracy"] for f in pool["candidates"][name]["folds"]]
+        return [f["accuracy"] for f in self.state["finetune"][name]["folds"]]
+
+    # ------------------------------------------------------------------ stage 5: ship
+    def _final(self, backbone: str, decision: dict[str, Any]) -> dict[str, Any]:
+        from visiontune.train.loop import train
+
+        name = decision["candidate"]
+        cand = next(c for c in (*CHEAP, *self.candidates) if c.name == name)
+        extra = [f"run.progress={str(self.progress).lower()}", f"run.dir={self.out}", "run.name=model", "run.overwrite=true"]
+        note = ""
+        if not cand.cheap:
+            rec = self.state["finetune"][name]
+            best_steps = statistics.median(e * s for e, s in zip(rec["best_epochs"], rec["steps_per_epoch"]))
+            per_epoch = math.ceil(len(self.pool) / 16)
+            epochs = int(round(best_steps / per_epoch))
+            if epochs < 1:
+                note = "the folds' best epoch was the probe head itself (epoch 0): the linear probe is shipped instead"
+                cand = CHEAP[0]
+            else:
+                extra.append(f"optim.epochs={epochs}")
+                note = f"{epochs} epochs: the median best step count on the folds ({best_steps:.0f} steps) on all {len(self.pool)} images"
+        cfg = self._config(backbone, cand.overrides, extra)
+        splits = {"train": self.pool, "val": self.pool.subset(np.array([], dtype=int)), "test": self.test}
+        result = train(cfg, splits=splits)
+        return {"run_dir": str(result.run_dir), "method": cand.name, "note": note, "test": {
+            k: result.metrics["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "num_samples")
+        } if len(self.test) else None}
+
+    # ------------------------------------------------------------------ all
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._load_state()
+        self._log(self.plan().describe())
+        backbone = self._cheap_stage()
+        self._log(f"escalating on {backbone}")
+        self._finetune_stage(backbone)
+        rows = self.leaderboard(backbone)
+        decision = self.decide(rows)
+        self._log(f"decision: {decision['reason']}")
+        if "final" not in self.state or self.state["final"].get("candidate") != decision["candidate"]:
+            final = self._final(backbone, decision)
+            self.state["final"] = {"candidate": decision["candidate"], **final}
+            self._save()
+        record = {
+            "backbone": backbone, "folds": self.k, "pool": len(self.pool), "test_images": len(self.test),
+            "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "leaderboard": rows, "decision": decision,
+            "final": self.state["final"],
+        }
+        from visiontune.auto.report import write_report
+
+        write_report(self.out, record, self.state, self.classes)
+        self._save()
+        return record
+
+
+def _method(cfg: Config) -> Any:
+    from visiontune.registry import METHODS
+
+    return METHODS.get(cfg.method.name)(cfg.method)
+
+
+def _mean(rec: dict[str, Any]) -> float:
+    return float(np.mean([f["accuracy"] for f in rec["folds"]])) if rec["folds"] else float("nan")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+
+
+def _fingerprint(ids: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _concat(a: Any, b: Any) -> Any:
+    from visiontune.data.records import ImageRecords
+
+    return ImageRecords(
+        items=[*a.items, *b.items], labels=np.concatenate([a.labels, b.labels]), ids=[*a.ids, *b.ids],
+        classes=list(a.classes), source=a.source,
+    )
+
+
+__all__ = ["AutoSelect", "Candidate", "CHEAP", "Estimate", "FINETUNE", "parse_budget"]

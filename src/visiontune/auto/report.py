@@ -1,0 +1,140 @@
+"""``leaderboard.md`` / ``leaderboard.json`` and the two figures of a ``visiontune auto`` selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _ci(ci: list[float] | None, signed: bool = False) -> str:
+    if not ci or not all(np.isfinite(ci)):
+        return "—"
+    return f"[{_pct(ci[0], signed)}, {_pct(ci[1], signed)}]"
+
+
+def leaderboard_markdown(record: dict[str, Any]) -> str:
+    """The leaderboard table, the decision in words and the final model's held-out test score."""
+    rows = sorted(record["leaderboard"], key=lambda r: -(r.get("accuracy") or -1))
+    head = (
+        "| candidate | status | folds | CV accuracy (%) | 95 % interval | weighted F1 | macro F1 | vs linear probe (points) "
+        "| 95 % interval | train time per fold | trainable % |\n|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in rows:
+        if not r.get("folds"):
+            lines.append(f"| {r['candidate']} | {r['status']} | 0 | — | — | — | — | — | — | — | — |")
+            continue
+        mark = "**" if r["candidate"] == record["decision"]["candidate"] else ""
+        lines.append(
+            f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
+            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)} | {_ci(r['vs_probe_ci'], True)} "
+            f"| {r['train_s_per_fold']:.1f} s | {r['trainable_pct']:.2f} |"
+            if r.get("trainable_pct") is not None else
+            f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
+            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)} | {_ci(r['vs_probe_ci'], True)} "
+            f"| {r['train_s_per_fold']:.1f} s | — |"
+        )
+    final = record["final"]
+    test = final.get("test")
+    parts = [
+        f"# visiontune auto: {record['backbone']}",
+        "",
+        f"{record['pool']} labeled images, stratified {record['folds']}-fold cross-validation (the same folds for every "
+        f"candidate); {record['test_images']} test images held out and read once, by the final model. Elapsed "
+        f"{record['elapsed_s'] / 60:.1f} min" + (f" of a {record['budget_s'] / 60:.1f} min budget." if record["budget_s"] else "."),
+        "",
+        "\n".join(lines),
+        "",
+        f"**Decision: {record['decision']['candidate']}.** {record['decision']['reason']}.",
+        "",
+        f"Shipped: `{final['run_dir']}` ({final['method']}{'; ' + final['note'] if final.get('note') else ''}), trained on "
+        "every labeled image.",
+    ]
+    if test:
+        parts.append(
+            f"Held-out test ({test['num_samples']} images): accuracy {100 * test['accuracy']:.1f} %, weighted F1 "
+            f"{test['f1_weighted']:.3f}, macro F1 {test['f1_macro']:.3f}."
+        )
+    parts += [
+        "",
+        "Intervals: corrected resampled t (Nadeau & Bengio 2003) over folds; 'pruned' = stopped early by successive "
+        "halving (not in the top third at a rung), 'budget' = not run or stopped by the time budget.",
+        "",
+        "![accuracy vs time](accuracy_vs_time.png)",
+        "",
+        "![per-class F1](per_class_f1.png)",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _per_class_f1(confusions: list[list[list[int]]]) -> np.ndarray:
+    cm = np.sum(np.asarray(confusions, dtype=float), axis=0)
+    tp = np.diag(cm)
+    prec = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    rec = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+
+
+def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], classes: list[str]) -> None:
+    """Write leaderboard.md / .json, accuracy_vs_time.png and per_class_f1.png into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visiontune.auto import PROBE
+
+    (out / "leaderboard.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    (out / "leaderboard.md").write_text(leaderboard_markdown(record))
+
+    rows = [r for r in record["leaderboard"] if r.get("folds")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        lo, hi = r["accuracy_ci"]
+        err = [[100 * (r["accuracy"] - lo)], [100 * (hi - r["accuracy"])]] if np.isfinite(lo) else None
+        chosen = r["candidate"] == record["decision"]["candidate"]
+        ax.errorbar(
+            max(r["train_s_per_fold"], 1e-2), 100 * r["accuracy"], yerr=err, fmt="o", capsize=3,
+            color="tab:red" if chosen else ("tab:gray" if r["status"] != "complete" else "tab:blue"),
+        )
+        ax.annotate(r["candidate"], (max(r["train_s_per_fold"], 1e-2), 100 * r["accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training time per fold (s, log)")
+    ax.set_ylabel("cross-validated accuracy (%)")
+    ax.set_title("candidates: mean and 95 % interval over folds (red: chosen, gray: pruned/partial)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    def confusions(name: str) -> list | None:
+        for pool in state["cheap"].values():
+            if name in pool["candidates"]:
+                return [f["confusion"] for f in pool["candidates"][name]["folds"]]
+        rec = state["finetune"].get(name)
+        return [f["confusion"] for f in rec["folds"]] if rec and rec["folds"] else None
+
+    winner = record["decision"]["candidate"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 4))
+    idx = np.arange(len(classes))
+    for k, (name, color) in enumerate([(PROBE, "tab:gray"), (winner, "tab:red")]):
+        cms = confusions(name)
+        if cms:
+            ax.bar(idx + (k - 0.5) * 0.4, _per_class_f1(cms), width=0.4, label=name, color=color)
+    ax.set_xticks(idx, classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
+    ax.set_ylabel("F1 (out-of-fold predictions)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("per-class F1: chosen candidate vs linear probe")
+    fig.tight_layout()
+    fig.savefig(out / "per_class_f1.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,187 @@
+"""``visiontune auto``: folds that do not leak, a test split nobody reads, the budget, resume, the decision rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visiontune.data.cache as data_cache
+from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, parse_budget
+from visiontune.auto.stats import corrected_interval
+from visiontune.errors import ConfigError
+
+TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3"]
+ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
+
+
+def _select(out: Path, **kw) -> AutoSelect:
+    kw.setdefault("candidates", ONE_FINETUNE)
+    kw.setdefault("steps", 2)
+    kw.setdefault("folds", 2)
+    return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)
+
+
+def test_folds_partition_the_pool_and_never_touch_the_test_split(tmp_path: Path) -> None:
+    sel = _select(tmp_path, folds=4)
+    pool, test = set(sel.pool.ids), set(sel.test.ids)
+    assert pool and test and not pool & test
+    seen: list[str] = []
+    for j, (tr, va) in enumerate(sel.folds):
+        assert not set(tr) & set(va)
+        splits = sel._fold_splits(j)
+        inner_train, inner_val, held = (set(splits[k].ids) for k in ("train", "val", "test"))
+        # The fold's held-out part is neither trained on nor used to pick an epoch.
+        assert not held & (inner_train | inner_val) and not inner_train & inner_val
+        assert (inner_train | inner_val | held) <= pool
+        seen += list(held)
+    assert sorted(seen) == sorted(pool)  # every labeled image is held out exactly once
+
+
+def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    original = data_cache.decode_compact
+
+    def spy(item, id=None):
+        decoded.append(id)
+        return original(item, id)
+
+    monkeypatch.setattr(data_cache, "decode_compact", spy)
+    sel = _select(tmp_path)
+    final = AutoSelect._final
+    before_final: list[str] = []
+
+    def final_spy(self, backbone, decision):
+        before_final.extend(decoded)
+        return final(self, backbone, decision)
+
+    monkeypatch.setattr(AutoSelect, "_final", final_spy)
+    record = sel.run()
+    test_ids = set(sel.test.ids)
+    assert before_final and not test_ids & set(before_final)
+    assert test_ids <= set(decoded)  # ...and the final model is scored on all of it, once
+    assert record["final"]["test"]["num_samples"] == len(test_ids)
+    # The shipped folder is a normal run; the selection record sits beside it.
+    run = Path(record["final"]["run_dir"])
+    assert (run / "adapter.safetensors").is_file() and (run / "metrics.json").is_file()
+    for name in ("leaderboard.md", "leaderboard.json", "accuracy_vs_time.png", "per_class_f1.png"):
+        assert (tmp_path / name).is_file(), name
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert {r["candidate"] for r in board["leaderboard"]} == {c.name for c in CHEAP} | {ONE_FINETUNE[0].name}
+    assert "Decision:" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    record = _select(tmp_path, budget_s=1.0).run()
+    assert time.perf_counter() - t0 < 60
+    status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
+    assert status[ONE_FINETUNE[0].name] == "budget"
+    assert record["decision"]["candidate"] in {c.name for c in CHEAP}
+
+
+def test_changed_settings_are_refused_on_continue(tmp_path: Path) -> None:
+    _select(tmp_path, budget_s=1.0).run()
+    with pytest.raises(ConfigError, match="folds"):
+        _select(tmp_path, budget_s=1.0, folds=3)
+
+
+def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
+    out = tmp_path / "sel"
+    code = (
+        "import sys; from visiontune.auto import AutoSelect, Candidate; "
+        f"AutoSelect('digits', {str(out)!r}, overrides={TINY!r}, progress=False, folds=3, steps=30, "
+        "candidates=(Candidate('lora q,v r4', ('method.name=lora', 'method.targets=qv', 'method.rank=4')),)).run()"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    state = out / "auto.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.is_file():
+            try:
+                s = json.loads(state.read_text())
+            except json.JSONDecodeError:
+                s = {}
+            if any(r["folds"] for r in s.get("finetune", {}).values()):
+                break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no fine-tuning fold finished in time")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["finetune"]["lora q,v r4"]["folds"]
+    assert 1 <= len(done) < 3
+    out2 = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out2.returncode == 0, out2.stderr[-2000:]
+    final = json.loads(state.read_text())
+    rec = final["finetune"]["lora q,v r4"]
+    assert rec["folds"][: len(done)] == done  # kept, not retrained
+    assert rec["status"] in ("complete", "pruned") and "final" in final
+
+
+def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, float]) -> dict:
+    def folds(acc, t):
+        return [{"accuracy": a, "f1_weighted": a, "f1_macro": a, "train_s": t, "confusion": [[1]]} for a in acc]
+
+    return {
+        "cheap": {"bb": {"candidates": {
+            PROBE: {"folds": folds(probe, times[PROBE]), "status": "complete", "trainable_pct": 0.01},
+        }}},
+        "finetune": {k: {"folds": folds(v, times[k]), "status": "complete", "trainable_pct": 1.0} for k, v in fine.items()},
+    }
+
+
+@pytest.mark.parametrize(
+    "gain, chosen", [(np.array([0.06, -0.05, 0.04, -0.03, 0.05]), PROBE), (np.array([0.10, 0.11, 0.09, 0.10, 0.12]), "lora")]
+)
+def test_decision_prefers_the_cheaper_candidate_unless_the_gain_is_clear(tmp_path: Path, gain, chosen) -> None:
+    sel = _select(tmp_path, folds=2)
+    sel.k = 5
+    probe = [0.60, 0.62, 0.58, 0.61, 0.59]
+    sel.state = _state({"lora": list(np.array(probe) + gain)}, probe, {PROBE: 1.0, "lora": 50.0})
+    rows = sel.leaderboard("bb")
+    decision = sel.decide(rows)
+    assert decision["candidate"] == chosen
+    if chosen == PROBE:
+        assert "not distinguishable from zero" in decision["reason"] and "cheaper" in decision["reason"]
+    else:
+        assert "beats the cheaper candidates" in decision["reason"]
+
+
+def test_corrected_interval_is_wider_than_the_naive_one() -> None:
+    v = [0.1, 0.2, 0.15, 0.05, 0.12]
+    naive = corrected_interval(v, 0.0)
+    corrected = corrected_interval(v, 0.25)
+    assert naive.mean == pytest.approx(0.124) and corrected.mean == pytest.approx(0.124)
+    assert corrected.half_width > naive.half_width and naive.low < naive.mean < naive.high
+    # t(0.975, df=4) = 2.776; sd = 0.0559
+    assert naive.half_width == pytest.approx(2.776 * 0.05595 / 5**0.5, rel=1e-3)
+
+
+def test_budget_parsing() -> None:
+    assert parse_budget("20m") == 1200 and parse_budget("1.5h") == 5400 and parse_budget("90s") == 90
+    assert parse_budget("600") == 600 and parse_budget(None) is None
+    with pytest.raises(ConfigError, match="20m"):
+        parse_budget("soon")
+
+
+def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
+    from visiontune.cli import main
+
+    out = subprocess.run(
+        [sys.executable, "-m", "visiontune.cli", "auto", "digits", *TINY, "--dry-run", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "labeled pool: 40 images, 10 classes" in out.stdout and "estimated time" in out.stdout
+    assert not (tmp_path / "x").exists()  # a plan writes nothing
+    del main
