@@ -389,7 +389,7 @@ def _unsupported_preset_message(
         why = f" {layout.family} blocks of {label} have no attention projections."
     elif preset in ("all-linear", "mlp") and layout.family == "resnet":
         why = (
-            f" This ResNet has no Linear layer and no MLP in its blocks, only convolutions (1x1 convs included), "
+            " This ResNet has no Linear layer and no MLP in its blocks, only convolutions (1x1 convs included), "
             "which the 'conv' preset adapts."
         )
     elif preset in ("all-linear", "mlp"):
