@@ -101,6 +101,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         # `visiontune sweep status FILE` / `sweep report FILE`: the same as --status / --report
         setattr(args, args.sweep_file, True)
         args.sweep_file, args.overrides = args.overrides[0], args.overrides[1:]
+    if args.dry_run:
+        return _sweep_dry_run(args)
     sweep = load_sweep(args.sweep_file, overrides=args.overrides)
     if args.report:
         print(aggregate(sweep))
@@ -113,13 +115,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{name:60s} {state}")
         print(f"{sum(s == 'done' for _, s in states)}/{len(states)} done")
         return 0
-    if args.dry_run:
-        for e in sweep.entries:
-            print(e.name)
-        return 0
     out = run_sweep(sweep, progress=not args.quiet, workers=args.workers)
     print(json.dumps({k: (v if k != "failed" else sorted(v)) for k, v in out.items()}))
     return 1 if out["failed"] else 0
+
+
+def _sweep_dry_run(args: argparse.Namespace) -> int:
+    """Check every run (config, then model + method on the meta device); 1 when any run is invalid."""
+    from visiontune.sweep import check_sweep, format_check, load_sweep, summarize_checks
+
+    sweep = load_sweep(args.sweep_file, overrides=args.overrides, validate=False)
+    print(f"checking {len(sweep.entries)} runs of {args.sweep_file} (meta device: no weights, no data)", flush=True)
+    results = check_sweep(sweep, on_result=lambda r: print(format_check(r), flush=True))
+    print(summarize_checks(results))
+    return 1 if any(r.status == "invalid" for r in results) else 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -233,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a comparison grid (resumable) and write results.csv + report.md")
     sw.add_argument("sweep_file", help="configs/sweeps/*.yaml; `sweep status FILE` / `sweep report FILE` = --status / --report")
     sw.add_argument("overrides", nargs="*", help="dotted overrides applied to the base config of every run")
-    sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="check every run against the real model classes (meta device: no weights, no data, "
+                         "no training), list each as ok / invalid; exit 1 if any is invalid")
     sw.add_argument("--status", action="store_true", help="show which runs are done, failed, partial or pending")
     sw.add_argument("--report", action="store_true", help="only rebuild results.csv, report.md and plots from finished runs")
     sw.add_argument("--workers", type=int, default=1,

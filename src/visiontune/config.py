@@ -186,6 +186,10 @@ class MethodConfig:
 
     name: str = _help("fine-tuning method (see `visiontune list methods`)", default="linear")
 
+    size_only_fields: typing.ClassVar[tuple[str, ...]] = ()
+    """Options that change tensor sizes or values but never whether a model can be built (LoRA's rank):
+    ``sweep --dry-run`` checks runs that differ only in these once (:func:`visiontune.check.check_key`)."""
+
     def problems(self) -> list[str]:
         return []
 

@@ -127,8 +127,11 @@ def test_resnet_supports_conv_only() -> None:
     block_convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("layer")]
     assert got == block_convs and "conv1" not in got  # the stem is not inside a block
     assert supported_presets(model) == ["conv"]
-    for preset in ("q", "all-linear", "mlp"):
-        with pytest.raises(ConfigError, match=r"resnet blocks of .* have no .*supports: conv"):
+    with pytest.raises(ConfigError, match=r"'q' selects nothing.*This ResNet has no attention.*supports: conv; use method"
+                       r"\.targets=conv, or method\.name=linear / full"):
+        resolve_targets(model, ["q"])
+    for preset in ("all-linear", "mlp"):
+        with pytest.raises(ConfigError, match=r"This ResNet has no Linear layer and no MLP.*'conv' preset.*supports: conv"):
             resolve_targets(model, [preset])
 
 
@@ -136,8 +139,10 @@ def test_convnext_supports_mlp_not_attention() -> None:
     model = _split(ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3))
     assert resolve_targets(model, ["mlp"]) == [f"stages.{s}.blocks.0.mlp.fc{i}" for s in range(4) for i in (1, 2)]
     assert supported_presets(model) == ["mlp", "all-linear"]  # depthwise convs are not 'conv' targets
-    with pytest.raises(ConfigError, match=r"'qv' selects nothing.*no attention projections.*supports: mlp, all-linear"):
+    with pytest.raises(ConfigError, match=r"'qv' selects nothing.*This ConvNeXt has no attention.*supports: mlp, all-linear"):
         resolve_targets(model, ["qv"])
+    with pytest.raises(ConfigError, match=r"'conv' selects nothing.*depthwise.*conv_dw.*use method\.targets=mlp"):
+        resolve_targets(model, ["conv"])
 
 
 def test_unknown_layout_takes_patterns_only() -> None:

@@ -152,7 +152,8 @@ def test_cli_status_report_and_workers_flag(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method=linear" in out and "pending" in out and "0/2 done" in out
     assert main(["sweep", str(path), "--dry-run"]) == 0
-    assert capsys.readouterr().out.split() == ["method=linear", "method=full"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["ok        method=linear", "ok        method=full"] and lines[-1].startswith("all 2 checked runs valid")
     assert main(["sweep", "report", str(path)]) == 0  # nothing finished yet: a report saying so, no crash
     assert "0 of 2 runs finished" in (tmp_path / "out" / "report.md").read_text()
     assert worker_threads(3, cores=16) == 5 and worker_threads(4, cores=2) == 1

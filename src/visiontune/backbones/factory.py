@@ -100,8 +100,10 @@ def _offline_sources_for(arch: str) -> list[Any]:
     return [WEIGHT_SOURCES.get(n) for n in WEIGHT_SOURCES.names() if WEIGHT_SOURCES.get(n).arch == arch]
 
 
-def _resolve_weights(value: str, arch: _Arch) -> _Weights:
+def _resolve_weights(value: str, arch: _Arch, locate: bool = True) -> _Weights:
     """Resolve ``backbone.weights`` for ``arch`` to a file (converting offline sources) or hub/none.
+
+    ``locate=False`` checks the same things without converting an offline source (its ``path`` is None).
 
     Raises:
         WeightsError: no such file, no offline source for the architecture, source not installed or
@@ -131,6 +133,9 @@ def _resolve_weights(value: str, arch: _Arch) -> _Weights:
                 f"backbone.weights=offline:{source.name} holds {source.arch} weights but backbone.name="
                 f"{arch.name!r}; set backbone.name={source.arch}"
             )
+    if not locate:
+        source.require_package()
+        return _Weights(spec, f"offline:{source.name}", source=source)
     return _Weights(spec, f"offline:{source.name}", path=source.path(), source=source)
 
 
@@ -152,7 +157,17 @@ def _is_hub_failure(e: BaseException) -> bool:
     )
 
 
-def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offline_hint: str) -> nn.Module:
+def _offline_hint(arch: _Arch) -> str:
+    """The tail of a hub error: the offline source for ``arch``, or the architectures that have one."""
+    sources = _offline_sources_for(arch.arch)
+    if sources:
+        return f" (offline source {sources[0].name} has {arch.arch} weights)"
+    having = sorted({WEIGHT_SOURCES.get(n).arch for n in WEIGHT_SOURCES.names()})
+    return f" with backbone.name set to one of {', '.join(having)} (the architectures with offline weights)"
+
+
+def _require_hub_weights(arch: _Arch, offline_hint: str) -> dict[str, Any]:
+    """timm's pretrained cfg of ``arch``; raises when timm knows no hub weights for it (no network used)."""
     cfg = arch.default_cfg()
     if not arch.name.startswith(_HUB_PREFIXES) and not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsError(
@@ -160,6 +175,11 @@ def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offlin
             f"backbone.weights=none (random init), a local {'/'.join(FILE_SUFFIXES)} file, or "
             f"backbone.weights=offline{offline_hint}"
         )
+    return cfg
+
+
+def _load_from_hub(arch: _Arch, num_classes: int, kwargs: dict[str, Any], offline_hint: str) -> nn.Module:
+    cfg = _require_hub_weights(arch, offline_hint)
     access = hub_access(cfg)
     try:
         with contextlib.nullcontext() if access.online else offline_mode():
@@ -302,13 +322,7 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     if weights.spec.kind == "none":
         model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
     elif weights.spec.kind == "hub":
-        sources = _offline_sources_for(arch.arch)
-        if sources:
-            hint = f" (offline source {sources[0].name} has {arch.arch} weights)"
-        else:
-            having = sorted({WEIGHT_SOURCES.get(n).arch for n in WEIGHT_SOURCES.names()})
-            hint = f" with backbone.name set to one of {', '.join(having)} (the architectures with offline weights)"
-        model = _load_from_hub(arch, num_classes, kwargs, hint)
+        model = _load_from_hub(arch, num_classes, kwargs, _offline_hint(arch))
     else:
         overlay = dict(getattr(weights.source, "pretrained_cfg", None) or {})
         antialias = getattr(weights.source, "pos_embed_antialias", None)
@@ -323,9 +337,51 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     return model
 
 
+def create_meta_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
+    """The backbone :func:`create_backbone` would build, on the meta device: structure and shapes, no values.
+
+    For validating a configuration before a run (``visiontune sweep --dry-run``): a 7B ViT costs a fraction
+    of a second and no memory. ``backbone.name`` and ``backbone.weights`` are resolved exactly as for a run
+    (unknown names, missing weight files, an architecture with no hub weights, an offline source whose
+    package is not installed all raise the same errors), but nothing is downloaded, converted or loaded:
+    whether the hub is reachable, and whether a weight file's keys fit, show only when the run starts. The
+    exception is an ``hf-hub:`` name: timm reads that architecture from the hub's config.json, as a run does.
+
+    Raises:
+        ConfigError: unknown backbone name or invalid sizes.
+        WeightsError: weights missing, or no hub weights for this architecture.
+    """
+    if int(num_classes) < 0:
+        raise ConfigError(f"num_classes={num_classes} must be >= 0")
+    arch = _resolve_name(cfg.name)
+    weights = _resolve_weights(cfg.weights, arch, locate=False)
+    if weights.spec.kind == "hub":
+        _require_hub_weights(arch, _offline_hint(arch))
+    kwargs: dict[str, Any] = {"drop_path_rate": float(cfg.drop_path)}
+    if cfg.img_size:
+        kwargs["img_size"] = int(cfg.img_size)
+    with torch.device("meta"):
+        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    if cfg.img_size:
+        size = int(cfg.img_size)
+        model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], size, size)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
 def _default_img_size(arch: _Arch) -> int | None:
     size = arch.default_cfg().get("input_size")
     return int(size[-1]) if size else None
+
+
+def default_img_size(name: str) -> int | None:
+    """The pretrained input size of ``backbone.name`` (what ``backbone.img_size=null`` means), None if unknown.
+
+    Raises:
+        ConfigError: unknown backbone name.
+    """
+    return _default_img_size(_resolve_name(name))
 
 
 def backbone_identity(cfg: BackboneSpec) -> dict[str, Any]:

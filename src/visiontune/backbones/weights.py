@@ -197,11 +197,11 @@ class PackageWeightSource:
         """Where the converted file lives; the name carries package and converter versions."""
         return weights_cache_dir() / f"{self.name}-{self.installed_version()}-c{self.converter_version}.safetensors"
 
-    def path(self) -> Path:
-        """The converted timm-format ``.safetensors`` file, converting on first use.
+    def require_package(self) -> Path:
+        """The package's weight file (what :meth:`path` converts), without converting anything.
 
         Raises:
-            WeightsError: the package is not installed (with the pip command), or conversion failed.
+            WeightsError: the package is not installed (with the pip command).
         """
         src = self.package_file()
         if src is None:
@@ -209,6 +209,15 @@ class PackageWeightSource:
                 f"offline weights {self.name!r} ({self.arch}) need the {self.package!r} package, which is not "
                 f"installed: run `{self.install_hint()}`"
             )
+        return src
+
+    def path(self) -> Path:
+        """The converted timm-format ``.safetensors`` file, converting on first use.
+
+        Raises:
+            WeightsError: the package is not installed (with the pip command), or conversion failed.
+        """
+        src = self.require_package()
         dest = self.cache_path()
         if dest.is_file():
             return dest

@@ -90,6 +90,22 @@ class Method:
             p.requires_grad_(True)
         return model
 
+    def apply_on_meta(self, model: nn.Module) -> list[str]:
+        """Apply this method to a backbone built on the meta device, to validate a config before a run.
+
+        ``visiontune sweep --dry-run`` builds every run's backbone on ``torch.device("meta")`` (shapes and
+        module structure, no weights, no memory: a 7B ViT costs a fraction of a second) and calls this, so a
+        method that cannot be placed on that architecture fails here rather than after the data is loaded and
+        the first GPU hour is spent. The default is :meth:`apply`: structural surgery (freezing, inserting
+        modules, peft injection) works on meta tensors. Methods with a step that needs real weights (4-bit
+        quantization) override this to skip that step.
+
+        Returns:
+            What could not be checked on the meta device (empty when everything was).
+        """
+        self.apply(model)
+        return []
+
     def param_groups(self, model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW parameter groups: head vs body, and no weight decay on 1-d params (biases, norms, tokens)."""
         head_ids = head_parameter_ids(model)

@@ -56,7 +56,8 @@ def lean_terms(layer: nn.Module, x: torch.Tensor, any_base: bool = False) -> tup
     """
     if layer.disable_adapters or _hooked(layer):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    # A meta tensor (sweep --dry-run's shape check) has no autocast state to ask about: it is never autocast.
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return None
     base = layer.get_base_layer()
     if _hooked(base):

@@ -50,7 +50,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -88,6 +88,10 @@ class LoraConfig(MethodConfig):
         metadata={"help": f"presets ({', '.join(PRESETS)}) and/or module-name regexes"},
     )
     blocks: str = field(default="all", metadata={"help": "blocks that get adapters: all, last:N, first:N, or 0-3,10,11"})
+
+    # peft builds an adapter of any rank >= 1 (see problems()) on any Linear / ungrouped conv: a rank, alpha or
+    # dropout grid never changes which cells can run, so a dry run checks one per targets/blocks setting.
+    size_only_fields: ClassVar[tuple[str, ...]] = ("rank", "alpha", "dropout")
 
     def problems(self) -> list[str]:
         out = []
@@ -416,10 +420,14 @@ class LoRA(Method):
         c = self.cfg
         return f"split-qkv+{c.quant_type}{'-dq' if c.double_quant else ''}-{c.compute_dtype}"
 
-    def prepare_backbone(self, model: nn.Module) -> nn.Module:
-        """Task-independent surgery, idempotent: split fused qkv; for q-methods quantize the frozen Linears."""
+    def prepare_backbone(self, model: nn.Module, quantize: bool = True) -> nn.Module:
+        """Task-independent surgery, idempotent: split fused qkv; for q-methods quantize the frozen Linears.
+
+        Args:
+            quantize: False skips the 4-bit step (meta-device validation: bitsandbytes needs real weights).
+        """
         self._report["qkv_split"] = len(split_qkv(model))
-        if self.quantized and not getattr(model, "is_loaded_in_4bit", False):
+        if quantize and self.quantized and not getattr(model, "is_loaded_in_4bit", False):
             cfg: QLoraConfig = self.cfg  # type: ignore[assignment]
             before = backbone_bytes(model)
             done = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
@@ -464,14 +472,17 @@ class LoRA(Method):
             warnings.filterwarnings("ignore", message=".*(tie_word_embeddings|model config|Unsupported layer).*")
             inject_adapter_in_model(self._peft_config(names), model, adapter_name=ADAPTER)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, quantize: bool = True) -> nn.Module:
         """Split qkv (and quantize), freeze everything, add adapters to the targets, train the classifier.
+
+        Args:
+            quantize: False leaves a q-method's Linears in full precision (see :meth:`apply_on_meta`).
 
         Returns:
             The same timm model object, with peft LoRA/DoRA layers injected in place.
         """
         model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        self.prepare_backbone(model)
+        self.prepare_backbone(model, quantize=quantize)
         names = resolve_targets(model, list(self.cfg.targets), self.cfg.blocks, model_name)
         freeze(model)
         self._inject(model, names)
@@ -483,6 +494,26 @@ class LoRA(Method):
             dora=self.use_dora, targets=list(self.cfg.targets), blocks=self.cfg.blocks,
         )
         return model
+
+    def apply_on_meta(self, model: nn.Module) -> list[str]:
+        """Everything :meth:`apply` does on a meta-device backbone except 4-bit quantization.
+
+        bitsandbytes quantizes real values, and a meta tensor has none; what can fail on a given architecture
+        is elsewhere anyway: the qkv split, target resolution and peft's injection, which run here on the
+        full-precision layers the 4-bit ones would replace (``Linear4bit`` is an ``nn.Linear``, so the same
+        modules are targeted). The note says what was skipped and which Linears would stay full precision.
+        """
+        self.apply(model, quantize=False)
+        if not self.quantized:
+            return []
+        head = {id(m) for m in classifier_of(model).modules()}
+        kept = [n for n, m in model.named_modules()
+                if type(m) is nn.Linear and id(m) not in head and nf4_blocksize(m.in_features) is None and ".lora_" not in n]
+        note = f"{self.name}: 4-bit quantization not run on the meta device (bitsandbytes needs real weights)"
+        if kept:
+            note += (f"; {len(kept)} Linear(s) will stay full precision, input width not a multiple of "
+                     f"{NF4_BLOCKS[-1]} (e.g. {kept[0]})")
+        return [note]
 
     # ------------------------------------------------------------------ inference
     def merge(self, model: nn.Module) -> nn.Module:

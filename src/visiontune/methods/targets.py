@@ -19,9 +19,15 @@ Presets (``method.targets``), applied inside the selected blocks:
 * ``attn``: q, k, v and the attention output projection;
 * ``mlp``: every Linear (or 1x1 conv) of the block's MLP;
 * ``all-linear``: every ``nn.Linear`` inside the blocks (the study's ``all-linear``), except a fused
-  ``qkv`` that its attention reads as ``qkv.weight`` (Swin-V2, BEiT): an adapter there would never run;
-* ``conv``: every ungrouped ``nn.Conv2d`` inside the blocks (CNNs; depthwise convs are skipped
-  because peft cannot merge grouped convs).
+  ``qkv`` that its attention reads as ``qkv.weight`` (Swin-V2, BEiT): an adapter there would never run.
+  The 1x1 convs of an MLP count as Linears: timm builds some ConvNeXts (``convnext_atto``,
+  ``convnext_nano_ols``, ``conv_mlp=True``) with a 1x1-conv MLP that computes what the Linear MLP of
+  ``convnext_tiny`` computes, so ``all-linear`` must not depend on that implementation choice. A
+  ResNet's 1x1 convs are not an MLP but part of its conv blocks (and ResNet-18 has none outside its
+  shortcuts), so on a ResNet ``all-linear`` is refused with a pointer to ``conv``;
+* ``conv``: every ungrouped ``nn.Conv2d`` inside the blocks (CNNs: a ResNet's 3x3 and 1x1 convs and
+  shortcut projections, a ConvNeXt's 1x1-conv MLP); depthwise convs are skipped because peft cannot
+  merge grouped convs.
 
 Anything else in ``targets`` is a regular expression matched against a module's full name or any
 dot-separated suffix of it (``mlp.fc1`` matches ``blocks.3.mlp.fc1``). ``method.blocks`` restricts
@@ -52,7 +58,7 @@ PRESETS: dict[str, str] = {
     "qkv": "query, key and value projections",
     "attn": "query, key, value and attention output projections",
     "mlp": "every Linear / 1x1 conv of the MLPs",
-    "all-linear": "every Linear inside the blocks",
+    "all-linear": "every Linear (and 1x1-conv MLP layer) inside the blocks",
     "conv": "every ungrouped Conv2d inside the blocks",
 }
 
@@ -193,7 +199,7 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
 
 def _preset_match(preset: str, rel: str, module: nn.Module) -> bool:
     if preset == "all-linear":
-        return isinstance(module, nn.Linear)
+        return isinstance(module, nn.Linear) or (_is_pointwise_conv(module) and "mlp" in roles(rel, module))
     if preset == "conv":
         return isinstance(module, nn.Conv2d) and module.groups == 1
     return bool(_ROLES_OF_PRESET[preset] & roles(rel, module))
@@ -346,24 +352,63 @@ def _example_names(modules: list[tuple[str, nn.Module]]) -> str:
     return ", ".join(repr(n) for n in pick)
 
 
+_FAMILY_NAMES = {"vit": "ViT", "swin": "Swin", "convnext": "ConvNeXt", "resnet": "ResNet"}
+_CNN_FAMILIES = {"resnet", "convnext"}
+_ATTENTION_PRESETS = ("q", "v", "qv", "qkv", "attn")
+
+
+def _depthwise_convs(model: nn.Module, layout: BlockLayout) -> list[str]:
+    """Grouped convs inside the blocks: convs that exist but that no preset may target."""
+    return [
+        f"{b}.{rel}" for b in layout.names for rel, m in model.get_submodule(b).named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups > 1
+    ]
+
+
 def _unsupported_preset_message(
     model: nn.Module, layout: BlockLayout, preset: str, label: str, modules: list[tuple[str, nn.Module]]
 ) -> str:
+    """Why ``preset`` selects nothing on this family, and what to write instead (the presets that do apply).
+
+    CNNs get their own wording: the common mistake there is carrying a ViT recipe (``qv``, ``attn``,
+    ``all-linear``) over to a ResNet, and the fix is a different preset or a method without targets.
+    """
     from visiontune.backbones.qkv import unsplittable_qkv
 
     ok = supported_presets(model)
+    family = _FAMILY_NAMES.get(layout.family, layout.family)
+    cnn = layout.family in _CNN_FAMILIES
     why = ""
     fused = unsplittable_qkv(model)
-    if preset in ("q", "v", "qv", "qkv", "attn") and fused:
+    if preset in _ATTENTION_PRESETS and fused:
         name, reason = next(iter(fused.items()))
         why = f" Its fused {name} cannot be split into q/k/v: {reason}."
-    elif preset in ("q", "v", "qv", "qkv", "attn"):
+    elif preset in _ATTENTION_PRESETS and cnn:
+        why = f" This {family} has no attention: it is a CNN, so its blocks have no query/key/value projections."
+    elif preset in _ATTENTION_PRESETS:
         why = f" {layout.family} blocks of {label} have no attention projections."
+    elif preset in ("all-linear", "mlp") and layout.family == "resnet":
+        why = (
+            " This ResNet has no Linear layer and no MLP in its blocks, only convolutions (1x1 convs included), "
+            "which the 'conv' preset adapts."
+        )
     elif preset in ("all-linear", "mlp"):
         why = f" {layout.family} blocks of {label} have no Linear layers" + (" in an MLP." if preset == "mlp" else ".")
+    elif preset == "conv" and _depthwise_convs(model, layout):
+        why = (
+            f" The only convolutions in its blocks are depthwise (groups > 1, e.g. {_depthwise_convs(model, layout)[0]}), "
+            "and peft cannot merge an adapter into a grouped conv."
+        )
     elif preset == "conv":
         why = f" {layout.family} blocks of {label} have no ungrouped Conv2d."
+    other_methods = ", or method.name=linear / full (no targets needed)" if cnn else ""
+    examples = f"module-name patterns, e.g. {_example_names(modules)}"
+    if ok:
+        alternatives = f" (or {', '.join(ok[1:])})" if len(ok) > 1 else ""
+        fix = f"use method.targets={ok[0]}{alternatives}{other_methods}, or {examples}"
+    else:
+        fix = f"use {examples}{other_methods}"
     return (
         f"method.targets preset {preset!r} selects nothing on {label}.{why} Presets this backbone supports: "
-        f"{', '.join(ok) if ok else 'none'}; or give module-name patterns, e.g. {_example_names(modules)}"
+        f"{', '.join(ok) if ok else 'none'}; {fix}"
     )

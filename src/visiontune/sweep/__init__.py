@@ -13,6 +13,9 @@ A sweep file (YAML)::
       method.targets: [q, all-linear]
       method.rank: [8, 16, 64]
 
+``--dry-run`` (:func:`check_sweep`) checks every run against the real model classes on the meta device
+(no weights, no data) and names the runs that cannot start.
+
 Resumable: a run whose ``metrics.json`` exists is skipped; one with a checkpoint resumes from it.
 One run's failure is recorded in ``failures.json`` and the rest go on. Runs go one after another in
 this process by default, or ``workers`` at a time in their own processes. Each invocation is logged
@@ -39,11 +42,12 @@ import yaml
 
 from visiontune.config import apply_overrides, config_from_dict
 from visiontune.errors import ConfigError
+from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summarize_checks
 from visiontune.sweep.report import aggregate, mean_std
 
 __all__ = [
-    "Sweep", "SweepEntry", "aggregate", "available_cores", "entry_config", "load_sweep", "mean_std", "run_sweep",
-    "sweep_status", "worker_threads",
+    "EntryCheck", "Sweep", "SweepEntry", "aggregate", "available_cores", "check_sweep", "entry_config", "format_check",
+    "load_sweep", "mean_std", "run_sweep", "summarize_checks", "sweep_status", "worker_threads",
 ]
 
 
@@ -77,8 +81,12 @@ def _slug(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "__".join(parts)) or "base"
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+def load_sweep(path: str | Path, overrides: list[str] | None = None, validate: bool = True) -> Sweep:
     """Parse and expand a sweep file; ``overrides`` (dotted) apply to the base config of every run.
+
+    Args:
+        validate: check every entry's config (False leaves that to :func:`check_sweep`, which reports
+            each run's problems on its own line instead of raising).
 
     Raises:
         ConfigError: a missing/invalid file, or entries whose configs are invalid (all reported at once).
@@ -115,6 +123,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         for seed in seeds:
             name = f"{group}__seed={seed}" if len(seeds) > 1 else group
             entries.append(SweepEntry(name=name, overrides=combo, seed=seed, group=group))
+            if not validate:
+                continue
             try:
                 entry_config(base, entries[-1], out)
             except ConfigError as e:
