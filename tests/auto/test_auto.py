@@ -90,7 +90,7 @@ def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
 def test_changed_settings_are_refused_on_continue(tmp_path: Path) -> None:
     _select(tmp_path, budget_s=1.0).run()
     with pytest.raises(ConfigError, match="folds"):
-        _select(tmp_path, budget_s=1.0, folds=3)
+        _select(tmp_path, budget_s=1.0, folds=3).run()
 
 
 def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
