@@ -328,6 +328,11 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
         antialias = getattr(weights.source, "pos_embed_antialias", None)
         model = _load_from_file(arch, weights.path, num_classes, kwargs, overlay, antialias)
 
+    return _finish(model, cfg)
+
+
+def _finish(model: nn.Module, cfg: BackboneSpec) -> nn.Module:
+    """Settings applied after construction, the same for real and meta models."""
     if cfg.img_size:
         # Keep the model's preprocessing metadata truthful: timm leaves the pretrained size here.
         size = int(cfg.img_size)
@@ -362,12 +367,7 @@ def create_meta_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
         kwargs["img_size"] = int(cfg.img_size)
     with torch.device("meta"):
         model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    if cfg.img_size:
-        size = int(cfg.img_size)
-        model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], size, size)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+    return _finish(model, cfg)
 
 
 def _default_img_size(arch: _Arch) -> int | None:

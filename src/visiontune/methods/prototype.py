@@ -79,14 +79,9 @@ class Prototype(Method):
             p.requires_grad_(True)  # saved with the run, like the linear probe's head
         return model
 
-    def fit_cached(
-        self,
-        model: nn.Module,
-        train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
-        val: tuple[torch.Tensor, torch.Tensor] | None,
-        optim: OptimConfig,
-        seed: int,
-    ) -> dict[str, Any]:
+    def fit_cached(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+                   val: tuple[torch.Tensor, torch.Tensor] | None, optim: OptimConfig, seed: int) -> dict[str, Any]:
+        """Class means of ``train``'s features written into ``model``'s classifier (``optim`` and ``seed`` unused)."""
         head = classifier_of(model)
         if not isinstance(head, nn.Linear):
             raise TypeError(f"a prototype head needs an nn.Linear classifier, got {type(head).__name__}")
