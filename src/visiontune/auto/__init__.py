@@ -195,6 +195,7 @@ class AutoSelect:
         self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}
         self._t0 = time.perf_counter()
         self._elapsed_before = 0.0
+        self._fold_estimate_s = 0.0
 
     # ------------------------------------------------------------------ state
     def _load_state(self) -> None:
@@ -251,6 +252,7 @@ class AutoSelect:
         epochs = self._epochs(int(fold_train))
         step_epoch = math.ceil(fold_train / bs)
         est["fine-tuning, one fold"] = per_img * 3 * bs * step_epoch * epochs + per_img * n / self.k * epochs * 0.2
+        self._fold_estimate_s = est["fine-tuning, one fold"]
         est["fine-tuning, every candidate on every fold (no pruning)"] = est["fine-tuning, one fold"] * self.k * len(self.candidates)
         est["final retrain"] = steps_time
         return Plan(len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates], est)
@@ -418,7 +420,8 @@ class AutoSelect:
         if self.budget_s is None:
             return False
         if not fold_times:
-            return self.elapsed() > 0.5 * self.budget_s
+            # No fold measured yet: the plan's estimate from a timed forward pass (forward + backward ~ 3 forwards).
+            fold_times = [self._fold_estimate_s]
         # The next fold plus the final retrain on all images (~1.3 folds) must fit.
         need = max(fold_times) * (1 + 1.3 * self.k / max(self.k - 1, 1))
         return self.elapsed() + need > self.budget_s
