@@ -87,7 +87,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.md").write_text(table + "\n")
+        from visiontune.atomic import write_text_atomic
+
+        write_text_atomic(out / "comparison.md", table + "\n")
         plot_comparison(rows, out / "comparison.png")
     return 0
 

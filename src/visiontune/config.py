@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,26 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+def run_name_problems(name: str | None, key: str = "run.name") -> list[str]:
+    """Problems of a run name: it must be one plain folder name, so the run stays inside ``run.dir``.
+
+    ``run.name=../../x`` would otherwise write (and with ``run.overwrite=true`` delete) a folder
+    anywhere the user can write to; an empty name or ``.`` would be ``run.dir`` itself.
+    """
+    if name is None:
+        return []
+    text = str(name)
+    bad = (
+        text.strip() == "" or text in (".", "..") or "/" in text or "\\" in text or "\0" in text
+        or Path(text).is_absolute() or bool(Path(text).drive) or (os.altsep is not None and os.altsep in text)
+    )
+    if not bad:
+        return []
+    suggestion = "_".join(p for p in text.replace("\\", "/").split("/") if p not in ("", ".", "..")) or "my-run"
+    return [f"{key}={text!r} must be a plain folder name inside run.dir (no '/', '\\', '.' or '..'); "
+            f"e.g. {key}={suggestion}, with run.dir naming the parent folder"]
+
+
 @dataclass
 class RunConfig:
     """Where and how a run executes."""
@@ -41,9 +62,15 @@ class RunConfig:
     threads: int | None = _help("torch CPU threads; default: torch's choice", default=None)
     progress: bool = _help("show progress bars", default=True)
     tensorboard: bool = _help("write per-epoch scalars to <run dir>/tensorboard (needs the tensorboard extra)", default=False)
-    resume: bool = _help("resume from run_dir/checkpoint if it exists", default=False)
+    resume: bool = _help(
+        "continue the run in run_dir from its checkpoint (refused if its config or data split differ; a finished run is "
+        "returned as it is)", default=False,
+    )
     measure_speed: bool = _help("measure inference latency/throughput after training", default=True)
-    overwrite: bool = _help("allow reusing an existing run directory", default=False)
+    overwrite: bool = _help(
+        "delete an existing run directory (once the new run's config and data are checked) and start in an empty one",
+        default=False,
+    )
     prefix_cache: Literal["auto", "views", "none"] = _help(
         "cache the tokens entering the first trained ViT block: auto = only when exact (no training augmentation; "
         "validation always), views = also with augmentation, run.prefix_views crops per image (changes results), none",
@@ -60,6 +87,10 @@ class RunConfig:
             out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
         if self.prefix_views < 1:
             out.append(f"run.prefix_views={self.prefix_views} must be >= 1")
+        if self.resume and self.overwrite:
+            out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
+                       "run.name, overwrite deletes it); keep one")
+        out.extend(run_name_problems(self.name))
         return out
 
 
@@ -203,10 +234,9 @@ class YamlConfig:
 
     def dump(self, path: str | Path) -> Path:
         """Write the config as YAML to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+        from visiontune.atomic import write_text_atomic
+
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import visiontune as vt
+from visiontune.atomic import write_text_atomic
 from visiontune.registry import METHODS
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -83,12 +84,12 @@ def run_demo(extra: list[str]) -> Path:
         rows.append(result.metrics)
     out = Path(vt.load_config(config, overrides=extra).run.dir)
     table = compare_table(rows)
-    (out / "comparison.md").write_text(table + "\n")
+    write_text_atomic(out / "comparison.md", table + "\n")
     record = {
         "machine": machine(), "overrides": extra, "table": table,
         "test_images": [int(r.get("test", {}).get("num_samples") or 0) for r in rows],
     }
-    (out / "comparison.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(out / "comparison.json", json.dumps(record, indent=1) + "\n")
     plot_comparison(rows, out / "comparison.png")
     print(f"\n[demo] {len(rows)} runs in {time.perf_counter() - t0:.0f}s on the same split:\n")
     print(table)

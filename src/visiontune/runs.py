@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (resolved), ``labels.json``, ``adapter.safetensors`` (only
 what was trained, plus the head, with the backbone identity in its metadata), ``metrics.json``,
-``report.md``, plots and ``checkpoint/``.
+``report.md``, plots and ``checkpoint/``. Every file is written atomically (:mod:`visiontune.atomic`),
+``metrics.json`` last: its presence (readable) is what "finished" means (:func:`inspect_run`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,65 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from visiontune.config import Config, load_config
+from visiontune.atomic import atomic_write, write_json_atomic
+from visiontune.config import Config, config_from_dict, load_config
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
+from visiontune.rundir import (
+    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, read_json, read_yaml_mapping, yaml_check,
+)
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT_VERSION = 1
+METRICS_FILE = "metrics.json"
+
+FINISHED_FILES = {
+    METRICS_FILE: json_check(lambda m: isinstance(m, dict) and isinstance(m.get("test"), dict), "'test' metrics"),
+    "config.yaml": yaml_check,
+    "labels.json": json_check(lambda c: isinstance(c, list) and all(isinstance(x, str) for x in c), "list of class names"),
+    ADAPTER_FILE: exists_check,
+}
+"""Every file of a finished run, with the check that it reads back (``metrics.json`` first: written last)."""
+
+NEUTRAL_KEYS = (
+    "run.dir", "run.progress", "run.threads", "run.resume", "run.overwrite", "run.tensorboard", "run.measure_speed",
+)
+"""Settings that may differ when a run is resumed or a sweep reuses a finished run: none of them changes
+what is trained or its test scores (where the run folder sits, progress bars, torch CPU threads, the
+resume/overwrite switches, TensorBoard logging, the post-training speed measurement)."""
+
+
+def inspect_run(run_dir: str | Path) -> RunDirState:
+    """The state of a fine-tuning run directory (see :mod:`visiontune.rundir`)."""
+    return inspect_run_dir(Path(run_dir), FINISHED_FILES)
+
+
+def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:
+    """Differences (one line per dotted key) between a stored resolved config and ``cfg``, except NEUTRAL_KEYS.
+
+    The stored dict is validated first, so both sides carry the same defaults and types.
+    """
+    try:
+        stored_cfg = config_from_dict(stored).to_dict()
+    except ConfigError as e:
+        return [f"the stored configuration is not valid in this version of visiontune ({e})"]
+    return config_differences(stored_cfg, cfg.to_dict(), NEUTRAL_KEYS)
+
+
+def finished_run_changes(run_dir: str | Path, cfg: Config, split: dict[str, Any] | None = None) -> list[str]:
+    """How a finished run's ``config.yaml`` (and data split, when ``split`` is given) differ from ``cfg``."""
+    from visiontune.data.splits import split_differences
+
+    run_dir = Path(run_dir)
+    stored, problem = read_yaml_mapping(run_dir / "config.yaml")
+    if problem:
+        return [problem]
+    out = config_changes(stored, cfg)
+    if split is not None:
+        metrics, problem = read_json(run_dir / METRICS_FILE)
+        out += [problem] if problem else split_differences(((metrics or {}).get("run") or {}).get("split"), split)
+    return out
 
 
 def save_adapter(path: Path, method: Method, model: nn.Module, identity: dict[str, Any], classes: list[str]) -> Path:
@@ -35,8 +88,7 @@ def save_adapter(path: Path, method: Method, model: nn.Module, identity: dict[st
             {"format": FORMAT_VERSION, "method": method.name, "backbone_identity": identity, "classes": classes}
         )
     }
-    save_file(state, str(path), metadata=meta)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,7 +118,11 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -
 
 
 def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Write adapter, metrics.json, plots and report.md into ``run_dir``."""
+    """Write adapter, plots, report.md and, last, metrics.json into ``run_dir`` (each atomically).
+
+    metrics.json goes last because its presence marks a finished run: a run killed while finishing
+    is then unfinished (and resumable), never "finished" with files missing.
+    """
     from visiontune.eval import plot_confusion, plot_history, write_report
 
     classes = metrics["run"]["classes"]
@@ -74,8 +130,8 @@ def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[s
     plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
     if len(metrics["train"]["history"]) > 1:
         plot_history(metrics["train"]["history"], run_dir / "history.png")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(run_dir, metrics)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
 
 
 def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
@@ -140,7 +196,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")
     cfg = load_config(run_dir / "config.yaml")
-    classes = json.loads((run_dir / "labels.json").read_text())
+    classes, problem = read_json(run_dir / "labels.json")
+    if problem or not isinstance(classes, list):
+        raise ConfigError(f"{problem or f'{run_dir}/labels.json is not a list of class names'}; "
+                          "the run did not finish writing it: rerun it with run.resume=true, or run.overwrite=true")
     state, meta = read_adapter(run_dir / ADAPTER_FILE)
     identity = backbone_identity(cfg.backbone)
     check_identity(meta.get("backbone_identity", {}), identity, str(run_dir / ADAPTER_FILE))

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import visiontune as vt
+from visiontune.checkpoint import load_checkpoint
 from visiontune.cli import main
 from visiontune.errors import ConfigError, DataError
 from visiontune.pretrain import export_checkpoint, load_backbone, load_pretrain_config, pretrain
@@ -33,7 +34,7 @@ def _cfg(tmp_path, *extra: str):
 def test_pretrain_writes_backbone_lineage_and_plot_and_finetunes(tmp_path):
     res = pretrain(_cfg(tmp_path, "run.name=a", "ssl.head_warmup_steps=1", "run.plot=true", "crops.photometric=true"))
     d = res.run_dir
-    for f in ("backbone.safetensors", "backbone.json", "loss.png", "history.json", "config.yaml", "checkpoint/last.pt"):
+    for f in ("backbone.safetensors", "backbone.json", "loss.png", "history.json", "config.yaml", "checkpoint/last.safetensors"):
         assert (d / f).is_file(), f
     lin = json.loads((d / "backbone.json").read_text())
     assert lin["recipe"] == "D-ExPLoRA-[L]-r4"
@@ -64,7 +65,7 @@ def test_pretrain_writes_backbone_lineage_and_plot_and_finetunes(tmp_path):
     ]))
     assert run.metrics["run"]["backbone_identity"]["sha256"] == lin["backbone"]["sha256"]
     assert (tmp_path / "pre" / "a" / "backbone.json").is_file()
-    with pytest.raises(ConfigError, match="already finished"):
+    with pytest.raises(ConfigError, match="already holds a finished pretraining run"):
         pretrain(_cfg(tmp_path, "run.name=a"))
 
 
@@ -77,7 +78,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(tmp_path, "run.name=cut", "run.checkpoint_every=100"), callback=crash)
-    assert torch.load(tmp_path / "pre" / "cut" / "checkpoint" / "last.pt", weights_only=False)["step"] == 2
+    assert load_checkpoint(tmp_path / "pre" / "cut" / "checkpoint" / "last.safetensors", "pretrain")["step"] == 2
     student = export_checkpoint(tmp_path / "pre" / "cut", "student")
     assert student.name == "student-step2.safetensors" and student.is_file()
     resumed = pretrain(_cfg(tmp_path, "run.name=cut", "run.checkpoint_every=100", "run.resume=true"))
@@ -134,3 +135,26 @@ def test_cli_pretrain_and_bad_config(tmp_path, capsys):
     assert main(["pretrain", "data.dataset=digits", "crops.local_numbr=2", "ssl.mask_ratio=[0.6,0.2]"]) == 2
     err = capsys.readouterr().err
     assert "crops.local_numbr" in err and "Did you mean crops.local_number" in err and "ssl.mask_ratio" in err
+
+
+def test_pretraining_never_loads_a_planted_pickle(tmp_path):
+    """Issue 18 item 1: resume and export_checkpoint refuse a pickle checkpoint instead of unpickling it."""
+    import pickle
+
+    from visiontune.checkpoint import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    run_dir = tmp_path / "pre" / "copied"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "checkpoint" / "last.pt").write_bytes(pickle.dumps({"student": Payload()}))
+    _cfg(tmp_path, "run.name=copied").dump(run_dir / "config.yaml")
+    with pytest.raises(CheckpointError, match="last.pt is a pickle checkpoint"):
+        pretrain(_cfg(tmp_path, "run.name=copied", "run.resume=true"))
+    with pytest.raises(ConfigError, match="unfinished pretraining run with a checkpoint"):
+        pretrain(_cfg(tmp_path, "run.name=copied"))
+    with pytest.raises(CheckpointError, match="last.pt is a pickle checkpoint"):
+        export_checkpoint(run_dir, "student")
+    assert not (tmp_path / "payload-ran").exists()

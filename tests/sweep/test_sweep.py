@@ -103,7 +103,7 @@ def test_killed_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train_one_epoch", real)
     sw = load_sweep(path)
     second = tmp_path / "out" / "runs" / sw.entries[1].name
-    assert (second / "checkpoint" / "last.pt").exists() and not (second / "metrics.json").exists()
+    assert (second / "checkpoint" / "last.safetensors").exists() and not (second / "metrics.json").exists()
     out = run_sweep(sw, progress=False, report=False)
     assert out["skipped"] == [sw.entries[0].name] and out["done"] == [sw.entries[1].name]
     m = json.loads((second / "metrics.json").read_text())
@@ -196,3 +196,61 @@ def test_aggregate_table_mean_std_and_margin_sentence(tmp_path):
     assert "Best configuration: lora · q · r8" in report and "| b | 0.620 ± 0.020 |" in report
     rows = list(csv.DictReader(open(sw.dir / "results.csv")))
     assert len(rows) == 9 and {(r["target"], r["rank"]) for r in rows} == {("", ""), ("q", "8"), ("all-linear", "8")}
+
+
+def test_unreadable_metrics_is_not_done_and_changed_overrides_are_refused(tmp_path, capsys):
+    """Issue 18 items 6 and 2: a truncated metrics.json is "not done" (named), and a sweep rerun with other
+    overrides is refused instead of skipping runs made with the old ones under the new command."""
+    from visiontune.cli import main
+    from visiontune.sweep import sweep_status
+
+    path = _write(tmp_path, runs=[{"method.name": "linear"}])
+    first = run_sweep(load_sweep(path), progress=False, report=False)
+    name = first["done"][0]
+    metrics = tmp_path / "out" / "runs" / name / "metrics.json"
+    text = metrics.read_text()
+    metrics.write_text(text[: len(text) // 2])  # a write cut short (the old in-place writes left such files)
+    (state,) = (s for _, s in sweep_status(load_sweep(path)))
+    assert state.startswith("not done") and "metrics.json is unreadable (JSONDecodeError" in state
+    assert main(["sweep", "status", str(path)]) == 0 and "0/1 done" in capsys.readouterr().out
+    report = aggregate(load_sweep(path)).read_text()  # no JSONDecodeError: the run is listed as unreadable
+    assert "0 of 1 runs finished" in report and f"`{name}`: " in report and "metrics.json is unreadable" in report
+    again = run_sweep(load_sweep(path), progress=False, report=False)
+    assert again["done"] == [name] and json.loads(metrics.read_text())["test"]["accuracy"] >= 0
+    assert dict(sweep_status(load_sweep(path)))[name] == "done"
+
+    sessions = len(json.loads((tmp_path / "out" / "sweep.json").read_text())["sessions"])
+    changed = load_sweep(path, overrides=["data.seed=1"])
+    with pytest.raises(ConfigError, match=rf"(?s)1 existing run\(s\) were made with another configuration.*{name}: "
+                                          r"data.seed: 0 in the stored run, 1 now"):
+        run_sweep(changed, progress=False, report=False)
+    assert len(json.loads((tmp_path / "out" / "sweep.json").read_text())["sessions"]) == sessions  # nothing logged
+    assert dict(sweep_status(changed))[name].startswith("changed: made with another configuration (data.seed")
+
+
+def test_sweep_never_loads_a_planted_pickle(tmp_path):
+    """Issue 18 item 1: a copied sweep folder whose run holds a pickle checkpoint: the run is refused, nothing runs."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    path = _write(tmp_path, runs=[{"method.name": "full"}])
+    sw = load_sweep(path)
+    ck = tmp_path / "out" / "runs" / sw.entries[0].name / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "last.pt").write_bytes(pickle.dumps(Payload()))
+    assert sweep_status_of(sw).startswith("partial (an old pickle checkpoint/last.pt, which is not loaded")
+    out = run_sweep(sw, progress=False, report=False)
+    assert "last.pt is a pickle checkpoint" in out["failed"][sw.entries[0].name]
+    (ck / "last.pt").rename(ck / "last.safetensors")
+    out = run_sweep(sw, progress=False, report=False)
+    assert "not a readable safetensors file" in out["failed"][sw.entries[0].name]
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def sweep_status_of(sw) -> str:
+    from visiontune.sweep import sweep_status
+
+    return sweep_status(sw)[0][1]

@@ -21,7 +21,7 @@ def test_run_directory_contents_and_eval_roundtrip(tiny_overrides):
     res = _train(tiny_overrides, "method.name=full", "run.name=a", "run.measure_speed=true")
     d = res.run_dir
     for f in ("config.yaml", "labels.json", "adapter.safetensors", "metrics.json", "report.md", "confusion.png",
-              "history.png", "checkpoint/last.pt"):
+              "history.png", "checkpoint/last.safetensors"):
         assert (d / f).is_file(), f
     m = json.loads((d / "metrics.json").read_text())
     assert m["run"]["classes"] == [str(i) for i in range(10)]

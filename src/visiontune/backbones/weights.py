@@ -18,7 +18,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -116,15 +115,10 @@ def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], dest: Path, met
     """
     from safetensors.torch import save_file
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from visiontune.atomic import atomic_write
+
+    state = {k: v.contiguous() for k, v in state_dict.items()}
+    atomic_write(dest, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 class PackageWeightSource:

@@ -24,6 +24,7 @@ class gains images. Count settings that do not fit a class are errors; fraction 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -205,6 +206,36 @@ def check_no_leak(splits: dict[str, ImageRecords]) -> None:
             f"{len(leaks)} image(s) appear in more than one split, which would leak test data into training:\n"
             + "\n".join(lines) + "\nFix: list each file once (remove duplicate rows or links), then split again."
         )
+
+
+def split_identity(splits: dict[str, ImageRecords]) -> dict[str, object]:
+    """A fingerprint of which image is in which split with which label, stored with a run.
+
+    A resumed run (or a sweep deciding a run is finished) compares it with the current split: the same
+    config can give another split when the dataset's files changed, and a changed split can move test
+    images into training. Hashes the records' ids and class names, not pixels (cheap for any size).
+
+    Returns:
+        ``{"sha256": hex digest, "sizes": {"train": n, "val": n, "test": n}}``.
+    """
+    h = hashlib.sha256()
+    for name in SPLIT_NAMES:
+        recs = splits.get(name)
+        h.update(f"[{name}]\n".encode())
+        if recs is None:
+            continue
+        for id, label in zip(recs.ids, recs.labels):
+            h.update(f"{id}\t{recs.classes[int(label)]}\n".encode())
+    return {"sha256": h.hexdigest(), "sizes": {name: len(splits[name]) if name in splits else 0 for name in SPLIT_NAMES}}
+
+
+def split_differences(stored: dict[str, object] | None, current: dict[str, object]) -> list[str]:
+    """[] when two :func:`split_identity` values match (or none was stored), else one line saying how they differ."""
+    if not isinstance(stored, dict) or stored.get("sha256") == current["sha256"]:
+        return []
+    sizes = lambda s: "/".join(str((s.get("sizes") or {}).get(n, "?")) for n in SPLIT_NAMES)  # noqa: E731
+    return [f"data split: {sizes(stored)} train/val/test images (sha256 {str(stored.get('sha256'))[:12]}) in the stored "
+            f"run, {sizes(current)} (sha256 {str(current['sha256'])[:12]}) now: the dataset's files or labels changed"]
 
 
 def describe_splits(splits: dict[str, ImageRecords]) -> str:

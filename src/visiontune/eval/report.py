@@ -328,7 +328,9 @@ def _params_table(params: dict) -> str | None:
 def _train_table(train: dict) -> str | None:
     rows = []
     if train.get("wall_time_s") is not None:
-        rows.append(["wall time", format_duration(train["wall_time_s"])])
+        segments = train.get("segments") or 1
+        resumed = f" (in {segments} segments: the run was interrupted and resumed)" if segments > 1 else ""
+        rows.append(["wall time", format_duration(train["wall_time_s"]) + resumed])
     if train.get("epochs") is not None:
         epochs = str(train["epochs"])
         if train.get("best_epoch") is not None:
@@ -402,9 +404,9 @@ def write_report(run_dir: str | Path, metrics: dict) -> Path:
     if (run_dir / HISTORY_PNG).is_file():
         add("Training curves", f"![training history]({HISTORY_PNG})")
 
-    path = run_dir / REPORT_NAME
-    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
-    return path
+    from visiontune.atomic import write_text_atomic
+
+    return write_text_atomic(run_dir / REPORT_NAME, "\n\n".join(blocks) + "\n")
 
 
 def write_run_artifacts(run_dir: str | Path, metrics: dict) -> dict[str, Path]:

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
+from visiontune.atomic import atomic_write, write_json_atomic
 from visiontune.errors import ConfigError
 
 INPUT_NAME = "pixel_values"
@@ -167,7 +168,7 @@ def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save(proto, str(path))
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def onnx_parity(path: Path, model: nn.Module, x: torch.Tensor) -> float | None:
@@ -232,5 +233,5 @@ def export_run(
         "parity_max_abs_diff": diff,
     }
     meta_path = path.with_suffix(".json")
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json_atomic(meta_path, meta)
     return ExportResult(path, meta_path, kind, pred.merged, diff)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from visiontune.config import BackboneConfig, _help, apply_overrides, YamlConfig, build_dataclass, deep_merge, read_config_file
+from visiontune.config import (
+    BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, read_config_file, run_name_problems,
+)
 from visiontune.errors import ConfigError
 
 _RECIPE = re.compile(r"^(?:(?P<obj>[A-Za-z])-)?explora-\[(?P<blocks>[^\]]+)\]-r(?P<rank>\d+)$", re.IGNORECASE)
@@ -120,8 +122,10 @@ class PretrainRunConfig:
     device: str = _help("'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1' ...", default="auto")
     threads: int | None = _help("torch CPU threads; default: torch's choice", default=None)
     progress: bool = _help("show a progress bar", default=True)
-    resume: bool = _help("continue from run_dir/checkpoint/last.pt if it exists", default=False)
-    overwrite: bool = _help("allow replacing a finished run directory", default=False)
+    resume: bool = _help(
+        "continue from run_dir/checkpoint/last.safetensors (refused if the config or the images differ)", default=False
+    )
+    overwrite: bool = _help("delete an existing run directory and start in an empty one", default=False)
     checkpoint_every: int = _help("save a resumable checkpoint every N steps (and at the end, and on Ctrl-C)", default=50)
     plot: bool = _help("write loss.png (loss curves and collapse diagnostics) at the end", default=True)
     save: Literal["teacher", "student"] = _help(
@@ -137,6 +141,10 @@ class PretrainRunConfig:
             out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
         if self.checkpoint_every < 1:
             out.append(f"run.checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.resume and self.overwrite:
+            out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
+                       "run.name, overwrite deletes it); keep one")
+        out.extend(run_name_problems(self.name))
         return out
 
 

@@ -7,7 +7,9 @@ them with iBOT masks plus the local crops; loss = DINO (every student view vs th
 global views) + iBOT (masked patches) + KoLeo (student class tokens); AdamW step; teacher EMA.
 The run directory gets ``backbone.safetensors`` (LoRA merged: a plain timm state dict that
 ``backbone.weights=<path>`` loads for any fine-tuning method), ``backbone.json`` (lineage: base
-weights, data, steps, recipe), ``history.json``, ``loss.png``, ``config.yaml`` and ``checkpoint/``.
+weights, data, steps, recipe), ``history.json``, ``loss.png``, ``config.yaml`` and ``checkpoint/``
+(safetensors + JSON, never a pickle: :mod:`visiontune.checkpoint`). The run directory follows the
+rules of :mod:`visiontune.rundir`, as a fine-tuning run's does, and every file is written atomically.
 
 The loop is written here (a flat function, like :mod:`visiontune.train.loop`) because no library
 runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
@@ -16,9 +18,9 @@ runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -32,8 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visiontune.atomic import atomic_write, write_json_atomic
+from visiontune.checkpoint import (
+    CheckpointError, checkpoint_path, checkpoint_progress, legacy_checkpoint, legacy_message, load_checkpoint, save_checkpoint,
+)
 from visiontune.errors import ConfigError
-from visiontune.pretrain.config import PretrainConfig, resolve_unfrozen
+from visiontune.pretrain.config import PretrainConfig, pretrain_config_from_dict, resolve_unfrozen
 from visiontune.pretrain.crops import (
     CropDataset, MultiCrop, StreamSampler, UnlabeledImages, band_statistics, collate_crops, load_unlabeled,
 )
@@ -46,10 +52,27 @@ from visiontune.pretrain.model import (
     apply_explora, check_vit, enable_multicrop, export_backbone, install_mask_hook, make_teacher, masked, patch_size,
     replace_patch_embed, tokens, trained_pairs,
 )
+from visiontune.rundir import (
+    RunDirState, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check, read_json,
+    read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
+)
 
 BACKBONE_FILE = "backbone.safetensors"
 LINEAGE_FILE = "backbone.json"
 LINEAGE_FORMAT = 1
+
+FINISHED_FILES = {
+    LINEAGE_FILE: json_check(lambda m: isinstance(m, dict) and isinstance(m.get("backbone"), dict), "'backbone' section"),
+    BACKBONE_FILE: exists_check,
+    "config.yaml": yaml_check,
+    "history.json": json_check(lambda h: isinstance(h, list), "list of steps"),
+}
+"""Every file of a finished pretraining run (``backbone.json`` first: it is written last)."""
+
+NEUTRAL_KEYS = (
+    "run.dir", "run.progress", "run.threads", "run.resume", "run.overwrite", "run.checkpoint_every", "run.plot",
+)
+"""Settings a resumed pretraining run may change: none changes the trained backbone."""
 
 
 @dataclass
@@ -83,14 +106,72 @@ def _run_dir(cfg: PretrainConfig) -> Path:
         ds = Path(cfg.data.dataset).name or "data"
         recipe = re.sub(r"[\[\]]", "", cfg.recipe_name()).replace(",", "+")
         name = f"{ds}-{cfg.backbone.name}-{recipe}"
-    run_dir = Path(cfg.run.dir) / name
-    if (run_dir / LINEAGE_FILE).exists() and not (cfg.run.overwrite or cfg.run.resume):
-        raise ConfigError(
-            f"pretraining run {str(run_dir)!r} is already finished; set run.name to another name, run.overwrite=true "
-            "to replace it, or run.resume=true to continue it"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return Path(cfg.run.dir) / name
+
+
+def pool_identity(pool: UnlabeledImages) -> dict[str, Any]:
+    """A fingerprint of the pretraining images (their ids, in order), checked when a run is resumed."""
+    h = hashlib.sha256()
+    for i in pool.ids:
+        h.update(f"{i}\n".encode())
+    return {"sha256": h.hexdigest(), "images": len(pool)}
+
+
+def _changes(stored: dict[str, Any] | None, cfg: PretrainConfig) -> list[str]:
+    """How a stored pretraining config differs from ``cfg`` (except NEUTRAL_KEYS)."""
+    try:
+        stored_dict = pretrain_config_from_dict(stored or {}).to_dict()
+    except ConfigError as e:
+        return [f"the stored configuration is not valid in this version of visiontune ({e})"]
+    return config_differences(stored_dict, cfg.to_dict(), NEUTRAL_KEYS)
+
+
+def _pool_changes(stored: Any, now: dict[str, Any]) -> list[str]:
+    if not isinstance(stored, dict) or stored.get("sha256") == now["sha256"]:
+        return []
+    return [(f"pretraining images: {stored.get('images')} (sha256 {str(stored.get('sha256'))[:12]}) in the stored run, "
+             f"{now['images']} (sha256 {now['sha256'][:12]}) now: the dataset's files changed")]
+
+
+@dataclass
+class _Start:
+    run_dir: Path
+    checkpoint: dict[str, Any] | None = None
+    finished: PretrainResult | None = None
+    note: str | None = None
+
+
+def _prepare_run_dir(cfg: PretrainConfig, pool_id: dict[str, Any]) -> _Start:
+    """Decide, by reading only, how this run may use its directory (rules: :mod:`visiontune.rundir`).
+
+    A resume is refused when the stored config (except NEUTRAL_KEYS) or the image pool differ; a
+    fresh start begins from an empty directory.
+    """
+    run_dir = _run_dir(cfg)
+    state: RunDirState = inspect_run_dir(run_dir, FINISHED_FILES)
+    progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
+    refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, "pretraining run", progress)
+    if cfg.run.overwrite:
+        return _Start(run_dir, note=clear_run_dir(run_dir))
+    if state.kind == "finished":
+        lineage, _ = read_json(run_dir / LINEAGE_FILE)
+        history, _ = read_json(run_dir / "history.json")
+        refuse_changes(_changes(lineage.get("config"), cfg) + _pool_changes(lineage.get("data", {}).get("pool"), pool_id),
+                       run_dir, "pretraining run")
+        result = PretrainResult(run_dir, run_dir / BACKBONE_FILE, lineage, history)
+        return _Start(run_dir, finished=result, note=f"{run_dir} is already finished; nothing to resume")
+    if state.kind == "partial":
+        if state.checkpoint is None:
+            raise CheckpointError(legacy_message(state.legacy))
+        ck = load_checkpoint(state.checkpoint, "pretrain")
+        refuse_changes(_changes(ck.get("config"), cfg) + _pool_changes(ck.get("pool"), pool_id), run_dir, "pretraining run")
+        return _Start(run_dir, checkpoint=ck)
+    if state.kind == "started":
+        stored, _ = read_yaml_mapping(run_dir / "config.yaml")
+        if stored is not None:
+            refuse_changes(_changes(stored, cfg), run_dir, "pretraining run")
+        return _Start(run_dir, note=clear_run_dir(run_dir))
+    return _Start(run_dir)
 
 
 def _crop_sizes(cfg: PretrainConfig, model: nn.Module) -> tuple[int, int]:
@@ -124,13 +205,6 @@ def _load_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-
-
-def _save_checkpoint(path: Path, **state: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -175,10 +249,7 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
     ax2.legend(loc="upper right", fontsize=8)
     ax2.grid(alpha=0.3)
     ax2.set_title("collapse diagnostics")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def build_student(cfg: PretrainConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, SSLHeads, Any]:
@@ -214,7 +285,7 @@ def export_checkpoint(run_dir: str | Path, network: str = "teacher", out: str | 
     """Write the backbone of a pretraining checkpoint (e.g. of an unfinished or interrupted run) as a file.
 
     Args:
-        run_dir: a pretraining run directory (with ``config.yaml`` and ``checkpoint/last.pt``).
+        run_dir: a pretraining run directory (with ``config.yaml`` and ``checkpoint/last.safetensors``).
         network: ``teacher`` or ``student``.
         out: output path; default ``<run_dir>/<network>-step<N>.safetensors``.
 
@@ -227,12 +298,15 @@ def export_checkpoint(run_dir: str | Path, network: str = "teacher", out: str | 
     run_dir = Path(run_dir)
     if network not in ("teacher", "student"):
         raise ConfigError(f"network={network!r} is not teacher or student")
-    ck_path = run_dir / "checkpoint" / "last.pt"
+    ck_path = checkpoint_path(run_dir)
     if not ck_path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} has no checkpoint/last.pt; pass a pretraining run directory")
+        legacy = legacy_checkpoint(run_dir)
+        if legacy is not None:
+            raise CheckpointError(legacy_message(legacy))
+        raise ConfigError(f"{str(run_dir)!r} has no {ck_path.relative_to(run_dir)}; pass a pretraining run directory")
     cfg = load_pretrain_config(run_dir / "config.yaml")
     student, _, _ = build_student(cfg)
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(ck_path, "pretrain")
     _load_trained(student, ck[network])
     state = {k: v.detach().cpu().contiguous() for k, v in export_backbone(student).state_dict().items()}
     path = Path(out) if out else run_dir / f"{network}-step{ck['step']}.safetensors"
@@ -319,8 +393,15 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
                                            cfg.data.max_images, seed)
     if len(pool) < batch:
         raise ConfigError(f"optim.batch_size={batch} is larger than the {len(pool)} pretraining images; lower it")
-    run_dir = _run_dir(cfg)
-    cfg.dump(run_dir / "config.yaml")
+    pool_id = pool_identity(pool)
+    begin = _prepare_run_dir(cfg, pool_id)
+    run_dir = begin.run_dir
+    if begin.note and cfg.run.progress:
+        print(f"[visiontune] {begin.note}")
+    if begin.finished is not None:
+        return begin.finished
+    if begin.checkpoint is None:  # a fresh start in an empty directory; a resumed run keeps its files
+        cfg.dump(run_dir / "config.yaml")
 
     # ---- networks (seeded so that a resumed run rebuilds identical LoRA / head initialisations)
     student, heads, surgery = build_student(cfg, device)
@@ -363,10 +444,10 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     use_ibot = ssl.ibot_weight > 0
 
     # ---- resume
-    ckpt_path = run_dir / "checkpoint" / "last.pt"
+    ckpt_path = checkpoint_path(run_dir)
     start, history, wall_before, cpu_before = 0, [], 0.0, 0.0
-    if cfg.run.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if begin.checkpoint is not None:
+        ck = begin.checkpoint
         if ck["trained_names"] != trained_names:
             raise ConfigError(f"checkpoint {ckpt_path} was written by a different setup (trained parameters differ); "
                               "resume with the config in its run directory, or start a new run.name")
@@ -388,13 +469,14 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     def checkpoint(step: int, wall: float) -> None:
         saved["step"] = step
         cpu = cpu_before + time.process_time() - cpu0
-        _save_checkpoint(
-            ckpt_path, step=step, trained_names=trained_names, student=_trained_state(student, trained_names),
-            teacher=_trained_state(teacher, trained_names), heads=heads.state_dict(), teacher_head=teacher_head.state_dict(),
-            center_dino=center_dino.state_dict(), center_ibot=center_ibot.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(), history=history, wall_time_s=wall,
-            cpu_time_s=cpu,
-        )
+        save_checkpoint(ckpt_path, {
+            "step": step, "trained_names": trained_names, "student": _trained_state(student, trained_names),
+            "teacher": _trained_state(teacher, trained_names), "heads": heads.state_dict(),
+            "teacher_head": teacher_head.state_dict(), "center_dino": center_dino.state_dict(),
+            "center_ibot": center_ibot.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+            "wall_time_s": wall, "cpu_time_s": cpu, "config": cfg.to_dict(), "pool": pool_id,
+        }, kind="pretrain", progress=f"step {step} of {steps}")
 
     loader = DataLoader(dataset, batch_size=batch, sampler=StreamSampler(len(pool), seed, start * batch),
                         num_workers=cfg.data.num_workers, collate_fn=collate_crops, persistent_workers=False)
@@ -502,7 +584,7 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
         "data": {
             "dataset": cfg.data.dataset, "source": pool.source, "images": len(pool), "held_out": pool.excluded,
             "exclude_eval_of": cfg.data.exclude_eval_of, "excluded": pool.excluded_from,
-            "mean": mean, "std": std, "channels": channels or 3,
+            "mean": mean, "std": std, "channels": channels or 3, "pool": pool_id,
         },
         "training": {
             "steps": len(history), "batch_size": batch, "images_seen": len(history) * batch,
@@ -520,10 +602,10 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
         "config": cfg.to_dict(),
         "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}",
     }
-    (run_dir / "history.json").write_text(json.dumps(history))
+    write_json_atomic(run_dir / "history.json", history, indent=None)
     if history and cfg.run.plot:
         plot_history(history, run_dir / "loss.png", title=f"{cfg.recipe_name()} on {Path(cfg.data.dataset).name}")
-    (run_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
+    write_json_atomic(run_dir / LINEAGE_FILE, lineage)  # last: its presence marks a finished run
     if cfg.run.progress:
         print(f"[visiontune] new backbone {out} ({len(history)} steps, {wall:.0f}s); fine-tune it with {lineage['use']}")
     return PretrainResult(run_dir=run_dir, backbone=out, lineage=lineage, history=history)

@@ -16,8 +16,10 @@ A sweep file (YAML)::
 ``--dry-run`` (:func:`check_sweep`) checks every run against the real model classes on the meta device
 (no weights, no data) and names the runs that cannot start.
 
-Resumable: a run whose ``metrics.json`` exists is skipped; one with a checkpoint resumes from it.
-One run's failure is recorded in ``failures.json`` and the rest go on. Runs go one after another in
+Resumable: a finished run (every artifact reads back) is skipped and one with a checkpoint resumes
+from it -- but only when it was made with the configuration the sweep asks for now: a rerun with other
+overrides is refused up front, naming each such run and the keys that differ, instead of reporting
+old results under a new command. One run's failure is recorded in ``failures.json`` and the rest go on. Runs go one after another in
 this process by default, or ``workers`` at a time in their own processes. Each invocation is logged
 in ``sweep.json``; :func:`aggregate` (``sweep/report.py``) writes results.csv, report.md and figures.
 Written by hand: no library does grid expansion over this config vocabulary plus study-style aggregation.
@@ -40,7 +42,8 @@ from typing import Any, Callable
 
 import yaml
 
-from visiontune.config import apply_overrides, config_from_dict
+from visiontune.atomic import write_json_atomic
+from visiontune.config import Config, apply_overrides, config_from_dict
 from visiontune.errors import ConfigError
 from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summarize_checks
 from visiontune.sweep.report import aggregate, mean_std
@@ -159,6 +162,82 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, workers))
 
 
+def resolved_entry_config(sweep: Sweep, entry: SweepEntry) -> Config:
+    """The config an entry's run writes to its ``config.yaml`` (method defaults filled in), for comparisons."""
+    from visiontune.registry import METHODS
+    from visiontune.train.loop import resolve_config
+
+    cfg = entry_config(sweep.base, entry, sweep.dir)
+    return resolve_config(cfg, METHODS.get(cfg.method.name)(cfg.method))
+
+
+def read_failures(sweep_dir: Path) -> dict[str, str]:
+    """``failures.json`` of a sweep ({} when absent; an unreadable one is reported on stderr and ignored)."""
+    from visiontune.rundir import read_json
+
+    path = sweep_dir / "failures.json"
+    if not path.exists():
+        return {}
+    data, problem = read_json(path)
+    if problem or not isinstance(data, dict):
+        print(f"[sweep] warning: {problem or f'{path} is not a mapping'}; its failed runs count as pending", file=sys.stderr)
+        return {}
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def existing_runs(sweep: Sweep, check_split: bool = True) -> dict[str, tuple[Any, list[str]]]:
+    """For each entry: its run directory's state and how its stored configuration differs from the entry's.
+
+    Args:
+        sweep: from :func:`load_sweep`.
+        check_split: for finished runs, also compare the stored data split with the split the data gives
+            now (loads each distinct dataset once); off for a quick status.
+
+    Returns:
+        name -> (:class:`visiontune.rundir.RunDirState`, differences); no differences for runs not started.
+    """
+    from visiontune.data import load_records, make_splits
+    from visiontune.data.splits import split_identity
+    from visiontune.rundir import read_yaml_mapping
+    from visiontune.runs import config_changes, finished_run_changes, inspect_run
+
+    splits: dict[str, dict[str, Any]] = {}
+
+    def split_of(cfg: Config) -> dict[str, Any]:
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
+        if key not in splits:
+            splits[key] = split_identity(make_splits(load_records(cfg.data.dataset, root=cfg.data.root), cfg.data))
+        return splits[key]
+
+    out: dict[str, tuple[Any, list[str]]] = {}
+    for e in sweep.entries:
+        run_dir = sweep.dir / "runs" / e.name
+        state = inspect_run(run_dir)
+        changes: list[str] = []
+        if state.kind == "finished":
+            cfg = resolved_entry_config(sweep, e)
+            changes = finished_run_changes(run_dir, cfg, split_of(cfg) if check_split else None)
+        elif state.kind in ("partial", "started"):
+            stored, _ = read_yaml_mapping(run_dir / "config.yaml")
+            changes = config_changes(stored, resolved_entry_config(sweep, e)) if stored is not None else []
+        out[e.name] = (state, changes)
+    return out
+
+
+def _refuse_changed(sweep: Sweep, states: dict[str, tuple[Any, list[str]]]) -> None:
+    """Raise ConfigError naming every existing run made with another configuration than the sweep's now."""
+    changed = {name: changes for name, (_, changes) in states.items() if changes}
+    if not changed:
+        return
+    lines = [f"  - {name}: " + "; ".join(changes) for name, changes in changed.items()]
+    raise ConfigError(
+        f"sweep folder {str(sweep.dir)!r}: {len(changed)} existing run(s) were made with another configuration than "
+        "the sweep asks for now, so they are neither reused nor continued:\n" + "\n".join(lines)
+        + "\nFix: rerun with the overrides the sweep was started with (see sweep.json), give the sweep another dir, "
+        "or delete those run folders to redo them"
+    )
+
+
 def _failure_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
@@ -168,7 +247,10 @@ def _train_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: Path, progr
     import visiontune as vt
 
     cfg = entry_config(sweep_base, entry, out)
-    cfg.run.resume = (out / "runs" / entry.name / "checkpoint" / "last.pt").exists()
+    # An existing run folder is continued (or, finished, reused), never deleted: train() checks that it was
+    # made with this configuration. run_sweep has already refused the sweep if one was not.
+    run_dir = out / "runs" / entry.name
+    cfg.run.resume, cfg.run.overwrite = run_dir.is_dir() and any(run_dir.iterdir()), False
     cfg.run.progress = progress and cfg.run.progress
     if threads is not None and cfg.run.threads is None:
         cfg.run.threads = threads
@@ -265,11 +347,13 @@ def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: boo
 
     if workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1 (1 = sequential in this process)")
+    states = existing_runs(sweep)
+    _refuse_changed(sweep, states)  # before anything is written
     sweep.dir.mkdir(parents=True, exist_ok=True)
     fail_path = sweep.dir / "failures.json"
-    failures: dict[str, str] = json.loads(fail_path.read_text()) if fail_path.exists() else {}
+    failures = read_failures(sweep.dir)
     done: list[str] = []
-    skipped = [e.name for e in sweep.entries if (sweep.dir / "runs" / e.name / "metrics.json").exists()]
+    skipped = [e.name for e in sweep.entries if states[e.name][0].kind == "finished"]
     todo = [e for e in sweep.entries if e.name not in set(skipped)]
     bar = tqdm(total=len(sweep.entries), initial=len(skipped), desc="sweep", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
@@ -284,7 +368,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: boo
             failures[entry.name] = text
             if progress:
                 bar.write(f"[sweep] {entry.name} failed: {text.splitlines()[0]}")
-        fail_path.write_text(json.dumps(failures, indent=1))
+        write_json_atomic(fail_path, failures)
 
     try:
         if workers == 1:
@@ -311,8 +395,13 @@ def _log_session(sweep: Sweep, workers: int, wall: float, done: int, skipped: in
     """Append this invocation to sweep.json, so the report can say how long the sweep took and how it ran."""
     import torch
 
+    from visiontune.rundir import read_json
+
     path = sweep.dir / "sweep.json"
-    data = json.loads(path.read_text()) if path.exists() else {"sessions": []}
+    data, problem = read_json(path) if path.exists() else ({"sessions": []}, None)
+    if problem or not isinstance(data, dict) or not isinstance(data.get("sessions"), list):
+        print(f"[sweep] warning: {problem or f'{path} has no sessions list'}; starting a new session log", file=sys.stderr)
+        data = {"sessions": []}
     data["sessions"].append({
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
@@ -320,23 +409,36 @@ def _log_session(sweep: Sweep, workers: int, wall: float, done: int, skipped: in
         "threads_per_worker": worker_threads(workers) if workers > 1 else torch.get_num_threads(),
         "cores": available_cores(), "done": done, "skipped": skipped,
     })
-    path.write_text(json.dumps(data, indent=1))
+    write_json_atomic(path, data)
 
 
 def sweep_status(sweep: Sweep) -> list[tuple[str, str]]:
-    """(run name, state) for every entry: done, failed, partial (has a checkpoint: resumes) or pending."""
-    fail_path = sweep.dir / "failures.json"
-    failures = json.loads(fail_path.read_text()) if fail_path.exists() else {}
+    """(run name, state) for every entry: done, changed, failed, partial, not done or pending.
+
+    ``done`` needs every artifact of the finished run to read back; a run whose ``metrics.json`` (say) is
+    truncated is "not done", with the file named. ``changed``: finished, but with another configuration
+    than the sweep asks for now (``visiontune sweep`` refuses to go on). Reads only; the data split is
+    not recomputed here (``visiontune sweep`` checks it).
+    """
+    failures = read_failures(sweep.dir)
     out = []
     for e in sweep.entries:
-        d = sweep.dir / "runs" / e.name
-        if (d / "metrics.json").exists():
-            state = "done"
+        state, changes = existing_runs(Sweep(sweep.base, sweep.dir, [e]), check_split=False)[e.name]
+        notes = f"; {'; '.join(state.problems)}" if state.problems else ""
+        if changes:
+            text = f"changed: made with another configuration ({'; '.join(changes)})"
+        elif state.kind == "finished":
+            text = "done"
         elif e.name in failures:
-            state = "failed: " + failures[e.name].splitlines()[0]
-        elif (d / "checkpoint" / "last.pt").exists():
-            state = "partial (resumes from its checkpoint)"
+            text = "failed: " + (failures[e.name].splitlines() or [""])[0]
+        elif state.kind == "partial":
+            text = ("partial (resumes from its checkpoint" if state.checkpoint is not None
+                    else "partial (an old pickle checkpoint/last.pt, which is not loaded: delete the run to redo it") + notes + ")"
+        elif state.kind == "foreign":
+            text = f"blocked: {state.path} is not a visiontune run directory"
+        elif state.problems:
+            text = f"not done ({'; '.join(state.problems)}): reruns"
         else:
-            state = "pending"
-        out.append((e.name, state))
+            text = "pending"
+        out.append((e.name, text))
     return out

@@ -18,10 +18,9 @@ _TAG_OFFSETS = [(4, 4), (4, -10), (-16, 4), (-16, -10)]
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-    return path
+    from visiontune.atomic import atomic_write
+
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_sweep_scatter(groups: Sequence[dict[str, Any]], x_key: str, path: str | Path, xlabel: str, title: str) -> Path:

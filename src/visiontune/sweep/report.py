@@ -14,14 +14,11 @@ reported as not demonstrated.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import yaml
 
 if TYPE_CHECKING:
     from visiontune.sweep import Sweep
@@ -42,17 +39,30 @@ def _value_text(v: Any) -> str:
     return "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-def _run_rows(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """One flat row per finished entry (metrics.json + resolved config.yaml), and metrics by run name."""
+def _run_rows(sweep: Sweep, unreadable: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One flat row per finished entry (metrics.json + resolved config.yaml), and metrics by run name.
+
+    A run whose metrics.json or config.yaml does not read back (a write cut short) is left out and, when
+    ``unreadable`` is given, one line naming the file is appended to it.
+    """
     from visiontune.eval.report import summarize_run
+    from visiontune.rundir import read_json, read_yaml_mapping
 
     rows, metrics = [], {}
     for e in sweep.entries:
         run_dir = sweep.dir / "runs" / e.name
         if not (run_dir / "metrics.json").exists():
             continue
-        m = json.loads((run_dir / "metrics.json").read_text())
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+        m, problem = read_json(run_dir / "metrics.json")
+        if not problem and not (isinstance(m, dict) and isinstance(m.get("test"), dict) and isinstance(m.get("run"), dict)):
+            problem = f"{run_dir / 'metrics.json'} is unreadable (no 'run' and 'test' sections)"
+        cfg: dict[str, Any] | None = {}
+        if not problem and (run_dir / "config.yaml").exists():
+            cfg, problem = read_yaml_mapping(run_dir / "config.yaml")
+        if problem:
+            if unreadable is not None:
+                unreadable.append(f"`{e.name}`: {problem}")
+            continue
         method_cfg = (cfg or {}).get("method") or {}
         extras = {k: v for k, v in e.overrides.items() if k not in _SHOWN_KEYS}
         metrics[e.name] = m
@@ -163,8 +173,11 @@ def _sessions_line(sweep_dir: Path) -> list[str]:
     path = sweep_dir / "sweep.json"
     if not path.exists():
         return []
-    sessions = json.loads(path.read_text()).get("sessions", [])
-    if not sessions:
+    from visiontune.rundir import read_json
+
+    data, problem = read_json(path)
+    sessions = data.get("sessions") if not problem and isinstance(data, dict) else None
+    if not sessions or not isinstance(sessions, list):
         return []
     from visiontune.eval.report import format_duration
 
@@ -196,18 +209,27 @@ def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
 
     out = Path(out) if out is not None else sweep.dir
     out.mkdir(parents=True, exist_ok=True)
-    rows, metrics = _run_rows(sweep)
-    with open(out / "results.csv", "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    from visiontune.atomic import atomic_write, write_text_atomic
+    from visiontune.rundir import read_yaml_mapping
+    from visiontune.sweep import read_failures
+
+    unreadable: list[str] = []
+    rows, metrics = _run_rows(sweep, unreadable)
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+    atomic_write(out / "results.csv", write_csv)
     groups = _groups(rows, metrics)
     lines = [f"# Sweep `{sweep.dir.name}`", "", f"{len(rows)} of {len(sweep.entries)} runs finished."]
     if rows:
         r0 = metrics[rows[0]["run"]]["run"]
         cfg_path = sweep.dir / "runs" / rows[0]["run"] / "config.yaml"
-        data = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {}) if cfg_path.exists() else {}
+        data = ((read_yaml_mapping(cfg_path)[0] or {}).get("data") or {}) if cfg_path.exists() else {}
         cap = data.get("test_per_class")
         lines.append(
             f"Data: `{r0['dataset']}`, {r0['train_size']} training images, {r0['val_size']} validation, "
@@ -241,13 +263,13 @@ def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
         plot_sweep_scatter(groups, "time_mean", out / "accuracy_vs_time.png", "training time, s (log scale)",
                            "test accuracy vs training time")
         lines += _best_details(best, probe, metrics, out)
-    fail_path = sweep.dir / "failures.json"
-    failures = json.loads(fail_path.read_text()) if fail_path.exists() else {}
+    failures = read_failures(sweep.dir)
     if failures:
-        lines += ["", "## Failed runs", ""] + [f"- `{k}`: {v.splitlines()[0]}" for k, v in failures.items()]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+        lines += ["", "## Failed runs", ""] + [f"- `{k}`: {(v.splitlines() or [''])[0]}" for k, v in failures.items()]
+    if unreadable:
+        lines += ["", "## Unfinished runs with unreadable files", "",
+                  "Left out above; `visiontune sweep` redoes them.", ""] + [f"- {u}" for u in unreadable]
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 def _best_details(best: dict[str, Any], probe: dict[str, Any] | None, metrics: dict[str, dict[str, Any]], out: Path) -> list[str]:

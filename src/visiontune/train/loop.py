@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -30,7 +29,7 @@ from visiontune.errors import ConfigError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
 from visiontune.train.optim import warmup_cosine
-from visiontune.train.tblog import ScalarLogger
+from visiontune.train.tblog import ScalarLogger, require_tensorboard
 
 
 @dataclass
@@ -200,19 +199,63 @@ def default_run_name(cfg: Config) -> str:
     return f"{ds}-{cfg.backbone.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create (or reuse, when resuming/overwriting) the run directory; refuses to clobber a finished run."""
+@dataclass
+class RunStart:
+    """How :func:`prepare_run_dir` lets a run start: fresh, from a checkpoint, or already finished."""
+
+    run_dir: Path
+    checkpoint: dict[str, Any] | None = None
+    finished: dict[str, Any] | None = None
+    note: str | None = None
+
+
+def prepare_run_dir(cfg: Config, split: dict[str, Any]) -> RunStart:
+    """Decide, by reading only, whether and how this run may use its directory; then empty it if starting fresh.
+
+    The rules are in :mod:`visiontune.rundir`. A resume (from a checkpoint, or of a finished run) is
+    refused unless the stored resolved config matches ``cfg`` except :data:`visiontune.runs.NEUTRAL_KEYS`
+    and the stored data split matches ``split``. Nothing is written into an existing directory before
+    these checks pass; a fresh start then begins from an empty directory (``run.overwrite=true``
+    deletes the old one, and says so).
+
+    Args:
+        cfg: the resolved config (:func:`resolve_config`).
+        split: :func:`visiontune.data.splits.split_identity` of this run's split.
+
+    Raises:
+        ConfigError: the directory holds a run this config may not touch, or another configuration.
+        CheckpointError: the checkpoint is unreadable, or an old pickle (never loaded).
+    """
+    from visiontune.checkpoint import CheckpointError, checkpoint_progress, legacy_message, load_checkpoint
+    from visiontune.data.splits import split_differences
+    from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
+    from visiontune.runs import METRICS_FILE, config_changes, finished_run_changes, inspect_run
+
     run_dir = Path(cfg.run.dir) / (cfg.run.name or default_run_name(cfg))
-    if (run_dir / "metrics.json").exists() and not (cfg.run.overwrite or cfg.run.resume):
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} already holds a finished run; set run.name to another name, "
-            "or run.overwrite=true to replace it"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    state = inspect_run(run_dir)
+    progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
+    refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, "run", progress)
+    if cfg.run.overwrite:
+        return RunStart(run_dir, note=clear_run_dir(run_dir))
+    if state.kind == "finished":  # with run.resume=true: nothing left to do if it is the same run
+        refuse_changes(finished_run_changes(run_dir, cfg, split), run_dir)
+        metrics, _ = read_json(run_dir / METRICS_FILE)
+        return RunStart(run_dir, finished=metrics, note=f"{run_dir} is already finished; nothing to resume")
+    if state.kind == "partial":  # with run.resume=true
+        if state.checkpoint is None:
+            raise CheckpointError(legacy_message(state.legacy))
+        ck = load_checkpoint(state.checkpoint, "train")
+        refuse_changes(config_changes(ck.get("config") or {}, cfg) + split_differences(ck.get("split"), split), run_dir)
+        return RunStart(run_dir, checkpoint=ck)
+    if state.kind == "started":  # with run.resume=true, but no checkpoint: start over, if it is the same run
+        stored, _ = read_yaml_mapping(run_dir / "config.yaml")
+        if stored is not None:
+            refuse_changes(config_changes(stored, cfg), run_dir)
+        return RunStart(run_dir, note=clear_run_dir(run_dir))
+    return RunStart(run_dir)
 
 
-def resolve_config(cfg: Config, method: Method, device: torch.device) -> Config:
+def resolve_config(cfg: Config, method: Method, device: torch.device | None = None) -> Config:
     """Fill method-dependent defaults so config.yaml records what actually ran."""
     optim = dataclasses.replace(
         cfg.optim,
@@ -230,21 +273,24 @@ def resolve_config(cfg: Config, method: Method, device: torch.device) -> Config:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as plain data + a byte tensor (what a checkpoint can hold unpickled)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`_rng_state` returned, so a resumed run draws the same numbers as an uninterrupted one."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
+    np.random.set_state((str(npy["name"]), np.asarray(npy["keys"], dtype=np.uint32), int(npy["pos"]),
+                         int(npy["has_gauss"]), float(npy["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Atomically write a resumable checkpoint (write to a temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -258,21 +304,30 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
         splits: explicit ``{"train", "val", "test"}`` :class:`~visiontune.data.ImageRecords` instead of the split
             ``cfg.data`` describes (``visiontune auto`` trains each candidate on cross-validation folds this way).
 
+    An existing run directory is used only as :func:`prepare_run_dir` allows (resume a checkpoint of
+    the same configuration, replace with ``run.overwrite=true``, ...); a resumed run that is already
+    finished returns its stored metrics.
+
     Returns:
         The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
+    from visiontune.atomic import write_json_atomic
     from visiontune.backbones import backbone_identity, build_transform
     from visiontune.data import describe_splits, load_records, make_splits
     from visiontune.data.cache import image_dataset
+    from visiontune.data.splits import split_identity
     from visiontune.eval import PeakMemory, count_parameters, measure_speed
     from visiontune.eval.metrics import load_metric_functions
+    from visiontune.rundir import read_json, read_yaml_mapping
     from visiontune.train.speed import channels_last_if_convnet, fast_forward
     from visiontune.runs import build_model, finish_run
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     device = resolve_device(cfg.run.device)
     cfg = resolve_config(cfg, method, device)
+    if cfg.run.tensorboard:
+        require_tensorboard()  # fails before the run directory is touched
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -284,10 +339,20 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
-    run_dir = prepare_run_dir(cfg)
-    tb = ScalarLogger(run_dir / "tensorboard" if cfg.run.tensorboard else None)  # fails early if not installed
-    cfg.dump(run_dir / "config.yaml")
-    (run_dir / "labels.json").write_text(json.dumps(classes, indent=1))
+    split = split_identity(splits)
+    begin = prepare_run_dir(cfg, split)
+    run_dir = begin.run_dir
+    if begin.note and cfg.run.progress:
+        print(f"[visiontune] {begin.note}")
+    if begin.finished is not None:
+        return RunResult(run_dir=run_dir, metrics=begin.finished)
+    # A fresh start writes into an empty directory; a resumed run keeps what it wrote (the same config up to
+    # NEUTRAL_KEYS, checked) and only replaces a file that does not read back.
+    if begin.checkpoint is None or read_yaml_mapping(run_dir / "config.yaml")[1]:
+        cfg.dump(run_dir / "config.yaml")
+    if begin.checkpoint is None or read_json(run_dir / "labels.json")[1]:
+        write_json_atomic(run_dir / "labels.json", classes)
+    tb = ScalarLogger(run_dir / "tensorboard" if cfg.run.tensorboard else None)
     if cfg.run.progress:
         print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
 
@@ -313,9 +378,12 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
             history = train_info.pop("history")
             best_epoch = len(history)
         else:
-            history, best_epoch, loop_info = _fit_loop(method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb)
+            history, best_epoch, loop_info = _fit_loop(
+                method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb, begin.checkpoint, split, start
+            )
             train_info.update(loop_info)
-    wall = time.perf_counter() - start
+    # A resumed run reports its whole training time: the earlier segments' (from the checkpoint) plus this one's.
+    wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
 
     # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
     test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False), ebs, False, 0, workers)
@@ -341,7 +409,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
             "backbone": cfg.backbone.name, "weights": cfg.backbone.weights, "backbone_identity": identity,
             "dataset": cfg.data.dataset, "classes": classes, "train_size": len(splits["train"]),
             "val_size": len(splits["val"]), "test_size": len(splits["test"]), "seed": cfg.run.seed,
-            "device": str(device), "img_size": eval_tf_size(model, cfg.backbone.img_size),
+            "device": str(device), "img_size": eval_tf_size(model, cfg.backbone.img_size), "split": split,
         },
         "params": params,
         "train": {
@@ -407,9 +475,17 @@ def _fit_cached(
 def _fit_loop(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
-    tb: ScalarLogger | None = None,
+    tb: ScalarLogger | None = None, resume: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume."""
+    """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume.
+
+    Args:
+        resume: a checkpoint loaded (and checked against ``cfg``) by :func:`prepare_run_dir`, to continue from.
+        split: the split's identity, stored in every checkpoint so that a resume can check it.
+        started: ``time.perf_counter()`` when this segment of the run began (for the wall time in checkpoints).
+    """
+    from visiontune.checkpoint import checkpoint_path, save_checkpoint
     from visiontune.data.cache import image_dataset
     from visiontune.train.cache import build_prefix_cache
     from visiontune.train.speed import fast_forward, maybe_compile
@@ -419,10 +495,15 @@ def _fit_loop(
     train_set = image_dataset(splits["train"], train_tf, cfg.data.cache)
     train_loader = make_loader(train_set, cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers)
     info: dict[str, Any] = {"head_init": "zero"}
-    ckpt_path = run_dir / "checkpoint" / "last.pt"
-    resuming = cfg.run.resume and ckpt_path.exists()
+    ckpt_path = checkpoint_path(run_dir)
+    resuming = resume is not None
+    started = time.perf_counter() if started is None else started
+    earlier_wall, segments = 0.0, 1
     if cfg.optim.head_init == "probe" and method.pretrained and not resuming:
         info = _probe_head_init(model, splits, cfg, device, amp, val_loader)
+    if resume is not None:
+        info = dict(resume.get("head_init") or info)  # how the first segment started the head
+    head_init = dict(info)
     # ---- speed (visiontune.train.cache): blocks below the first trained one run once, not every epoch.
     prefix, info["prefix_cache"] = build_prefix_cache(
         model, cfg.run.prefix_cache, cfg.run.prefix_views, cfg.data.augment, train_set, val_loader,
@@ -454,16 +535,19 @@ def _fit_loop(
             "epoch": 0, "state": method.trainable_state_dict(model),
         }
     start_epoch = 1
-    if resuming:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if resume is not None:
+        ck = resume
         method.load_trainable_state_dict(model, ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         history, best, start_epoch = ck["history"], ck["best"], ck["epoch"] + 1
         _set_rng_state(ck["rng"])
         train_loader.generator.set_state(ck["loader_rng"])
+        earlier_wall, segments = float(ck.get("wall_time_s", 0.0)), int(ck.get("segments", 1)) + 1
+        info.update(resumed_after_epoch=start_epoch - 1, earlier_wall_time_s=earlier_wall)
         if cfg.run.progress:
             print(f"[visiontune] resumed from {ckpt_path} at epoch {start_epoch}")
+    info["segments"] = segments
     if not resuming:
         # _reseed_note: seed again right before the random augmentations. A module imported lazily since
         # train() seeded can draw from the global RNGs (sklearn imports rich, which calls random.getrandbits),
@@ -488,11 +572,12 @@ def _fit_loop(
         if tb is not None:
             tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
-        save_checkpoint(
-            ckpt_path, model=method.trainable_state_dict(model), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), epoch=epoch, history=history, best=best, rng=_rng_state(),
-            loader_rng=train_loader.generator.get_state(),
-        )
+        save_checkpoint(ckpt_path, {
+            "model": method.trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best, "rng": _rng_state(),
+            "loader_rng": train_loader.generator.get_state(), "config": cfg.to_dict(), "split": split,
+            "wall_time_s": earlier_wall + time.perf_counter() - started, "segments": segments, "head_init": head_init,
+        }, kind="train", progress=f"epoch {epoch} of {cfg.optim.epochs}")
     if best["state"] is not None:
         method.load_trainable_state_dict(model, best["state"])
         info["epoch0_is_probe_head"] = info.get("head_init") == "probe"

@@ -13,6 +13,21 @@ from typing import Any
 from visiontune.errors import ConfigError
 
 
+def require_tensorboard() -> None:
+    """Raise unless the tensorboard package is importable (checked before a run touches its directory).
+
+    Raises:
+        ConfigError: saying how to install it, or to set run.tensorboard=false.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            "run.tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install 'visiontune[tensorboard]' (or pip install tensorboard), or set run.tensorboard=false"
+        ) from e
+
+
 class ScalarLogger:
     """Writes per-epoch scalars (``train/loss``, ``train/lr``, ``val/accuracy`` ...) to a TensorBoard log folder.
 
@@ -31,13 +46,9 @@ class ScalarLogger:
         self._writer = None
         if log_dir is None:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ConfigError(
-                "run.tensorboard=true needs the tensorboard package, which is not installed: "
-                "pip install 'visiontune[tensorboard]' (or pip install tensorboard), or set run.tensorboard=false"
-            ) from e
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     @property
