@@ -530,8 +530,9 @@ def _fit_loop(
         # Epoch 0 competes too: the probe-initialised head before any fine-tuning. A fine-tune that does not
         # beat it on validation falls back to it, instead of to its least bad epoch.
         vl, vy = predict_logits(val_model, val_loader, device, amp)
+        info["epoch0_val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
         best = {
-            "score": float((vl.argmax(1) == vy).float().mean()) - 1e-6 * float(F.cross_entropy(vl, vy)),
+            "score": info["epoch0_val_accuracy"] - 1e-6 * float(F.cross_entropy(vl, vy)),
             "epoch": 0, "state": method.trainable_state_dict(model),
         }
     start_epoch = 1
