@@ -179,6 +179,9 @@ class OptimConfig:
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak", default=0.01)
     clip_grad: float | None = _help("max gradient norm; null disables clipping", default=1.0)
     label_smoothing: float = _help("cross-entropy label smoothing", default=0.1)
+    class_weights: Literal["none", "balanced"] = _help(
+        "balanced: weight the loss by n / (classes x n_class) of the training split, for imbalanced data", default="none"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 is emulated and slow on most CPUs)", default="auto"
     )

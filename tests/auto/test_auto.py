@@ -185,3 +185,31 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert "labeled pool: 40 images, 10 classes" in out.stdout and "estimated time" in out.stdout
     assert not (tmp_path / "x").exists()  # a plan writes nothing
     del main
+
+
+def test_imbalanced_pools_get_class_balanced_candidates(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visiontune.auto import BALANCED
+    from visiontune.methods.base import class_weights
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("common", 14), ("rare", 5)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    sel = AutoSelect(str(tmp_path / "imgs"), tmp_path / "out", overrides=["backbone.name=test_vit", "backbone.weights=none",
+                     "data.train_fraction=0.8"], progress=False, folds=2, steps=2, candidates=ONE_FINETUNE)
+    assert sel.imbalance >= 2.5
+    assert BALANCED[0] in sel.cheap and BALANCED[1] in sel.candidates
+    assert "class-balanced candidates included" in sel.plan().describe()
+    balanced = _select(tmp_path / "digits")  # digits with 4 per class: balanced, nothing added
+    assert BALANCED[0] not in balanced.cheap and BALANCED[1] not in balanced.candidates
+    w = class_weights(np.array([0, 0, 0, 1]), 3, "balanced")
+    assert torch_allclose(w, [4 / 6, 2.0, 0.0]) and class_weights(np.array([0, 1]), 2, "none") is None
+
+
+def torch_allclose(t, values) -> bool:
+    import torch
+
+    return bool(torch.allclose(t, torch.tensor(values, dtype=t.dtype)))

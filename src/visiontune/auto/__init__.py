@@ -79,6 +79,12 @@ FINETUNE = (
     Candidate("full fine-tuning", ("method.name=full",)),
 )
 PROBE = CHEAP[0].name
+IMBALANCE_RATIO = 1.5
+"""Largest / smallest class count in the labeled pool from which class-balanced candidates join the selection."""
+BALANCED = (
+    Candidate("linear probe, class-balanced", ("method.name=linear", "optim.class_weights=balanced"), cheap=True),
+    Candidate("lora q,v r8, class-balanced", ("method.name=lora", "method.targets=qv", "method.rank=8", "optim.class_weights=balanced")),
+)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -122,14 +128,18 @@ class Plan:
     folds: int
     backbones: list[str]
     candidates: list[str]
+    cheap: list[str] = field(default_factory=list)
+    imbalance: float = 1.0
     estimates_s: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = [
-            f"labeled pool: {self.pool} images, {len(self.classes)} classes; test split: {self.test} images (held out, read once at the end)",
+            f"labeled pool: {self.pool} images, {len(self.classes)} classes (largest/smallest class {self.imbalance:.1f}x"
+            f"{'; class-balanced candidates included' if self.imbalance >= IMBALANCE_RATIO else ''}); "
+            f"test split: {self.test} images (held out, read once at the end)",
             f"folds: stratified {self.folds}-fold, the same folds for every candidate",
             f"backbones: {', '.join(self.backbones)}",
-            f"cheap candidates: {', '.join(c.name for c in CHEAP)}",
+            f"cheap candidates: {', '.join(self.cheap)}",
             f"fine-tuning candidates (pruned by successive halving, factor {REDUCTION_FACTOR}): {', '.join(self.candidates)}",
             "estimated time (this machine, measured forward pass): "
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items()),
@@ -184,6 +194,13 @@ class AutoSelect:
                 "(add images or raise data.train_per_class)"
             )
         self.k = max(2, min(int(folds), smallest))
+        self.imbalance = float(counts.max() / smallest)
+        # Imbalanced classes: class-balanced loss competes as a candidate (probe and one LoRA), judged on the folds
+        # like the rest, rather than being switched on by a rule of thumb.
+        self.cheap = CHEAP + (BALANCED[:1] if self.imbalance >= IMBALANCE_RATIO else ())
+        if self.imbalance >= IMBALANCE_RATIO:
+            candidates = tuple(candidates) + BALANCED[1:]
+            self.candidates = candidates
         from sklearn.model_selection import StratifiedKFold
 
         skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
@@ -255,7 +272,10 @@ class AutoSelect:
         self._fold_estimate_s = est["fine-tuning, one fold"]
         est["fine-tuning, every candidate on every fold (no pruning)"] = est["fine-tuning, one fold"] * self.k * len(self.candidates)
         est["final retrain"] = steps_time
-        return Plan(len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates], est)
+        return Plan(
+            len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
+            [c.name for c in self.cheap], self.imbalance, est,
+        )
 
     def _epochs(self, n_train: int, bs: int = 16) -> int:
         per_epoch = max(1, math.ceil(n_train / bs))
@@ -288,13 +308,14 @@ class AutoSelect:
             head_numel = sum(p.numel() for p in model.get_classifier().parameters())
             total = sum(p.numel() for p in model.parameters())
             results: dict[str, Any] = {}
-            for cand in CHEAP:
+            for cand in self.cheap:
                 rows = []
                 for j, (tr, va) in enumerate(self.folds):
                     t1 = time.perf_counter()
-                    if cand.name == PROBE:
+                    if "method.name=linear" in cand.overrides:
                         head = torch.nn.Linear(x.shape[1], len(self.classes))
-                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None)
+                        balanced = "optim.class_weights=balanced" in cand.overrides
+                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None, balanced=balanced)
                         with torch.no_grad():
                             pred = head(x[va]).argmax(1).numpy()
                     else:
@@ -327,7 +348,7 @@ class AutoSelect:
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-candidate; its folds are in auto.json
         if not study.get_trials(deepcopy=False):
-            for cand in CHEAP:  # the cheap candidates compete at every rung: escalation must beat them to go on
+            for cand in self.cheap:  # the cheap candidates compete at every rung: escalation must beat them to go on
                 folds = self.state["cheap"][backbone]["candidates"][cand.name]["folds"]
                 trial = study.ask()
                 trial.set_user_attr("candidate", cand.name)
@@ -501,7 +522,7 @@ class AutoSelect:
         from visiontune.train.loop import train
 
         name = decision["candidate"]
-        cand = next(c for c in (*CHEAP, *self.candidates) if c.name == name)
+        cand = next(c for c in (*self.cheap, *self.candidates) if c.name == name)
         extra = [f"run.progress={str(self.progress).lower()}", f"run.dir={self.out}", "run.name=model", "run.overwrite=true"]
         note = ""
         if not cand.cheap:

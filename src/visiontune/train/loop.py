@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from visiontune.config import Config
 from visiontune.errors import ConfigError
 from visiontune.methods import Method
+from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
 from visiontune.train.optim import warmup_cosine
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
@@ -151,8 +152,12 @@ def train_one_epoch(
     device: torch.device,
     amp: torch.dtype | None,
     desc: str = "train",
+    class_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}."""
+    """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}.
+
+    ``class_weight`` ([K], see :func:`class_weights`) weights each example's loss by its class.
+    """
     model.train()
     accum = cfg.optim.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -164,7 +169,10 @@ def train_one_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+        loss = F.cross_entropy(
+            logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
+            weight=None if class_weight is None else class_weight.to(device),
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss.item()} at batch {i}; lower optim.lr (now {optimizer.param_groups[0]['lr']:.2e}) "
@@ -524,6 +532,7 @@ def _fit_loop(
     scheduler = warmup_cosine(
         optimizer, steps_per_epoch * cfg.optim.epochs, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr_ratio
     )
+    weights = class_weights(splits["train"].labels, len(splits["train"].classes), cfg.optim.class_weights)
     history: list[dict[str, Any]] = []
     best = {"score": -math.inf, "epoch": 0, "state": None}
     if val_loader is not None and not resuming and info.get("head_init") == "probe":
@@ -560,7 +569,9 @@ def _fit_loop(
         row: dict[str, Any] = {"epoch": epoch}
         if prefix is not None:
             prefix.set_epoch(epoch)
-        row.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}"))
+        row.update(train_one_epoch(
+            train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights
+        ))
         if val_loader is not None:
             vl, vy = predict_logits(val_model, val_loader, device, amp)
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
@@ -607,5 +618,5 @@ def _probe_head_init(
     fast = fast_forward(model)
     x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
-    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val)
+    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val, balanced=cfg.optim.class_weights == "balanced")
     return {"head_init": "probe", "head_init_c": info["c"], "head_init_time_s": time.perf_counter() - t0}
