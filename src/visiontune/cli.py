@@ -134,10 +134,12 @@ def _sweep_dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from visiontune.infer import pipeline
+    from visiontune.infer import Predictor
     from visiontune.infer.files import collect_images, format_results
 
-    predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size)
+    predictor = Predictor.from_run(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
+                                   max_pixels=args.max_pixels, max_aspect=args.max_aspect,
+                                   settings=("--max-pixels", "--max-aspect"))
     paths, problems = collect_images(args.inputs)
     # Progress only where it helps: a folder's worth of images, and never in quiet mode.
     progress = not args.quiet and len(paths) >= 2 * args.batch_size
@@ -153,6 +155,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from visiontune.errors import ConfigError
@@ -169,7 +172,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from visiontune.serve.app import serve
 
     serve(adapters, host=args.host, port=args.port, device=args.device, max_bytes=args.max_bytes,
-          max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level)
+          max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
+          max_pixels=args.max_pixels, max_aspect=args.max_aspect, max_decodes=args.max_decodes,
+          api_key=args.api_key if args.api_key is not None else (os.environ.get("VISIONTUNE_API_KEY") or None))
     return 0
 
 
@@ -264,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    pr.add_argument("--max-pixels", type=int, default=None,
+                    help="largest image decoded, width x height (default: the run's data.max_pixels, 40 MP); "
+                         "larger JPEGs are decoded at reduced scale, other images are reported as errors")
+    pr.add_argument("--max-aspect", type=float, default=None,
+                    help="largest longer/shorter side ratio (default: the run's data.max_aspect, 20)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_predict)
@@ -275,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="largest accepted image file")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="largest decoded image, width x height (default 40 MP; checked from the header before "
+                         "decoding; larger JPEGs are decoded at reduced scale, anything else gets 413)")
+    sv.add_argument("--max-aspect", type=float, default=20.0, help="largest longer/shorter side ratio (default 20)")
+    sv.add_argument("--max-decodes", type=int, default=2, help="most images decoded at once; more requests wait (default 2)")
+    sv.add_argument("--api-key", default=None,
+                    help="require this key on /v1/ requests (Authorization: Bearer KEY or X-API-Key: KEY); default: "
+                         "$VISIONTUNE_API_KEY, else none. Prefer the variable: a command line is visible to other users")
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -229,11 +229,11 @@ def evaluate_run(
     run = load_run(run_dir, device=str(dev))
     cfg = run.config
     if data is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
         if list(records.classes) != run.classes:
             raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {run.classes}")
         test = make_splits(records, cfg.data)["test"]
     else:
-        test = load_records(data, classes=run.classes)
-    loader = make_loader(ImageDataset(test, run.transform), batch_size or cfg.optim.eval_batch_size, False, 0, 0)
+        test = load_records(data, classes=run.classes, limits=cfg.data.image_limits())
+    loader = make_loader(ImageDataset(test, run.transform, cfg.data.image_limits()), batch_size or cfg.optim.eval_batch_size, False, 0, 0)
     return evaluate_loader(run.model, loader, dev, run.classes, autocast_dtype(cfg.optim.precision, dev), progress)

@@ -58,7 +58,9 @@ def test_info_endpoints_docs_and_page(live_server: Any, adapter_runs: dict[str, 
     by = {a["name"]: a for a in listing["adapters"]}
     assert by["colors"]["method"] == "lora" and by["colors"]["classes"] == ["blue", "green", "red"]
     assert by["tone"]["method"] == "mona" and by["tone"]["classes"] == ["dark", "light"]
-    assert by["colors"]["source"] == str(adapter_runs["colors"]) and listing["default"] is None
+    # The run's name, not the server's path to it (nor to the weights file).
+    assert by["colors"]["source"] == adapter_runs["colors"].name and listing["default"] is None
+    assert listing["backbone"]["weights"] == "tiny_vit.safetensors" and "/" not in str(listing)
     assert listing["backbone"]["name"] == "test_vit" and listing["max_bytes"] == MAX_BYTES
     # One backbone: each adapter holds far less privately than the backbone it shares.
     assert 0 < by["colors"]["private_bytes"] and 0 < by["tone"]["private_bytes"]
@@ -155,16 +157,23 @@ def test_cli_serve_wires_the_app_and_binds_loopback_by_default(
     adapter_runs: dict[str, Path], runs_helper: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
     live_server_cls: type,
 ) -> None:
-    """`visiontune serve` end to end, except that uvicorn.run hands its app to a test server instead of blocking."""
+    """`visiontune serve` end to end, except that uvicorn's blocking run hands its app to a test server."""
     import uvicorn
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
-    # A bare run directory is named after its folder.
-    assert main(["serve", "--adapter", str(adapter_runs["tone"]), "--port", "8123", "--max-bytes", "5000"]) == 0
-    assert "serving 1 adapter(s) [tone] on http://127.0.0.1:8123" in capsys.readouterr().out
+
+    def fake_run(server: Any, sockets: list[Any] | None = None) -> None:
+        calls.append({"app": server.config.app, "address": sockets[0].getsockname()})
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    # A bare run directory is named after its folder; port 0: the OS picks a free one, and it is printed.
+    assert main(["serve", "--adapter", str(adapter_runs["tone"]), "--port", "0", "--max-bytes", "5000"]) == 0
+    monkeypatch.undo()  # the test server below runs uvicorn for real
     (call,) = calls
-    assert call["host"] == "127.0.0.1" and call["port"] == 8123
+    host, port = call["address"]
+    out, err = capsys.readouterr()
+    assert host == "127.0.0.1" and port > 0 and f"serving 1 adapter(s) [tone] on http://127.0.0.1:{port}" in out
+    assert "warning" not in err  # loopback: nothing to warn about
     png = runs_helper.png_bytes(runs_helper.noisy_image(runs_helper.TONES["light"], seed=3))
     with live_server_cls(call["app"]) as server:
         body = _post_file(server.url, png).json()  # one adapter: no need to name it

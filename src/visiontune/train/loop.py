@@ -342,7 +342,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     amp = autocast_dtype(cfg.optim.precision, device)
 
     if splits is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
         splits = make_splits(records, cfg.data)
     classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
@@ -374,7 +374,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     workers = cfg.data.num_workers
     ebs = cfg.optim.eval_batch_size
     val_loader = (
-        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache), ebs, False, 0, workers) if len(splits["val"]) else None
+        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers) if len(splits["val"]) else None
     )
 
     start = time.perf_counter()
@@ -394,7 +394,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
 
     # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
-    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False), ebs, False, 0, workers)
+    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False, limits=cfg.data.image_limits()), ebs, False, 0, workers)
     # scikit-learn's metrics take ~1 s to import on a small CPU: a one-off of the process (unless a validation
     # split already needed them), done before the test pass's timer, not counted as evaluation time.
     load_metric_functions()
@@ -467,7 +467,7 @@ def _fit_cached(
     for v in range(views):
         # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
         tf = eval_tf if v == 0 else train_tf
-        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), ebs, False, 0, workers)
+        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers)
         f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
         xs.append(f)
         ys.append(y)
@@ -500,7 +500,7 @@ def _fit_loop(
 
     if cfg.backbone.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    train_set = image_dataset(splits["train"], train_tf, cfg.data.cache)
+    train_set = image_dataset(splits["train"], train_tf, cfg.data.cache, limits=cfg.data.image_limits())
     train_loader = make_loader(train_set, cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers)
     info: dict[str, Any] = {"head_init": "zero"}
     ckpt_path = checkpoint_path(run_dir)
@@ -614,7 +614,7 @@ def _probe_head_init(
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
     fast = fast_forward(model)
     x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
