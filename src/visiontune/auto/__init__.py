@@ -178,7 +178,7 @@ class AutoSelect:
         cfg = load_config(None, overrides=base)
         self.cfg = cfg
         self.backbones = list(backbones or [cfg.backbone.name])
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
         splits = make_splits(records, cfg.data)
         # The selection sees the training (and validation) images only; the test split goes to the final run.
         pool_idx = np.concatenate([np.arange(len(splits["train"])), len(splits["train"]) + np.arange(len(splits["val"]))])
