@@ -49,9 +49,9 @@ def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytes
     decoded: list[str] = []
     original = data_cache.decode_compact
 
-    def spy(item, id=None):
+    def spy(item, id=None, *args, **kwargs):
         decoded.append(id)
-        return original(item, id)
+        return original(item, id, *args, **kwargs)
 
     monkeypatch.setattr(data_cache, "decode_compact", spy)
     sel = _select(tmp_path)
