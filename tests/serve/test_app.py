@@ -182,10 +182,15 @@ def test_cli_serve_wires_the_app_and_binds_loopback_by_default(
 
 
 def test_cli_serve_refuses_adapters_of_another_backbone(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    rc = main(["serve", "--adapter", f"colors={adapter_runs['colors']}", "--adapter", f"big={adapter_runs['big']}"])
+    import socket
+
+    with socket.socket() as s:  # a free port: serve binds before it loads, so a busy default port would answer first
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rc = main(["serve", "--port", port, "--adapter", f"colors={adapter_runs['colors']}", "--adapter", f"big={adapter_runs['big']}"])
     err = capsys.readouterr().err
     assert rc == 2 and "task 'big'" in err and "different backbone" in err and "img_size: adapter has 48, backbone has 32" in err
-    assert main(["serve", "--adapter", f"a={adapter_runs['tone']}", "--adapter", f"a={adapter_runs['tone']}"]) == 2
+    assert main(["serve", "--port", port, "--adapter", f"a={adapter_runs['tone']}", "--adapter", f"a={adapter_runs['tone']}"]) == 2
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--adapter", "=x"]) == 2
     assert "malformed" in capsys.readouterr().err
