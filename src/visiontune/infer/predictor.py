@@ -139,12 +139,15 @@ class Predictor:
         merged: whether ``model`` has the adapters folded in (reported by :attr:`info`).
         run_dir: the run it came from, if any.
         method: the run's method name, if any (reported by :attr:`info`).
+        backend: ``torch``, or ``onnxruntime`` for an export (:meth:`from_export`); reported by :attr:`info`.
+        precision: what the model computes in (default: ``fp32``, or the ``amp`` dtype); reported by :attr:`info`.
     """
 
     def __init__(
         self, model: nn.Module, classes: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
         device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 32, amp: torch.dtype | None = None,
-        merged: bool = False, run_dir: str | Path | None = None, method: str | None = None,
+        merged: bool = False, run_dir: str | Path | None = None, method: str | None = None, backend: str = "torch",
+        precision: str | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid; use an integer >= 1")
@@ -158,6 +161,8 @@ class Predictor:
         self.merged = merged
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.method = method
+        self.backend = backend
+        self.precision = precision or ("fp32" if amp is None else str(amp).removeprefix("torch.").replace("bfloat16", "bf16"))
 
     @classmethod
     def from_run(
@@ -182,6 +187,24 @@ class Predictor:
             method=run.config.method.name,
         )
 
+    @classmethod
+    def from_export(
+        cls, path: str | Path, int8: bool = False, top_k: int = 5, batch_size: int = 32, threads: int | None = None,
+    ) -> Predictor:
+        """An onnxruntime predictor for an export (folder, .onnx, its .json) or a run directory's own export.
+
+        Preprocessing is the one the export recorded, built by the same function as the run's.
+
+        Raises:
+            ConfigError: no export there (naming the ``visiontune export`` command), a stale export, or
+                no onnxruntime.
+        """
+        from visiontune.infer.backends import load_export
+
+        exp = load_export(path, int8=int8, threads=threads)
+        return cls(exp.model, exp.classes, exp.transform, device="cpu", top_k=top_k, batch_size=batch_size,
+                   merged=exp.merged, run_dir=exp.run_dir, method=exp.method, backend="onnxruntime", precision=exp.precision)
+
     # ------------------------------------------------------------------ info
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -194,6 +217,7 @@ class Predictor:
         return {
             "run_dir": str(self.run_dir) if self.run_dir else None, "method": self.method, "classes": self.classes,
             "merged": self.merged, "device": str(self.device), "input_size": list(self.input_size),
+            "backend": self.backend, "precision": self.precision,
         }
 
     # ------------------------------------------------------------------ prediction
@@ -267,14 +291,32 @@ class Predictor:
         bar.close()
 
 
-def pipeline(run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32) -> Predictor:
+def pipeline(
+    run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
+    backend: str | None = None, int8: bool = False,
+) -> Predictor:
     """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
 
     Args:
-        run_dir: a run directory written by :func:`visiontune.train`.
-        device: ``cpu``, ``cuda``, ``auto`` ...
+        run_dir: a run directory written by :func:`visiontune.train`, or an ONNX export of one
+            (``visiontune export``: its folder, ``model.onnx`` / ``model.int8.onnx`` or the JSON beside it).
+        device: ``cpu``, ``cuda``, ``auto`` ... (torch backend; onnxruntime runs on the CPU).
         merge: fold adapters into the backbone when the method allows (same outputs, faster).
         top_k: default labels returned per image.
         batch_size: images per forward pass for batch input.
+        backend: ``torch``, ``onnxruntime`` (a run directory then uses its ``export/``), or None for
+            torch on a run and onnxruntime on an export. ``openvino`` is refused: not in this build.
+        int8: the INT8 export (``model.int8.onnx``, onnxruntime only).
     """
+    from visiontune.infer.backends import resolve_backend
+
+    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
+        _cpu_only(device)
+        return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size)
     return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size)
+
+
+def _cpu_only(device: str | torch.device) -> None:
+    if torch.device(device if device != "auto" else "cpu").type != "cpu":
+        raise ConfigError(f"device={str(device)!r} is invalid with the onnxruntime backend, which runs on the CPU here; "
+                          "use --device cpu, or --backend torch for the GPU")

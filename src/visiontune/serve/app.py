@@ -112,6 +112,7 @@ class AdapterInfo(BaseModel):
 class AdaptersResponse(BaseModel):
     """Answer of ``GET /v1/adapters``."""
 
+    backend: str = Field(description="torch (one shared backbone) or onnxruntime (one exported model per adapter)")
     backbone: dict[str, Any]
     adapters: list[AdapterInfo]
     default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
@@ -241,13 +242,14 @@ def _pick_adapter(host: AdapterHost, value: Any) -> str:
 
 
 def create_app(
-    host: AdapterHost, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
+    host: AdapterHost | Any, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
     default_top_k: int = DEFAULT_TOP_K,
 ) -> Any:
     """The FastAPI app serving ``host``'s adapters.
 
     Args:
-        host: the adapters (``AdapterHost.from_runs({...})``); its ``transform`` preprocesses images.
+        host: the adapters: ``AdapterHost.from_runs({...})`` (torch, one shared backbone) or
+            ``ExportHost.from_exports({...})`` (onnxruntime); ``transform_for(name)`` preprocesses images.
         max_bytes: largest accepted image file in bytes (larger -> 413).
         max_batch: most requests per batched forward pass.
         max_wait_ms: how long the batcher waits for companions of a request.
@@ -314,8 +316,9 @@ def create_app(
         if len(data) > max_bytes:
             raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} bytes "
                            "(--max-bytes); send a smaller or more compressed image")
+        transform = host.transform_for(name)
         try:
-            x = await run_in_threadpool(lambda: host.transform(decode_bytes(data, "the uploaded image")))
+            x = await run_in_threadpool(lambda: transform(decode_bytes(data, "the uploaded image")))
         except DataError as exc:
             raise ApiError(422, "not_an_image", str(exc)) from None
         try:
@@ -330,6 +333,7 @@ def create_app(
     async def adapters() -> dict[str, Any]:
         """Every adapter with its method and label set; the backbone they share."""
         return {
+            "backend": host.identity.get("backend", "torch"),
             "backbone": host.identity,
             "adapters": [
                 {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
@@ -360,6 +364,7 @@ def create_app(
 def serve(
     adapters: dict[str, str], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
+    backend: str | None = None, int8: bool = False,
 ) -> None:
     """Load the adapters on one backbone and serve them until interrupted (blocking).
 
@@ -372,9 +377,13 @@ def serve(
         max_batch: most requests per batched forward pass.
         max_wait_ms: batching window.
         log_level: uvicorn's log level.
+        backend: ``torch`` (one shared backbone), ``onnxruntime`` (each adapter's export; a run directory
+            uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
+        int8: serve the INT8 exports (onnxruntime).
 
     Raises:
-        ConfigError: a path that is not a run. WeightsError: runs trained on different backbones.
+        ConfigError: a path that is not a run (or has no export), a bad backend. WeightsError: runs trained
+            on different backbones (torch backend).
     """
     try:
         import uvicorn
@@ -382,8 +391,24 @@ def serve(
         raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
     from visiontune.train.loop import resolve_device
 
-    adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
+    from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
+
+    if backend in (None, "auto"):
+        kinds = {is_export_path(p) for p in adapters.values()}
+        if kinds == {True, False}:
+            raise ConfigError("some --adapter paths are ONNX exports and some are run directories; serve them with one "
+                              "backend: --backend onnxruntime (run directories then use their export/) or only run directories")
+        backend = "onnxruntime" if kinds == {True} or int8 else "torch"
+    for path in adapters.values():
+        backend = resolve_backend(backend, path, int8)
+    if backend == "onnxruntime":
+        from visiontune.infer.predictor import _cpu_only
+
+        _cpu_only(device)
+        adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
+    else:
+        adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
     app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms)
     print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{host}:{port} "
-          f"(web page /, API docs /docs)", flush=True)
+          f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
