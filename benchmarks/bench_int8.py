@@ -89,18 +89,21 @@ def timed(step: Callable[[], Any], min_time: float) -> float:
     return statistics.median(durations)
 
 
-def bench_run(run_dir: Path, threads: int, batch_sizes: list[int], rounds: int, min_time: float, tmp: Path) -> dict[str, Any]:
+def bench_run(spec: str, threads: int, batch_sizes: list[int], rounds: int, min_time: float, tmp: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
     import visiontune as vt
     from visiontune.infer.backends import OnnxRuntimeModel
 
+    run, _, folder = spec.partition("=")
+    run_dir = Path(run)
+    export = Path(folder) if folder else run_dir / "export"
     torch.set_num_threads(threads)
-    meta = json.loads((run_dir / "export" / "model.int8.json").read_text())
+    meta = json.loads((export / "model.int8.json").read_text())
     project = vt.pipeline(str(run_dir)).model
     peer, detail = peer_model(run_dir, tmp)
-    ort = {p: OnnxRuntimeModel(run_dir / "export" / n, threads=threads).session
+    ort = {p: OnnxRuntimeModel(export / n, threads=threads).session
            for p, n in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
     c, h, w = meta["input"]["shape"][1:]
     variants: dict[str, Callable[[np.ndarray], Any]] = {}
@@ -128,11 +131,12 @@ def bench_run(run_dir: Path, threads: int, batch_sizes: list[int], rounds: int, 
         loads.append(os.getloadavg()[0])
     acc = meta["accuracy"] or {}
     return {
-        "run": str(run_dir), "method": meta["run"]["method"], "threads": threads, "peer": detail,
+        "run": str(run_dir), "export": str(export), "method": meta["run"]["method"], "threads": threads, "peer": detail,
         "img_s": {f"{k[0]}@{k[1]}": statistics.median(v) for k, v in samples.items()},
         "img_s_rounds": {f"{k[0]}@{k[1]}": v for k, v in samples.items()},
         "accuracy": {k: acc.get(k) for k in ("images", "pytorch", "onnx_fp32", "onnx_int8")},
-        "quantization": {k: meta["quantization"][k] for k in ("quantized_ops", "smoothquant", "calibration")},
+        "quantization": {k: meta["quantization"][k]
+                         for k in ("quantized_ops", "smoothquant", "calibration", "keep_fp32_patterns")},
         "load": loads,
     }
 
@@ -151,7 +155,8 @@ def render(result: dict[str, Any]) -> str:
     bs = result["batch_sizes"]
     big = max(bs)
     lines += [
-        f"| run | threads | test acc. PyTorch / ONNX fp32 / INT8 (top-1 agreement INT8) | batch-1 img/s peer / torch / ORT fp32 / ORT INT8 "
+        "| run | threads | test acc. PyTorch / ONNX fp32 / INT8 (top-1 agreement INT8) "
+        "| batch-1 img/s peer / torch / ORT fp32 / ORT INT8 "
         f"| batch-{big} img/s peer / torch / ORT fp32 / ORT INT8 | INT8 / peer, batch 1 | INT8 / peer, batch {big} |",
         "|:--|--:|--|--|--|--:|--:|",
     ]
@@ -165,7 +170,9 @@ def render(result: dict[str, Any]) -> str:
         for b in (1, big):
             cells.append(" / ".join(f"{s[f'{v}@{b}']:.1f}" for v in ("peer", "torch", "ort-fp32", "ort-int8")))
         ratios = [f"**{s[f'ort-int8@{b}'] / s[f'peer@{b}']:.2f}x**" for b in (1, big)]
-        lines.append(f"| {Path(r['run']).name} ({r['method']}) | {r['threads']} | {acc} | {cells[0]} | {cells[1]} | "
+        keep = r["quantization"].get("keep_fp32_patterns")
+        label = f"{Path(r['run']).name} ({r['method']}{', keep-fp32 ' + ','.join(keep) if keep else ''})"
+        lines.append(f"| {label} | {r['threads']} | {acc} | {cells[0]} | {cells[1]} | "
                      f"{ratios[0]} | {ratios[1]} |")
     lines += ["", "Peer models: " + "; ".join(sorted({f"{r['method']}: {r['peer']}" for r in result["runs"]})) + ".",
               "INT8 settings chosen per run (SmoothQuant strength by the calibration images): " + "; ".join(
@@ -189,7 +196,8 @@ def write_results(text: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run directories, each exported with `visiontune export RUN --int8`")
+    p.add_argument("runs", nargs="+", help="run directories, each exported with `visiontune export RUN --int8` (RUN=FOLDER: "
+                                          "the export in FOLDER instead of RUN/export)")
     p.add_argument("--threads", default="2", help="comma-separated thread counts (torch and onnxruntime alike)")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--rounds", type=int, default=5)
@@ -205,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vt-int8-bench-") as tmp:
         for t in threads:
             for run in args.runs:
-                r = bench_run(Path(run), t, sizes, args.rounds, args.min_time, Path(tmp))
-                print(f"[bench_int8] {Path(run).name} threads {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["img_s"].items()),
+                r = bench_run(run, t, sizes, args.rounds, args.min_time, Path(tmp))
+                print(f"[bench_int8] {run} threads {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["img_s"].items()),
                       flush=True)
                 runs.append(r)
     result = {"command": command, "machine": cpu_info(), "threads": threads, "batch_sizes": sizes, "rounds": args.rounds,

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibration", type=int, default=None, metavar="N",
                     help="calibration images from the training split (default 128, or all when fewer)")
     ex.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                    help="refuse the INT8 model when it loses more accuracy or weighted F1 than this on the test split (default 1)")
+                    help="refuse the INT8 model when it loses more accuracy or weighted F1 than this on the test "
+                         "split (default 1)")
     ex.add_argument("--warn-only", action="store_true", help="keep an INT8 model past --max-drop, with a warning")
     ex.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
                     help="comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")

@@ -183,12 +183,12 @@ def evaluate_run(
 
         _cpu_only(device)
         exp = load_export(run_dir, int8=int8)
-        if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
-            if data is None:
-                raise ConfigError(f"the export {str(run_dir)!r} records no run directory here ({exp.run_dir}), so its test "
-                                  "split is unknown; pass --data with labeled images to evaluate on")
+        config_path = exp.run_dir / "config.yaml" if exp.run_dir is not None else None
+        cfg = load_config(config_path) if config_path is not None and config_path.is_file() else None
+        if cfg is None and data is None:
+            raise ConfigError(f"the export {str(run_dir)!r} records no run directory here ({exp.run_dir}), so its test "
+                              "split is unknown; pass --data with labeled images to evaluate on")
         model, classes, transform, dev, amp = exp.model, exp.classes, exp.transform, torch.device("cpu"), None
-        cfg = load_config(exp.run_dir / "config.yaml") if exp.run_dir is not None and (exp.run_dir / "config.yaml").is_file() else None
         extra = {"backend": "onnxruntime", "precision": exp.precision, "model": str(exp.model_path)}
     else:
         dev = resolve_device(device)

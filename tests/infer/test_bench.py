@@ -28,7 +28,8 @@ def test_bench_merged_and_unmerged(adapter_runs: dict[str, Path]) -> None:
 
 
 def test_bench_method_without_merge_and_cli(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "2", "--iters", "1", "--json", "--backends", "torch"]) == 0
+    args = ["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "2", "--iters", "1", "--json", "--backends", "torch"]
+    assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["variant"], r["batch"]) for r in rows] == [("as trained", 2)]
     table = format_bench(rows)

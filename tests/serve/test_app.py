@@ -193,7 +193,8 @@ def test_cli_serve_onnxruntime_backend_and_int8(
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
     colors, tone = exported_runs["colors"], exported_runs["tone"]
-    assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}", "--backend", "onnxruntime"]) == 0
+    assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}",
+                 "--backend", "onnxruntime"]) == 0
     assert main(["serve", "--adapter", f"colors={colors}", "--int8"]) == 0  # --int8 alone means onnxruntime
     out = capsys.readouterr().out
     assert "backend onnxruntime)" in out and "backend onnxruntime INT8)" in out

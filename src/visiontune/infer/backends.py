@@ -120,7 +120,8 @@ def cpu_info() -> dict[str, Any]:
         flags = set(found.group(1).split()) if found else set()
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": model, "isa": [f for f in _ISA if f in flags], "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+    info: dict[str, Any] = {"cpu": model, "isa": [f for f in _ISA if f in flags],
+                            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
                             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                             "torch": torch.__version__.split("+")[0], "torch_threads": torch.get_num_threads()}
     if importlib.util.find_spec("onnxruntime") is not None:
@@ -177,7 +178,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read the export metadata {str(path)!r} ({exc}); re-export with `visiontune export RUN`") from None
+        raise ConfigError(f"cannot read the export metadata {str(path)!r} ({exc}); "
+                          "re-export with `visiontune export RUN`") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{str(path)!r} is not a visiontune export's metadata (format {EXPORT_FORMAT!r}); "
                           "re-export with `visiontune export RUN`")

@@ -407,5 +407,6 @@ def export_run(
     int8_meta_path.write_text(json.dumps(int8_meta, indent=1))
     if warning:
         warnings.warn(f"visiontune export: {warning}", stacklevel=2)
-    result.int8_path, result.int8_metadata_path, result.int8_accepted, result.warning = int8_path, int8_meta_path, accepted, warning
+    result.int8_path, result.int8_metadata_path = int8_path, int8_meta_path
+    result.int8_accepted, result.warning = accepted, warning
     return result
