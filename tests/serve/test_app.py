@@ -62,6 +62,7 @@ def test_info_endpoints_docs_and_page(live_server: Any, adapter_runs: dict[str, 
     assert by["colors"]["source"] == adapter_runs["colors"].name and listing["default"] is None
     assert listing["backbone"]["weights"] == "tiny_vit.safetensors" and "/" not in str(listing)
     assert listing["backbone"]["name"] == "test_vit" and listing["max_bytes"] == MAX_BYTES
+    assert listing["backend"] == live_server.backend == listing["backbone"].get("backend", "torch")
     # One backbone: each adapter holds far less privately than the backbone it shares.
     assert 0 < by["colors"]["private_bytes"] and 0 < by["tone"]["private_bytes"]
     spec = httpx.get(f"{url}/openapi.json").json()
@@ -194,3 +195,37 @@ def test_cli_serve_refuses_adapters_of_another_backbone(adapter_runs: dict[str, 
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--adapter", "=x"]) == 2
     assert "malformed" in capsys.readouterr().err
+
+
+def test_cli_serve_onnxruntime_backend_and_int8(
+    exported_runs: dict[str, Path], runs_helper: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    live_server_cls: type, expected: dict[str, Any],
+) -> None:
+    """`visiontune serve --backend onnxruntime [--int8]`: run directories served from their exports, same answers."""
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    # serve() binds its own socket and runs uvicorn.Server on it: hand the app over instead of serving.
+    # (only for these two calls: the live servers below run the real uvicorn.Server.)
+    colors, tone = exported_runs["colors"], exported_runs["tone"]
+    with monkeypatch.context() as m:
+        m.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append({"app": self.config.app}))
+        assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}", "--backend", "onnxruntime"]) == 0
+        assert main(["serve", "--adapter", f"colors={colors}", "--int8"]) == 0  # --int8 alone means onnxruntime
+    out = capsys.readouterr().out
+    assert "backend onnxruntime)" in out and "backend onnxruntime INT8)" in out
+    fp32_app, int8_app = calls[0]["app"], calls[1]["app"]
+    png = expected["images"]["green-1"]
+    with live_server_cls(fp32_app) as server:
+        listing = httpx.get(f"{server.url}/v1/adapters").json()
+        assert listing["backend"] == "onnxruntime" and listing["backbone"]["precision"] == "fp32"
+        assert _same(_post_file(server.url, png, "colors", top_k=3).json()["predictions"], expected["preds"]["colors"]["green-1"])
+    with live_server_cls(int8_app) as server:
+        assert httpx.get(f"{server.url}/v1/adapters").json()["backbone"]["precision"] == "int8"
+        got = _post_file(server.url, png, "colors", top_k=3).json()["predictions"]
+        assert [g["label"] for g in got] == [w["label"] for w in expected["preds"]["colors"]["green-1"]]
+    # Mixing exports and run directories without saying which backend is ambiguous; openvino is not in this build.
+    assert main(["serve", "--adapter", f"a={colors}", "--adapter", f"b={tone / 'export'}"]) == 2
+    assert "one backend" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"a={colors}", "--backend", "openvino"]) == 2
+    assert "pip install openvino" in capsys.readouterr().err

@@ -125,13 +125,15 @@ class Predictor:
         run_dir: the run it came from, if any.
         method: the run's method name, if any (reported by :attr:`info`).
         limits: the decoding size guard (largest image, most elongated aspect ratio) every input passes.
+        backend: ``torch``, or ``onnxruntime`` for an export (:meth:`from_export`); reported by :attr:`info`.
+        precision: what the model computes in (default: ``fp32``, or the ``amp`` dtype); reported by :attr:`info`.
     """
 
     def __init__(
         self, model: nn.Module, classes: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
         device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 32, amp: torch.dtype | None = None,
         merged: bool = False, run_dir: str | Path | None = None, method: str | None = None,
-        limits: ImageLimits | None = None,
+        limits: ImageLimits | None = None, backend: str = "torch", precision: str | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid; use an integer >= 1")
@@ -146,6 +148,8 @@ class Predictor:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.method = method
         self.limits = limits or ImageLimits()
+        self.backend = backend
+        self.precision = precision or ("fp32" if amp is None else str(amp).removeprefix("torch.").replace("bfloat16", "bf16"))
 
     @classmethod
     def from_run(
@@ -179,6 +183,28 @@ class Predictor:
             ),
         )
 
+    @classmethod
+    def from_export(
+        cls, path: str | Path, int8: bool = False, top_k: int = 5, batch_size: int = 32, threads: int | None = None,
+        max_pixels: int | None = None, max_aspect: float | None = None, settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+    ) -> Predictor:
+        """An onnxruntime predictor for an export (folder, .onnx, its .json) or a run directory's own export.
+
+        Preprocessing is the one the export recorded, built by the same function as the run's; inputs
+        pass the same decoding size guard, ``max_pixels`` / ``max_aspect`` defaulting to the run's
+        ``data.max_pixels`` / ``data.max_aspect`` (recorded by the export).
+
+        Raises:
+            ConfigError: no export there (naming the ``visiontune export`` command), a stale export, or
+                no onnxruntime.
+        """
+        from visiontune.infer.backends import load_export
+
+        exp = load_export(path, int8=int8, threads=threads)
+        return cls(exp.model, exp.classes, exp.transform, device="cpu", top_k=top_k, batch_size=batch_size,
+                   merged=exp.merged, run_dir=exp.run_dir, method=exp.method, limits=exp.limits(max_pixels, max_aspect, settings),
+                   backend="onnxruntime", precision=exp.precision)
+
     # ------------------------------------------------------------------ info
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -191,6 +217,7 @@ class Predictor:
         return {
             "run_dir": str(self.run_dir) if self.run_dir else None, "method": self.method, "classes": self.classes,
             "merged": self.merged, "device": str(self.device), "input_size": list(self.input_size),
+            "backend": self.backend, "precision": self.precision,
         }
 
     # ------------------------------------------------------------------ prediction
@@ -266,19 +293,38 @@ class Predictor:
 
 def pipeline(
     run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
-    max_pixels: int | None = None, max_aspect: float | None = None,
+    max_pixels: int | None = None, max_aspect: float | None = None, backend: str | None = None, int8: bool = False,
+    settings: tuple[str, str] = ("max_pixels", "max_aspect"),
 ) -> Predictor:
     """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
 
     Args:
-        run_dir: a run directory written by :func:`visiontune.train`.
-        device: ``cpu``, ``cuda``, ``auto`` ...
+        run_dir: a run directory written by :func:`visiontune.train`, or an ONNX export of one
+            (``visiontune export``: its folder, ``model.onnx`` / ``model.int8.onnx`` or the JSON beside it).
+        device: ``cpu``, ``cuda``, ``auto`` ... (torch backend; onnxruntime runs on the CPU).
         merge: fold adapters into the backbone when the method allows (same outputs, faster).
         top_k: default labels returned per image.
         batch_size: images per forward pass for batch input.
         max_pixels: largest decoded image (width x height; default: the run's ``data.max_pixels``).
             Larger JPEGs are decoded at reduced scale, other images are refused with a DataError.
         max_aspect: largest longer / shorter side ratio (default: the run's ``data.max_aspect``).
+        backend: ``torch``, ``onnxruntime`` (a run directory then uses its ``export/``), or None for
+            torch on a run and onnxruntime on an export. ``openvino`` is refused: not in this build.
+        int8: the INT8 export (``model.int8.onnx``, onnxruntime only).
+        settings: how errors name ``max_pixels`` / ``max_aspect`` (``("--max-pixels", "--max-aspect")``
+            for the command line).
     """
+    from visiontune.infer.backends import resolve_backend
+
+    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
+        _cpu_only(device)
+        return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size,
+                                     max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
     return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
-                              max_pixels=max_pixels, max_aspect=max_aspect)
+                              max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
+
+
+def _cpu_only(device: str | torch.device) -> None:
+    if torch.device(device if device != "auto" else "cpu").type != "cpu":
+        raise ConfigError(f"device={str(device)!r} is invalid with the onnxruntime backend, which runs on the CPU here; "
+                          "use --device cpu, or --backend torch for the GPU")

@@ -133,6 +133,7 @@ class AdapterInfo(BaseModel):
 class AdaptersResponse(BaseModel):
     """Answer of ``GET /v1/adapters``."""
 
+    backend: str = Field(description="torch (one shared backbone) or onnxruntime (one exported model per adapter)")
     backbone: dict[str, Any]
     adapters: list[AdapterInfo]
     default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
@@ -294,14 +295,15 @@ def check_settings(
 
 
 def create_app(
-    host: AdapterHost, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
+    host: AdapterHost | Any, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
     default_top_k: int = DEFAULT_TOP_K, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT,
     max_decodes: int = DEFAULT_MAX_DECODES, api_key: str | None = None,
 ) -> Any:
     """The FastAPI app serving ``host``'s adapters.
 
     Args:
-        host: the adapters (``AdapterHost.from_runs({...})``); its ``transform`` preprocesses images.
+        host: the adapters: ``AdapterHost.from_runs({...})`` (torch, one shared backbone) or
+            ``ExportHost.from_exports({...})`` (onnxruntime); ``transform_for(name)`` preprocesses images.
         max_bytes: largest accepted image file in bytes (larger -> 413).
         max_batch: most requests per batched forward pass.
         max_wait_ms: how long the batcher waits for companions of a request.
@@ -408,9 +410,10 @@ def create_app(
         if len(data) > max_bytes:
             raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} bytes "
                            "(--max-bytes); send a smaller or more compressed image")
+        transform = host.transform_for(name)
         try:
             async with decode_slots:
-                x = await run_in_threadpool(lambda: host.transform(decode_image(data, "the uploaded image", limits)))
+                x = await run_in_threadpool(lambda: transform(decode_image(data, "the uploaded image", limits)))
         except ImageTooLargeError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except DataError as exc:
@@ -427,6 +430,7 @@ def create_app(
     async def adapters() -> dict[str, Any]:
         """Every adapter with its method and label set; the backbone they share."""
         return {
+            "backend": host.identity.get("backend", "torch"),
             "backbone": public_identity,
             "adapters": [
                 {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
@@ -460,7 +464,7 @@ def serve(
     adapters: dict[str, str], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
     max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT, max_decodes: int = DEFAULT_MAX_DECODES,
-    api_key: str | None = None,
+    api_key: str | None = None, backend: str | None = None, int8: bool = False,
 ) -> None:
     """Load the adapters on one backbone and serve them until interrupted (blocking).
 
@@ -480,13 +484,17 @@ def serve(
         max_aspect: largest longer / shorter side ratio.
         max_decodes: most images decoded at once.
         api_key: require this key on ``/v1/`` requests (see :func:`create_app`).
+        backend: ``torch`` (one shared backbone), ``onnxruntime`` (each adapter's export; a run directory
+            uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
+        int8: serve the INT8 exports (onnxruntime).
 
     A non-loopback ``host`` gets a warning on stderr: the service is then reachable from the network,
     and without an API key anyone who reaches it can use it.
 
     Raises:
-        ConfigError: a bad setting, a port that cannot be bound, or a path that is not a run.
-        WeightsError: runs trained on different backbones.
+        ConfigError: a bad setting, a port that cannot be bound, a path that is not a run (or has no
+            export), a bad backend.
+        WeightsError: runs trained on different backbones (torch backend).
     """
     import socket
 
@@ -496,11 +504,25 @@ def serve(
         raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
     from visiontune.train.loop import resolve_device
 
+    from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
+
     check_settings(max_bytes, max_batch, max_wait_ms, max_pixels, max_aspect, max_decodes)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is invalid; use 1-65535 (or 0 for any free port)")
     if api_key is not None and not api_key.strip():
         raise ConfigError("the API key is empty; set --api-key / VISIONTUNE_API_KEY to a secret, or unset it for an open service")
+    if backend in (None, "auto"):
+        kinds = {is_export_path(p) for p in adapters.values()}
+        if kinds == {True, False}:
+            raise ConfigError("some --adapter paths are ONNX exports and some are run directories; serve them with one "
+                              "backend: --backend onnxruntime (run directories then use their export/) or only run directories")
+        backend = "onnxruntime" if kinds == {True} or int8 else "torch"
+    for path in adapters.values():
+        backend = resolve_backend(backend, path, int8)
+    if backend == "onnxruntime":
+        from visiontune.infer.predictor import _cpu_only
+
+        _cpu_only(device)
     sock = _bind(host, port)
     try:
         if not _is_loopback(sock.getsockname()[0]):
@@ -508,13 +530,16 @@ def serve(
                      "there is no API key, so anyone who can reach it can use it (set VISIONTUNE_API_KEY)")
             print(f"visiontune: warning: --host {host} makes the service reachable from other machines; {guard}. "
                   "Serve on 127.0.0.1 behind a reverse proxy with TLS for anything public.", file=sys.stderr, flush=True)
-        adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
+        if backend == "onnxruntime":
+            adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
+        else:
+            adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
         app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_pixels=max_pixels, max_aspect=max_aspect, max_decodes=max_decodes, api_key=api_key)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{shown}:{bound_port} "
-              f"(web page /, API docs /docs)", flush=True)
+              f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         server.run(sockets=[sock])
     finally:

@@ -65,6 +65,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_report(setting: str, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
+    """Which precision a run computed in and which kernels that meant (recorded in ``metrics.json``):
+    the setting, the autocast dtype used, and on a CPU the vector ISA torch dispatches to and whether
+    oneDNN has native bf16 (AVX-512 BF16 or AMX) rather than emulating it.
+
+    On a CPU, ``auto`` still means fp32: bf16 autocast measured 1.8x faster for LoRA evaluation and
+    training steps on this project's AVX-512 BF16 machine (no AMX), with equal accuracy when evaluating,
+    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured (``benchmarks/RESULTS.md``,
+    "bf16 on this CPU"); ``optim.precision=bf16`` opts in.
+    """
+    out: dict[str, Any] = {"setting": setting, "used": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+    if device.type == "cpu":
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    elif device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -418,6 +437,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
             "dataset": cfg.data.dataset, "classes": classes, "train_size": len(splits["train"]),
             "val_size": len(splits["val"]), "test_size": len(splits["test"]), "seed": cfg.run.seed,
             "device": str(device), "img_size": eval_tf_size(model, cfg.backbone.img_size), "split": split,
+            "precision": precision_report(cfg.optim.precision, device, amp),
         },
         "params": params,
         "train": {
