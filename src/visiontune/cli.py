@@ -43,7 +43,8 @@ def _cmd_auto(args: argparse.Namespace) -> int:
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
-        overrides=args.overrides, progress=not args.quiet,
+        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled,
+        **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
     if args.dry_run:
         print(sel.plan().describe())
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--budget", default=None, help="time budget, e.g. 20m, 1.5h, 900s (default: none)")
     au.add_argument("--folds", type=int, default=5, help="cross-validation folds (fewer when a class is smaller)")
     au.add_argument("--out", default=None, help="selection folder (default runs/auto/<data name>)")
+    au.add_argument("--unlabeled", default=None,
+                    help="unlabeled images of the same domain (folder, CSV or built-in name): ExPLoRA pretraining "
+                         "becomes a candidate backbone when the budget allows (the test split is left out)")
+    au.add_argument("--unlabeled-steps", type=int, default=None, help="ExPLoRA optimizer steps (batch 16; default 200)")
     au.add_argument("--dry-run", action="store_true", help="print the plan and time estimates; train nothing")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=_cmd_auto)

@@ -215,3 +215,27 @@ def torch_allclose(t, values) -> bool:
     import torch
 
     return bool(torch.allclose(t, torch.tensor(values, dtype=t.dtype)))
+
+
+def test_unlabeled_images_make_an_explora_backbone_judged_on_the_same_folds(tmp_path: Path) -> None:
+    sel = _select(tmp_path, candidates=(), unlabeled="digits", unlabeled_steps=2)
+    record = sel.run()
+    ex = record["explora"]
+    assert ex["status"] == "complete" and Path(ex["backbone"]).is_file()
+    # The labeled data's test split was left out of pretraining (digits: the same images).
+    assert ex["held_out"] >= len(sel.test)
+    key = sel.backbones[0] + " + ExPLoRA"
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    # Both backbones' cheap candidates are scored on the same folds; the one not escalated on is listed, not eligible.
+    assert record["backbone"] in {sel.backbones[0], key}
+    other = key if record["backbone"] == sel.backbones[0] else sel.backbones[0]
+    assert rows[f"linear probe ({other})"]["folds"] == sel.k and not rows[f"linear probe ({other})"]["eligible"]
+    assert ex["chosen"] == (record["backbone"] == key) and ex["chosen"] == (ex["gain_vs_base"]["low"] > 0)
+
+
+def test_explora_is_skipped_when_the_budget_cannot_pay_for_it(tmp_path: Path) -> None:
+    # An hour's budget, but a million steps: the projection after the first steps stops the pretraining.
+    record = _select(tmp_path, candidates=(), unlabeled="digits", unlabeled_steps=10**6, budget_s=3600).run()
+    assert record["explora"]["status"] == "budget" and record["backbone"] == "test_vit"
+    assert "of 1000000 steps" in record["explora"]["why"] and record["elapsed_s"] < 300
+    assert not any("ExPLoRA" in r["candidate"] for r in record["leaderboard"])
