@@ -43,7 +43,7 @@ def _cmd_auto(args: argparse.Namespace) -> int:
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
-        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled,
+        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
         **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
     if args.dry_run:
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlabeled images of the same domain (folder, CSV or built-in name): ExPLoRA pretraining "
                          "becomes a candidate backbone when the budget allows (the test split is left out)")
     au.add_argument("--unlabeled-steps", type=int, default=None, help="ExPLoRA optimizer steps (batch 16; default 200)")
+    au.add_argument("--no-prune", action="store_true",
+                    help="train every fine-tuning candidate on every fold (no successive halving; slower, for comparison)")
     au.add_argument("--dry-run", action="store_true", help="print the plan and time estimates; train nothing")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=_cmd_auto)

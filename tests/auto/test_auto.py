@@ -239,3 +239,14 @@ def test_explora_is_skipped_when_the_budget_cannot_pay_for_it(tmp_path: Path) ->
     assert record["explora"]["status"] == "budget" and record["backbone"] == "test_vit"
     assert "of 1000000 steps" in record["explora"]["why"] and record["elapsed_s"] < 300
     assert not any("ExPLoRA" in r["candidate"] for r in record["leaderboard"])
+
+
+def test_no_prune_trains_every_candidate_on_every_fold(tmp_path: Path) -> None:
+    two = (*ONE_FINETUNE, Candidate("lora q,v r2", ("method.name=lora", "method.targets=qv", "method.rank=2")))
+    sel = _select(tmp_path, candidates=two, prune=False)
+    assert "no pruning" in sel.plan().describe()
+    record = sel.run()
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    assert all(rows[c.name]["status"] == "complete" and rows[c.name]["folds"] == sel.k for c in two)
+    with pytest.raises(ConfigError, match="prune"):  # a pruned search cannot continue an unpruned one
+        _select(tmp_path, candidates=two).run()

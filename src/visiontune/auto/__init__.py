@@ -140,6 +140,7 @@ class Plan:
     imbalance: float = 1.0
     estimates_s: dict[str, float] = field(default_factory=dict)
     unlabeled: str | None = None
+    prune: bool = True
 
     def describe(self) -> str:
         lines = [
@@ -149,7 +150,8 @@ class Plan:
             f"folds: stratified {self.folds}-fold, the same folds for every candidate",
             f"backbones: {', '.join(self.backbones)}",
             f"cheap candidates: {', '.join(self.cheap)}",
-            f"fine-tuning candidates (pruned by successive halving, factor {REDUCTION_FACTOR}): {', '.join(self.candidates)}",
+            f"fine-tuning candidates ({f'pruned by successive halving, factor {REDUCTION_FACTOR}' if self.prune else 'no pruning: every candidate on every fold'}): "
+            f"{', '.join(self.candidates)}",
             *([f"ExPLoRA: pretraining the best backbone on {self.unlabeled} (at most {100 * EXPLORA_BUDGET_SHARE:.0f} % of "
                "the budget left; its probe must beat the original's beyond the paired interval)"] if self.unlabeled else []),
             "estimated time (this machine, measured forward pass): "
@@ -177,6 +179,7 @@ class AutoSelect:
         steps: int = FINETUNE_STEPS,
         unlabeled: str | None = None,
         unlabeled_steps: int = EXPLORA_STEPS,
+        prune: bool = True,
     ):
         from visiontune.data import load_records, make_splits
 
@@ -194,6 +197,7 @@ class AutoSelect:
         # backbone key -> the overrides that select it (an ExPLoRA backbone adds its weights file)
         self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}"] for b in self.backbones}
         self.unlabeled = unlabeled
+        self.prune = bool(prune)
         self.unlabeled_steps = int(unlabeled_steps)
         if self.unlabeled_steps < 1:
             raise ConfigError(f"--unlabeled-steps={unlabeled_steps} must be >= 1")
@@ -228,6 +232,8 @@ class AutoSelect:
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
             "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
         }
+        if not self.prune:
+            self.signature["prune"] = False
         if unlabeled:
             self.signature.update(unlabeled=str(unlabeled), unlabeled_steps=self.unlabeled_steps)
         self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}
@@ -298,7 +304,7 @@ class AutoSelect:
         est["final retrain"] = steps_time
         return Plan(
             len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
-            [c.name for c in self.cheap], self.imbalance, est, self.unlabeled,
+            [c.name for c in self.cheap], self.imbalance, est, self.unlabeled, self.prune,
         )
 
     def _epochs(self, n_train: int, bs: int = 16) -> int:
@@ -445,7 +451,8 @@ class AutoSelect:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self.out / STUDY_FILE)))
         study = optuna.create_study(
             study_name=f"auto-{backbone}", storage=storage, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR)
+            if self.prune else optuna.pruners.NopPruner(),
         )
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-candidate; its folds are in auto.json
