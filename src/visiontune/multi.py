@@ -21,7 +21,6 @@ unmerged (merging would write into the shared weights).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -32,16 +31,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` whose parameters and buffers are the original tensors (modules are new).
-
-    Replacing, adding or removing modules in the copy leaves the original alone; writing into a
-    shared tensor in place would change both.
-    """
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
+from visiontune.methods.base import shared_copy
 
 
 def _storage_ptrs(module: nn.Module) -> set[int]:

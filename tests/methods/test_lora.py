@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.backbones import backbone_identity, create_backbone
-from visiontune.backbones.qkv import SplitQKV
+from visiontune.methods.qkv import SplitQKV
 from visiontune.config import BackboneConfig, Config, DataConfig, load_config
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.eval import count_parameters

@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from visiontune.auto.report import write_report
 from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
+from visiontune.runtime import make_loader, resolve_device
 
 FINETUNE_STEPS = 120
 """Optimizer steps per fine-tuning run (batch 16): about 90-120 steps is where a hand-written timm + peft loop
@@ -294,7 +296,7 @@ class AutoSelect:
         from visiontune.methods.baselines import fit_probe_head
         from visiontune.methods.prototype import prototype_head
         from visiontune.runs import build_model
-        from visiontune.train.loop import extract_features, make_loader, resolve_device
+        from visiontune.train.loop import extract_features
         from visiontune.train.speed import fast_forward
 
         for name in self.backbones:
@@ -566,9 +568,7 @@ class AutoSelect:
             "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "leaderboard": rows, "decision": decision,
             "final": self.state["final"],
         }
-        from visiontune.auto.report import write_report
-
-        write_report(self.out, record, self.state, self.classes)
+        write_report(self.out, record, self.state, self.classes, PROBE)
         self._save()
         return record
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from visiontune.errors import ConfigError
+from visiontune.runtime import autocast_dtype, resolve_device
 
 BASELINE = "unmerged"
 
@@ -96,7 +97,6 @@ def bench_infer(
     from visiontune.infer.backends import resolve_backend
     from visiontune.infer.predictor import Predictor
     from visiontune.runs import load_run
-    from visiontune.train.loop import autocast_dtype, resolve_device
 
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):

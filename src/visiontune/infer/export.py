@@ -35,6 +35,7 @@ from torch import nn
 
 from visiontune.atomic import atomic_write, write_json_atomic
 from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.runtime import make_loader
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -234,7 +235,6 @@ def compare_on_test(
     strays from the first (the PyTorch reference): top-1 agreement and mean / max |logit difference|."""
     from visiontune.data import ImageDataset
     from visiontune.eval import compute_metrics
-    from visiontune.train.loop import make_loader
 
     loader = make_loader(ImageDataset(test, transform, limits), batch_size, False, 0, 0)
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}

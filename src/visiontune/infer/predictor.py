@@ -26,6 +26,7 @@ from torch import nn
 
 from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
+from visiontune.runtime import autocast, autocast_dtype, resolve_device
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
 """One image: a file path, a PIL image, a uint8 array (HxW[xC]), or encoded file bytes (PNG, JPEG ...)."""
@@ -166,7 +167,6 @@ class Predictor:
             ConfigError: not a run directory. WeightsError: the adapter does not fit its backbone.
         """
         from visiontune.runs import load_run
-        from visiontune.train.loop import autocast_dtype, resolve_device
 
         dev = resolve_device(device)
         run = load_run(run_dir, device=str(dev), merge=False)
@@ -228,8 +228,6 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Soft-max class probabilities ``[B, C]`` (on CPU) of preprocessed images ``[B, 3, H, W]``."""
-        from visiontune.train.loop import autocast
-
         with autocast(self.device, self.amp):
             logits = self.model(batch.to(self.device))
         return logits.float().softmax(dim=1).cpu()

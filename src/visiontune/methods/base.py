@@ -16,6 +16,8 @@ What a method decides:
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 from typing import Any, ClassVar
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.backbones.weights import describe_key_problems
 from visiontune.config import MethodConfig
 from visiontune.errors import WeightsError
 
@@ -66,6 +69,16 @@ def freeze(module: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter of ``module``."""
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` whose parameters and buffers are the original tensors (modules are new).
+
+    Replacing, adding or removing modules in the copy leaves the original alone; writing into a
+    shared tensor in place would change both.
+    """
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 class Method:
@@ -166,8 +179,6 @@ class Method:
         missing = sorted(expected - set(state))
         bad_shape = sorted(n for n in state if n in tensors and tensors[n].shape != state[n].shape)
         if unexpected or missing or bad_shape:
-            from visiontune.backbones.weights import describe_key_problems
-
             shapes = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(tensors[n].shape)}" for n in bad_shape]
             raise WeightsError(
                 f"adapter weights do not fit this {self.name} model ({describe_key_problems(missing, unexpected, shapes)}); "

@@ -29,6 +29,7 @@ from visiontune.config import MethodConfig, OptimConfig
 from visiontune.methods.base import Method, class_weights, classifier_of, freeze
 from visiontune.methods.logreg import fit_path
 from visiontune.registry import METHODS
+from visiontune.runtime import warmup_cosine
 
 _C_GRID = [10.0**e for e in np.arange(-3.0, 2.01, 0.5)]
 
@@ -236,8 +237,6 @@ class Linear(Method):
         return {"solver": "adamw", "history": history}
 
     def _fit_adamw(self, x, y, val, num_classes, optim: OptimConfig, seed: int):
-        from visiontune.train.optim import warmup_cosine
-
         gen = torch.Generator().manual_seed(seed)
         weight = class_weights(y.numpy(), num_classes, optim.class_weights)
         weight = None if weight is None else weight.double()

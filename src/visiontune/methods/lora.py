@@ -12,7 +12,7 @@
 What is written here and why: peft supplies the adapter layers, merging and the 4-bit LoRA layer,
 bitsandbytes the NF4 kernels. Written by hand: target resolution (:mod:`visiontune.methods.targets`,
 the study's ``q_proj`` / ``all-linear`` on timm module names), the fused-qkv split
-(:mod:`visiontune.backbones.qkv`), swapping timm Linears for ``Linear4bit`` (transformers does that
+(:mod:`visiontune.methods.qkv`), swapping timm Linears for ``Linear4bit`` (transformers does that
 for HF models only), and merging a 4-bit model into a full-precision copy. Adapters are injected in
 place with ``peft.inject_adapter_in_model``, so the returned object is still the timm model:
 ``get_classifier``, ``forward_features``, ``forward_head``, ``pretrained_cfg`` and
@@ -55,10 +55,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from visiontune.backbones.qkv import fuse_qkv, split_qkv
+from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
-from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.base import Method, classifier_of, freeze, shared_copy
 from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
 from visiontune.registry import METHODS
 
@@ -526,8 +526,6 @@ class LoRA(Method):
         a typical low-rank update, so most of what was trained would be lost. Outputs match the
         unmerged model to ~1e-5 (float32 rounding of a different summation order).
         """
-        from visiontune.multi import shared_copy
-
         layers = lora_layers(model)
         if not layers:
             return model

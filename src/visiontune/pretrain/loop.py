@@ -56,6 +56,7 @@ from visiontune.rundir import (
     RunDirState, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check, read_json,
     read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
 )
+from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, warmup_cosine
 
 BACKBONE_FILE = "backbone.safetensors"
 LINEAGE_FILE = "backbone.json"
@@ -381,7 +382,6 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     """The body of :func:`pretrain` (which only scopes the thread count around it)."""
     from visiontune.backbones import backbone_identity, data_config
     from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
-    from visiontune.train.loop import autocast, autocast_dtype, resolve_device, seed_everything
 
     device = resolve_device(cfg.run.device)
     seed = cfg.run.seed
@@ -435,8 +435,6 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     groups = _param_groups(list(student.named_parameters()), lr, cfg.optim.weight_decay, "backbone")
     groups += _param_groups(list(heads.named_parameters()), head_lr, cfg.optim.weight_decay, "heads")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    from visiontune.train.optim import warmup_cosine
-
     scheduler = warmup_cosine(optimizer, steps, round(cfg.optim.warmup * steps), cfg.optim.min_lr_ratio)
     temp_warmup = round(ssl.teacher_temp_warmup * steps)
     freeze_last = round(ssl.freeze_last_layer * steps)

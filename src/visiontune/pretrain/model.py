@@ -6,7 +6,7 @@ parameter of one or two blocks (``[L]`` or ``[1,L]``), every normalisation layer
 query and value projections of all other blocks. Afterwards the LoRA updates are merged, so the
 result is a plain backbone of the same architecture that any fine-tuning method can start from.
 
-Reused, not rewritten: the fused-qkv split (:mod:`visiontune.backbones.qkv`), target resolution and
+Reused, not rewritten: the fused-qkv split (:mod:`visiontune.methods.qkv`), target resolution and
 peft injection (:class:`visiontune.methods.lora.LoRA`), merging (:func:`merge_adapters`,
 :func:`strip_adapters`, :func:`fuse_qkv`). Written here: the freezing pattern (no library knows
 ExPLoRA's), multi-crop input sizes on a timm ViT (its ``dynamic_img_size`` path, switched on after
@@ -248,7 +248,7 @@ def export_backbone(model: nn.Module) -> nn.Module:
 
     ``model`` is left untouched (the copy is deep).
     """
-    from visiontune.backbones.qkv import fuse_qkv
+    from visiontune.methods.qkv import fuse_qkv
     from visiontune.methods.lora import lora_layers, merge_adapters, strip_adapters
 
     out = copy.deepcopy(model)

@@ -70,6 +70,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 from visiontune.infer.predictor import check_top_k, top_k_predictions
 from visiontune.multi import AdapterHost
 from visiontune.serve.batching import MicroBatcher
+from visiontune.runtime import resolve_device
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 """Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
@@ -502,7 +503,6 @@ def serve(
         import uvicorn
     except ImportError as exc:  # pragma: no cover
         raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
-    from visiontune.train.loop import resolve_device
 
     from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
 

@@ -119,7 +119,7 @@ def run_blocks(model: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
 
 def last_block_class_token(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm ``Block.forward`` with ``Attention.forward`` (timm 1.0) evaluated for token 0 only: ``(B, 1, C)``."""
-    from visiontune.backbones.qkv import SplitQKV
+    from visiontune.methods.qkv import SplitQKV
 
     attn = block.attn
     b, n, _ = x.shape
