@@ -29,6 +29,7 @@ from typing import Any
 import visiontune as vt
 from visiontune.atomic import write_text_atomic
 from visiontune.registry import METHODS
+from visiontune.eval import compare_table, plot_comparison
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 README_START, README_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
@@ -69,8 +70,6 @@ def machine() -> dict[str, Any]:
 
 def run_demo(extra: list[str]) -> Path:
     """Train every experiment; write comparison.md / .png / .json into the demo's run.dir; return that folder."""
-    from visiontune.eval import compare_table, plot_comparison
-
     config = CONFIG if CONFIG.is_file() else None
     rows, t0 = [], time.perf_counter()
     for label, overrides in EXPERIMENTS:

@@ -32,6 +32,10 @@ from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods.base import shared_copy
+from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.config import load_config
+from visiontune.registry import METHODS
+from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
 
 
 def _storage_ptrs(module: nn.Module) -> set[int]:
@@ -106,9 +110,6 @@ class AdapterHost:
             ConfigError: no runs, or a path that is not a run directory. WeightsError: a run trained on
                 another backbone (name, weights hash or image size differ).
         """
-        from visiontune.backbones import backbone_identity, build_transform, create_backbone
-        from visiontune.config import load_config
-
         if not runs:
             raise ConfigError("AdapterHost.from_runs needs at least one {task name: run directory}")
         first_name, first_dir = next(iter(runs.items()))
@@ -131,10 +132,6 @@ class AdapterHost:
 
     def add_run(self, name: str, run_dir: str | Path) -> Task:
         """Add the task of a finished run directory (refused if trained on another backbone)."""
-        from visiontune.config import load_config
-        from visiontune.registry import METHODS
-        from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
-
         run_dir = Path(run_dir)
         cfg = load_config(_config_path(run_dir))
         classes = json.loads((run_dir / "labels.json").read_text())

@@ -24,6 +24,10 @@ from visiontune.registry import METHODS
 from visiontune.rundir import (
     RunDirState, config_differences, exists_check, inspect_run_dir, json_check, read_json, read_yaml_mapping, yaml_check,
 )
+from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.data.splits import split_differences
+from visiontune.eval import plot_confusion, plot_history, write_report
+from visiontune.methods.base import classifier_of
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT_VERSION = 1
@@ -64,8 +68,6 @@ def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:
 
 def finished_run_changes(run_dir: str | Path, cfg: Config, split: dict[str, Any] | None = None) -> list[str]:
     """How a finished run's ``config.yaml`` (and data split, when ``split`` is given) differ from ``cfg``."""
-    from visiontune.data.splits import split_differences
-
     run_dir = Path(run_dir)
     stored, problem = read_yaml_mapping(run_dir / "config.yaml")
     if problem:
@@ -123,8 +125,6 @@ def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[s
     metrics.json goes last because its presence marks a finished run: a run killed while finishing
     is then unfinished (and resumable), never "finished" with files missing.
     """
-    from visiontune.eval import plot_confusion, plot_history, write_report
-
     classes = metrics["run"]["classes"]
     save_adapter(run_dir / ADAPTER_FILE, method, model, identity, classes)
     plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
@@ -141,8 +141,6 @@ def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
     freshly initialised adapter matrices) identical when a run is rebuilt for evaluation or serving,
     which only saves the trained parameters.
     """
-    from visiontune.backbones import create_backbone
-
     torch.manual_seed(cfg.run.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes)
     zero_head(model)
@@ -156,8 +154,6 @@ def zero_head(model: nn.Module) -> None:
     above chance loss and spends the first steps of a few-shot budget undoing it; zero init is the
     MAE / DINOv2 fine-tuning habit. A zero head still receives gradients, so the body learns from step 2.
     """
-    from visiontune.methods.base import classifier_of
-
     head = classifier_of(model)
     if isinstance(head, nn.Linear):
         with torch.no_grad():
@@ -190,8 +186,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     Raises:
         ConfigError: not a run directory. WeightsError: adapter/backbone mismatch.
     """
-    from visiontune.backbones import backbone_identity, build_transform
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")

@@ -278,9 +278,11 @@ def test_four_bit_parts_accumulate_like_peft(monkeypatch) -> None:
         y.square().sum().backward()
         return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    import visiontune.methods.lean_lora as lean
+
     calls = []
-    orig = qkv_mod.lean_terms
-    monkeypatch.setattr(qkv_mod, "lean_terms", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
+    orig = lean.lean_terms
+    monkeypatch.setattr(lean, "lean_terms", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
     out, grads = run()
     assert len(calls) >= 4 and all(calls)  # the lean per-part path ran, with adapter terms for q and v
     monkeypatch.setattr(qkv_mod, "_per_part_forward", lambda x, parts: torch.cat([p(x) for p in parts], dim=-1))

@@ -49,6 +49,17 @@ from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import make_loader, resolve_device
+from visiontune.backbones import build_transform
+from visiontune.data import load_records, make_splits
+from visiontune.data.cache import image_dataset
+from visiontune.data.records import ImageRecords
+from visiontune.eval.metrics import compute_metrics
+from visiontune.methods.baselines import fit_probe_head
+from visiontune.methods.prototype import prototype_head
+from visiontune.registry import METHODS
+from visiontune.runs import build_model
+from visiontune.train.loop import extract_features, train
+from visiontune.train.speed import fast_forward
 
 FINETUNE_STEPS = 120
 """Optimizer steps per fine-tuning run (batch 16): about 90-120 steps is where a hand-written timm + peft loop
@@ -114,8 +125,6 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 
 def _scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from visiontune.eval.metrics import compute_metrics
-
     m = compute_metrics(y_true, y_pred, classes)
     return {"accuracy": m["accuracy"], "f1_weighted": m["f1_weighted"], "f1_macro": m["f1_macro"], "confusion": m["confusion"]}
 
@@ -167,8 +176,6 @@ class AutoSelect:
         progress: bool = True,
         steps: int = FINETUNE_STEPS,
     ):
-        from visiontune.data import load_records, make_splits
-
         self.out = Path(out)
         self.budget_s = budget_s
         self.progress = progress
@@ -249,9 +256,6 @@ class AutoSelect:
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:
         """The plan with time estimates from one measured forward pass per backbone (nothing is trained)."""
-        import visiontune.methods  # noqa: F401  (registration)
-        from visiontune.runs import build_model
-
         est: dict[str, float] = {}
         n = len(self.pool)
         fold_train = n * (self.k - 1) / self.k * (1 - INNER_VAL_FRACTION)
@@ -291,14 +295,6 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ stage 2: cheap candidates
     def _cheap_stage(self) -> str:
-        from visiontune.backbones import build_transform
-        from visiontune.data.cache import image_dataset
-        from visiontune.methods.baselines import fit_probe_head
-        from visiontune.methods.prototype import prototype_head
-        from visiontune.runs import build_model
-        from visiontune.train.loop import extract_features
-        from visiontune.train.speed import fast_forward
-
         for name in self.backbones:
             if name in self.state["cheap"]:
                 continue
@@ -381,8 +377,6 @@ class AutoSelect:
 
     def _finetune_stage(self, backbone: str) -> None:
         from tqdm.auto import tqdm
-
-        from visiontune.train.loop import train
 
         study = self._study(backbone)
         state = self.state["finetune"]
@@ -524,8 +518,6 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ stage 5: ship
     def _final(self, backbone: str, decision: dict[str, Any]) -> dict[str, Any]:
-        from visiontune.train.loop import train
-
         name = decision["candidate"]
         cand = next(c for c in (*self.cheap, *self.candidates) if c.name == name)
         extra = [f"run.progress={str(self.progress).lower()}", f"run.dir={self.out}", "run.name=model", "run.overwrite=true"]
@@ -574,8 +566,6 @@ class AutoSelect:
 
 
 def _method(cfg: Config) -> Any:
-    from visiontune.registry import METHODS
-
     return METHODS.get(cfg.method.name)(cfg.method)
 
 
@@ -594,8 +584,6 @@ def _fingerprint(ids: list[str]) -> str:
 
 
 def _concat(a: Any, b: Any) -> Any:
-    from visiontune.data.records import ImageRecords
-
     return ImageRecords(
         items=[*a.items, *b.items], labels=np.concatenate([a.labels, b.labels]), ids=[*a.ids, *b.ids],
         classes=list(a.classes), source=a.source,

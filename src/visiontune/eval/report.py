@@ -16,6 +16,7 @@ from typing import Any
 
 from visiontune.eval.plots import plot_confusion, plot_history
 from visiontune.eval.summary import section, summarize_run
+from visiontune.atomic import write_text_atomic
 
 REPORT_NAME = "report.md"
 CONFUSION_PNG = "confusion.png"
@@ -326,8 +327,6 @@ def write_report(run_dir: str | Path, metrics: dict) -> Path:
             "Rows are true classes, columns predicted classes; colours are normalised per row.")
     if (run_dir / HISTORY_PNG).is_file():
         add("Training curves", f"![training history]({HISTORY_PNG})")
-
-    from visiontune.atomic import write_text_atomic
 
     return write_text_atomic(run_dir / REPORT_NAME, "\n\n".join(blocks) + "\n")
 

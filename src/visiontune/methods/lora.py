@@ -451,9 +451,9 @@ class LoRA(Method):
 
     # ------------------------------------------------------------------ model surgery
     def _peft_config(self, names: list[str]) -> Any:
-        from peft import LoraConfig as PeftLoraConfig
+        from peft import LoraConfig as PeftLoraConfig  # heavy (transformers): only LoRA runs import it
 
-        from visiontune.methods.lean_lora import use_lean_layers
+        from visiontune.methods.lean_lora import use_lean_layers  # imports peft at module level
 
         return use_lean_layers(
             PeftLoraConfig(

@@ -54,11 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
 from visiontune.methods.base import Method, classifier_of, freeze
 from visiontune.methods.targets import block_spec_problems, parse_blocks
-from visiontune.registry import METHODS
+from visiontune.registry import BACKBONES, METHODS
 
 # timm modules whose models are built from the supported block types (used for the early config check).
 SUPPORTED_TIMM_MODULES = ("vision_transformer", "eva", "swin_transformer", "swin_transformer_v2")
@@ -403,9 +404,6 @@ class MonaMethod(Method):
         name = str(getattr(sections.get("backbone"), "name", "") or "")
         import timm
         from timm.models import is_model_in_modules, split_model_name_tag
-
-        import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
-        from visiontune.registry import BACKBONES
 
         arch = split_model_name_tag(name)[0]
         if name in BACKBONES or not timm.is_model(arch) or is_model_in_modules(arch, list(SUPPORTED_TIMM_MODULES)):

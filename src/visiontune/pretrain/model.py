@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.methods.lora import LoRA, LoraConfig, lora_layers, merge_adapters, strip_adapters
+from visiontune.methods.qkv import fuse_qkv
+from visiontune.methods.targets import find_blocks
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 """Normalisation layers ExPLoRA unfreezes (timm's LayerNorm variants subclass nn.LayerNorm)."""
@@ -124,9 +127,6 @@ def apply_explora(
     Returns:
         What was done (:class:`ExploraSurgery`).
     """
-    from visiontune.methods.lora import LoRA, LoraConfig
-    from visiontune.methods.targets import find_blocks
-
     label = label or type(model).__name__
     check_vit(model, label)
     layout = find_blocks(model)
@@ -248,9 +248,6 @@ def export_backbone(model: nn.Module) -> nn.Module:
 
     ``model`` is left untouched (the copy is deep).
     """
-    from visiontune.methods.qkv import fuse_qkv
-    from visiontune.methods.lora import lora_layers, merge_adapters, strip_adapters
-
     out = copy.deepcopy(model)
     pe = out.patch_embed
     pe._visiontune_mask = None

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from visiontune.runtime import batches, make_loader
+from visiontune.train.speed import run_blocks, run_pre_hooks
 
 DEFAULT_BUDGET_MB = 2048
 """Largest cache (all views) built; above it training runs uncached (the reason is recorded)."""
@@ -103,8 +104,6 @@ class FrozenPrefix:
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens entering block ``start`` (no autograd: nothing below it trains)."""
-        from visiontune.train.speed import run_pre_hooks
-
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(run_pre_hooks(m, x)))))
         return m.blocks[: self.start](x)
@@ -135,8 +134,6 @@ class _Suffix(nn.Module):
         self.start = start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from visiontune.train.speed import run_blocks
-
         m = self.model
         return m.forward_head(m.norm(run_blocks(m, tokens, self.start)))
 
