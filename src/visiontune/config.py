@@ -435,9 +435,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if method_name in METHODS:
         method_cls = METHODS.get(method_name).config_cls
         method_cfg = build_dataclass(method_cls, raw_method, "method", problems)
-        method_impl = METHODS.get(method_name)
-        if hasattr(method_impl, "check_config"):
-            problems.extend(method_impl.check_config(method_cfg, sections))
+        problems.extend(METHODS.get(method_name).check_config(method_cfg, sections))
     else:
         problems.append(METHODS.unknown_message(method_name))
         method_cfg = MethodConfig(name=method_name)

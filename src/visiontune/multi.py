@@ -8,11 +8,11 @@ file with ``load_trainable_state_dict``, exactly as :func:`visiontune.runs.load_
 the task loads is first made private to it, so a method that trains backbone weights (``full``)
 still works - it just shares nothing.
 
-Methods may declare task-independent backbone surgery with two optional members:
-``backbone_key() -> str`` and ``prepare_backbone(model) -> model`` (LoRA's qkv split, QLoRA's NF4
-quantization). The host runs that surgery once per distinct key on a shared copy and builds every
-task with that key from it, so ten QLoRA tasks share one 4-bit backbone. Methods without them
-(linear probe, Mona, full) use the plain backbone.
+Methods declare task-independent backbone surgery through two members of the
+:class:`~visiontune.methods.Method` interface: ``backbone_key() -> str`` and ``prepare_backbone(model) -> model``
+(LoRA's qkv split, QLoRA's NF4 quantization). The host runs that surgery once per distinct key on a shared
+copy and builds every task with that key from it, so ten QLoRA tasks share one 4-bit backbone. Methods that
+keep the defaults (key ``""``: linear probe, Mona, full) use the plain backbone.
 
 Each call names its task; tasks are separate module trees over shared tensors, so there is no
 "active adapter" state to switch and calls for different tasks can interleave freely. Adapters stay
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
-from visiontune.methods.base import shared_copy
+from visiontune.methods.base import Method, shared_copy
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.config import load_config
 from visiontune.registry import METHODS
@@ -63,7 +63,7 @@ class Task:
 
     name: str
     model: nn.Module
-    method: Any
+    method: Method
     classes: list[str]
     backbone_key: str
     shared_tensors: int
@@ -148,7 +148,7 @@ class AdapterHost:
         return self.add(name, method, state, classes, source=str(run_dir))
 
     def add(
-        self, name: str, method: Any, state: dict[str, torch.Tensor], classes: list[str], source: str | None = None,
+        self, name: str, method: Method, state: dict[str, torch.Tensor], classes: list[str], source: str | None = None,
     ) -> Task:
         """Add a task from a method instance, its trainable state dict and its labels.
 
@@ -174,16 +174,16 @@ class AdapterHost:
             name=name, model=model, method=method, classes=list(classes), backbone_key=key,
             shared_tensors=len(_storage_ptrs(model) & base_ptrs),
             private_bytes=sum(t.numel() * t.element_size() for t in own), source=source,
-            info=method.report() if hasattr(method, "report") else {},
+            info=method.report(),
         )
         self.tasks[name] = task
         return task
 
-    def _base_for(self, method: Any) -> tuple[str, nn.Module]:
-        key = method.backbone_key() if hasattr(method, "backbone_key") else ""
+    def _base_for(self, method: Method) -> tuple[str, nn.Module]:
+        key = method.backbone_key()
         if key not in self._bases:
             base = shared_copy(self._bases[""])
-            base = method.prepare_backbone(base) if hasattr(method, "prepare_backbone") else base
+            base = method.prepare_backbone(base)
             base.requires_grad_(False)
             self._bases[key] = base.to(self.device).eval()
         return key, self._bases[key]

@@ -1,9 +1,12 @@
 """The method plug-in interface.
 
 A method is one module with a ``Config`` dataclass (a :class:`~visiontune.config.MethodConfig`
-subclass) and a :class:`Method` subclass registered in :data:`visiontune.registry.METHODS`. The
-training loop only talks to this interface, so adding a method touches no core file (the peft
-``tuners/<method>/`` habit).
+subclass) and a :class:`Method` subclass registered with :func:`register_method`, which puts it in
+:data:`visiontune.registry.METHODS` and gives it its name. :mod:`visiontune.methods` imports every module
+of its package, so adding a method touches no other file (the peft ``tuners/<method>/`` habit). The
+training loop, the multi-adapter host (:mod:`visiontune.multi`) and the exporter only talk to this
+interface: every capability they use is declared here with a default, so none of them probes a method
+with ``hasattr``.
 
 What a method decides:
   * which parameters train (``apply`` freezes/inserts modules; freezing walks module structure, the
@@ -11,7 +14,10 @@ What a method decides:
   * its default learning rates for the body and the head;
   * whether the backbone stays frozen so features can be cached (``feature_cache``);
   * whether it starts from pretrained weights (``pretrained``);
-  * what is saved (``trainable_state_dict``) and how to fold itself away for inference (``merge``).
+  * what is saved (``trainable_state_dict``) and how to fold itself away for inference (``merge``);
+  * when ``feature_cache`` is set, how to fit on cached features instead of the gradient loop (``fit_cached``);
+  * task-independent backbone surgery a multi-adapter host can share between tasks (``backbone_key``,
+    ``prepare_backbone``), and facts for ``metrics.json`` (``report``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from torch import nn
 from visiontune.backbones.weights import describe_key_problems
 from visiontune.config import MethodConfig
 from visiontune.errors import WeightsError
+from visiontune.registry import METHODS
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -89,6 +96,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    """Set by :func:`register_method`."""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 1e-3
     default_head_lr: ClassVar[float] = 1e-3
@@ -196,6 +204,39 @@ class Method:
             for n, t in state.items():
                 tensors[n].copy_(t.to(tensors[n].dtype))
 
+    # ------------------------------------------------------------------ cached features
+    def fit_cached(
+        self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+        val: tuple[torch.Tensor, torch.Tensor] | None, optim: Any, seed: int,
+    ) -> dict[str, Any]:
+        """Fit on cached backbone features instead of the gradient loop; called only when ``feature_cache``.
+
+        Args:
+            model: the applied model; the fit writes into its classifier.
+            train: features, labels and per-row source-image groups of the training split.
+            val: features and labels of the validation split, if any.
+            optim: the run's ``optim`` section.
+            seed: the run's seed.
+
+        Returns:
+            Facts about the fit for ``metrics.json``.
+        """
+        raise NotImplementedError(f"method {self.name!r} sets feature_cache but does not implement fit_cached")
+
+    # ------------------------------------------------------------------ shared backbones
+    def backbone_key(self) -> str:
+        """Names the task-independent surgery :meth:`prepare_backbone` does ("" = none), so a multi-adapter host
+        prepares one shared backbone per key (LoRA's q/k/v split, QLoRA's 4-bit weights)."""
+        return ""
+
+    def prepare_backbone(self, model: nn.Module) -> nn.Module:
+        """Task-independent surgery on a backbone before :meth:`apply` (idempotent). Default: none."""
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """Facts about what :meth:`apply` did, for ``metrics.json`` (adapted modules, ranks, ...). Default: none."""
+        return {}
+
     # ------------------------------------------------------------------ inference
     def merge(self, model: nn.Module) -> nn.Module:
         """Return a model for fast inference (adapters folded in where the method allows). Default: as is."""
@@ -204,3 +245,29 @@ class Method:
     def describe(self) -> str:
         """Short human description used in reports, e.g. ``lora r8 qv``."""
         return self.name
+
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`Method` subclass in ``METHODS`` under ``name`` and name it.
+
+    The name is written once, here; the method's ``config_cls`` must default its ``name`` field to it
+    (checked, so the two cannot drift apart).
+
+    Raises:
+        ValueError: ``name`` is taken, or the config class defaults to another name.
+    """
+
+    def add(cls: M) -> M:
+        default = cls.config_cls().name
+        if default != name:
+            raise ValueError(
+                f"method {name!r}: {cls.config_cls.__name__}.name defaults to {default!r}; "
+                f"declare `name: str = {name!r}` in the config class"
+            )
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add

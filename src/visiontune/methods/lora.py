@@ -55,12 +55,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
-from visiontune.methods.base import Method, classifier_of, freeze, shared_copy
+from visiontune.methods.base import Method, classifier_of, freeze, register_method, shared_copy
+from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
-from visiontune.registry import METHODS
 
 ADAPTER = "default"  # peft adapter name; one adapter per model (the multi-adapter host keeps one model per task)
 
@@ -373,11 +372,10 @@ def _private_module(model: nn.Module, name: str) -> None:
 # ----------------------------------------------------------------------------- methods
 
 
-@METHODS.register("lora")
+@register_method("lora")
 class LoRA(Method):
     """Low-rank adapters on the chosen Linears/convs of a frozen backbone, classifier trained in full."""
 
-    name = "lora"
     config_cls = LoraConfig
     default_lr = 1e-3
     default_head_lr = 1e-3
@@ -575,31 +573,28 @@ class LoRA(Method):
         return text
 
 
-@METHODS.register("dora")
+@register_method("dora")
 class DoRA(LoRA):
     """Weight-decomposed LoRA: trained magnitude x LoRA-updated direction, on a frozen backbone."""
 
-    name = "dora"
     config_cls = DoraConfig
     summary = "magnitude + low-rank direction update (DoRA), head trained"
     use_dora = True
 
 
-@METHODS.register("qlora")
+@register_method("qlora")
 class QLoRA(LoRA):
     """LoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
-    name = "qlora"
     config_cls = QLoraConfig
     summary = "LoRA over a 4-bit NF4 frozen backbone, head trained"
     quantized = True
 
 
-@METHODS.register("qdora")
+@register_method("qdora")
 class QDoRA(LoRA):
     """DoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
-    name = "qdora"
     config_cls = QDoraConfig
     summary = "DoRA over a 4-bit NF4 frozen backbone, head trained"
     use_dora = True
