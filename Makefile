@@ -30,8 +30,12 @@ lock:
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the suite.
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
 
 demo: $(STAMP)
 	$(BIN)/python -m visiontune.demo $(DEMO_ARGS)

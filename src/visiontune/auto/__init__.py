@@ -311,7 +311,7 @@ class AutoSelect:
             results: dict[str, Any] = {}
             for cand in self.cheap:
                 rows = []
-                for j, (tr, va) in enumerate(self.folds):
+                for tr, va in self.folds:
                     t1 = time.perf_counter()
                     if "method.name=linear" in cand.overrides:
                         head = torch.nn.Linear(x.shape[1], len(self.classes))
@@ -390,7 +390,7 @@ class AutoSelect:
                 continue
             trial = study.ask()
             trial.set_user_attr("candidate", cand.name)
-            for j, f in enumerate(rec["folds"]):  # folds finished before a kill
+            for j in range(len(rec["folds"])):  # folds finished before a kill
                 trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
             for j in range(len(rec["folds"]), self.k):
                 if self._over_budget(fold_times):

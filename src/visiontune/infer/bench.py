@@ -183,7 +183,7 @@ def format_bench(rows: list[dict[str, Any]]) -> str:
         if onnx_src:
             notes.append(f"onnxruntime models: {'; '.join(onnx_src)}")
         rounds = rows[0].get("rounds", 1)
-        notes.append(f"ms/batch is the median pass; img/s is all images over all passes' time"
+        notes.append("ms/batch is the median pass; img/s is all images over all passes' time"
                      + (f"; medians over {rounds} alternating rounds" if rounds > 1 else "")
                      + f"; device {rows[0]['device']}, {rows[0]['threads']} threads")
     return "\n".join(lines + [""] + notes)

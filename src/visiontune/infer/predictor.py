@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from visiontune.runtime import autocast, autocast_dtype, resolve_device
 from visiontune.infer.backends import load_export, resolve_backend
 from visiontune.runs import load_run
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes | bytearray
 """One image: a file path, a PIL image, a uint8 array (HxW[xC]), or encoded file bytes (PNG, JPEG ...)."""
 
 Prediction = list[dict[str, Any]]

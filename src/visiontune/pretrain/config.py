@@ -14,7 +14,6 @@ contradicts the recipe is reported as a problem rather than silently winning.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
