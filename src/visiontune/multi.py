@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
-from visiontune.methods.base import Method, shared_copy
+from visiontune.methods.base import Method, shared_copy, tensors_bytes
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.config import load_config
 from visiontune.registry import METHODS
@@ -173,7 +173,7 @@ class AdapterHost:
         task = Task(
             name=name, model=model, method=method, classes=list(classes), backbone_key=key,
             shared_tensors=len(_storage_ptrs(model) & base_ptrs),
-            private_bytes=sum(t.numel() * t.element_size() for t in own), source=source,
+            private_bytes=tensors_bytes(own), source=source,
             info=method.report(),
         )
         self.tasks[name] = task
@@ -219,18 +219,12 @@ class AdapterHost:
         return [classes[i] for i in self.logits(name, images).argmax(1).tolist()]
 
     def memory(self) -> dict[str, Any]:
-        """Bytes of each prepared backbone and each task's private tensors (adapters + head)."""
-
-        def nbytes(m: nn.Module) -> int:
-            seen, total = set(), 0
-            for t in itertools.chain(m.parameters(), m.buffers()):
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-            return total
-
+        """Bytes of each prepared backbone and each task's private tensors (adapters + head); 4-bit weights
+        count with their quantization state (:func:`~visiontune.methods.base.tensor_bytes`)."""
         return {
-            "backbones": {k or "plain": nbytes(b) for k, b in self._bases.items()},
+            "backbones": {
+                k or "plain": tensors_bytes(itertools.chain(b.parameters(), b.buffers())) for k, b in self._bases.items()
+            },
             "tasks": {n: t.private_bytes for n, t in self.tasks.items()},
         }
 

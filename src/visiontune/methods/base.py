@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -37,10 +37,16 @@ from visiontune.errors import WeightsError
 from visiontune.registry import METHODS
 
 
+def find_classifier(model: nn.Module) -> nn.Module | None:
+    """The classification head of a timm model (through wrappers exposing ``get_classifier``), or None."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head if isinstance(head, nn.Module) else None
+
+
 def classifier_of(model: nn.Module) -> nn.Module:
     """The classification head of a timm model (works through wrappers exposing ``get_classifier``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module):
+    head = find_classifier(model)
+    if head is None:
         raise TypeError(f"{type(model).__name__} has no get_classifier(); visiontune needs a timm-style model")
     return head
 
@@ -59,6 +65,26 @@ def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
         for bn, b in m.named_buffers(recurse=False)
         if b is not None
     }
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies, including a bitsandbytes 4-bit tensor's quantization state."""
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)
+    if qs is not None and hasattr(qs, "as_dict"):
+        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
+    return n
+
+
+def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` (:func:`tensor_bytes`), each tensor counted once however often it is listed."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ from torch import nn
 
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
-from visiontune.methods.base import Method, classifier_of, freeze, register_method, shared_copy
+from visiontune.methods.base import Method, classifier_of, freeze, register_method, shared_copy, tensors_bytes
 from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
 
@@ -151,26 +151,10 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor occupies, including a bitsandbytes 4-bit tensor's quantization state."""
-    n = t.numel() * t.element_size()
-    qs = getattr(t, "quant_state", None)
-    if qs is not None and hasattr(qs, "as_dict"):
-        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
-    return n
-
-
 def backbone_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer except the classifier's (each shared tensor counted once)."""
     head = {id(t) for t in [*classifier_of(model).parameters(), *classifier_of(model).buffers()]}
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or id(t) in head:
-            continue
-        seen.add(id(t))
-        total += tensor_bytes(t)
-    return total
+    return tensors_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in head)
 
 
 def keep_portable_4bit_layout(layer: nn.Module) -> None:

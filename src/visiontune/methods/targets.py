@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.methods.base import find_classifier
 from visiontune.methods.qkv import bypassed_qkv, unsplittable_qkv
 
 PRESETS: dict[str, str] = {
@@ -242,8 +243,8 @@ def target_problems(targets: list[str]) -> list[str]:
 
 
 def _classifier_ids(model: nn.Module) -> set[int]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    head = find_classifier(model)
+    return {id(m) for m in head.modules()} if head is not None else set()
 
 
 def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", model_name: str | None = None) -> list[str]:
