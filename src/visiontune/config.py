@@ -484,13 +484,3 @@ def load_config(
     if overrides:
         data = apply_overrides(data, list(overrides))
     return config_from_dict(data)
-
-
-def describe_config() -> str:
-    """Every config key with its type, default and help (``visiontune config --help-keys``)."""
-    lines = []
-    for name, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"{name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)
