@@ -30,8 +30,12 @@ lock:
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the suite.
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
 
 # The method comparison, then `visiontune auto` choosing a method for the same data within DEMO_AUTO_BUDGET.
 DEMO_AUTO_BUDGET ?= 15m

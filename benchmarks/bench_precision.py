@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from visiontune.eval import compute_metrics
     from visiontune.infer.backends import cpu_info
     from visiontune.runs import load_run
-    from visiontune.train.loop import make_loader
+    from visiontune.runtime import make_loader
 
     torch.set_num_threads(args.threads)
     run = load_run(args.run, merge=False)

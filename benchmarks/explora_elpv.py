@@ -41,7 +41,8 @@ def _features(cfg: vt.Config, cache: Path) -> dict[str, tuple[np.ndarray, np.nda
         return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}
     from visiontune.backbones import build_transform, create_backbone
     from visiontune.data import ImageDataset, load_records, make_splits
-    from visiontune.train.loop import extract_features, make_loader
+    from visiontune.runtime import make_loader
+    from visiontune.train.loop import extract_features
 
     records = load_records(cfg.data.dataset, root=cfg.data.root)
     splits = make_splits(records, cfg.data)

@@ -42,7 +42,7 @@ def worker(variant: str, targets: str, steps: int, threads: int, quant: bool = F
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import visiontune.backbones.qkv as qkv
+    import visiontune.methods.qkv as qkv
     from visiontune.methods.lean_lora import use_lean_layers
 
     torch.set_num_threads(threads)

@@ -13,7 +13,8 @@ from torch import nn
 from visiontune.backbones import backbone_identity, create_backbone
 from visiontune.config import load_config
 from visiontune.errors import WeightsError
-from visiontune.multi import AdapterHost, shared_copy
+from visiontune.methods.base import shared_copy
+from visiontune.multi import AdapterHost
 from visiontune.registry import METHODS
 from visiontune.runs import ADAPTER_FILE, save_adapter
 

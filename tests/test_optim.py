@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from visiontune.train.optim import warmup_cosine
+from visiontune.runtime import warmup_cosine
 
 
 def test_warmup_then_cosine_per_group():

@@ -21,6 +21,10 @@ from visiontune import quiet
 quiet.install()  # before anything imports peft (and through it bitsandbytes)
 
 from visiontune.config import Config, load_config  # noqa: E402
+# Registration happens where things are defined: importing these packages fills the METHODS and DATASETS
+# registries that config validation and the CLI read. Every `import visiontune.<anything>` runs this first.
+import visiontune.data  # noqa: E402,F401
+import visiontune.methods  # noqa: E402,F401
 from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError  # noqa: E402
 
 # The subpackage ``visiontune.train`` must be imported before the ``train`` function below is defined:
@@ -49,8 +53,8 @@ def pretrain(cfg: PretrainConfig) -> Any:
 def evaluate(
     run_dir: str, data: str | None = None, device: str = "cpu", backend: str | None = None, int8: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a finished run (or its ONNX export); see :func:`visiontune.runs.evaluate_run`."""
-    from visiontune.runs import evaluate_run
+    """Evaluate a finished run (or its ONNX export); see :func:`visiontune.infer.evaluate.evaluate_run`."""
+    from visiontune.infer.evaluate import evaluate_run
 
     return evaluate_run(run_dir, data=data, device=device, backend=backend, int8=int8)
 
@@ -81,7 +85,6 @@ def pipeline(
 
 def list_methods() -> list[str]:
     """Registered fine-tuning methods."""
-    import visiontune.methods  # noqa: F401
     from visiontune.registry import METHODS
 
     return METHODS.names()
@@ -89,7 +92,6 @@ def list_methods() -> list[str]:
 
 def list_datasets() -> list[str]:
     """Built-in datasets."""
-    import visiontune.data  # noqa: F401
     from visiontune.registry import DATASETS
 
     return DATASETS.names()

@@ -22,6 +22,8 @@ import json
 from typing import Any
 
 from visiontune.errors import ConfigError
+from visiontune.backbones import create_meta_backbone, default_img_size
+from visiontune.registry import METHODS
 
 DRY_RUN_CLASSES = 2
 """Classifier size used for the check: the data is not read, and the class count never decides validity."""
@@ -63,9 +65,6 @@ def check_config(cfg: Any, num_classes: int = DRY_RUN_CLASSES) -> list[str]:
         Exception: whatever timm or peft raise for this architecture and setting (the run would fail alike).
     """
     import torch
-
-    from visiontune.backbones import create_meta_backbone, default_img_size
-    from visiontune.registry import METHODS
 
     method = METHODS.get(cfg.method.name)(cfg.method)
     # As in a run: a method that starts from random init (scratch) never loads weights.

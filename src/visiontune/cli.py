@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from visiontune.runs import evaluate_run
+    from visiontune.infer.evaluate import evaluate_run
 
     m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
                      int8=args.int8)

@@ -6,7 +6,10 @@ keys with suggestions, wrong types, invalid choices, cross-field conflicts) and 
 :class:`~visiontune.errors.ConfigError` listing them all.
 
 The method section is polymorphic: ``method.name`` picks the registered method, whose own ``Config``
-dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` for LoRA).
+dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` for LoRA). This module
+imports no method: methods register themselves when :mod:`visiontune.methods` is imported, which
+``import visiontune`` (the root package, run before any of its submodules) does, and validation looks
+the name up in :data:`~visiontune.registry.METHODS` when it runs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from visiontune.data.images import ImageLimits
+from visiontune.data.splits import split_problems
+from visiontune.atomic import write_text_atomic
 from visiontune.errors import ConfigError
+from visiontune.registry import METHODS
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -94,24 +101,6 @@ class RunConfig:
         return out
 
 
-def split_problems(cfg: Any) -> list[str]:
-    """Problems of the split settings of ``cfg`` (a DataConfig or any object with the same split fields)."""
-    out = []
-    if cfg.train_per_class is not None and cfg.train_fraction is not None:
-        out.append("data.train_per_class and data.train_fraction are both set; keep one")
-    if cfg.val_per_class is not None and cfg.val_fraction is not None:
-        out.append("data.val_per_class and data.val_fraction are both set; keep one")
-    for key in ("train_per_class", "val_per_class", "test_per_class"):
-        v = getattr(cfg, key)
-        if v is not None and (int(v) != v or v < 1):
-            out.append(f"data.{key}={v!r} must be an integer >= 1 (or null)")
-    for key in ("train_fraction", "val_fraction"):
-        v = getattr(cfg, key)
-        if v is not None and not 0.0 < v < 1.0:
-            out.append(f"data.{key}={v!r} must be in (0, 1) (or null)")
-    return out
-
-
 @dataclass
 class DataConfig:
     """Which images, and how they are split into the limited-data regime."""
@@ -134,10 +123,8 @@ class DataConfig:
     )
     max_aspect: float = _help("largest longer-side / shorter-side ratio of an image (resizing a thin strip costs memory)", default=20.0)
 
-    def image_limits(self) -> Any:
+    def image_limits(self) -> ImageLimits:
         """The :class:`~visiontune.data.images.ImageLimits` these settings describe (errors name data.max_*)."""
-        from visiontune.data.images import ImageLimits
-
         return ImageLimits(int(self.max_pixels), float(self.max_aspect), "data.max_pixels", "data.max_aspect")
 
     def problems(self) -> list[str]:
@@ -252,8 +239,6 @@ class YamlConfig:
 
     def dump(self, path: str | Path) -> Path:
         """Write the config as YAML to ``path``."""
-        from visiontune.atomic import write_text_atomic
-
         return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -429,9 +414,6 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, prefix: str, problem
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a nested dict; raises ConfigError listing all problems."""
-    from visiontune.registry import METHODS
-    import visiontune.methods  # noqa: F401  (fills the METHODS registry)
-
     problems: list[str] = []
     data = dict(data or {})
     unknown = [k for k in data if k not in (*_SECTIONS, "method")]
@@ -453,9 +435,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if method_name in METHODS:
         method_cls = METHODS.get(method_name).config_cls
         method_cfg = build_dataclass(method_cls, raw_method, "method", problems)
-        method_impl = METHODS.get(method_name)
-        if hasattr(method_impl, "check_config"):
-            problems.extend(method_impl.check_config(method_cfg, sections))
+        problems.extend(METHODS.get(method_name).check_config(method_cfg, sections))
     else:
         problems.append(METHODS.unknown_message(method_name))
         method_cfg = MethodConfig(name=method_name)
@@ -504,13 +484,3 @@ def load_config(
     if overrides:
         data = apply_overrides(data, list(overrides))
     return config_from_dict(data)
-
-
-def describe_config() -> str:
-    """Every config key with its type, default and help (``visiontune config --help-keys``)."""
-    lines = []
-    for name, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"{name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)

@@ -28,7 +28,9 @@ from typing import Any
 
 import visiontune as vt
 from visiontune.atomic import write_text_atomic
+from visiontune.auto import AutoSelect, parse_budget
 from visiontune.registry import METHODS
+from visiontune.eval import compare_table, plot_comparison
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 README_START, README_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
@@ -69,8 +71,6 @@ def machine() -> dict[str, Any]:
 
 def run_demo(extra: list[str]) -> Path:
     """Train every experiment; write comparison.md / .png / .json into the demo's run.dir; return that folder."""
-    from visiontune.eval import compare_table, plot_comparison
-
     config = CONFIG if CONFIG.is_file() else None
     rows, t0 = [], time.perf_counter()
     for label, overrides in EXPERIMENTS:
@@ -101,8 +101,6 @@ def run_auto(extra: list[str], budget: str) -> dict[str, Any]:
     """``visiontune auto`` on the demo's data and backbone (the same split) within ``budget``: the method chosen for
     this data, in ``<run.dir>/auto/leaderboard.md``. Which candidates fit depends on the machine's speed, so this part
     is not held against the README by ``--check``."""
-    from visiontune.auto import AutoSelect, parse_budget
-
     cfg = vt.load_config(CONFIG if CONFIG.is_file() else None, overrides=extra)
     sections = cfg.to_dict()
     # The demo's data and backbone settings, as the overrides auto gives every candidate.

@@ -8,11 +8,11 @@ file with ``load_trainable_state_dict``, exactly as :func:`visiontune.runs.load_
 the task loads is first made private to it, so a method that trains backbone weights (``full``)
 still works - it just shares nothing.
 
-Methods may declare task-independent backbone surgery with two optional members:
-``backbone_key() -> str`` and ``prepare_backbone(model) -> model`` (LoRA's qkv split, QLoRA's NF4
-quantization). The host runs that surgery once per distinct key on a shared copy and builds every
-task with that key from it, so ten QLoRA tasks share one 4-bit backbone. Methods without them
-(linear probe, Mona, full) use the plain backbone.
+Methods declare task-independent backbone surgery through two members of the
+:class:`~visiontune.methods.Method` interface: ``backbone_key() -> str`` and ``prepare_backbone(model) -> model``
+(LoRA's qkv split, QLoRA's NF4 quantization). The host runs that surgery once per distinct key on a shared
+copy and builds every task with that key from it, so ten QLoRA tasks share one 4-bit backbone. Methods that
+keep the defaults (key ``""``: linear probe, Mona, full) use the plain backbone.
 
 Each call names its task; tasks are separate module trees over shared tensors, so there is no
 "active adapter" state to switch and calls for different tasks can interleave freely. Adapters stay
@@ -21,7 +21,6 @@ unmerged (merging would write into the shared weights).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -32,16 +31,11 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` whose parameters and buffers are the original tensors (modules are new).
-
-    Replacing, adding or removing modules in the copy leaves the original alone; writing into a
-    shared tensor in place would change both.
-    """
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
+from visiontune.methods.base import Method, shared_copy, tensors_bytes
+from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.config import load_config
+from visiontune.registry import METHODS
+from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
 
 
 def _storage_ptrs(module: nn.Module) -> set[int]:
@@ -69,7 +63,7 @@ class Task:
 
     name: str
     model: nn.Module
-    method: Any
+    method: Method
     classes: list[str]
     backbone_key: str
     shared_tensors: int
@@ -116,9 +110,6 @@ class AdapterHost:
             ConfigError: no runs, or a path that is not a run directory. WeightsError: a run trained on
                 another backbone (name, weights hash or image size differ).
         """
-        from visiontune.backbones import backbone_identity, build_transform, create_backbone
-        from visiontune.config import load_config
-
         if not runs:
             raise ConfigError("AdapterHost.from_runs needs at least one {task name: run directory}")
         first_name, first_dir = next(iter(runs.items()))
@@ -141,10 +132,6 @@ class AdapterHost:
 
     def add_run(self, name: str, run_dir: str | Path) -> Task:
         """Add the task of a finished run directory (refused if trained on another backbone)."""
-        from visiontune.config import load_config
-        from visiontune.registry import METHODS
-        from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
-
         run_dir = Path(run_dir)
         cfg = load_config(_config_path(run_dir))
         classes = json.loads((run_dir / "labels.json").read_text())
@@ -161,7 +148,7 @@ class AdapterHost:
         return self.add(name, method, state, classes, source=str(run_dir))
 
     def add(
-        self, name: str, method: Any, state: dict[str, torch.Tensor], classes: list[str], source: str | None = None,
+        self, name: str, method: Method, state: dict[str, torch.Tensor], classes: list[str], source: str | None = None,
     ) -> Task:
         """Add a task from a method instance, its trainable state dict and its labels.
 
@@ -186,17 +173,17 @@ class AdapterHost:
         task = Task(
             name=name, model=model, method=method, classes=list(classes), backbone_key=key,
             shared_tensors=len(_storage_ptrs(model) & base_ptrs),
-            private_bytes=sum(t.numel() * t.element_size() for t in own), source=source,
-            info=method.report() if hasattr(method, "report") else {},
+            private_bytes=tensors_bytes(own), source=source,
+            info=method.report(),
         )
         self.tasks[name] = task
         return task
 
-    def _base_for(self, method: Any) -> tuple[str, nn.Module]:
-        key = method.backbone_key() if hasattr(method, "backbone_key") else ""
+    def _base_for(self, method: Method) -> tuple[str, nn.Module]:
+        key = method.backbone_key()
         if key not in self._bases:
             base = shared_copy(self._bases[""])
-            base = method.prepare_backbone(base) if hasattr(method, "prepare_backbone") else base
+            base = method.prepare_backbone(base)
             base.requires_grad_(False)
             self._bases[key] = base.to(self.device).eval()
         return key, self._bases[key]
@@ -232,18 +219,12 @@ class AdapterHost:
         return [classes[i] for i in self.logits(name, images).argmax(1).tolist()]
 
     def memory(self) -> dict[str, Any]:
-        """Bytes of each prepared backbone and each task's private tensors (adapters + head)."""
-
-        def nbytes(m: nn.Module) -> int:
-            seen, total = set(), 0
-            for t in itertools.chain(m.parameters(), m.buffers()):
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-            return total
-
+        """Bytes of each prepared backbone and each task's private tensors (adapters + head); 4-bit weights
+        count with their quantization state (:func:`~visiontune.methods.base.tensor_bytes`)."""
         return {
-            "backbones": {k or "plain": nbytes(b) for k, b in self._bases.items()},
+            "backbones": {
+                k or "plain": tensors_bytes(itertools.chain(b.parameters(), b.buffers())) for k, b in self._bases.items()
+            },
             "tasks": {n: t.private_bytes for n, t in self.tasks.items()},
         }
 

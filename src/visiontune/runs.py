@@ -24,6 +24,10 @@ from visiontune.registry import METHODS
 from visiontune.rundir import (
     RunDirState, config_differences, exists_check, inspect_run_dir, json_check, read_json, read_yaml_mapping, yaml_check,
 )
+from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.data.splits import split_differences
+from visiontune.eval import plot_confusion, plot_history, write_report
+from visiontune.methods.base import classifier_of
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT_VERSION = 1
@@ -64,8 +68,6 @@ def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:
 
 def finished_run_changes(run_dir: str | Path, cfg: Config, split: dict[str, Any] | None = None) -> list[str]:
     """How a finished run's ``config.yaml`` (and data split, when ``split`` is given) differ from ``cfg``."""
-    from visiontune.data.splits import split_differences
-
     run_dir = Path(run_dir)
     stored, problem = read_yaml_mapping(run_dir / "config.yaml")
     if problem:
@@ -123,8 +125,6 @@ def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[s
     metrics.json goes last because its presence marks a finished run: a run killed while finishing
     is then unfinished (and resumable), never "finished" with files missing.
     """
-    from visiontune.eval import plot_confusion, plot_history, write_report
-
     classes = metrics["run"]["classes"]
     save_adapter(run_dir / ADAPTER_FILE, method, model, identity, classes)
     plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
@@ -141,8 +141,6 @@ def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
     freshly initialised adapter matrices) identical when a run is rebuilt for evaluation or serving,
     which only saves the trained parameters.
     """
-    from visiontune.backbones import create_backbone
-
     torch.manual_seed(cfg.run.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes)
     zero_head(model)
@@ -156,8 +154,6 @@ def zero_head(model: nn.Module) -> None:
     above chance loss and spends the first steps of a few-shot budget undoing it; zero init is the
     MAE / DINOv2 fine-tuning habit. A zero head still receives gradients, so the body learns from step 2.
     """
-    from visiontune.methods.base import classifier_of
-
     head = classifier_of(model)
     if isinstance(head, nn.Linear):
         with torch.no_grad():
@@ -190,8 +186,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     Raises:
         ConfigError: not a run directory. WeightsError: adapter/backbone mismatch.
     """
-    from visiontune.backbones import backbone_identity, build_transform
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")
@@ -211,61 +205,3 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
         model = method.merge(model)
     transform = build_transform(model, cfg.backbone.img_size, train=False)
     return LoadedRun(model, cfg, classes, method, transform, identity, run_dir)
-
-
-def evaluate_run(
-    run_dir: str | Path, data: str | None = None, device: str = "cpu", batch_size: int | None = None,
-    progress: bool = True, backend: str | None = None, int8: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
-
-    Args:
-        run_dir: a run directory, or an ONNX export of one (its test split is found through the run
-            directory the export records; ``data`` works without it).
-        data: another dataset to evaluate on (same labels).
-        device: torch device (the onnxruntime backend runs on the CPU).
-        batch_size: images per forward pass (default: the run's ``optim.eval_batch_size``).
-        progress: a progress bar.
-        backend: ``torch``, ``onnxruntime`` or None (torch for a run, onnxruntime for an export).
-        int8: evaluate the INT8 export.
-
-    Returns:
-        The metrics dict of :func:`visiontune.eval.compute_metrics`, plus ``backend`` and ``precision``.
-    """
-    from visiontune.data import ImageDataset, load_records, make_splits
-    from visiontune.infer.backends import resolve_backend
-    from visiontune.train.loop import autocast_dtype, evaluate_loader, make_loader, resolve_device
-
-    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
-        from visiontune.infer.backends import load_export
-        from visiontune.infer.predictor import _cpu_only
-
-        _cpu_only(device)
-        exp = load_export(run_dir, int8=int8)
-        if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
-            if data is None:
-                raise ConfigError(f"the export {str(run_dir)!r} records no run directory here ({exp.run_dir}), so its test "
-                                  "split is unknown; pass --data with labeled images to evaluate on")
-        model, classes, transform, dev, amp = exp.model, exp.classes, exp.transform, torch.device("cpu"), None
-        cfg = load_config(exp.run_dir / "config.yaml") if exp.run_dir is not None and (exp.run_dir / "config.yaml").is_file() else None
-        extra = {"backend": "onnxruntime", "precision": exp.precision, "model": str(exp.model_path)}
-        # The run's decoding size guard (recorded by the export, or its config; defaults without either).
-        limits = cfg.data.image_limits() if cfg is not None else exp.limits()
-    else:
-        dev = resolve_device(device)
-        run = load_run(run_dir, device=str(dev))
-        model, classes, transform, cfg = run.model, run.classes, run.transform, run.config
-        amp = autocast_dtype(cfg.optim.precision, dev)
-        extra = {"backend": "torch", "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
-        limits = cfg.data.image_limits()
-    if data is None:
-        assert cfg is not None
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=limits)
-        if list(records.classes) != classes:
-            raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {classes}")
-        test = make_splits(records, cfg.data)["test"]
-    else:
-        test = load_records(data, classes=classes, limits=limits)
-    size = batch_size or (cfg.optim.eval_batch_size if cfg is not None else 64)
-    loader = make_loader(ImageDataset(test, transform, limits), size, False, 0, 0)
-    return {**evaluate_loader(model, loader, dev, classes, amp, progress), **extra}

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.backbones import backbone_identity, create_backbone
-from visiontune.backbones.qkv import SplitQKV
+from visiontune.methods.qkv import SplitQKV
 from visiontune.config import BackboneConfig, Config, DataConfig, load_config
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.eval import count_parameters
@@ -121,7 +121,7 @@ def weights_file(tmp_path: Path) -> Path:
 def _write_run(run_dir: Path, method_name: str, weights: Path, classes: list[str], seed: int, **method_kw: object):
     """A finished run directory as train() writes it; returns (model, method) as trained."""
     cfg = load_config(overrides=[
-        "data.dataset=digits", f"backbone.name=test_vit_reg", f"backbone.weights={weights}",
+        "data.dataset=digits", "backbone.name=test_vit_reg", f"backbone.weights={weights}",
         f"method.name={method_name}", *[f"method.{k}={v}" for k, v in method_kw.items()],
     ])
     method = METHODS.get(method_name)(cfg.method)

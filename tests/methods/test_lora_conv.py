@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visiontune.backbones.qkv import split_qkv
+from visiontune.methods.qkv import split_qkv
 from visiontune.errors import ConfigError
 from visiontune.methods.lora import lora_layers
 from visiontune.methods.targets import resolve_targets, supported_presets

@@ -10,7 +10,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
 from visiontune.backbones import create_backbone
-from visiontune.backbones.qkv import split_qkv
+from visiontune.methods.qkv import split_qkv
 from visiontune.config import BackboneConfig, load_config
 from visiontune.errors import ConfigError
 from visiontune.methods.targets import PRESETS, parse_blocks, resolve_targets, supported_presets, target_problems

@@ -364,7 +364,7 @@ def test_trainable_share_of_the_standard_setting(arch, low, high):
 
 
 def test_trains_and_reloads_through_the_run_directory(tiny_overrides):
-    from visiontune.runs import evaluate_run
+    from visiontune.infer.evaluate import evaluate_run
     from visiontune.train.loop import train
 
     cfg = load_config(overrides=[*tiny_overrides, "method.name=mona", "backbone.name=test_vit_reg", "optim.epochs=1",

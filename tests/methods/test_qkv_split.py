@@ -12,7 +12,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from visiontune.backbones.qkv import SplitQKV, fuse_qkv, split_qkv, unsplittable_qkv
+from visiontune.methods.qkv import SplitQKV, fuse_qkv, split_qkv, unsplittable_qkv
 
 TOL = 1e-6
 
@@ -150,7 +150,7 @@ def _peft_split(kind: str, targets: str, dora: bool, bias: bool = True, dropout:
 
 
 def _outputs_and_grads(model: nn.Module, x: torch.Tensor, per_part: bool, monkeypatch: pytest.MonkeyPatch):
-    import visiontune.backbones.qkv as qkv_mod
+    import visiontune.methods.qkv as qkv_mod
 
     from peft.tuners.lora.dora import DoraLinearLayer
 
@@ -203,7 +203,7 @@ def test_fused_qkv_path_equals_calling_the_parts(kind, targets, dora, dropout, m
 
 
 def test_fused_qkv_path_follows_merge_disable_and_adapter_switch(monkeypatch) -> None:
-    import visiontune.backbones.qkv as qkv_mod
+    import visiontune.methods.qkv as qkv_mod
     from peft import LoraConfig
 
     model = _peft_split("vit", r".*qkv\.(q|k|v)", False).eval()
@@ -257,7 +257,7 @@ def test_four_bit_parts_accumulate_like_peft(monkeypatch) -> None:
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, inject_adapter_in_model
 
-    import visiontune.backbones.qkv as qkv_mod
+    import visiontune.methods.qkv as qkv_mod
     from visiontune.methods.lora import quantize_linears
 
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ import visiontune as vt
 from visiontune.registry import METHODS
 from visiontune.runs import build_model
 from visiontune.train import speed
-from visiontune.train.loop import extract_features, make_loader
+from visiontune.runtime import make_loader
+from visiontune.train.loop import extract_features
 
 
 def _model(tiny_overrides, *extra):

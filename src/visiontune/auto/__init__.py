@@ -46,9 +46,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from visiontune.atomic import write_text_atomic
+from visiontune.auto.report import write_report
 from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
+from visiontune.runtime import make_loader, resolve_device
+from visiontune.backbones import build_transform
+from visiontune.data import load_records, make_splits
+from visiontune.data.cache import image_dataset
+from visiontune.data.records import ImageRecords
+from visiontune.eval.metrics import compute_metrics
+from visiontune.methods.baselines import fit_probe_head
+from visiontune.methods.prototype import prototype_head
+from visiontune.pretrain import load_pretrain_config, pretrain
+from visiontune.registry import METHODS
+from visiontune.runs import build_model
+from visiontune.train.loop import extract_features, train
+from visiontune.train.speed import fast_forward
 
 FINETUNE_STEPS = 120
 """Optimizer steps per fine-tuning run (batch 16): about 90-120 steps is where a hand-written timm + peft loop
@@ -114,14 +129,10 @@ def parse_budget(text: str | None) -> float | None:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    from visiontune.atomic import write_text_atomic
-
     write_text_atomic(path, json.dumps(data, indent=1, default=float))  # numpy scalars as floats
 
 
 def _scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from visiontune.eval.metrics import compute_metrics
-
     m = compute_metrics(y_true, y_pred, classes)
     return {"accuracy": m["accuracy"], "f1_weighted": m["f1_weighted"], "f1_macro": m["f1_macro"], "confusion": m["confusion"]}
 
@@ -181,8 +192,6 @@ class AutoSelect:
         unlabeled_steps: int = EXPLORA_STEPS,
         prune: bool = True,
     ):
-        from visiontune.data import load_records, make_splits
-
         self.out = Path(out)
         self.budget_s = budget_s
         self.progress = progress
@@ -274,9 +283,6 @@ class AutoSelect:
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:
         """The plan with time estimates from one measured forward pass per backbone (nothing is trained)."""
-        import visiontune.methods  # noqa: F401  (registration)
-        from visiontune.runs import build_model
-
         est: dict[str, float] = {}
         n = len(self.pool)
         fold_train = n * (self.k - 1) / self.k * (1 - INNER_VAL_FRACTION)
@@ -317,14 +323,6 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ stage 2: cheap candidates
     def _cheap_stage(self, keys: list[str] | None = None) -> str:
-        from visiontune.backbones import build_transform
-        from visiontune.data.cache import image_dataset
-        from visiontune.methods.baselines import fit_probe_head
-        from visiontune.methods.prototype import prototype_head
-        from visiontune.runs import build_model
-        from visiontune.train.loop import extract_features, make_loader, resolve_device
-        from visiontune.train.speed import fast_forward
-
         for name in keys or self.backbones:
             if name in self.state["cheap"]:
                 continue
@@ -341,7 +339,7 @@ class AutoSelect:
             results: dict[str, Any] = {}
             for cand in self.cheap:
                 rows = []
-                for j, (tr, va) in enumerate(self.folds):
+                for tr, va in self.folds:
                     t1 = time.perf_counter()
                     if "method.name=linear" in cand.overrides:
                         head = torch.nn.Linear(x.shape[1], len(self.classes))
@@ -397,8 +395,6 @@ class AutoSelect:
 
     def _pretrain(self, base: str) -> dict[str, Any]:
         """One ExPLoRA run on ``self.unlabeled`` (the labeled data's test split left out); stopped by the budget."""
-        from visiontune.pretrain import load_pretrain_config, pretrain
-
         cfg = self._config(base, CHEAP[0].overrides)
         run_dir = self.out / "explora"
         labeled = self.cfg.dump(self.out / "labeled-data.yaml")  # its val/test images stay out of pretraining
@@ -486,8 +482,6 @@ class AutoSelect:
     def _finetune_stage(self, backbone: str) -> None:
         from tqdm.auto import tqdm
 
-        from visiontune.train.loop import train
-
         study = self._study(backbone)
         state = self.state["finetune"]
         fold_times: list[float] = [f["train_s"] for r in state.values() for f in r["folds"]]
@@ -500,7 +494,7 @@ class AutoSelect:
                 continue
             trial = study.ask()
             trial.set_user_attr("candidate", cand.name)
-            for j, f in enumerate(rec["folds"]):  # folds finished before a kill
+            for j in range(len(rec["folds"])):  # folds finished before a kill
                 trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
             for j in range(len(rec["folds"]), self.k):
                 if self._over_budget(fold_times):
@@ -636,8 +630,6 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ stage 5: ship
     def _final(self, backbone: str, decision: dict[str, Any]) -> dict[str, Any]:
-        from visiontune.train.loop import train
-
         name = decision["candidate"]
         cand = next(c for c in (*self.cheap, *self.candidates) if c.name == name)
         extra = [f"run.progress={str(self.progress).lower()}", f"run.dir={self.out}", "run.name=model", "run.overwrite=true"]
@@ -684,16 +676,12 @@ class AutoSelect:
         }
         if "explora" in self.state:
             record["explora"] = self.state["explora"]
-        from visiontune.auto.report import write_report
-
-        write_report(self.out, record, self.state, self.classes)
+        write_report(self.out, record, self.state, self.classes, PROBE)
         self._save()
         return record
 
 
 def _method(cfg: Config) -> Any:
-    from visiontune.registry import METHODS
-
     return METHODS.get(cfg.method.name)(cfg.method)
 
 
@@ -712,8 +700,6 @@ def _fingerprint(ids: list[str]) -> str:
 
 
 def _concat(a: Any, b: Any) -> Any:
-    from visiontune.data.records import ImageRecords
-
     return ImageRecords(
         items=[*a.items, *b.items], labels=np.concatenate([a.labels, b.labels]), ids=[*a.ids, *b.ids],
         classes=list(a.classes), source=a.source,

@@ -97,14 +97,13 @@ def _per_class_f1(confusions: list[list[list[int]]]) -> np.ndarray:
     return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
 
 
-def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], classes: list[str]) -> None:
-    """Write leaderboard.md / .json, accuracy_vs_time.png and per_class_f1.png into ``out``."""
+def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], classes: list[str], probe: str) -> None:
+    """Write leaderboard.md / .json, accuracy_vs_time.png and per_class_f1.png into ``out``; the per-class
+    figure sets the winner beside ``probe`` (the linear probe's candidate name)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from visiontune.auto import PROBE
 
     (out / "leaderboard.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     (out / "leaderboard.md").write_text(leaderboard_markdown(record))
@@ -139,7 +138,7 @@ def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], class
     winner = record["decision"]["candidate"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 4))
     idx = np.arange(len(classes))
-    for k, (name, color) in enumerate([(PROBE, "tab:gray"), (winner, "tab:red")]):
+    for k, (name, color) in enumerate([(probe, "tab:gray"), (winner, "tab:red")]):
         cms = confusions(name)
         if cms:
             ax.bar(idx + (k - 0.5) * 0.4, _per_class_f1(cms), width=0.4, label=name, color=color)

@@ -1,4 +1,7 @@
-"""Preprocessing derived from the backbone's own pretrained cfg (mean/std, interpolation, crop)."""
+"""Preprocessing derived from the backbone's own pretrained cfg (mean/std, interpolation, crop).
+
+Every transform starts with :class:`~visiontune.data.images.ToRGB` (re-exported here).
+"""
 
 from __future__ import annotations
 
@@ -10,22 +13,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-
-class ToRGB:
-    """Convert any PIL image to 8-bit RGB so every backbone sees 3 channels.
-
-    The same conversion as dataset loading (:func:`visiontune.data.images.to_rgb`: gray replicated,
-    16-bit scaled rather than clipped, transparency composited), so a PIL image handed straight to a
-    transform is preprocessed exactly as one read from disk.
-    """
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        from visiontune.data.images import to_rgb
-
-        return to_rgb(img)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+from visiontune.data.images import ToRGB
 
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from visiontune.errors import WeightsError
+from visiontune.atomic import atomic_write
 
 WEIGHT_KEYWORDS = ("hub", "none", "offline", "offline:<source>")
 """The non-path spellings of ``backbone.weights`` (for error messages)."""
@@ -114,8 +115,6 @@ def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], dest: Path, met
     later run would take for a finished cache entry.
     """
     from safetensors.torch import save_file
-
-    from visiontune.atomic import atomic_write
 
     state = {k: v.contiguous() for k, v in state_dict.items()}
     atomic_write(dest, lambda tmp: save_file(state, str(tmp), metadata=metadata))

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from visiontune.data.images import ImageLimits, _default_transform, decode_image
+from visiontune.data.images import ImageLimits, ToRGB, _default_transform, decode_image
 from visiontune.data.records import ImageRecords
 
 DEFAULT_BUDGET_MB = 2048
@@ -72,8 +72,6 @@ class GrayAwareTransform:
     """
 
     def __init__(self, transform: Callable[[Image.Image], Any] | None):
-        from visiontune.backbones.transforms import ToRGB
-
         self.transform = transform or _default_transform
         self.gray_steps: list[Any] = []
         self.rgb_steps: list[Any] | None = None

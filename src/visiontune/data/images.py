@@ -268,6 +268,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class ToRGB:
+    """Convert any PIL image to 8-bit RGB so every backbone sees 3 channels.
+
+    The same conversion as dataset loading (:func:`to_rgb`: gray replicated,
+    16-bit scaled rather than clipped, transparency composited), so a PIL image handed straight to a
+    transform is preprocessed exactly as one read from disk.
+    """
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def _checked_array(arr: np.ndarray, name: str, limits: ImageLimits, keep_gray: bool) -> Image.Image:
     """An in-memory image through the same size guard as files, then to RGB (or ``L`` with ``keep_gray``)."""
     a = np.asarray(arr)

@@ -28,7 +28,7 @@ import hashlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -62,9 +62,25 @@ class SplitConfig:
     seed: int = 0
 
 
-def _check_spec(cfg: SplitSpec) -> None:
-    from visiontune.config import split_problems
+def split_problems(cfg: Any) -> list[str]:
+    """Problems of the split settings of ``cfg`` (a DataConfig or any object with the same split fields)."""
+    out = []
+    if cfg.train_per_class is not None and cfg.train_fraction is not None:
+        out.append("data.train_per_class and data.train_fraction are both set; keep one")
+    if cfg.val_per_class is not None and cfg.val_fraction is not None:
+        out.append("data.val_per_class and data.val_fraction are both set; keep one")
+    for key in ("train_per_class", "val_per_class", "test_per_class"):
+        v = getattr(cfg, key)
+        if v is not None and (int(v) != v or v < 1):
+            out.append(f"data.{key}={v!r} must be an integer >= 1 (or null)")
+    for key in ("train_fraction", "val_fraction"):
+        v = getattr(cfg, key)
+        if v is not None and not 0.0 < v < 1.0:
+            out.append(f"data.{key}={v!r} must be in (0, 1) (or null)")
+    return out
 
+
+def _check_spec(cfg: SplitSpec) -> None:
     problems = split_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -4,15 +4,9 @@ from visiontune.eval.memory import PeakMemory
 from visiontune.eval.metrics import compute_metrics
 from visiontune.eval.params import count_parameters
 from visiontune.eval.plots import plot_comparison, plot_confusion, plot_history
-from visiontune.eval.report import (
-    compare_table,
-    format_count,
-    load_run_metrics,
-    summarize_run,
-    write_report,
-    write_run_artifacts,
-)
+from visiontune.eval.report import compare_table, format_count, write_report, write_run_artifacts
 from visiontune.eval.speed import measure_speed
+from visiontune.eval.summary import load_run_metrics, summarize_run
 
 __all__ = [
     "PeakMemory",

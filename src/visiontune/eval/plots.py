@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.atomic import atomic_write
+from visiontune.eval.summary import summarize_run
+
 _MAX_LABEL_CHARS = 18
 
 
@@ -26,8 +29,6 @@ def _short(label: str) -> str:
 
 
 def _save(fig, path: str | Path) -> Path:
-    from visiontune.atomic import atomic_write
-
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
@@ -175,8 +176,6 @@ def plot_comparison(rows: list[dict], path: str | Path) -> Path:
         ValueError: if no row has both a trainable-parameter count and a test accuracy.
     """
     from matplotlib.figure import Figure
-
-    from visiontune.eval.report import summarize_run
 
     summaries = [summarize_run(row) for row in rows]
     for s in summaries:

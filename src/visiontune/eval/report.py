@@ -11,14 +11,14 @@ Sections whose data is missing are left out rather than printed as ``None``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from visiontune.errors import DataError
+from visiontune.eval.plots import plot_confusion, plot_history
+from visiontune.eval.summary import section, summarize_run
+from visiontune.atomic import write_text_atomic
 
 REPORT_NAME = "report.md"
-METRICS_NAME = "metrics.json"
 CONFUSION_PNG = "confusion.png"
 HISTORY_PNG = "history.png"
 
@@ -92,82 +92,6 @@ def _facts(rows: list[list[Any]]) -> str | None:
     return "\n".join(f"- **{key}**: {value}" for key, value in rows) if rows else None
 
 
-def _section(metrics: dict, key: str) -> dict:
-    value = metrics.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def load_run_metrics(run_dir: str | Path) -> dict:
-    """Reads a run directory's ``metrics.json``.
-
-    Args:
-        run_dir: the run directory, or the ``metrics.json`` file itself.
-
-    Returns:
-        The metrics dict in the layout described in this module's docstring.
-
-    Raises:
-        DataError: if the file is missing, is not valid JSON, or has no ``test`` metrics.
-    """
-    path = Path(run_dir)
-    if path.is_dir() or path.suffix != ".json":
-        path = path / METRICS_NAME
-    if not path.is_file():
-        raise DataError(
-            f"no {METRICS_NAME} at {path}: {path.parent} is not a finished run directory; "
-            "point at the folder a completed `visiontune train` run wrote (its run.dir)"
-        )
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-            "the run may have been interrupted while writing it — re-run evaluation for this run"
-        ) from err
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
-        raise DataError(
-            f"{path} has no 'test' metrics section (top-level keys: "
-            f"{sorted(metrics) if isinstance(metrics, dict) else type(metrics).__name__}); "
-            "it was not written by a completed visiontune run"
-        )
-    return metrics
-
-
-def summarize_run(metrics: dict) -> dict:
-    """Flattens one run's metrics dict into the scalar fields used by tables, plots and CSV exports.
-
-    Args:
-        metrics: a metrics dict in the ``metrics.json`` layout.
-
-    Returns:
-        Flat dict; fields the run did not record are ``None``.
-    """
-    run, params, train = _section(metrics, "run"), _section(metrics, "params"), _section(metrics, "train")
-    test, val, speed = _section(metrics, "test"), _section(metrics, "val"), _section(metrics, "speed")
-    return {
-        "name": run.get("name"),
-        "method": run.get("method"),
-        "backbone": run.get("backbone"),
-        "weights": run.get("weights"),
-        "dataset": run.get("dataset"),
-        "trainable": params.get("trainable"),
-        "total": params.get("total"),
-        "trainable_pct": params.get("trainable_pct"),
-        "train_time_s": train.get("wall_time_s"),
-        "epochs": train.get("epochs"),
-        "peak_memory_mb": train.get("peak_memory_mb"),
-        "test_accuracy": test.get("accuracy"),
-        "test_f1_weighted": test.get("f1_weighted"),
-        "test_f1_macro": test.get("f1_macro"),
-        "val_accuracy": val.get("accuracy"),
-        "latency_ms": speed.get("latency_ms"),
-        "throughput_img_s": speed.get("throughput_img_s"),
-    }
-
-
 # ----------------------------------------------------------------------------------------------- comparison
 
 COMPARE_COLUMNS = [
@@ -232,7 +156,7 @@ _MEMORY_KINDS = {
 
 
 def _summary_line(metrics: dict) -> str:
-    run, params, train, test = (_section(metrics, k) for k in ("run", "params", "train", "test"))
+    run, params, train, test = (section(metrics, k) for k in ("run", "params", "train", "test"))
     subject = f"**{run.get('method', 'run')}**"
     if run.get("backbone"):
         subject += f" on **{run['backbone']}**"
@@ -284,7 +208,7 @@ def _run_facts(run: dict) -> str | None:
 def _scores_table(metrics: dict) -> str | None:
     rows = []
     for split in ("val", "test"):
-        scores = _section(metrics, split)
+        scores = section(metrics, split)
         if scores.get("accuracy") is None:
             continue
         rows.append([
@@ -382,7 +306,7 @@ def write_report(run_dir: str | Path, metrics: dict) -> Path:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = _section(metrics, "run")
+    run = section(metrics, "run")
     title = f"# visiontune run `{run['name']}`" if run.get("name") else "# visiontune run"
     blocks = [title, _summary_line(metrics)]
 
@@ -393,18 +317,16 @@ def write_report(run_dir: str | Path, metrics: dict) -> Path:
     add("Run", _run_facts(run))
     add("Scores", _scores_table(metrics),
         "Macro F1 averages over the classes present in the labels or the predictions of that split.")
-    add("Per-class scores (test)", _per_class_table(_section(metrics, "test")))
-    add("Parameters", _params_table(_section(metrics, "params")))
-    add("Training cost", _train_table(_section(metrics, "train")))
-    add("Inference speed", _speed_table(_section(metrics, "speed")),
+    add("Per-class scores (test)", _per_class_table(section(metrics, "test")))
+    add("Parameters", _params_table(section(metrics, "params")))
+    add("Training cost", _train_table(section(metrics, "train")))
+    add("Inference speed", _speed_table(section(metrics, "speed")),
         "Random input, eval mode, `torch.inference_mode`; latency is the median over batch-1 passes.")
     if (run_dir / CONFUSION_PNG).is_file():
         add("Confusion matrix (test)", f"![confusion matrix]({CONFUSION_PNG})",
             "Rows are true classes, columns predicted classes; colours are normalised per row.")
     if (run_dir / HISTORY_PNG).is_file():
         add("Training curves", f"![training history]({HISTORY_PNG})")
-
-    from visiontune.atomic import write_text_atomic
 
     return write_text_atomic(run_dir / REPORT_NAME, "\n\n".join(blocks) + "\n")
 
@@ -422,11 +344,9 @@ def write_run_artifacts(run_dir: str | Path, metrics: dict) -> dict[str, Path]:
     Returns:
         ``{"confusion": ..., "history": ..., "report": ...}`` for the files actually written.
     """
-    from visiontune.eval.plots import plot_confusion, plot_history
-
     run_dir = Path(run_dir)
     written: dict[str, Path] = {}
-    test, run = _section(metrics, "test"), _section(metrics, "run")
+    test, run = section(metrics, "test"), section(metrics, "run")
     classes = run.get("classes") or list(test.get("per_class") or {})
     if test.get("confusion") and classes:
         title = "test set"
@@ -435,7 +355,7 @@ def write_run_artifacts(run_dir: str | Path, metrics: dict) -> dict[str, Path]:
         if run.get("method"):
             title = f"{run['method']} — {title}"
         written["confusion"] = plot_confusion(test["confusion"], classes, run_dir / CONFUSION_PNG, title=title)
-    history = _section(metrics, "train").get("history")
+    history = section(metrics, "train").get("history")
     if history:
         written["history"] = plot_history(history, run_dir / HISTORY_PNG)
     written["report"] = write_report(run_dir, metrics)

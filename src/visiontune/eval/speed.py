@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -133,10 +134,10 @@ def measure_speed(
         model.eval()
         with torch.inference_mode():
             single = torch.randn((1, *shape), device=dev, dtype=dtype)
-            latency = _timed_runs(lambda: model(single), sync, warmup, iters, min_time_s)
+            latency = _timed_runs(partial(model, single), sync, warmup, iters, min_time_s)
             del single
             batch = torch.randn((batch_size, *shape), device=dev, dtype=dtype)
-            batched = _timed_runs(lambda: model(batch), sync, warmup, iters, min_time_s)
+            batched = _timed_runs(partial(model, batch), sync, warmup, iters, min_time_s)
             del batch
     finally:
         for module, was_training in modes:

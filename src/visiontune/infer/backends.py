@@ -35,6 +35,10 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.backbones.transforms import eval_transform
+from visiontune.config import load_config
+from visiontune.data.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageLimits
+from visiontune.runs import ADAPTER_FILE
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 """What ``--backend`` accepts (``auto`` is the default: torch for a run, onnxruntime for an export)."""
@@ -186,8 +190,6 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _check_fresh(run_dir: Path, meta: dict[str, Any], meta_path: Path) -> None:
     """Refuse an export made from an older adapter file of ``run_dir``."""
-    from visiontune.runs import ADAPTER_FILE
-
     recorded = meta.get("run", {}).get("adapter_sha256")
     adapter = run_dir / ADAPTER_FILE
     if recorded and adapter.is_file() and file_sha256(adapter) != recorded:
@@ -268,12 +270,8 @@ class LoadedExport:
         """The decoding size guard for this export's inputs: the given limits, else the ones the export
         recorded (the run's ``data.max_pixels`` / ``data.max_aspect``), else the run's config when its
         directory is here, else the defaults."""
-        from visiontune.data.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageLimits
-
         recorded = dict(self.meta.get("image_limits") or {})
         if not recorded and self.run_dir is not None and (self.run_dir / "config.yaml").is_file():
-            from visiontune.config import load_config
-
             try:
                 data = load_config(self.run_dir / "config.yaml").data
                 recorded = {"max_pixels": data.max_pixels, "max_aspect": data.max_aspect}
@@ -290,8 +288,6 @@ def load_export(path: str | Path, int8: bool = False, threads: int | None = None
     Raises:
         ConfigError: no export there, a stale export, metadata that is not visiontune's, no onnxruntime.
     """
-    from visiontune.backbones.transforms import eval_transform
-
     require_onnxruntime()
     model_path, meta_path = find_export(path, int8)
     meta = _read_meta(meta_path)

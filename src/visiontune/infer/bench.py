@@ -30,6 +30,12 @@ import torch
 from PIL import Image
 
 from visiontune.errors import ConfigError
+from visiontune.runtime import autocast_dtype, resolve_device
+from visiontune.eval.speed import _synchronizer, _timed_runs
+from visiontune.infer.backends import FP32_NAME, INT8_NAME, resolve_backend
+from visiontune.infer.export import export_run
+from visiontune.infer.predictor import Predictor
+from visiontune.runs import load_run
 
 BASELINE = "unmerged"
 
@@ -41,8 +47,6 @@ def _rate(durations: list[float], batch: int) -> tuple[float, float]:
 
 def _onnx_exports(run_dir: Path, export: str | Path | None, stack: ExitStack, progress: bool) -> tuple[dict[str, Path], str]:
     """``{"fp32": folder-or-file, "int8": ...}`` to benchmark, and where they came from."""
-    from visiontune.infer.backends import FP32_NAME, INT8_NAME
-
     folder = Path(export) if export is not None else run_dir / "export"
     found = {p: folder for p, name in (("fp32", FP32_NAME), ("int8", INT8_NAME)) if (folder / name).is_file()}
     if export is not None:
@@ -52,7 +56,6 @@ def _onnx_exports(run_dir: Path, export: str | Path | None, stack: ExitStack, pr
         return found, f"exports in {folder}"
     if len(found) == 2:
         return found, f"the run's exports in {folder}"
-    from visiontune.infer.export import export_run
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vt-bench-")))
     if progress:
@@ -91,12 +94,6 @@ def bench_infer(
         ``iters``, ``speedup`` (forward img/s over the baseline's: the torch model as trained), ``source``.
     """
     import importlib.util
-
-    from visiontune.eval.speed import _synchronizer, _timed_runs
-    from visiontune.infer.backends import resolve_backend
-    from visiontune.infer.predictor import Predictor
-    from visiontune.runs import load_run
-    from visiontune.train.loop import autocast_dtype, resolve_device
 
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
@@ -186,7 +183,7 @@ def format_bench(rows: list[dict[str, Any]]) -> str:
         if onnx_src:
             notes.append(f"onnxruntime models: {'; '.join(onnx_src)}")
         rounds = rows[0].get("rounds", 1)
-        notes.append(f"ms/batch is the median pass; img/s is all images over all passes' time"
+        notes.append("ms/batch is the median pass; img/s is all images over all passes' time"
                      + (f"; medians over {rounds} alternating rounds" if rounds > 1 else "")
                      + f"; device {rows[0]['device']}, {rows[0]['threads']} threads")
     return "\n".join(lines + [""] + notes)

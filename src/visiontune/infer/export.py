@@ -35,6 +35,17 @@ from torch import nn
 
 from visiontune.atomic import atomic_write, write_json_atomic
 from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.runtime import make_loader
+from visiontune.backbones import backbone_identity
+from visiontune.backbones.transforms import data_config
+from visiontune.config import load_config
+from visiontune.data import ImageDataset, load_records, make_splits
+from visiontune.data.images import load_image
+from visiontune.eval import compute_metrics
+from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
+from visiontune.infer.predictor import Predictor
+from visiontune.infer.quantize import DEFAULT_CALIBRATION, batches_of, check_keep_patterns, quantize_int8
+from visiontune.runs import ADAPTER_FILE
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -70,8 +81,6 @@ def _short(v: Any) -> float:
 
 def _preprocessing(transform: Any, model: nn.Module, img_size: int | None) -> dict[str, Any]:
     """The eval preprocessing as data: timm's data config and the transform's resolved steps."""
-    from visiontune.backbones.transforms import data_config
-
     cfg = data_config(model, img_size)
     steps: list[dict[str, Any]] = [{"op": "to_rgb", "note": "gray replicated, alpha composited on white, 16-bit scaled"}]
     for t in getattr(transform, "transforms", []):
@@ -196,8 +205,6 @@ def onnx_parity(path: Path, model: nn.Module, x: torch.Tensor) -> float | None:
 
 def _splits(cfg: Any, classes: list[str], why: str) -> dict[str, Any]:
     """The run's own train / test split (the same records, seed and counts as training used)."""
-    from visiontune.data import load_records, make_splits
-
     try:
         records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
     except (VisiontuneError, OSError) as exc:
@@ -214,8 +221,6 @@ def calibration_images(
 ) -> list[np.ndarray]:
     """Up to ``count`` preprocessed training images, classes taken in turn (each class shuffled by ``seed``),
     so a small calibration set still covers every class; decoded under ``limits`` (the run's size guard)."""
-    from visiontune.data.images import load_image
-
     rng = np.random.default_rng(seed)
     labels = np.asarray(train.labels)
     queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
@@ -232,10 +237,6 @@ def compare_on_test(
 ) -> dict[str, Any]:
     """Accuracy and weighted F1 of each model on the same preprocessed test images, and how far each
     strays from the first (the PyTorch reference): top-1 agreement and mean / max |logit difference|."""
-    from visiontune.data import ImageDataset
-    from visiontune.eval import compute_metrics
-    from visiontune.train.loop import make_loader
-
     loader = make_loader(ImageDataset(test, transform, limits), batch_size, False, 0, 0)
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}
     labels = []
@@ -299,13 +300,6 @@ def export_run(
             cannot be loaded for calibration, or an INT8 model that loses more than ``max_drop``
             (with the numbers; the fp32 export is kept).
     """
-    from visiontune.backbones import backbone_identity
-    from visiontune.config import load_config
-    from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
-    from visiontune.infer.predictor import Predictor
-    from visiontune.infer.quantize import DEFAULT_CALIBRATION, batches_of, check_keep_patterns, quantize_int8
-    from visiontune.runs import ADAPTER_FILE
-
     if fmt == "openvino":
         raise openvino_unsupported("--format")
     if fmt != "onnx":

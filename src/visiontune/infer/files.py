@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from visiontune.infer.predictor import PredictionResult
+from visiontune.data import IMAGE_EXTENSIONS
 
 FORMATS = ("table", "json", "csv")
 
@@ -27,8 +28,6 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list
         ``(paths to predict, problems)``: a missing path or a folder without images becomes a
         :class:`PredictionResult` with an error rather than stopping the others.
     """
-    from visiontune.data import IMAGE_EXTENSIONS
-
     paths: list[str] = []
     problems: list[PredictionResult] = []
     for raw in inputs:

@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,11 @@ from torch import nn
 
 from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
+from visiontune.runtime import autocast, autocast_dtype, resolve_device
+from visiontune.infer.backends import load_export, resolve_backend
+from visiontune.runs import load_run
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes | bytearray
 """One image: a file path, a PIL image, a uint8 array (HxW[xC]), or encoded file bytes (PNG, JPEG ...)."""
 
 Prediction = list[dict[str, Any]]
@@ -165,9 +168,6 @@ class Predictor:
         Raises:
             ConfigError: not a run directory. WeightsError: the adapter does not fit its backbone.
         """
-        from visiontune.runs import load_run
-        from visiontune.train.loop import autocast_dtype, resolve_device
-
         dev = resolve_device(device)
         run = load_run(run_dir, device=str(dev), merge=False)
         model = run.method.merge(run.model) if merge else run.model
@@ -198,8 +198,6 @@ class Predictor:
             ConfigError: no export there (naming the ``visiontune export`` command), a stale export, or
                 no onnxruntime.
         """
-        from visiontune.infer.backends import load_export
-
         exp = load_export(path, int8=int8, threads=threads)
         return cls(exp.model, exp.classes, exp.transform, device="cpu", top_k=top_k, batch_size=batch_size,
                    merged=exp.merged, run_dir=exp.run_dir, method=exp.method, limits=exp.limits(max_pixels, max_aspect, settings),
@@ -228,8 +226,6 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Soft-max class probabilities ``[B, C]`` (on CPU) of preprocessed images ``[B, 3, H, W]``."""
-        from visiontune.train.loop import autocast
-
         with autocast(self.device, self.amp):
             logits = self.model(batch.to(self.device))
         return logits.float().softmax(dim=1).cpu()
@@ -314,8 +310,6 @@ def pipeline(
         settings: how errors name ``max_pixels`` / ``max_aspect`` (``("--max-pixels", "--max-aspect")``
             for the command line).
     """
-    from visiontune.infer.backends import resolve_backend
-
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
         return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size,

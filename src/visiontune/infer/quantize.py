@@ -42,6 +42,7 @@ import numpy as np
 
 from visiontune.atomic import atomic_write
 from visiontune.errors import ConfigError
+from visiontune.infer.backends import require_onnxruntime, session_options
 
 DEFAULT_CALIBRATION = 128
 """Calibration images by default (the run's training split, all of it when smaller)."""
@@ -172,8 +173,6 @@ def smooth_layernorms(model: Any, batches: Sequence[np.ndarray], input_name: str
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from visiontune.infer.backends import session_options
-
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     uses: dict[str, list[Any]] = {}
@@ -228,8 +227,6 @@ def smooth_layernorms(model: Any, batches: Sequence[np.ndarray], input_name: str
 def _logits(path: Path, batches: Sequence[np.ndarray], input_name: str, threads: int | None) -> np.ndarray:
     import onnxruntime as ort
 
-    from visiontune.infer.backends import session_options
-
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {input_name: x})[0] for x in batches])
 
@@ -256,8 +253,6 @@ def quantize_int8(
         ConfigError: onnxruntime missing, a bad smoothing value, or nothing left to quantize.
     """
     import onnx
-
-    from visiontune.infer.backends import require_onnxruntime
 
     require_onnxruntime("INT8 quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

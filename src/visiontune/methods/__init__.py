@@ -1,9 +1,16 @@
-"""Fine-tuning methods; importing this package registers every built-in method in METHODS."""
+"""Fine-tuning methods; importing this package registers every method in METHODS.
 
-from visiontune.methods.base import Method, classifier_of, freeze
-from visiontune.methods import baselines  # noqa: F401  (registration)
-from visiontune.methods import lora  # noqa: F401  (registration: lora, dora, qlora, qdora)
-from visiontune.methods import mona  # noqa: F401  (registration)
-from visiontune.methods import prototype  # noqa: F401  (registration)
+Every module of this package is imported here, so a method is added by adding its module (it registers
+itself with :func:`~visiontune.methods.base.register_method`) and touching nothing else.
+"""
 
-__all__ = ["Method", "classifier_of", "freeze"]
+import importlib
+import pkgutil
+
+from visiontune.methods.base import Method, classifier_of, freeze, register_method
+
+# Sorted, so registration order (what `visiontune list methods` shows) does not depend on the file system.
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Method", "classifier_of", "freeze", "register_method"]

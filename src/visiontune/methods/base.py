@@ -1,9 +1,12 @@
 """The method plug-in interface.
 
 A method is one module with a ``Config`` dataclass (a :class:`~visiontune.config.MethodConfig`
-subclass) and a :class:`Method` subclass registered in :data:`visiontune.registry.METHODS`. The
-training loop only talks to this interface, so adding a method touches no core file (the peft
-``tuners/<method>/`` habit).
+subclass) and a :class:`Method` subclass registered with :func:`register_method`, which puts it in
+:data:`visiontune.registry.METHODS` and gives it its name. :mod:`visiontune.methods` imports every module
+of its package, so adding a method touches no other file (the peft ``tuners/<method>/`` habit). The
+training loop, the multi-adapter host (:mod:`visiontune.multi`) and the exporter only talk to this
+interface: every capability they use is declared here with a default, so none of them probes a method
+with ``hasattr``.
 
 What a method decides:
   * which parameters train (``apply`` freezes/inserts modules; freezing walks module structure, the
@@ -11,26 +14,39 @@ What a method decides:
   * its default learning rates for the body and the head;
   * whether the backbone stays frozen so features can be cached (``feature_cache``);
   * whether it starts from pretrained weights (``pretrained``);
-  * what is saved (``trainable_state_dict``) and how to fold itself away for inference (``merge``).
+  * what is saved (``trainable_state_dict``) and how to fold itself away for inference (``merge``);
+  * when ``feature_cache`` is set, how to fit on cached features instead of the gradient loop (``fit_cached``);
+  * task-independent backbone surgery a multi-adapter host can share between tasks (``backbone_key``,
+    ``prepare_backbone``), and facts for ``metrics.json`` (``report``).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from visiontune.backbones.weights import describe_key_problems
 from visiontune.config import MethodConfig
 from visiontune.errors import WeightsError
+from visiontune.registry import METHODS
+
+
+def find_classifier(model: nn.Module) -> nn.Module | None:
+    """The classification head of a timm model (through wrappers exposing ``get_classifier``), or None."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head if isinstance(head, nn.Module) else None
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
     """The classification head of a timm model (works through wrappers exposing ``get_classifier``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module):
+    head = find_classifier(model)
+    if head is None:
         raise TypeError(f"{type(model).__name__} has no get_classifier(); visiontune needs a timm-style model")
     return head
 
@@ -51,6 +67,26 @@ def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies, including a bitsandbytes 4-bit tensor's quantization state."""
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)
+    if qs is not None and hasattr(qs, "as_dict"):
+        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
+    return n
+
+
+def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` (:func:`tensor_bytes`), each tensor counted once however often it is listed."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
     """``optim.class_weights``: None for "none"; for "balanced" ``n / (K n_c)`` per class (0 for absent classes)."""
     if mode == "none":
@@ -68,6 +104,16 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` whose parameters and buffers are the original tensors (modules are new).
+
+    Replacing, adding or removing modules in the copy leaves the original alone; writing into a
+    shared tensor in place would change both.
+    """
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 class Method:
     """Base class of fine-tuning methods.
 
@@ -76,6 +122,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    """Set by :func:`register_method`."""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 1e-3
     default_head_lr: ClassVar[float] = 1e-3
@@ -166,8 +213,6 @@ class Method:
         missing = sorted(expected - set(state))
         bad_shape = sorted(n for n in state if n in tensors and tensors[n].shape != state[n].shape)
         if unexpected or missing or bad_shape:
-            from visiontune.backbones.weights import describe_key_problems
-
             shapes = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(tensors[n].shape)}" for n in bad_shape]
             raise WeightsError(
                 f"adapter weights do not fit this {self.name} model ({describe_key_problems(missing, unexpected, shapes)}); "
@@ -185,6 +230,39 @@ class Method:
             for n, t in state.items():
                 tensors[n].copy_(t.to(tensors[n].dtype))
 
+    # ------------------------------------------------------------------ cached features
+    def fit_cached(
+        self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+        val: tuple[torch.Tensor, torch.Tensor] | None, optim: Any, seed: int,
+    ) -> dict[str, Any]:
+        """Fit on cached backbone features instead of the gradient loop; called only when ``feature_cache``.
+
+        Args:
+            model: the applied model; the fit writes into its classifier.
+            train: features, labels and per-row source-image groups of the training split.
+            val: features and labels of the validation split, if any.
+            optim: the run's ``optim`` section.
+            seed: the run's seed.
+
+        Returns:
+            Facts about the fit for ``metrics.json``.
+        """
+        raise NotImplementedError(f"method {self.name!r} sets feature_cache but does not implement fit_cached")
+
+    # ------------------------------------------------------------------ shared backbones
+    def backbone_key(self) -> str:
+        """Names the task-independent surgery :meth:`prepare_backbone` does ("" = none), so a multi-adapter host
+        prepares one shared backbone per key (LoRA's q/k/v split, QLoRA's 4-bit weights)."""
+        return ""
+
+    def prepare_backbone(self, model: nn.Module) -> nn.Module:
+        """Task-independent surgery on a backbone before :meth:`apply` (idempotent). Default: none."""
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """Facts about what :meth:`apply` did, for ``metrics.json`` (adapted modules, ranks, ...). Default: none."""
+        return {}
+
     # ------------------------------------------------------------------ inference
     def merge(self, model: nn.Module) -> nn.Module:
         """Return a model for fast inference (adapters folded in where the method allows). Default: as is."""
@@ -193,3 +271,29 @@ class Method:
     def describe(self) -> str:
         """Short human description used in reports, e.g. ``lora r8 qv``."""
         return self.name
+
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`Method` subclass in ``METHODS`` under ``name`` and name it.
+
+    The name is written once, here; the method's ``config_cls`` must default its ``name`` field to it
+    (checked, so the two cannot drift apart).
+
+    Raises:
+        ValueError: ``name`` is taken, or the config class defaults to another name.
+    """
+
+    def add(cls: M) -> M:
+        default = cls.config_cls().name
+        if default != name:
+            raise ValueError(
+                f"method {name!r}: {cls.config_cls.__name__}.name defaults to {default!r}; "
+                f"declare `name: str = {name!r}` in the config class"
+            )
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add

@@ -26,9 +26,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from visiontune.config import MethodConfig, OptimConfig
-from visiontune.methods.base import Method, class_weights, classifier_of, freeze
+from visiontune.methods.base import Method, class_weights, classifier_of, freeze, register_method
 from visiontune.methods.logreg import fit_path
-from visiontune.registry import METHODS
+from visiontune.runtime import warmup_cosine
 
 _C_GRID = [10.0**e for e in np.arange(-3.0, 2.01, 0.5)]
 
@@ -179,11 +179,10 @@ def fit_probe_head(
             "history": history}
 
 
-@METHODS.register("linear")
+@register_method("linear")
 class Linear(Method):
     """Frozen backbone; linear head fitted on cached pooled features (computed once per image/view)."""
 
-    name = "linear"
     config_cls = LinearConfig
     default_lr = 1e-3
     default_head_lr = 1e-3
@@ -236,8 +235,6 @@ class Linear(Method):
         return {"solver": "adamw", "history": history}
 
     def _fit_adamw(self, x, y, val, num_classes, optim: OptimConfig, seed: int):
-        from visiontune.train.optim import warmup_cosine
-
         gen = torch.Generator().manual_seed(seed)
         weight = class_weights(y.numpy(), num_classes, optim.class_weights)
         weight = None if weight is None else weight.double()
@@ -278,11 +275,10 @@ class FullConfig(MethodConfig):
     name: str = "full"
 
 
-@METHODS.register("full")
+@register_method("full")
 class Full(Method):
     """Every parameter trains, from the pretrained weights."""
 
-    name = "full"
     config_cls = FullConfig
     # Small body lr keeps pretrained features; the fresh head needs a normal one.
     default_lr = 3e-5
@@ -297,11 +293,10 @@ class ScratchConfig(MethodConfig):
     name: str = "scratch"
 
 
-@METHODS.register("scratch")
+@register_method("scratch")
 class Scratch(Method):
     """Every parameter trains from random initialisation (backbone.weights is ignored and recorded as none)."""
 
-    name = "scratch"
     config_cls = ScratchConfig
     default_lr = 1e-3
     default_head_lr = 1e-3

@@ -21,7 +21,7 @@ custom-module dispatch (``LoraConfig._register_custom_module``), so peft still o
 ``update_layer``, merging, multiple adapters, the state-dict names (``...q.lora_A.default.weight``).
 
 :func:`lean_terms`, :func:`accumulate` and :func:`rescale` also serve the fused q/k/v path
-(:mod:`visiontune.backbones.qkv`), which adds three parts' terms into one fused output.
+(:mod:`visiontune.methods.qkv`), which adds three parts' terms into one fused output.
 
 Written by hand: peft has no in-place path for the LoRA sum or the DoRA rescaling.
 """

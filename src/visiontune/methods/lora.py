@@ -12,7 +12,7 @@
 What is written here and why: peft supplies the adapter layers, merging and the 4-bit LoRA layer,
 bitsandbytes the NF4 kernels. Written by hand: target resolution (:mod:`visiontune.methods.targets`,
 the study's ``q_proj`` / ``all-linear`` on timm module names), the fused-qkv split
-(:mod:`visiontune.backbones.qkv`), swapping timm Linears for ``Linear4bit`` (transformers does that
+(:mod:`visiontune.methods.qkv`), swapping timm Linears for ``Linear4bit`` (transformers does that
 for HF models only), and merging a 4-bit model into a full-precision copy. Adapters are injected in
 place with ``peft.inject_adapter_in_model``, so the returned object is still the timm model:
 ``get_classifier``, ``forward_features``, ``forward_head``, ``pretrained_cfg`` and
@@ -55,12 +55,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from visiontune.backbones.qkv import fuse_qkv, split_qkv
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
-from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.base import Method, classifier_of, freeze, register_method, shared_copy, tensors_bytes
+from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
-from visiontune.registry import METHODS
 
 ADAPTER = "default"  # peft adapter name; one adapter per model (the multi-adapter host keeps one model per task)
 
@@ -152,26 +151,10 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor occupies, including a bitsandbytes 4-bit tensor's quantization state."""
-    n = t.numel() * t.element_size()
-    qs = getattr(t, "quant_state", None)
-    if qs is not None and hasattr(qs, "as_dict"):
-        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
-    return n
-
-
 def backbone_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer except the classifier's (each shared tensor counted once)."""
     head = {id(t) for t in [*classifier_of(model).parameters(), *classifier_of(model).buffers()]}
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or id(t) in head:
-            continue
-        seen.add(id(t))
-        total += tensor_bytes(t)
-    return total
+    return tensors_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in head)
 
 
 def keep_portable_4bit_layout(layer: nn.Module) -> None:
@@ -373,11 +356,10 @@ def _private_module(model: nn.Module, name: str) -> None:
 # ----------------------------------------------------------------------------- methods
 
 
-@METHODS.register("lora")
+@register_method("lora")
 class LoRA(Method):
     """Low-rank adapters on the chosen Linears/convs of a frozen backbone, classifier trained in full."""
 
-    name = "lora"
     config_cls = LoraConfig
     default_lr = 1e-3
     default_head_lr = 1e-3
@@ -451,9 +433,9 @@ class LoRA(Method):
 
     # ------------------------------------------------------------------ model surgery
     def _peft_config(self, names: list[str]) -> Any:
-        from peft import LoraConfig as PeftLoraConfig
+        from peft import LoraConfig as PeftLoraConfig  # heavy (transformers): only LoRA runs import it
 
-        from visiontune.methods.lean_lora import use_lean_layers
+        from visiontune.methods.lean_lora import use_lean_layers  # imports peft at module level
 
         return use_lean_layers(
             PeftLoraConfig(
@@ -526,8 +508,6 @@ class LoRA(Method):
         a typical low-rank update, so most of what was trained would be lost. Outputs match the
         unmerged model to ~1e-5 (float32 rounding of a different summation order).
         """
-        from visiontune.multi import shared_copy
-
         layers = lora_layers(model)
         if not layers:
             return model
@@ -577,31 +557,28 @@ class LoRA(Method):
         return text
 
 
-@METHODS.register("dora")
+@register_method("dora")
 class DoRA(LoRA):
     """Weight-decomposed LoRA: trained magnitude x LoRA-updated direction, on a frozen backbone."""
 
-    name = "dora"
     config_cls = DoraConfig
     summary = "magnitude + low-rank direction update (DoRA), head trained"
     use_dora = True
 
 
-@METHODS.register("qlora")
+@register_method("qlora")
 class QLoRA(LoRA):
     """LoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
-    name = "qlora"
     config_cls = QLoraConfig
     summary = "LoRA over a 4-bit NF4 frozen backbone, head trained"
     quantized = True
 
 
-@METHODS.register("qdora")
+@register_method("qdora")
 class QDoRA(LoRA):
     """DoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
-    name = "qdora"
     config_cls = QDoraConfig
     summary = "DoRA over a 4-bit NF4 frozen backbone, head trained"
     use_dora = True

@@ -54,11 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
-from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.base import Method, classifier_of, freeze, register_method
 from visiontune.methods.targets import block_spec_problems, parse_blocks
-from visiontune.registry import METHODS
+from visiontune.registry import BACKBONES
 
 # timm modules whose models are built from the supported block types (used for the early config check).
 SUPPORTED_TIMM_MODULES = ("vision_transformer", "eva", "swin_transformer", "swin_transformer_v2")
@@ -385,11 +386,10 @@ class MonaConfig(MethodConfig):
         return out
 
 
-@METHODS.register("mona")
+@register_method("mona")
 class MonaMethod(Method):
     """Mona adapters after attention and after the MLP of every chosen block; backbone frozen."""
 
-    name = "mona"
     config_cls = MonaConfig
     # Adapter-style lr for short few-shot schedules; gamma/gamma_x/norms/biases get no weight decay (base class).
     default_lr = 1e-3
@@ -403,9 +403,6 @@ class MonaMethod(Method):
         name = str(getattr(sections.get("backbone"), "name", "") or "")
         import timm
         from timm.models import is_model_in_modules, split_model_name_tag
-
-        import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
-        from visiontune.registry import BACKBONES
 
         arch = split_model_name_tag(name)[0]
         if name in BACKBONES or not timm.is_model(arch) or is_model_in_modules(arch, list(SUPPORTED_TIMM_MODULES)):

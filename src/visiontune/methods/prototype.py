@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from visiontune.config import MethodConfig, OptimConfig
-from visiontune.methods.base import Method, classifier_of, freeze
-from visiontune.registry import METHODS
+from visiontune.methods.base import Method, classifier_of, freeze, register_method
 
 
 @dataclass
@@ -63,11 +62,10 @@ def prototype_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, temperatu
     return w, b
 
 
-@METHODS.register("prototype")
+@register_method("prototype")
 class Prototype(Method):
     """Frozen backbone; nearest class mean (centred cosine) on cached features, written as a linear head."""
 
-    name = "prototype"
     config_cls = PrototypeConfig
     feature_cache = True
     summary = "frozen backbone, nearest class mean (SimpleShot) on cached features"

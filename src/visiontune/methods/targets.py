@@ -15,7 +15,7 @@ ResNet            ``layer1 .. layer4`` children              ``conv1 .. conv3``,
 Presets (``method.targets``), applied inside the selected blocks:
 
 * ``q``, ``v``, ``qv``, ``qkv``: the query / value / query+value / query+key+value projections
-  (timm's fused ``qkv`` is split by :mod:`visiontune.backbones.qkv` so these exist separately);
+  (timm's fused ``qkv`` is split by :mod:`visiontune.methods.qkv` so these exist separately);
 * ``attn``: q, k, v and the attention output projection;
 * ``mlp``: every Linear (or 1x1 conv) of the block's MLP;
 * ``all-linear``: every ``nn.Linear`` inside the blocks (the study's ``all-linear``), except a fused
@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.methods.base import find_classifier
+from visiontune.methods.qkv import bypassed_qkv, unsplittable_qkv
 
 PRESETS: dict[str, str] = {
     "q": "query projections",
@@ -241,14 +243,14 @@ def target_problems(targets: list[str]) -> list[str]:
 
 
 def _classifier_ids(model: nn.Module) -> set[int]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    head = find_classifier(model)
+    return {id(m) for m in head.modules()} if head is not None else set()
 
 
 def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", model_name: str | None = None) -> list[str]:
     """Exact names of the modules that ``targets`` and ``blocks`` select in ``model``.
 
-    Call it after :func:`visiontune.backbones.qkv.split_qkv` so that q, k and v exist separately.
+    Call it after :func:`visiontune.methods.qkv.split_qkv` so that q, k and v exist separately.
 
     Args:
         model: a timm model (classifier included; it is never selected).
@@ -290,7 +292,6 @@ def resolve_targets(model: nn.Module, targets: list[str], blocks: str = "all", m
             for n, _ in model.get_submodule(b).named_modules():
                 block_of[f"{b}.{n}" if n else b] = b
     selected_blocks = set(selected_prefixes)
-    from visiontune.backbones.qkv import bypassed_qkv
 
     bypassed = bypassed_qkv(model)
 
@@ -336,7 +337,6 @@ def supported_presets(model: nn.Module) -> list[str]:
     layout = find_blocks(model)
     if layout is None:
         return []
-    from visiontune.backbones.qkv import bypassed_qkv
 
     bypassed = bypassed_qkv(model)
     out = []
@@ -380,8 +380,6 @@ def _unsupported_preset_message(
     CNNs get their own wording: the common mistake there is carrying a ViT recipe (``qv``, ``attn``,
     ``all-linear``) over to a ResNet, and the fix is a different preset or a method without targets.
     """
-    from visiontune.backbones.qkv import unsplittable_qkv
-
     ok = supported_presets(model)
     family = _FAMILY_NAMES.get(layout.family, layout.family)
     cnn = layout.family in _CNN_FAMILIES

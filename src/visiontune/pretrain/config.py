@@ -14,7 +14,6 @@ contradicts the recipe is reported as a problem rather than silently winning.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from visiontune.config import (
     BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, read_config_file, run_name_problems,
 )
 from visiontune.errors import ConfigError
+from visiontune.methods.targets import target_problems
 
 _RECIPE = re.compile(r"^(?:(?P<obj>[A-Za-z])-)?explora-\[(?P<blocks>[^\]]+)\]-r(?P<rank>\d+)$", re.IGNORECASE)
 _OBJECTIVES = {"d": "dino", "m": "mae"}
@@ -212,8 +212,6 @@ class ExploraConfig:
     norms: bool = _help("unfreeze every normalisation layer (the paper: yes)", default=True)
 
     def problems(self) -> list[str]:
-        from visiontune.methods.targets import target_problems
-
         out = []
         if self.recipe is not None:
             try:

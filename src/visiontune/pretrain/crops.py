@@ -25,6 +25,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from visiontune.errors import ConfigError, DataError
+from visiontune.config import load_config
+from visiontune.data import ImageRecords, load_image, load_records, make_splits, validate_images
+from visiontune.data.images import MAX_LISTED
+from visiontune.data.sources import IMAGE_EXTENSIONS
+from visiontune.registry import DATASETS
 
 ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")
 """File types read as multi-band arrays when ``data.channels`` is set."""
@@ -73,9 +78,6 @@ def heldout_identities(run_config: str) -> tuple[set[str], str]:
     Returns:
         (identities, a one-line description for the lineage record).
     """
-    from visiontune.config import load_config
-    from visiontune.data import load_records, make_splits
-
     cfg = load_config(run_config)
     records = load_records(cfg.data.dataset, root=cfg.data.root)
     splits = make_splits(records, cfg.data)
@@ -101,10 +103,6 @@ def load_unlabeled(
         DataError: nothing found, unreadable files, arrays of the wrong band count.
         ConfigError: a multi-band source that is not a folder.
     """
-    from visiontune.data import ImageRecords, load_records, validate_images
-    from visiontune.data.sources import IMAGE_EXTENSIONS
-    from visiontune.registry import DATASETS
-
     path = os.path.expanduser(dataset)
     is_builtin = dataset in DATASETS and "/" not in dataset and os.sep not in dataset
     if channels is not None:
@@ -181,8 +179,6 @@ def _band_axis(shape: tuple[int, ...], channels: int) -> int | None:
 
 def check_arrays(files: Sequence[str], channels: int) -> None:
     """Check every array's band count from its header (no pixel data read); report all bad files at once."""
-    from visiontune.data.images import MAX_LISTED
-
     problems = []
     for f in files:
         try:
@@ -328,8 +324,6 @@ class CropDataset(Dataset):
         return len(self.pool)
 
     def __getitem__(self, key: int) -> list[torch.Tensor]:
-        from visiontune.data import load_image
-
         i = key % len(self.pool)
         item = self.pool.items[i]
         img = load_array(str(item), int(self.channels)) if self.pool.multiband else load_image(item, self.pool.ids[i])

@@ -39,7 +39,7 @@ from visiontune.checkpoint import (
     CheckpointError, checkpoint_path, checkpoint_progress, legacy_checkpoint, legacy_message, load_checkpoint, save_checkpoint,
 )
 from visiontune.errors import ConfigError
-from visiontune.pretrain.config import PretrainConfig, pretrain_config_from_dict, resolve_unfrozen
+from visiontune.pretrain.config import PretrainConfig, load_pretrain_config, pretrain_config_from_dict, resolve_unfrozen
 from visiontune.pretrain.crops import (
     CropDataset, MultiCrop, StreamSampler, UnlabeledImages, band_statistics, collate_crops, load_unlabeled,
 )
@@ -56,6 +56,12 @@ from visiontune.rundir import (
     RunDirState, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check, read_json,
     read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
 )
+from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, warmup_cosine
+from visiontune.backbones import backbone_identity, create_backbone, data_config
+from visiontune.backbones.factory import _resolve_name
+from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
+from visiontune.config import BackboneConfig
+from visiontune.methods.targets import find_blocks
 
 BACKBONE_FILE = "backbone.safetensors"
 LINEAGE_FILE = "backbone.json"
@@ -260,9 +266,6 @@ def build_student(cfg: PretrainConfig, device: torch.device | str = "cpu") -> tu
     Returns:
         (student, heads, :class:`~visiontune.pretrain.model.ExploraSurgery`).
     """
-    from visiontune.backbones import create_backbone
-    from visiontune.methods.targets import find_blocks
-
     torch.manual_seed(cfg.run.seed)
     student = create_backbone(cfg.backbone, num_classes=0)
     check_vit(student, cfg.backbone.name)
@@ -292,9 +295,6 @@ def export_checkpoint(run_dir: str | Path, network: str = "teacher", out: str | 
     Returns:
         The written file; load it with ``backbone.weights=<path>``.
     """
-    from visiontune.backbones.weights import save_safetensors_atomic
-    from visiontune.pretrain.config import load_pretrain_config
-
     run_dir = Path(run_dir)
     if network not in ("teacher", "student"):
         raise ConfigError(f"network={network!r} is not teacher or student")
@@ -326,10 +326,6 @@ def load_backbone(path: str | Path, num_classes: int = 0) -> nn.Module:
         path: ``backbone.safetensors`` of a pretraining run (or its run directory).
         num_classes: size of a fresh classifier (0 = pooled features out).
     """
-    from visiontune.backbones import create_backbone
-    from visiontune.backbones.factory import _resolve_name
-    from visiontune.config import BackboneConfig
-
     path = Path(path)
     if path.is_dir():
         path = path / BACKBONE_FILE
@@ -379,10 +375,6 @@ def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None
 
 def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None) -> PretrainResult:
     """The body of :func:`pretrain` (which only scopes the thread count around it)."""
-    from visiontune.backbones import backbone_identity, data_config
-    from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
-    from visiontune.train.loop import autocast, autocast_dtype, resolve_device, seed_everything
-
     device = resolve_device(cfg.run.device)
     seed = cfg.run.seed
     seed_everything(seed, True)
@@ -435,8 +427,6 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     groups = _param_groups(list(student.named_parameters()), lr, cfg.optim.weight_decay, "backbone")
     groups += _param_groups(list(heads.named_parameters()), head_lr, cfg.optim.weight_decay, "heads")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    from visiontune.train.optim import warmup_cosine
-
     scheduler = warmup_cosine(optimizer, steps, round(cfg.optim.warmup * steps), cfg.optim.min_lr_ratio)
     temp_warmup = round(ssl.teacher_temp_warmup * steps)
     freeze_last = round(ssl.freeze_last_layer * steps)

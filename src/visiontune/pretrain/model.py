@@ -6,7 +6,7 @@ parameter of one or two blocks (``[L]`` or ``[1,L]``), every normalisation layer
 query and value projections of all other blocks. Afterwards the LoRA updates are merged, so the
 result is a plain backbone of the same architecture that any fine-tuning method can start from.
 
-Reused, not rewritten: the fused-qkv split (:mod:`visiontune.backbones.qkv`), target resolution and
+Reused, not rewritten: the fused-qkv split (:mod:`visiontune.methods.qkv`), target resolution and
 peft injection (:class:`visiontune.methods.lora.LoRA`), merging (:func:`merge_adapters`,
 :func:`strip_adapters`, :func:`fuse_qkv`). Written here: the freezing pattern (no library knows
 ExPLoRA's), multi-crop input sizes on a timm ViT (its ``dynamic_img_size`` path, switched on after
@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.methods.lora import LoRA, LoraConfig, lora_layers, merge_adapters, strip_adapters
+from visiontune.methods.qkv import fuse_qkv
+from visiontune.methods.targets import find_blocks
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 """Normalisation layers ExPLoRA unfreezes (timm's LayerNorm variants subclass nn.LayerNorm)."""
@@ -124,9 +127,6 @@ def apply_explora(
     Returns:
         What was done (:class:`ExploraSurgery`).
     """
-    from visiontune.methods.lora import LoRA, LoraConfig
-    from visiontune.methods.targets import find_blocks
-
     label = label or type(model).__name__
     check_vit(model, label)
     layout = find_blocks(model)
@@ -248,9 +248,6 @@ def export_backbone(model: nn.Module) -> nn.Module:
 
     ``model`` is left untouched (the copy is deep).
     """
-    from visiontune.backbones.qkv import fuse_qkv
-    from visiontune.methods.lora import lora_layers, merge_adapters, strip_adapters
-
     out = copy.deepcopy(model)
     pe = out.patch_embed
     pe._visiontune_mask = None

@@ -70,6 +70,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 from visiontune.infer.predictor import check_top_k, top_k_predictions
 from visiontune.multi import AdapterHost
 from visiontune.serve.batching import MicroBatcher
+from visiontune.runtime import resolve_device
+from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
+from visiontune.infer.predictor import _cpu_only
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 """Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
@@ -502,9 +505,6 @@ def serve(
         import uvicorn
     except ImportError as exc:  # pragma: no cover
         raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
-    from visiontune.train.loop import resolve_device
-
-    from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
 
     check_settings(max_bytes, max_batch, max_wait_ms, max_pixels, max_aspect, max_decodes)
     if not 0 <= port <= 65535:
@@ -520,8 +520,6 @@ def serve(
     for path in adapters.values():
         backend = resolve_backend(backend, path, int8)
     if backend == "onnxruntime":
-        from visiontune.infer.predictor import _cpu_only
-
         _cpu_only(device)
     sock = _bind(host, port)
     try:

@@ -36,41 +36,23 @@ import shlex
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from visiontune.atomic import write_json_atomic
-from visiontune.config import Config, apply_overrides, config_from_dict
+from visiontune.config import Config, apply_overrides
 from visiontune.errors import ConfigError
 from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summarize_checks
 from visiontune.sweep.report import aggregate, mean_std
+from visiontune.sweep.spec import Sweep, SweepEntry, entry_config, read_failures
+from visiontune.train.loop import train
 
 __all__ = [
     "EntryCheck", "Sweep", "SweepEntry", "aggregate", "available_cores", "check_sweep", "entry_config", "format_check",
     "load_sweep", "mean_std", "run_sweep", "summarize_checks", "sweep_status", "worker_threads",
 ]
-
-
-@dataclass
-class SweepEntry:
-    """One run of a sweep: its name, its overrides (dotted key -> value) and seed."""
-
-    name: str
-    overrides: dict[str, Any]
-    seed: int
-    group: str = ""
-
-
-@dataclass
-class Sweep:
-    """A parsed sweep: base config dict, output folder and the expanded entries."""
-
-    base: dict[str, Any]
-    dir: Path
-    entries: list[SweepEntry] = field(default_factory=list)
 
 
 def _slug(overrides: dict[str, Any]) -> str:
@@ -139,16 +121,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, validate: b
     return Sweep(base=base, dir=out, entries=entries)
 
 
-def entry_config(base: dict[str, Any], entry: SweepEntry, out: Path) -> Any:
-    """The validated Config of one entry (method-specific base keys are dropped when the method changes)."""
-    data = copy.deepcopy(base)  # apply_overrides edits nested sections in place: never touch the shared base
-    if "method.name" in entry.overrides and entry.overrides["method.name"] != data.get("method", {}).get("name"):
-        data["method"] = {}  # the base's method options belong to another method
-    data = apply_overrides(data, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in entry.overrides.items()])
-    data = apply_overrides(data, [f"run.seed={entry.seed}", f"run.dir={out / 'runs'}", f"run.name={entry.name}"])
-    return config_from_dict(data)
-
-
 def available_cores() -> int:
     """CPU cores this process may use (its affinity mask where the OS has one)."""
     try:
@@ -169,20 +141,6 @@ def resolved_entry_config(sweep: Sweep, entry: SweepEntry) -> Config:
 
     cfg = entry_config(sweep.base, entry, sweep.dir)
     return resolve_config(cfg, METHODS.get(cfg.method.name)(cfg.method))
-
-
-def read_failures(sweep_dir: Path) -> dict[str, str]:
-    """``failures.json`` of a sweep ({} when absent; an unreadable one is reported on stderr and ignored)."""
-    from visiontune.rundir import read_json
-
-    path = sweep_dir / "failures.json"
-    if not path.exists():
-        return {}
-    data, problem = read_json(path)
-    if problem or not isinstance(data, dict):
-        print(f"[sweep] warning: {problem or f'{path} is not a mapping'}; its failed runs count as pending", file=sys.stderr)
-        return {}
-    return {str(k): str(v) for k, v in data.items()}
 
 
 def existing_runs(sweep: Sweep, check_split: bool = True) -> dict[str, tuple[Any, list[str]]]:
@@ -244,8 +202,6 @@ def _failure_text(e: BaseException) -> str:
 
 def _train_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: Path, progress: bool, threads: int | None = None) -> float:
     """Train one entry (resuming from its checkpoint if it has one); returns its test accuracy."""
-    import visiontune as vt
-
     cfg = entry_config(sweep_base, entry, out)
     # An existing run folder is continued (or, finished, reused), never deleted: train() checks that it was
     # made with this configuration. run_sweep has already refused the sweep if one was not.
@@ -254,7 +210,7 @@ def _train_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: Path, progr
     cfg.run.progress = progress and cfg.run.progress
     if threads is not None and cfg.run.threads is None:
         cfg.run.threads = threads
-    return vt.train(cfg).accuracy
+    return train(cfg).accuracy
 
 
 def _worker(sweep_base: dict[str, Any], entry: SweepEntry, out: str, threads: int, conn: Any) -> None:

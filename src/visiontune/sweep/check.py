@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 from visiontune.check import MetaDeviceLimit, check_config, check_key
 from visiontune.errors import ConfigError
-
-if TYPE_CHECKING:  # the sweep package imports this module
-    from visiontune.sweep import Sweep
+from visiontune.sweep.spec import Sweep, entry_config
 
 Status = Literal["ok", "invalid", "unchecked"]
 
@@ -45,7 +43,7 @@ class EntryCheck:
     seconds: float = 0.0
 
 
-def check_sweep(sweep: "Sweep", on_result: Callable[[EntryCheck], None] | None = None) -> list[EntryCheck]:
+def check_sweep(sweep: Sweep, on_result: Callable[[EntryCheck], None] | None = None) -> list[EntryCheck]:
     """Check every entry of ``sweep`` (see the module docstring); ``on_result`` is called as each is decided.
 
     Every entry's config is validated on its own; the model check is shared by entries whose configs agree
@@ -59,8 +57,6 @@ def check_sweep(sweep: "Sweep", on_result: Callable[[EntryCheck], None] | None =
     Returns:
         One :class:`EntryCheck` per entry, in sweep order.
     """
-    from visiontune.sweep import entry_config
-
     checked: dict[str, EntryCheck] = {}
     out = []
     for entry in sweep.entries:

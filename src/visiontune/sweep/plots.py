@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from visiontune.atomic import atomic_write
+from visiontune.eval.plots import _short
+
 _MARKERS = "osD^v<>pPX*h"
 _TAG_OFFSETS = [(4, 4), (4, -10), (-16, 4), (-16, -10)]
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    from visiontune.atomic import atomic_write
-
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
@@ -107,8 +108,6 @@ def plot_per_class_f1(
     """
     import numpy as np
     from matplotlib.figure import Figure
-
-    from visiontune.eval.plots import _short
 
     n, k = len(classes), max(1, len(bars))
     width = 0.8 / k

@@ -18,10 +18,15 @@ import math
 import statistics
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from visiontune.sweep import Sweep
+from visiontune.atomic import atomic_write, write_text_atomic
+from visiontune.eval import plot_confusion
+from visiontune.eval.report import format_count, format_duration
+from visiontune.eval.summary import summarize_run
+from visiontune.rundir import read_json, read_yaml_mapping
+from visiontune.sweep.plots import plot_per_class_f1, plot_sweep_scatter
+from visiontune.sweep.spec import Sweep, read_failures
 
 _SHOWN_KEYS = {"method.name", "method.targets", "method.rank", "backbone.name"}
 
@@ -45,9 +50,6 @@ def _run_rows(sweep: Sweep, unreadable: list[str] | None = None) -> tuple[list[d
     A run whose metrics.json or config.yaml does not read back (a write cut short) is left out and, when
     ``unreadable`` is given, one line naming the file is appended to it.
     """
-    from visiontune.eval.report import summarize_run
-    from visiontune.rundir import read_json, read_yaml_mapping
-
     rows, metrics = [], {}
     for e in sweep.entries:
         run_dir = sweep.dir / "runs" / e.name
@@ -163,8 +165,6 @@ def _best_sentence(best: dict[str, Any], probe: dict[str, Any] | None, groups: l
 
 
 def _count(n: int | None) -> str:
-    from visiontune.eval.report import format_count
-
     return format_count(n)
 
 
@@ -173,13 +173,11 @@ def _sessions_line(sweep_dir: Path) -> list[str]:
     path = sweep_dir / "sweep.json"
     if not path.exists():
         return []
-    from visiontune.rundir import read_json
 
     data, problem = read_json(path)
     sessions = data.get("sessions") if not problem and isinstance(data, dict) else None
     if not sessions or not isinstance(sessions, list):
         return []
-    from visiontune.eval.report import format_duration
 
     wall = sum(s.get("wall_time_s", 0.0) for s in sessions)
     last = sessions[-1]
@@ -204,14 +202,8 @@ def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
         mean ± std over seeds), best_confusion.png (the best configuration's best run) and
         best_per_class_f1.png (best configuration next to the linear probe).
     """
-    from visiontune.eval.report import format_duration
-    from visiontune.sweep.plots import plot_sweep_scatter
-
     out = Path(out) if out is not None else sweep.dir
     out.mkdir(parents=True, exist_ok=True)
-    from visiontune.atomic import atomic_write, write_text_atomic
-    from visiontune.rundir import read_yaml_mapping
-    from visiontune.sweep import read_failures
 
     unreadable: list[str] = []
     rows, metrics = _run_rows(sweep, unreadable)
@@ -274,9 +266,6 @@ def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
 
 def _best_details(best: dict[str, Any], probe: dict[str, Any] | None, metrics: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """Per-class table and F1 bars of the best configuration (vs the probe), and its best run's confusion matrix."""
-    from visiontune.eval import plot_confusion
-    from visiontune.sweep.plots import plot_per_class_f1
-
     classes = best["classes"]
     runs = [metrics[r["run"]]["test"]["per_class"] for r in best["runs"]]
     n = best["n"]

@@ -35,6 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from visiontune.runtime import batches, make_loader
+from visiontune.train.speed import run_blocks, run_pre_hooks
+
 DEFAULT_BUDGET_MB = 2048
 """Largest cache (all views) built; above it training runs uncached (the reason is recorded)."""
 
@@ -101,8 +104,6 @@ class FrozenPrefix:
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens entering block ``start`` (no autograd: nothing below it trains)."""
-        from visiontune.train.speed import run_pre_hooks
-
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(run_pre_hooks(m, x)))))
         return m.blocks[: self.start](x)
@@ -116,10 +117,8 @@ class FrozenPrefix:
         self, loader: DataLoader, device: torch.device, amp: Callable[[], Any], progress: bool = False, desc: str = "prefix"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix tokens (on CPU) and labels of every batch of ``loader``, in order."""
-        from visiontune.train.loop import _batches
-
         outs, labels = [], []
-        for x, y in _batches(loader, desc, progress):
+        for x, y in batches(loader, desc, progress):
             with amp():
                 outs.append(self.prefix(x.to(device, non_blocking=True)).cpu())
             labels.append(y)
@@ -135,8 +134,6 @@ class _Suffix(nn.Module):
         self.start = start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from visiontune.train.speed import run_blocks
-
         m = self.model
         return m.forward_head(m.norm(run_blocks(m, tokens, self.start)))
 
@@ -169,13 +166,9 @@ class PrefixCache:
 
     def train_loader(self, batch_size: int, seed: int) -> DataLoader | None:
         """Shuffled batches of cached training tokens: the sampler draws the same order as the image loader's."""
-        from visiontune.train.loop import make_loader
-
         return None if self.train_views is None else make_loader(self.train_views, batch_size, True, seed, 0)
 
     def val_loader(self, batch_size: int) -> DataLoader | None:
-        from visiontune.train.loop import make_loader
-
         return None if self.val is None else make_loader(TensorDataset(*self.val), batch_size, False, 0, 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -243,8 +236,6 @@ def build_prefix_cache(
     m.train()  # the mode the uncached loop runs the prefix in (the prefix has no mode-dependent layer)
     train_views = None
     if n_views:
-        from visiontune.train.loop import make_loader
-
         loader = make_loader(train_dataset, batch_size, False, 0, 0)
         parts, labels = [], torch.empty(0)
         for v in range(n_views):

@@ -7,7 +7,6 @@ particular method beyond the interface (``feature_cache`` selects the cached-fea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -15,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +28,10 @@ from visiontune.errors import ConfigError
 from visiontune.methods import Method
 from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
-from visiontune.train.optim import warmup_cosine
+from visiontune.runtime import (
+    autocast, autocast_dtype, batches as _batches, make_loader, precision_report, resolve_device, seed_everything,
+    warmup_cosine,
+)
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
 
 
@@ -45,75 +47,7 @@ class RunResult:
         return float(self.metrics["test"]["accuracy"])
 
 
-# ----------------------------------------------------------------------------- environment
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu or auto")
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``optim.precision`` (None = full fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def precision_report(setting: str, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
-    """Which precision a run computed in and which kernels that meant (recorded in ``metrics.json``):
-    the setting, the autocast dtype used, and on a CPU the vector ISA torch dispatches to and whether
-    oneDNN has native bf16 (AVX-512 BF16 or AMX) rather than emulating it.
-
-    On a CPU, ``auto`` still means fp32: bf16 autocast measured 1.8x faster for LoRA evaluation and
-    training steps on this project's AVX-512 BF16 machine (no AMX), with equal accuracy when evaluating,
-    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured (``benchmarks/RESULTS.md``,
-    "bf16 on this CPU"); ``optim.precision=bf16`` opts in.
-    """
-    out: dict[str, Any] = {"setting": setting, "used": "fp32" if amp is None else str(amp).removeprefix("torch.")}
-    if device.type == "cpu":
-        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        out["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    elif device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
 # ----------------------------------------------------------------------------- building blocks
-
-
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
-        persistent_workers=workers > 0, drop_last=False,
-    )
-
-
-def _batches(loader: DataLoader, desc: str, progress: bool) -> Iterator[Any]:
-    return iter(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True))
 
 
 @torch.inference_mode()

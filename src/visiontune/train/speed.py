@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontune.methods.qkv import SplitQKV
+
 
 def _active_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
@@ -119,8 +121,6 @@ def run_blocks(model: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
 
 def last_block_class_token(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm ``Block.forward`` with ``Attention.forward`` (timm 1.0) evaluated for token 0 only: ``(B, 1, C)``."""
-    from visiontune.backbones.qkv import SplitQKV
-
     attn = block.attn
     b, n, _ = x.shape
     h = block.norm1(x)

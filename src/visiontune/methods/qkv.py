@@ -14,6 +14,10 @@ Written by hand because neither timm nor peft offers it (peft can only target th
 Only attention classes known to call ``self.qkv(x)`` with the ``[q | k | v]`` layout are split;
 others (Swin-V2, BEiT: they call ``F.linear`` on ``qkv.weight`` directly, which a replacement module
 would silently bypass) are left fused and reported by :func:`qkv_split_blocker`.
+
+peft, and :mod:`visiontune.methods.lean_lora` that builds on it, are imported inside the forward helpers:
+importing peft pulls in transformers and accelerate (seconds at every ``visiontune`` start), and splitting
+q/k/v or running a model without LoRA layers never needs them.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def _fusable_bases(parts: tuple[nn.Module, ...]) -> list[nn.Linear] | None:
     without forward hooks (a hook expects its module's own call). Anything else (4-bit layers, other
     tuners, hooks) takes the per-part path.
     """
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear  # heavy: see the module docstring
 
     bases = []
     for part in parts:
@@ -136,7 +140,7 @@ def _fused_forward(
     (:func:`visiontune.methods.lean_lora.accumulate`; DoRA parts then rescale their columns in one
     product). ``weight`` is the storage the parts share, or a copy (see :meth:`SplitQKV._shared_weight`).
     """
-    from visiontune.methods.lean_lora import lean_terms, rescale
+    from visiontune.methods.lean_lora import lean_terms, rescale  # heavy: see the module docstring
 
     bias = None
     if any(b.bias is not None for b in bases):
@@ -180,9 +184,9 @@ def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Te
     into the concatenated output in place (as :func:`_fused_forward` does) instead of peft's out-of-place
     sum per part (for 4-bit layers peft also clones the base output). Anything else calls the part.
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy: see the module docstring
 
-    from visiontune.methods.lean_lora import lean_terms
+    from visiontune.methods.lean_lora import lean_terms  # heavy: see the module docstring
 
     flat = x.reshape(-1, x.shape[-1])
     lean = [lean_terms(p, flat, any_base=True) if isinstance(p, LoraLayer) else None for p in parts]
@@ -197,7 +201,7 @@ def _per_part_forward(x: torch.Tensor, parts: tuple[nn.Module, ...]) -> torch.Te
 
 def _accumulate_parts(out: torch.Tensor, sizes: list[int], terms: list, x: torch.Tensor) -> None:
     """Add each part's plain-LoRA terms into its column block of the 2-d output ``out``, in place."""
-    from visiontune.methods.lean_lora import accumulate
+    from visiontune.methods.lean_lora import accumulate  # heavy: see the module docstring
 
     start = 0
     for size, t in zip(sizes, terms):

@@ -1,0 +1,106 @@
+"""What the training loop, evaluation, inference, serving and ExPLoRA share: the device, autocast,
+seeding, data loaders and the learning-rate schedule.
+
+These sit below data, backbones and methods so that every higher layer can use them without importing
+the training loop (:mod:`visiontune.train.loop`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from visiontune.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu or auto")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``optim.precision`` (None = full fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_report(setting: str, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
+    """Which precision a run computed in and which kernels that meant (recorded in ``metrics.json``):
+    the setting, the autocast dtype used, and on a CPU the vector ISA torch dispatches to and whether
+    oneDNN has native bf16 (AVX-512 BF16 or AMX) rather than emulating it.
+
+    On a CPU, ``auto`` still means fp32: bf16 autocast measured 1.8x faster for LoRA evaluation and
+    training steps on this project's AVX-512 BF16 machine (no AMX), with equal accuracy when evaluating,
+    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured (``benchmarks/RESULTS.md``,
+    "bf16 on this CPU"); ``optim.precision=bf16`` opts in.
+    """
+    out: dict[str, Any] = {"setting": setting, "used": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+    if device.type == "cpu":
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    elif device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+        persistent_workers=workers > 0, drop_last=False,
+    )
+
+
+def batches(loader: DataLoader, desc: str, progress: bool) -> Iterator[Any]:
+    """Iterate ``loader`` under a tqdm bar (shown only when ``progress``)."""
+    return iter(tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float) -> LambdaLR:
+    """Scale every group's lr linearly from ~0 to its peak over ``warmup_steps``, then cosine to ``min_ratio``.
+
+    A multiplicative schedule keeps the head/body lr ratio constant through training, which an
+    absolute ``lr_min`` (timm's CosineLRScheduler) would not.
+    """
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)
