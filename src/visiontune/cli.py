@@ -117,7 +117,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{name:60s} {state}")
         print(f"{sum(s == 'done' for _, s in states)}/{len(states)} done")
         return 0
-    out = run_sweep(sweep, progress=not args.quiet, workers=args.workers)
+    out = run_sweep(sweep, progress=not args.quiet, workers=args.workers, executor=args.executor,
+                    ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     print(json.dumps({k: (v if k != "failed" else sorted(v)) for k, v in out.items()}))
     return 1 if out["failed"] else 0
 
@@ -131,6 +132,22 @@ def _sweep_dry_run(args: argparse.Namespace) -> int:
     results = check_sweep(sweep, on_result=lambda r: print(format_check(r), flush=True))
     print(summarize_checks(results))
     return 1 if any(r.status == "invalid" for r in results) else 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import visiontune as vt
+    from visiontune.config import read_config_file
+    from visiontune.estimate import estimate_memory, format_estimate, parse_size
+
+    data = read_config_file(args.config, "configs/") if args.config else {}
+    overrides = list(args.overrides)
+    if not (data.get("data") or {}).get("dataset") and not any(o.startswith("data.dataset=") for o in overrides):
+        overrides.insert(0, "data.dataset=(not read)")  # the estimate never reads the data
+    cfg = vt.load_config(None, overrides=overrides, base=data)
+    mem = parse_size(args.device_memory) if args.device_memory else None
+    est = estimate_memory(cfg, num_classes=args.num_classes, device=args.device, device_mem=mem)
+    print(json.dumps(est.to_dict(), indent=1, default=str) if args.json else format_estimate(est))
+    return 0 if est.fits is not False else 1
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -249,10 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
                          "no training), list each as ok / invalid; exit 1 if any is invalid")
     sw.add_argument("--status", action="store_true", help="show which runs are done, failed, partial or pending")
     sw.add_argument("--report", action="store_true", help="only rebuild results.csv, report.md and plots from finished runs")
-    sw.add_argument("--workers", type=int, default=1,
-                    help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential)")
+    sw.add_argument("--workers", type=int, default=None,
+                    help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential); "
+                         "with --executor ray: at most N runs in flight (default: as many as the cluster fits)")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: this process or --workers processes (default); ray: each run a Ray task on a local "
+                         "instance or the cluster at --ray-address (pip install 'visiontune[cluster]')")
+    sw.add_argument("--ray-address", default=None,
+                    help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, else a local instance)")
+    sw.add_argument("--cpus-per-run", type=int, default=None,
+                    help="Ray: CPUs reserved per run, also its torch threads (default: a GPU's share of the CPUs "
+                         "with GPUs, else 4)")
+    sw.add_argument("--gpus-per-run", type=float, default=None,
+                    help="Ray: GPUs per run (default 1 when the cluster has GPUs, else 0)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    es = sub.add_parser("estimate", help="parameters and memory per device of a run, before anything is loaded")
+    es.add_argument("--config", "-c", default=None, help="YAML run config (configs/*.yaml)")
+    es.add_argument("overrides", nargs="*", help="dotted overrides, e.g. backbone.name=vit_7b_patch16_dinov3 method.name=qlora")
+    es.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                    help="device to estimate for (default: run.device; auto = cuda if available); decides autocast")
+    es.add_argument("--device-memory", default=None,
+                    help="memory to check against, e.g. 24GB, 80GiB (default: the current CUDA device's, or this "
+                         "machine's RAM on CPU)")
+    es.add_argument("--num-classes", type=int, default=10, help="classifier size (the data is not read)")
+    es.add_argument("--json", action="store_true", help="print every term as JSON")
+    es.set_defaults(func=_cmd_estimate)
     pt = sub.add_parser("pretrain", help="ExPLoRA: extended self-supervised pretraining on unlabeled images -> a new backbone")
     pt.add_argument("--config", "-c", default=None, help="YAML config (configs/pretrain/*.yaml)")
     pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.steps=100 explora.recipe=D-ExPLoRA-[1,L]-r32")

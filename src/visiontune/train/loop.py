@@ -325,6 +325,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     device = resolve_device(cfg.run.device)
+    method.device = device  # e.g. 4-bit quantization on the GPU the run trains on
     cfg = resolve_config(cfg, method, device)
     if cfg.run.tensorboard:
         require_tensorboard()  # fails before the run directory is touched
