@@ -33,8 +33,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
+# The method comparison, then `visiontune auto` choosing a method for the same data within DEMO_AUTO_BUDGET.
+DEMO_AUTO_BUDGET ?= 15m
 demo: $(STAMP)
-	$(BIN)/python -m visiontune.demo $(DEMO_ARGS)
+	$(BIN)/python -m visiontune.demo --auto $(DEMO_AUTO_BUDGET) $(DEMO_ARGS)
 
 # The README's demo table against the last `make demo` output (CI runs it after `make demo`).
 demo-check: $(STAMP)

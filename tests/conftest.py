@@ -48,3 +48,16 @@ def runs_helper() -> ModuleType:
 def adapter_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Run directories ``colors`` (LoRA), ``tone`` (Mona), ``big`` (other image size), trained once per session."""
     return _ADAPTER_RUNS.make_adapter_runs(tmp_path_factory.getbasetemp() / "adapter-runs")
+
+
+@pytest.fixture(scope="session")
+def exported_runs(adapter_runs: dict[str, Path]) -> dict[str, Path]:
+    """``colors`` (LoRA) and ``tone`` (Mona) with fp32 + INT8 ONNX exports in their ``export/`` (once per session)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev/onnx extras")
+    pytest.importorskip("onnxscript", reason="Mona exports only with torch's dynamo exporter (onnxscript, onnx extra)")
+    from visiontune.infer.export import export_run
+
+    for name in ("colors", "tone"):
+        if not (adapter_runs[name] / "export" / "model.int8.onnx").is_file():
+            export_run(adapter_runs[name], int8=True)
+    return {k: adapter_runs[k] for k in ("colors", "tone")}

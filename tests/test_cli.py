@@ -41,3 +41,18 @@ def test_bad_config_exits_2_with_message(capsys):
 def test_eval_of_non_run_dir(capsys, tmp_path):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a visiontune run directory" in capsys.readouterr().err
+
+
+def test_lora_run_prints_no_bitsandbytes_warning(tmp_path):
+    """peft imports bitsandbytes for every method; its AVX-512 BF16 'kernels-community' message is a false alarm."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "visiontune.cli", "train", "backbone.name=test_vit", "backbone.weights=none",
+         "method.name=lora", "data.dataset=digits", "data.train_per_class=3", "data.test_per_class=2",
+         "optim.epochs=1", "run.progress=false", "run.measure_speed=false", f"run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bitsandbytes" not in out.stderr and "gemm_4bit" not in out.stderr, out.stderr[-2000:]

@@ -72,3 +72,15 @@ def test_check_command_reads_the_demo_folder(tmp_path: Path, capsys: pytest.Capt
     readme.write_text(_readme(TABLE.replace("| 50.0 |", "| 40.0 |")))
     assert demo.main(["--check", str(readme), "--results", str(tmp_path)]) == 1
     assert demo.main(["--check", str(readme), "--results", str(tmp_path / "missing")]) == 2
+
+
+def test_demo_auto_chooses_on_the_demo_split(tmp_path: Path) -> None:
+    """`make demo`'s last part: auto on the demo config's data and backbone (here swapped for tiny ones)."""
+    from visiontune.demo import run_auto
+
+    extra = ["data.dataset=digits", "data.train_per_class=4", "data.test_per_class=3", "backbone.name=test_vit",
+             "backbone.weights=none", "backbone.img_size=null", f"run.dir={tmp_path}", "run.progress=false"]
+    record = run_auto(extra, "1s")  # a budget that only the cheap candidates fit in
+    assert record["decision"]["candidate"] in {"linear probe", "nearest prototype"}
+    assert (tmp_path / "auto" / "leaderboard.md").is_file() and record["test_images"] == 30
+    assert record["backbone"] == "test_vit"

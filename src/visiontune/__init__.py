@@ -46,11 +46,13 @@ def pretrain(cfg: PretrainConfig) -> Any:
     return _pretrain(cfg)
 
 
-def evaluate(run_dir: str, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate a finished run; see :func:`visiontune.runs.evaluate_run`."""
+def evaluate(
+    run_dir: str, data: str | None = None, device: str = "cpu", backend: str | None = None, int8: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a finished run (or its ONNX export); see :func:`visiontune.runs.evaluate_run`."""
     from visiontune.runs import evaluate_run
 
-    return evaluate_run(run_dir, data=data, device=device)
+    return evaluate_run(run_dir, data=data, device=device, backend=backend, int8=int8)
 
 
 def load(run_dir: str, device: str = "cpu", merge: bool = True) -> Any:
@@ -60,14 +62,21 @@ def load(run_dir: str, device: str = "cpu", merge: bool = True) -> Any:
     return load_run(run_dir, device=device, merge=merge)
 
 
-def pipeline(run_dir: str, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32) -> Any:
+def pipeline(
+    run_dir: str, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
+    max_pixels: int | None = None, max_aspect: float | None = None, backend: str | None = None, int8: bool = False,
+) -> Any:
     """A predictor for a finished run: ``vt.pipeline("runs/<name>")("img.jpg")`` -> top-k labels with scores.
 
-    See :class:`visiontune.infer.Predictor` (paths, PIL images, arrays, bytes, or lists of them).
+    See :class:`visiontune.infer.Predictor` (paths, PIL images, arrays, bytes, or lists of them) and
+    :func:`visiontune.infer.pipeline` (``max_pixels`` / ``max_aspect``: the decoding size guard,
+    defaulting to the run's ``data.max_pixels`` / ``data.max_aspect``; ``backend="onnxruntime"``,
+    ``int8=True``, or an export's path).
     """
     from visiontune.infer import pipeline as _pipeline
 
-    return _pipeline(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size)
+    return _pipeline(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
+                     max_pixels=max_pixels, max_aspect=max_aspect, backend=backend, int8=int8)
 
 
 def list_methods() -> list[str]:

@@ -23,7 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from visiontune.runs import evaluate_run
 
-    m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet)
+    m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
+                     int8=args.int8)
     if args.json:
         print(json.dumps(m, indent=1))
     else:
@@ -42,7 +43,8 @@ def _cmd_auto(args: argparse.Namespace) -> int:
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
-        overrides=args.overrides, progress=not args.quiet,
+        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
+        **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
     if args.dry_run:
         print(sel.plan().describe())
@@ -154,7 +156,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from visiontune.infer import pipeline
     from visiontune.infer.files import collect_images, format_results
 
-    predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size)
+    predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
+                         backend=args.backend, int8=args.int8, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
+                         settings=("--max-pixels", "--max-aspect"))
     paths, problems = collect_images(args.inputs)
     # Progress only where it helps: a folder's worth of images, and never in quiet mode.
     progress = not args.quiet and len(paths) >= 2 * args.batch_size
@@ -170,6 +174,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from visiontune.errors import ConfigError
@@ -186,17 +191,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from visiontune.serve.app import serve
 
     serve(adapters, host=args.host, port=args.port, device=args.device, max_bytes=args.max_bytes,
-          max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level)
+          max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
+          max_pixels=args.max_pixels, max_aspect=args.max_aspect, max_decodes=args.max_decodes,
+          api_key=args.api_key if args.api_key is not None else (os.environ.get("VISIONTUNE_API_KEY") or None),
+          backend=args.backend, int8=args.int8)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import warnings
+
     from visiontune.infer.export import export_run
 
-    res = export_run(args.run_dir, out=args.out, fmt=args.format, exporter=args.exporter, opset=args.opset,
-                     check=not args.no_check)
-    print(json.dumps({"model": str(res.model_path), "metadata": str(res.metadata_path), "exporter": res.exporter,
-                      "merged": res.merged, "max_abs_diff_vs_pytorch": res.max_abs_diff}))
+    keep = [k for k in (args.keep_fp32 or "").split(",") if k.strip()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = export_run(args.run_dir, out=args.out, fmt=args.format, exporter=args.exporter, opset=args.opset,
+                         check=not args.no_check, int8=args.int8, calibration=args.calibration, max_drop=args.max_drop,
+                         warn_only=args.warn_only, keep_fp32=keep, smoothing=args.smoothing)
+    for w in caught:
+        if "visiontune export:" in str(w.message):
+            print(f"WARNING {w.message}", file=sys.stderr)  # loud, on stderr, with the numbers
+    out = {"model": str(res.model_path), "metadata": str(res.metadata_path), "exporter": res.exporter,
+           "merged": res.merged, "max_abs_diff_vs_pytorch": res.max_abs_diff}
+    if res.accuracy is not None:
+        out["test"] = {k: v for k, v in res.accuracy.items()}
+    if res.int8_path is not None:
+        out.update(int8_model=str(res.int8_path), int8_metadata=str(res.int8_metadata_path), int8_accepted=res.int8_accepted)
+    print(json.dumps(out))
     return 0
 
 
@@ -208,7 +230,9 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
         sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--batch-sizes {args.batch_sizes!r} is invalid; give integers like 1,32") from None
-    rows = bench_infer(args.run_dir, batch_sizes=sizes, iters=args.iters, min_time_s=args.min_time, device=args.device)
+    backends = None if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
+    rows = bench_infer(args.run_dir, batch_sizes=sizes, iters=args.iters, min_time_s=args.min_time, device=args.device,
+                       backends=backends, export=args.export, rounds=args.rounds, progress=not args.json)
     print(json.dumps(rows) if args.json else format_bench(rows))
     return 0
 
@@ -223,6 +247,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--int8``, the same for predict, eval, serve."""
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                   help="auto (default): torch for a run directory, onnxruntime for an export; onnxruntime on a run "
+                        "directory uses its export/ (visiontune export); openvino is not supported in this build")
+    p.add_argument("--int8", action="store_true", help="use the INT8 export (model.int8.onnx; onnxruntime)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visiontune", description="Parameter-efficient fine-tuning of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,11 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a finished run on its test split or on other labeled data")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run directory, or an ONNX export of one (folder, .onnx or its .json)")
     e.add_argument("--data", default=None, help="image folder / CSV / built-in dataset to evaluate on (same labels)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     e.add_argument("--quiet", action="store_true")
+    _backend_args(e)
     e.set_defaults(func=_cmd_eval)
 
     ls = sub.add_parser("list", help="list backbones, methods or datasets")
@@ -255,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--budget", default=None, help="time budget, e.g. 20m, 1.5h, 900s (default: none)")
     au.add_argument("--folds", type=int, default=5, help="cross-validation folds (fewer when a class is smaller)")
     au.add_argument("--out", default=None, help="selection folder (default runs/auto/<data name>)")
+    au.add_argument("--unlabeled", default=None,
+                    help="unlabeled images of the same domain (folder, CSV or built-in name): ExPLoRA pretraining "
+                         "becomes a candidate backbone when the budget allows (the test split is left out)")
+    au.add_argument("--unlabeled-steps", type=int, default=None, help="ExPLoRA optimizer steps (batch 16; default 200)")
+    au.add_argument("--no-prune", action="store_true",
+                    help="train every fine-tuning candidate on every fold (no successive halving; slower, for comparison)")
     au.add_argument("--dry-run", action="store_true", help="print the plan and time estimates; train nothing")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=_cmd_auto)
@@ -297,44 +336,78 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.steps=100 explora.recipe=D-ExPLoRA-[1,L]-r32")
     pt.set_defaults(func=_cmd_pretrain)
     pr = sub.add_parser("predict", help="top-k labels of images, files or folders, with a trained run")
-    pr.add_argument("run_dir")
+    pr.add_argument("run_dir", help="a run directory, or an ONNX export of one (folder, .onnx or its .json)")
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     pr.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
     pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    pr.add_argument("--max-pixels", type=int, default=None,
+                    help="largest image decoded, width x height (default: the run's data.max_pixels, 40 MP); "
+                         "larger JPEGs are decoded at reduced scale, other images are reported as errors")
+    pr.add_argument("--max-aspect", type=float, default=None,
+                    help="largest longer/shorter side ratio (default: the run's data.max_aspect, 20)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _backend_args(pr)
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP service + web page: one backbone, several task adapters")
     sv.add_argument("--adapter", action="append", required=True, metavar="NAME=RUN_DIR",
-                    help="a task adapter (repeat for more); all must share the backbone")
+                    help="a task adapter (repeat for more): a run directory (all must share the backbone) or, with "
+                         "onnxruntime, an export")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024, help="largest accepted image file")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="largest decoded image, width x height (default 40 MP; checked from the header before "
+                         "decoding; larger JPEGs are decoded at reduced scale, anything else gets 413)")
+    sv.add_argument("--max-aspect", type=float, default=20.0, help="largest longer/shorter side ratio (default 20)")
+    sv.add_argument("--max-decodes", type=int, default=2, help="most images decoded at once; more requests wait (default 2)")
+    sv.add_argument("--api-key", default=None,
+                    help="require this key on /v1/ requests (Authorization: Bearer KEY or X-API-Key: KEY); default: "
+                         "$VISIONTUNE_API_KEY, else none. Prefer the variable: a command line is visible to other users")
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _backend_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
-    ex = sub.add_parser("export", help="export a run's merged model (ONNX) with labels and preprocessing")
+    ex = sub.add_parser("export", help="export a run's merged model (ONNX, optionally INT8) with labels and preprocessing")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                    help="onnx (openvino is not supported in this build: it says so)")
     ex.add_argument("--out", default=None, help="output .onnx path (default <run_dir>/export/model.onnx)")
     ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
                     help="torch.export-based (needs onnxscript) or the legacy tracer; auto tries them in that order")
     ex.add_argument("--opset", type=int, default=18)
-    ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch comparison")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip the onnxruntime vs PyTorch comparison and the test-split accuracy measurement")
+    ex.add_argument("--int8", action="store_true",
+                    help="also write model.int8.onnx: static INT8 quantization calibrated on the run's training images")
+    ex.add_argument("--calibration", type=int, default=None, metavar="N",
+                    help="calibration images from the training split (default 128, or all when fewer)")
+    ex.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                    help="refuse the INT8 model when it loses more accuracy or weighted F1 than this on the test split (default 1)")
+    ex.add_argument("--warn-only", action="store_true", help="keep an INT8 model past --max-drop, with a warning")
+    ex.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
+                    help="comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")
+    ex.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
+                    help="SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
     ex.set_defaults(func=_cmd_export)
 
-    bi = sub.add_parser("bench-infer", help="predictor latency/throughput, merged vs unmerged")
+    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, ONNX fp32/INT8)")
     bi.add_argument("run_dir")
     bi.add_argument("--batch-sizes", default="1,32", help="comma-separated; 1 is the latency")
     bi.add_argument("--iters", type=int, default=None, help="timed passes per measurement (default: time-based)")
     bi.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement when --iters is not given")
     bi.add_argument("--device", default="cpu")
+    bi.add_argument("--backends", default="all",
+                    help="comma-separated: torch, onnxruntime (default all installed; openvino is not in this build)")
+    bi.add_argument("--export", default=None, help="folder with model.onnx / model.int8.onnx (default <run>/export, "
+                                                   "else exported for the benchmark)")
+    bi.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds; medians over them (default 1)")
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
     return p

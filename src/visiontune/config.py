@@ -128,6 +128,17 @@ class DataConfig:
     crop_scale: float = _help("smallest image-area fraction a random training crop keeps (ImageNet recipes: 0.08)", default=0.5)
     num_workers: int = _help("DataLoader worker processes", default=0)
     cache: bool = _help("decode train/val images once and keep them in memory (up to 2 GB per split; same pixels)", default=True)
+    max_pixels: int = _help(
+        "largest image decoded (width x height; larger JPEGs are decoded at 1/2..1/8 scale, other files are refused)",
+        default=40_000_000,
+    )
+    max_aspect: float = _help("largest longer-side / shorter-side ratio of an image (resizing a thin strip costs memory)", default=20.0)
+
+    def image_limits(self) -> Any:
+        """The :class:`~visiontune.data.images.ImageLimits` these settings describe (errors name data.max_*)."""
+        from visiontune.data.images import ImageLimits
+
+        return ImageLimits(int(self.max_pixels), float(self.max_aspect), "data.max_pixels", "data.max_aspect")
 
     def problems(self) -> list[str]:
         out = []
@@ -138,6 +149,10 @@ class DataConfig:
             out.append(f"data.crop_scale={self.crop_scale} must be in (0, 1]")
         if self.num_workers < 0:
             out.append(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.max_pixels < 1:
+            out.append(f"data.max_pixels={self.max_pixels} must be >= 1 (default 40000000)")
+        if not self.max_aspect >= 1:
+            out.append(f"data.max_aspect={self.max_aspect} must be >= 1 (default 20)")
         return out
 
 
@@ -179,6 +194,9 @@ class OptimConfig:
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak", default=0.01)
     clip_grad: float | None = _help("max gradient norm; null disables clipping", default=1.0)
     label_smoothing: float = _help("cross-entropy label smoothing", default=0.1)
+    class_weights: Literal["none", "balanced"] = _help(
+        "balanced: weight the loss by n / (classes x n_class) of the training split, for imbalanced data", default="none"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 is emulated and slow on most CPUs)", default="auto"
     )

@@ -97,6 +97,28 @@ def run_demo(extra: list[str]) -> Path:
     return out
 
 
+def run_auto(extra: list[str], budget: str) -> dict[str, Any]:
+    """``visiontune auto`` on the demo's data and backbone (the same split) within ``budget``: the method chosen for
+    this data, in ``<run.dir>/auto/leaderboard.md``. Which candidates fit depends on the machine's speed, so this part
+    is not held against the README by ``--check``."""
+    from visiontune.auto import AutoSelect, parse_budget
+
+    cfg = vt.load_config(CONFIG if CONFIG.is_file() else None, overrides=extra)
+    sections = cfg.to_dict()
+    # The demo's data and backbone settings, as the overrides auto gives every candidate.
+    overrides = [
+        f"{sec}.{k}={v}" for sec in ("data", "backbone") for k, v in sections[sec].items()
+        if v is not None and isinstance(v, (str, int, float, bool))
+    ]
+    out = Path(cfg.run.dir) / "auto"
+    print(f"\n[demo] === visiontune auto {cfg.data.dataset} --budget {budget} --out {out} ===")
+    record = AutoSelect(cfg.data.dataset, out, budget_s=parse_budget(budget), overrides=overrides,
+                        progress=cfg.run.progress).run()
+    print(f"\n[demo] auto chose: {record['decision']['candidate']}. {record['decision']['reason']}.")
+    print(f"[demo] leaderboard: {out / 'leaderboard.md'}  model: {record['final']['run_dir']}")
+    return record
+
+
 # ----------------------------------------------------------------------------- README check
 
 
@@ -147,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m visiontune.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", metavar="README", help="compare README's demo table with the last demo output")
     parser.add_argument("--results", metavar="DIR", help="demo output folder (default: run.dir of configs/demo.yaml)")
+    parser.add_argument("--auto", metavar="BUDGET", help="then run `visiontune auto` on the same data within BUDGET (e.g. 15m)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every demo run")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     if not args.check:
         run_demo(list(args.overrides))
+        if args.auto:
+            run_auto(list(args.overrides), args.auto)
         return 0
     results = Path(args.results or vt.load_config(CONFIG, overrides=list(args.overrides)).run.dir)
     record_path = results / "comparison.json"

@@ -216,6 +216,11 @@ class AdapterHost:
         """Label names of a task, in logit order."""
         return list(self._task(name).classes)
 
+    def transform_for(self, name: str) -> Callable[[Any], torch.Tensor] | None:
+        """The preprocessing of task ``name``: the shared backbone's, the same for every task."""
+        self._task(name)
+        return self.transform
+
     @torch.inference_mode()
     def logits(self, name: str, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, num_classes of the task] for a batch of preprocessed images [B, 3, H, W] (on CPU)."""

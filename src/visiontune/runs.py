@@ -215,25 +215,57 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
 
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, device: str = "cpu", batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool = True, backend: str | None = None, int8: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
 
+    Args:
+        run_dir: a run directory, or an ONNX export of one (its test split is found through the run
+            directory the export records; ``data`` works without it).
+        data: another dataset to evaluate on (same labels).
+        device: torch device (the onnxruntime backend runs on the CPU).
+        batch_size: images per forward pass (default: the run's ``optim.eval_batch_size``).
+        progress: a progress bar.
+        backend: ``torch``, ``onnxruntime`` or None (torch for a run, onnxruntime for an export).
+        int8: evaluate the INT8 export.
+
     Returns:
-        The metrics dict of :func:`visiontune.eval.compute_metrics`.
+        The metrics dict of :func:`visiontune.eval.compute_metrics`, plus ``backend`` and ``precision``.
     """
     from visiontune.data import ImageDataset, load_records, make_splits
+    from visiontune.infer.backends import resolve_backend
     from visiontune.train.loop import autocast_dtype, evaluate_loader, make_loader, resolve_device
 
-    dev = resolve_device(device)
-    run = load_run(run_dir, device=str(dev))
-    cfg = run.config
+    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
+        from visiontune.infer.backends import load_export
+        from visiontune.infer.predictor import _cpu_only
+
+        _cpu_only(device)
+        exp = load_export(run_dir, int8=int8)
+        if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
+            if data is None:
+                raise ConfigError(f"the export {str(run_dir)!r} records no run directory here ({exp.run_dir}), so its test "
+                                  "split is unknown; pass --data with labeled images to evaluate on")
+        model, classes, transform, dev, amp = exp.model, exp.classes, exp.transform, torch.device("cpu"), None
+        cfg = load_config(exp.run_dir / "config.yaml") if exp.run_dir is not None and (exp.run_dir / "config.yaml").is_file() else None
+        extra = {"backend": "onnxruntime", "precision": exp.precision, "model": str(exp.model_path)}
+        # The run's decoding size guard (recorded by the export, or its config; defaults without either).
+        limits = cfg.data.image_limits() if cfg is not None else exp.limits()
+    else:
+        dev = resolve_device(device)
+        run = load_run(run_dir, device=str(dev))
+        model, classes, transform, cfg = run.model, run.classes, run.transform, run.config
+        amp = autocast_dtype(cfg.optim.precision, dev)
+        extra = {"backend": "torch", "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+        limits = cfg.data.image_limits()
     if data is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
-        if list(records.classes) != run.classes:
-            raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {run.classes}")
+        assert cfg is not None
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=limits)
+        if list(records.classes) != classes:
+            raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {classes}")
         test = make_splits(records, cfg.data)["test"]
     else:
-        test = load_records(data, classes=run.classes)
-    loader = make_loader(ImageDataset(test, run.transform), batch_size or cfg.optim.eval_batch_size, False, 0, 0)
-    return evaluate_loader(run.model, loader, dev, run.classes, autocast_dtype(cfg.optim.precision, dev), progress)
+        test = load_records(data, classes=classes, limits=limits)
+    size = batch_size or (cfg.optim.eval_batch_size if cfg is not None else 64)
+    loader = make_loader(ImageDataset(test, transform, limits), size, False, 0, 0)
+    return {**evaluate_loader(model, loader, dev, classes, amp, progress), **extra}

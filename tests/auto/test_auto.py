@@ -49,9 +49,9 @@ def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytes
     decoded: list[str] = []
     original = data_cache.decode_compact
 
-    def spy(item, id=None):
+    def spy(item, id=None, *args, **kwargs):
         decoded.append(id)
-        return original(item, id)
+        return original(item, id, *args, **kwargs)
 
     monkeypatch.setattr(data_cache, "decode_compact", spy)
     sel = _select(tmp_path)
@@ -79,8 +79,10 @@ def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytes
 
 
 def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
+    # A budget far below what the cheap stage alone takes, so no fine-tuning fold can fit on any machine
+    # (1 s was not enough on a fast CPU: the tiny candidate's estimated fold fitted and ran).
     t0 = time.perf_counter()
-    record = _select(tmp_path, budget_s=1.0).run()
+    record = _select(tmp_path, budget_s=0.001).run()
     assert time.perf_counter() - t0 < 60
     status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
     assert status[ONE_FINETUNE[0].name] == "budget"
@@ -185,3 +187,66 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert "labeled pool: 40 images, 10 classes" in out.stdout and "estimated time" in out.stdout
     assert not (tmp_path / "x").exists()  # a plan writes nothing
     del main
+
+
+def test_imbalanced_pools_get_class_balanced_candidates(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visiontune.auto import BALANCED
+    from visiontune.methods.base import class_weights
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("common", 14), ("rare", 5)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    sel = AutoSelect(str(tmp_path / "imgs"), tmp_path / "out", overrides=["backbone.name=test_vit", "backbone.weights=none",
+                     "data.train_fraction=0.8"], progress=False, folds=2, steps=2, candidates=ONE_FINETUNE)
+    assert sel.imbalance >= 2.5
+    assert BALANCED[0] in sel.cheap and BALANCED[1] in sel.candidates
+    assert "class-balanced candidates included" in sel.plan().describe()
+    balanced = _select(tmp_path / "digits")  # digits with 4 per class: balanced, nothing added
+    assert BALANCED[0] not in balanced.cheap and BALANCED[1] not in balanced.candidates
+    w = class_weights(np.array([0, 0, 0, 1]), 3, "balanced")
+    assert torch_allclose(w, [4 / 6, 2.0, 0.0]) and class_weights(np.array([0, 1]), 2, "none") is None
+
+
+def torch_allclose(t, values) -> bool:
+    import torch
+
+    return bool(torch.allclose(t, torch.tensor(values, dtype=t.dtype)))
+
+
+def test_unlabeled_images_make_an_explora_backbone_judged_on_the_same_folds(tmp_path: Path) -> None:
+    sel = _select(tmp_path, candidates=(), unlabeled="digits", unlabeled_steps=2)
+    record = sel.run()
+    ex = record["explora"]
+    assert ex["status"] == "complete" and Path(ex["backbone"]).is_file()
+    # The labeled data's test split was left out of pretraining (digits: the same images).
+    assert ex["held_out"] >= len(sel.test)
+    key = sel.backbones[0] + " + ExPLoRA"
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    # Both backbones' cheap candidates are scored on the same folds; the one not escalated on is listed, not eligible.
+    assert record["backbone"] in {sel.backbones[0], key}
+    other = key if record["backbone"] == sel.backbones[0] else sel.backbones[0]
+    assert rows[f"linear probe ({other})"]["folds"] == sel.k and not rows[f"linear probe ({other})"]["eligible"]
+    assert ex["chosen"] == (record["backbone"] == key) and ex["chosen"] == (ex["gain_vs_base"]["low"] > 0)
+
+
+def test_explora_is_skipped_when_the_budget_cannot_pay_for_it(tmp_path: Path) -> None:
+    # An hour's budget, but a million steps: the projection after the first steps stops the pretraining.
+    record = _select(tmp_path, candidates=(), unlabeled="digits", unlabeled_steps=10**6, budget_s=3600).run()
+    assert record["explora"]["status"] == "budget" and record["backbone"] == "test_vit"
+    assert "of 1000000 steps" in record["explora"]["why"] and record["elapsed_s"] < 300
+    assert not any("ExPLoRA" in r["candidate"] for r in record["leaderboard"])
+
+
+def test_no_prune_trains_every_candidate_on_every_fold(tmp_path: Path) -> None:
+    two = (*ONE_FINETUNE, Candidate("lora q,v r2", ("method.name=lora", "method.targets=qv", "method.rank=2")))
+    sel = _select(tmp_path, candidates=two, prune=False)
+    assert "no pruning" in sel.plan().describe()
+    record = sel.run()
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    assert all(rows[c.name]["status"] == "complete" and rows[c.name]["folds"] == sel.k for c in two)
+    with pytest.raises(ConfigError, match="prune"):  # a pruned search cannot continue an unpruned one
+        _select(tmp_path, candidates=two).run()

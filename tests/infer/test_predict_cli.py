@@ -71,3 +71,48 @@ def test_progress_bar_on_large_inputs_and_bad_options(adapter_runs: dict[str, Pa
     assert "top_k=0 is invalid" in capsys.readouterr().err
     assert main(["predict", str(image_tree), str(image_tree)]) == 2
     assert "not a visiontune run directory" in capsys.readouterr().err
+
+
+def _fuzzed_dds() -> bytes:
+    """A DDS header with no pixel-format flags: PIL's DDS plugin raises NotImplementedError on it."""
+    import struct
+
+    header = bytearray(120)
+    struct.pack_into("<3I", header, 0, 0x1007, 4, 4)
+    return b"DDS " + struct.pack("<I", 124) + bytes(header) + bytes(64)
+
+
+def test_one_fuzzed_or_oversized_file_does_not_stop_the_others(
+    adapter_runs: dict[str, Path], tmp_path: Path, runs_helper: ModuleType, capsys: pytest.CaptureFixture,
+) -> None:
+    """Issue 18, item 8: a fuzzed DDS raised NotImplementedError and `predict FOLDER` predicted nothing."""
+    from PIL import Image
+
+    runs_helper.noisy_image(runs_helper.COLORS["red"], 1).save(tmp_path / "a_red.png")
+    (tmp_path / "b_fuzz.png").write_bytes(_fuzzed_dds())
+    Image.new("L", (2_000, 10)).save(tmp_path / "c_strip.png")  # aspect 200:1
+    runs_helper.noisy_image(runs_helper.COLORS["blue"], 2).save(tmp_path / "d_blue.png")
+    rc = main(["predict", str(adapter_runs["colors"]), str(tmp_path), "--format", "json", "--quiet", "--top-k", "1"])
+    out, err = capsys.readouterr()
+    rows = {Path(r["file"]).name: r for r in json.loads(out)}
+    assert "skipped" in err and "b_fuzz.png" in err
+    assert rc == 1 and rows["a_red.png"]["predictions"][0]["label"] == "red"
+    assert rows["d_blue.png"]["predictions"][0]["label"] == "blue"
+    assert "NotImplementedError" in rows["b_fuzz.png"]["error"]
+    assert "aspect ratio of 200:1" in rows["c_strip.png"]["error"] and "--max-aspect" in rows["c_strip.png"]["error"]
+    # The limits are settings: raised, the strip is predicted too.
+    assert main(["predict", str(adapter_runs["colors"]), str(tmp_path / "c_strip.png"), "--max-aspect", "250", "--quiet"]) == 0
+    capsys.readouterr()
+
+
+def test_predictor_api_takes_the_limits(adapter_runs: dict[str, Path], runs_helper: ModuleType) -> None:
+    import visiontune as vt
+    from visiontune.errors import DataError
+
+    img = runs_helper.noisy_image(runs_helper.COLORS["green"], 3)  # 24 x 24
+    small = vt.pipeline(str(adapter_runs["colors"]), max_pixels=500)
+    assert small.limits.max_pixels == 500 and vt.pipeline(str(adapter_runs["colors"])).limits.max_pixels == 40_000_000
+    with pytest.raises(DataError, match=r"24 x 24 = 576 pixels, over the limit of 500 .*raise max_pixels"):
+        small(img)
+    (result,) = small.predict_many([runs_helper.png_bytes(img)])
+    assert "max_pixels" in result.error and result.predictions is None

@@ -113,3 +113,29 @@ def test_choose_c_by_grouped_cv_and_by_validation(digits) -> None:
     # Above max_rows, C is chosen on a subsample and no all-rows head comes back (the caller fits it).
     _, _, head = choose_c(xt, yt, np.arange(len(y)), 10, 1000, None, max_rows=60)
     assert head is None
+
+
+@pytest.mark.parametrize("c", [0.1, 1.0])
+def test_balanced_weights_reach_scikit_learns_class_weighted_optimum(digits, c: float) -> None:
+    """optim.class_weights=balanced: the probe solves scikit-learn's class_weight="balanced" problem."""
+    x, y = digits
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3], np.flatnonzero(y == 2)[:6]])
+    x, y = x[keep], y[keep]  # 12 / 3 / 6 images: imbalanced
+    [[(w, b)]] = fit_path(x, y, [np.arange(len(y))], 3, [c], max_iter=2000, balanced=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x, y)
+    sw = len(y) / (3 * np.bincount(y)[y])
+
+    def objective(logits: np.ndarray, coef: np.ndarray) -> float:
+        z = logits - logits.max(1, keepdims=True)
+        nll = -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1)))
+        return float(c * (sw * nll).sum() + 0.5 * (coef**2).sum())
+
+    ours = objective(x @ w.numpy().T + b.numpy(), w.numpy())
+    theirs = objective(ref.decision_function(x), ref.coef_)
+    assert ours <= theirs * (1 + 1e-3) + 1e-4
+    # ...and it is not the unweighted problem: the rare class gains logit mass.
+    [[(w0, b0)]] = fit_path(x, y, [np.arange(len(y))], 3, [c], max_iter=2000)
+    rare = y == 1
+    assert (x[rare] @ w.numpy().T + b.numpy())[:, 1].mean() > (x[rare] @ w0.numpy().T + b0.numpy())[:, 1].mean()

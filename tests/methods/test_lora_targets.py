@@ -113,6 +113,18 @@ def test_block_syntax() -> None:
         parse_blocks("3-1", 12)
 
 
+@pytest.mark.parametrize("spec", ["last:9", "first:3", "last:3,0"])
+def test_block_counts_beyond_the_depth_are_errors_naming_it(spec: str) -> None:
+    """``last:9`` on a 2-block model used to be clamped to "all" without a word (issue 18, item 9)."""
+    assert parse_blocks("last:2", 2) == [0, 1] and parse_blocks("first:1", 2) == [0]
+    kind = spec.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"method.blocks='{spec}' asks for {kind} \d blocks, but this backbone has 2 "
+                                          rf"blocks; use {kind}:N with N from 1 to 2, or all"):
+        parse_blocks(spec, 2)
+    with pytest.raises(ConfigError, match="this backbone has 2 blocks"):
+        resolve_targets(_split(_backbone("test_vit")), ["q"], blocks=spec)
+
+
 def test_swin_presets_cover_all_stages() -> None:
     model = _split(_backbone("test_swin"))
     blocks = ["layers.0.blocks.0", "layers.1.blocks.0"]

@@ -69,7 +69,7 @@ def _x(arch: str, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(5))
 
 
-def _run_cell(arch: str, method_name: str, tmp_path: Path, **method_kw: object) -> None:
+def _check_cell(arch: str, method_name: str, tmp_path: Path, **method_kw: object) -> None:
     method = _method(method_name, **method_kw)
     model = method.apply(_build(arch))
     x, y = _x(arch), torch.tensor([0, 2])
@@ -108,25 +108,25 @@ def _run_cell(arch: str, method_name: str, tmp_path: Path, **method_kw: object) 
 @pytest.mark.parametrize("method_name, targets, rank", STUDY_CELLS)
 @pytest.mark.parametrize("arch", list(ARCHS)[:6])
 def test_study_grid_cell(arch: str, method_name: str, targets: str, rank: int, tmp_path: Path) -> None:
-    _run_cell(arch, method_name, tmp_path, targets=[targets], rank=rank)
+    _check_cell(arch, method_name, tmp_path, targets=[targets], rank=rank)
 
 
 @pytest.mark.parametrize("method_name", ["qlora", "qdora"])
 @pytest.mark.parametrize("targets", ["q", "qv", "all-linear"])
 @pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "swin_tiny_patch4_window7_224"])
 def test_4bit_cells_on_both_cpu_paths(arch: str, targets: str, method_name: str, cpu_path: bool, tmp_path: Path) -> None:
-    _run_cell(arch, method_name, tmp_path, targets=[targets], rank=8)
+    _check_cell(arch, method_name, tmp_path, targets=[targets], rank=8)
 
 
 @pytest.mark.parametrize("method_name", ["linear", "full"])
 @pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "swin_tiny_patch4_window7_224"])
 def test_study_baselines(arch: str, method_name: str, tmp_path: Path) -> None:
-    _run_cell(arch, method_name, tmp_path)
+    _check_cell(arch, method_name, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_small_patch16_224"])
 def test_study_scratch_baselines(arch: str, tmp_path: Path) -> None:
-    _run_cell(arch, "scratch", tmp_path)
+    _check_cell(arch, "scratch", tmp_path)
 
 
 def test_4bit_layers_never_take_the_repacked_cpu_path(cpu_path: bool) -> None:

@@ -24,6 +24,7 @@ class LiveServer:
         import uvicorn
 
         self.app = app
+        self.backend = "torch"
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -51,14 +52,23 @@ def live_server_cls() -> type[LiveServer]:
     return LiveServer
 
 
-@pytest.fixture(scope="session")
-def live_server(adapter_runs: dict[str, Path]) -> Iterator[LiveServer]:
-    """The real service over HTTP: adapters ``colors`` (LoRA, 3 labels) and ``tone`` (Mona, 2 labels)."""
-    from visiontune.multi import AdapterHost
+@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+def live_server(request: pytest.FixtureRequest, adapter_runs: dict[str, Path]) -> Iterator[LiveServer]:
+    """The real service over HTTP: adapters ``colors`` (LoRA, 3 labels) and ``tone`` (Mona, 2 labels), once with
+    the torch backend (one shared backbone) and once with onnxruntime (each run's fp32 export)."""
     from visiontune.serve.app import create_app
 
-    host = AdapterHost.from_runs({"colors": adapter_runs["colors"], "tone": adapter_runs["tone"]})
+    if request.param == "onnxruntime":
+        from visiontune.infer.backends import ExportHost
+
+        exported = request.getfixturevalue("exported_runs")
+        host = ExportHost.from_exports({"colors": exported["colors"], "tone": exported["tone"]})
+    else:
+        from visiontune.multi import AdapterHost
+
+        host = AdapterHost.from_runs({"colors": adapter_runs["colors"], "tone": adapter_runs["tone"]})
     # A 20 ms batching window makes concurrent requests share forward passes reliably in the burst test.
     app = create_app(host, max_bytes=MAX_BYTES, max_batch=16, max_wait_ms=20, default_top_k=3)
     with LiveServer(app) as server:
+        server.backend = request.param
         yield server

@@ -58,8 +58,11 @@ def test_info_endpoints_docs_and_page(live_server: Any, adapter_runs: dict[str, 
     by = {a["name"]: a for a in listing["adapters"]}
     assert by["colors"]["method"] == "lora" and by["colors"]["classes"] == ["blue", "green", "red"]
     assert by["tone"]["method"] == "mona" and by["tone"]["classes"] == ["dark", "light"]
-    assert by["colors"]["source"] == str(adapter_runs["colors"]) and listing["default"] is None
+    # The run's name, not the server's path to it (nor to the weights file).
+    assert by["colors"]["source"] == adapter_runs["colors"].name and listing["default"] is None
+    assert listing["backbone"]["weights"] == "tiny_vit.safetensors" and "/" not in str(listing)
     assert listing["backbone"]["name"] == "test_vit" and listing["max_bytes"] == MAX_BYTES
+    assert listing["backend"] == live_server.backend == listing["backbone"].get("backend", "torch")
     # One backbone: each adapter holds far less privately than the backbone it shares.
     assert 0 < by["colors"]["private_bytes"] and 0 < by["tone"]["private_bytes"]
     spec = httpx.get(f"{url}/openapi.json").json()
@@ -155,16 +158,23 @@ def test_cli_serve_wires_the_app_and_binds_loopback_by_default(
     adapter_runs: dict[str, Path], runs_helper: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
     live_server_cls: type,
 ) -> None:
-    """`visiontune serve` end to end, except that uvicorn.run hands its app to a test server instead of blocking."""
+    """`visiontune serve` end to end, except that uvicorn's blocking run hands its app to a test server."""
     import uvicorn
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
-    # A bare run directory is named after its folder.
-    assert main(["serve", "--adapter", str(adapter_runs["tone"]), "--port", "8123", "--max-bytes", "5000"]) == 0
-    assert "serving 1 adapter(s) [tone] on http://127.0.0.1:8123" in capsys.readouterr().out
+
+    def fake_run(server: Any, sockets: list[Any] | None = None) -> None:
+        calls.append({"app": server.config.app, "address": sockets[0].getsockname()})
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    # A bare run directory is named after its folder; port 0: the OS picks a free one, and it is printed.
+    assert main(["serve", "--adapter", str(adapter_runs["tone"]), "--port", "0", "--max-bytes", "5000"]) == 0
+    monkeypatch.undo()  # the test server below runs uvicorn for real
     (call,) = calls
-    assert call["host"] == "127.0.0.1" and call["port"] == 8123
+    host, port = call["address"]
+    out, err = capsys.readouterr()
+    assert host == "127.0.0.1" and port > 0 and f"serving 1 adapter(s) [tone] on http://127.0.0.1:{port}" in out
+    assert "warning" not in err  # loopback: nothing to warn about
     png = runs_helper.png_bytes(runs_helper.noisy_image(runs_helper.TONES["light"], seed=3))
     with live_server_cls(call["app"]) as server:
         body = _post_file(server.url, png).json()  # one adapter: no need to name it
@@ -173,10 +183,49 @@ def test_cli_serve_wires_the_app_and_binds_loopback_by_default(
 
 
 def test_cli_serve_refuses_adapters_of_another_backbone(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    rc = main(["serve", "--adapter", f"colors={adapter_runs['colors']}", "--adapter", f"big={adapter_runs['big']}"])
+    import socket
+
+    with socket.socket() as s:  # a free port: serve binds before it loads, so a busy default port would answer first
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rc = main(["serve", "--port", port, "--adapter", f"colors={adapter_runs['colors']}", "--adapter", f"big={adapter_runs['big']}"])
     err = capsys.readouterr().err
     assert rc == 2 and "task 'big'" in err and "different backbone" in err and "img_size: adapter has 48, backbone has 32" in err
-    assert main(["serve", "--adapter", f"a={adapter_runs['tone']}", "--adapter", f"a={adapter_runs['tone']}"]) == 2
+    assert main(["serve", "--port", port, "--adapter", f"a={adapter_runs['tone']}", "--adapter", f"a={adapter_runs['tone']}"]) == 2
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--adapter", "=x"]) == 2
     assert "malformed" in capsys.readouterr().err
+
+
+def test_cli_serve_onnxruntime_backend_and_int8(
+    exported_runs: dict[str, Path], runs_helper: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    live_server_cls: type, expected: dict[str, Any],
+) -> None:
+    """`visiontune serve --backend onnxruntime [--int8]`: run directories served from their exports, same answers."""
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    # serve() binds its own socket and runs uvicorn.Server on it: hand the app over instead of serving.
+    # (only for these two calls: the live servers below run the real uvicorn.Server.)
+    colors, tone = exported_runs["colors"], exported_runs["tone"]
+    with monkeypatch.context() as m:
+        m.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append({"app": self.config.app}))
+        assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}", "--backend", "onnxruntime"]) == 0
+        assert main(["serve", "--adapter", f"colors={colors}", "--int8"]) == 0  # --int8 alone means onnxruntime
+    out = capsys.readouterr().out
+    assert "backend onnxruntime)" in out and "backend onnxruntime INT8)" in out
+    fp32_app, int8_app = calls[0]["app"], calls[1]["app"]
+    png = expected["images"]["green-1"]
+    with live_server_cls(fp32_app) as server:
+        listing = httpx.get(f"{server.url}/v1/adapters").json()
+        assert listing["backend"] == "onnxruntime" and listing["backbone"]["precision"] == "fp32"
+        assert _same(_post_file(server.url, png, "colors", top_k=3).json()["predictions"], expected["preds"]["colors"]["green-1"])
+    with live_server_cls(int8_app) as server:
+        assert httpx.get(f"{server.url}/v1/adapters").json()["backbone"]["precision"] == "int8"
+        got = _post_file(server.url, png, "colors", top_k=3).json()["predictions"]
+        assert [g["label"] for g in got] == [w["label"] for w in expected["preds"]["colors"]["green-1"]]
+    # Mixing exports and run directories without saying which backend is ambiguous; openvino is not in this build.
+    assert main(["serve", "--adapter", f"a={colors}", "--adapter", f"b={tone / 'export'}"]) == 2
+    assert "one backend" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"a={colors}", "--backend", "openvino"]) == 2
+    assert "pip install openvino" in capsys.readouterr().err

@@ -48,8 +48,8 @@ def test_dry_run_lists_every_run_and_fails_on_invalid_ones(tmp_path, capsys) -> 
         "preset 'qv' selects nothing on test_resnet. This ResNet has no attention", "use method.targets=conv",
         f"pattern {FC3!r} selects nothing on test_vit: it matches no module",
         "backbone.name='resnet181' is neither a visiontune backbone", "Did you mean 'resnet18'",
-        "fails a forward pass at 40x40 px (backbone.img_size=40): AssertionError: Input height (40) should be "
-        "divisible by patch size (16)", "null for its pretrained size (256 px)",
+        "backbone.img_size=40 is not a multiple of the patch size 16 of backbone.name='vit_small_patch16_dinov3'",
+        "backbone.img_size=32 or 48",
         "method.rank=0 must be an integer >= 1",
     ):
         assert text in out, text

@@ -15,6 +15,10 @@ final run, for the report):
    compares every candidate's running fold mean with the others' (the cheap candidates included) and stops
    those that are not in the top fraction; the budget stops the stage when the next fold would not fit.
    The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size.
+   With ``--unlabeled DIR``, ExPLoRA extended pretraining (:mod:`visiontune.pretrain`) first continues the chosen
+   backbone's self-supervised training on those images (the labeled data's test split left out) when the budget
+   allows it; the new backbone's probe and prototype are scored on the same folds, and it replaces the original
+   only when its paired gain over the original's best cheap candidate is beyond the interval (it costs more).
 4. **Decide like a statistician.** Every candidate gets a mean and a 95 % interval over folds and a paired
    difference against the probe (:mod:`visiontune.auto.stats`: corrected resampled t). The best mean wins
    unless its gain over a cheaper candidate lies inside the interval; then the cheapest such candidate wins,
@@ -33,9 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,15 @@ INNER_VAL_FRACTION = 0.2
 STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
 REDUCTION_FACTOR = 3
 CHEAPER_RATIO = 0.5
+EXPLORA_STEPS = 200
+"""Default ExPLoRA optimizer steps (batch 16) for ``--unlabeled``; the budget can stop it earlier."""
+EXPLORA_BUDGET_SHARE = 0.4
+"""At most this share of the budget left when pretraining starts goes to it (the fine-tuning stage needs the rest)."""
+EXPLORA_SUFFIX = " + ExPLoRA"
+
+
+class _PretrainOverBudget(Exception):
+    """Raised from the pretraining callback when the projected time no longer fits the budget."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,12 @@ FINETUNE = (
     Candidate("full fine-tuning", ("method.name=full",)),
 )
 PROBE = CHEAP[0].name
+IMBALANCE_RATIO = 1.5
+"""Largest / smallest class count in the labeled pool from which class-balanced candidates join the selection."""
+BALANCED = (
+    Candidate("linear probe, class-balanced", ("method.name=linear", "optim.class_weights=balanced"), cheap=True),
+    Candidate("lora q,v r8, class-balanced", ("method.name=lora", "method.targets=qv", "method.rank=8", "optim.class_weights=balanced")),
+)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -97,12 +114,9 @@ def parse_budget(text: str | None) -> float | None:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from visiontune.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=float))  # numpy scalars as floats
 
 
 def _scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -122,15 +136,24 @@ class Plan:
     folds: int
     backbones: list[str]
     candidates: list[str]
+    cheap: list[str] = field(default_factory=list)
+    imbalance: float = 1.0
     estimates_s: dict[str, float] = field(default_factory=dict)
+    unlabeled: str | None = None
+    prune: bool = True
 
     def describe(self) -> str:
         lines = [
-            f"labeled pool: {self.pool} images, {len(self.classes)} classes; test split: {self.test} images (held out, read once at the end)",
+            f"labeled pool: {self.pool} images, {len(self.classes)} classes (largest/smallest class {self.imbalance:.1f}x"
+            f"{'; class-balanced candidates included' if self.imbalance >= IMBALANCE_RATIO else ''}); "
+            f"test split: {self.test} images (held out, read once at the end)",
             f"folds: stratified {self.folds}-fold, the same folds for every candidate",
             f"backbones: {', '.join(self.backbones)}",
-            f"cheap candidates: {', '.join(c.name for c in CHEAP)}",
-            f"fine-tuning candidates (pruned by successive halving, factor {REDUCTION_FACTOR}): {', '.join(self.candidates)}",
+            f"cheap candidates: {', '.join(self.cheap)}",
+            f"fine-tuning candidates ({f'pruned by successive halving, factor {REDUCTION_FACTOR}' if self.prune else 'no pruning: every candidate on every fold'}): "
+            f"{', '.join(self.candidates)}",
+            *([f"ExPLoRA: pretraining the best backbone on {self.unlabeled} (at most {100 * EXPLORA_BUDGET_SHARE:.0f} % of "
+               "the budget left; its probe must beat the original's beyond the paired interval)"] if self.unlabeled else []),
             "estimated time (this machine, measured forward pass): "
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items()),
         ]
@@ -154,6 +177,9 @@ class AutoSelect:
         candidates: tuple[Candidate, ...] = FINETUNE,
         progress: bool = True,
         steps: int = FINETUNE_STEPS,
+        unlabeled: str | None = None,
+        unlabeled_steps: int = EXPLORA_STEPS,
+        prune: bool = True,
     ):
         from visiontune.data import load_records, make_splits
 
@@ -168,7 +194,14 @@ class AutoSelect:
         cfg = load_config(None, overrides=base)
         self.cfg = cfg
         self.backbones = list(backbones or [cfg.backbone.name])
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        # backbone key -> the overrides that select it (an ExPLoRA backbone adds its weights file)
+        self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}"] for b in self.backbones}
+        self.unlabeled = unlabeled
+        self.prune = bool(prune)
+        self.unlabeled_steps = int(unlabeled_steps)
+        if self.unlabeled_steps < 1:
+            raise ConfigError(f"--unlabeled-steps={unlabeled_steps} must be >= 1")
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
         splits = make_splits(records, cfg.data)
         # The selection sees the training (and validation) images only; the test split goes to the final run.
         pool_idx = np.concatenate([np.arange(len(splits["train"])), len(splits["train"]) + np.arange(len(splits["val"]))])
@@ -184,6 +217,13 @@ class AutoSelect:
                 "(add images or raise data.train_per_class)"
             )
         self.k = max(2, min(int(folds), smallest))
+        self.imbalance = float(counts.max() / smallest)
+        # Imbalanced classes: class-balanced loss competes as a candidate (probe and one LoRA), judged on the folds
+        # like the rest, rather than being switched on by a rule of thumb.
+        self.cheap = CHEAP + (BALANCED[:1] if self.imbalance >= IMBALANCE_RATIO else ())
+        if self.imbalance >= IMBALANCE_RATIO:
+            candidates = tuple(candidates) + BALANCED[1:]
+            self.candidates = candidates
         from sklearn.model_selection import StratifiedKFold
 
         skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
@@ -192,6 +232,10 @@ class AutoSelect:
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
             "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
         }
+        if not self.prune:
+            self.signature["prune"] = False
+        if unlabeled:
+            self.signature.update(unlabeled=str(unlabeled), unlabeled_steps=self.unlabeled_steps)
         self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}
         self._t0 = time.perf_counter()
         self._elapsed_before = 0.0
@@ -243,9 +287,12 @@ class AutoSelect:
             x = torch.randn(8, 3, size, size)
             with torch.no_grad():
                 model(x)
-                t = time.perf_counter()
-                model(x)
-                per_img = (time.perf_counter() - t) / 8
+                times = []
+                for _ in range(3):  # the fastest of three: the least disturbed by whatever else the machine runs
+                    t = time.perf_counter()
+                    model(x)
+                    times.append(time.perf_counter() - t)
+                per_img = min(times) / 8
             est[f"features ({name})"] = per_img * n
         bs = 16
         steps_time = self.steps * bs * per_img * 3  # forward + backward ~ 3 forwards
@@ -255,17 +302,21 @@ class AutoSelect:
         self._fold_estimate_s = est["fine-tuning, one fold"]
         est["fine-tuning, every candidate on every fold (no pruning)"] = est["fine-tuning, one fold"] * self.k * len(self.candidates)
         est["final retrain"] = steps_time
-        return Plan(len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates], est)
+        return Plan(
+            len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
+            [c.name for c in self.cheap], self.imbalance, est, self.unlabeled, self.prune,
+        )
 
     def _epochs(self, n_train: int, bs: int = 16) -> int:
         per_epoch = max(1, math.ceil(n_train / bs))
         return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(self.steps / per_epoch))))
 
     def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
-        return load_config(None, overrides=[*self.base_overrides, f"backbone.name={backbone}", *overrides, *(extra or [])])
+        chosen = self.variants.get(backbone, [f"backbone.name={backbone}"])
+        return load_config(None, overrides=[*self.base_overrides, *chosen, *overrides, *(extra or [])])
 
     # ------------------------------------------------------------------ stage 2: cheap candidates
-    def _cheap_stage(self) -> str:
+    def _cheap_stage(self, keys: list[str] | None = None) -> str:
         from visiontune.backbones import build_transform
         from visiontune.data.cache import image_dataset
         from visiontune.methods.baselines import fit_probe_head
@@ -274,7 +325,7 @@ class AutoSelect:
         from visiontune.train.loop import extract_features, make_loader, resolve_device
         from visiontune.train.speed import fast_forward
 
-        for name in self.backbones:
+        for name in keys or self.backbones:
             if name in self.state["cheap"]:
                 continue
             cfg = self._config(name, CHEAP[0].overrides)
@@ -288,13 +339,14 @@ class AutoSelect:
             head_numel = sum(p.numel() for p in model.get_classifier().parameters())
             total = sum(p.numel() for p in model.parameters())
             results: dict[str, Any] = {}
-            for cand in CHEAP:
+            for cand in self.cheap:
                 rows = []
                 for j, (tr, va) in enumerate(self.folds):
                     t1 = time.perf_counter()
-                    if cand.name == PROBE:
+                    if "method.name=linear" in cand.overrides:
                         head = torch.nn.Linear(x.shape[1], len(self.classes))
-                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None)
+                        balanced = "optim.class_weights=balanced" in cand.overrides
+                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None, balanced=balanced)
                         with torch.no_grad():
                             pred = head(x[va]).argmax(1).numpy()
                     else:
@@ -314,6 +366,83 @@ class AutoSelect:
             key=lambda b: max(_mean(r) for r in self.state["cheap"][b]["candidates"].values()),
         )
 
+    # ------------------------------------------------------------------ stage 2b: ExPLoRA on unlabeled images
+    def _explora_stage(self, base: str) -> str:
+        """Pretrain ``base`` on the unlabeled images, score its cheap candidates, return the backbone to escalate on."""
+        key = base + EXPLORA_SUFFIX
+        rec = self.state.setdefault("explora", {"base": base, "status": "running"})
+        if rec["status"] == "running":
+            rec.update(self._pretrain(base))
+            self._save()
+        if rec["status"] != "complete":
+            return base
+        self.variants[key] = list(rec["overrides"])
+        self._cheap_stage([key])
+        # Same rule as the decision: the dearer backbone must beat the cheaper one beyond the paired interval.
+        ours = self.state["cheap"][key]["candidates"]
+        theirs = self.state["cheap"][base]["candidates"]
+        a = max(ours.values(), key=_mean)
+        b = max(theirs.values(), key=_mean)
+        gain = corrected_interval(
+            [x["accuracy"] - y["accuracy"] for x, y in zip(a["folds"], b["folds"])], 1.0 / max(self.k - 1, 1)
+        )
+        rec["gain_vs_base"] = {"mean": gain.mean, "low": gain.low, "high": gain.high}
+        rec["chosen"] = bool(gain.low > 0)
+        self._save()
+        self._log(
+            f"ExPLoRA backbone: best cheap {_mean(a):.3f} vs {_mean(b):.3f} ({100 * gain.mean:+.1f} points, 95 % interval "
+            f"{100 * gain.low:+.1f} to {100 * gain.high:+.1f}) -> {'escalating on it' if rec['chosen'] else 'kept the original'}"
+        )
+        return key if rec["chosen"] else base
+
+    def _pretrain(self, base: str) -> dict[str, Any]:
+        """One ExPLoRA run on ``self.unlabeled`` (the labeled data's test split left out); stopped by the budget."""
+        from visiontune.pretrain import load_pretrain_config, pretrain
+
+        cfg = self._config(base, CHEAP[0].overrides)
+        run_dir = self.out / "explora"
+        labeled = self.cfg.dump(self.out / "labeled-data.yaml")  # its val/test images stay out of pretraining
+        resume = (run_dir / "checkpoint").is_dir()
+        pcfg = load_pretrain_config(None, overrides=[
+            f"data.dataset={self.unlabeled}", f"data.exclude_eval_of={labeled}",
+            f"backbone.name={cfg.backbone.name}", f"backbone.weights={cfg.backbone.weights}",
+            *([f"backbone.img_size={cfg.backbone.img_size}"] if cfg.backbone.img_size else []),
+            # CPU-sized defaults that hold across datasets of a few thousand images (DINOv2's 65,536 prototypes
+            # and 8 local crops are sized for 142M images).
+            "ssl.prototypes=4096", "crops.local_number=4", "optim.batch_size=16", f"optim.steps={self.unlabeled_steps}",
+            f"run.dir={self.out}", "run.name=explora", f"run.progress={str(self.progress).lower()}",
+            f"run.seed={self.cfg.run.seed}", "run.resume=true" if resume else "run.overwrite=true",
+        ])
+        started = self.elapsed()
+        allowed = None if self.budget_s is None else EXPLORA_BUDGET_SHARE * max(self.budget_s - started, 0.0)
+        t0 = time.perf_counter()
+        first = {"step": None}
+
+        def over_budget(step: int, row: dict[str, Any]) -> None:
+            if first["step"] is None:
+                first["step"], first["t"] = step, time.perf_counter()
+                return
+            if allowed is None or step == first["step"]:
+                return
+            per_step = (time.perf_counter() - first["t"]) / (step - first["step"])
+            if time.perf_counter() - t0 + per_step * (self.unlabeled_steps - step) > allowed:
+                raise _PretrainOverBudget(f"{step} of {self.unlabeled_steps} steps at {per_step:.1f} s/step")
+
+        if allowed is not None and allowed <= 0:
+            self._log("ExPLoRA: no budget left for pretraining")
+            return {"status": "budget", "why": "no budget left"}
+        self._log(f"ExPLoRA: pretraining {base} on {self.unlabeled} ({self.unlabeled_steps} steps)")
+        try:
+            result = pretrain(pcfg, callback=over_budget)
+        except _PretrainOverBudget as e:
+            self._log(f"ExPLoRA: stopped by the budget ({e}); the original backbone is kept")
+            return {"status": "budget", "why": str(e), "pretrain_s": time.perf_counter() - t0}
+        return {
+            "status": "complete", "overrides": result.overrides(), "backbone": str(result.backbone),
+            "pretrain_s": time.perf_counter() - t0, "images": result.lineage.get("data", {}).get("images"),
+            "held_out": result.lineage.get("data", {}).get("held_out"),
+        }
+
     # ------------------------------------------------------------------ stage 3: fine-tuning with pruning
     def _study(self, backbone: str) -> Any:
         import optuna
@@ -322,12 +451,13 @@ class AutoSelect:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self.out / STUDY_FILE)))
         study = optuna.create_study(
             study_name=f"auto-{backbone}", storage=storage, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR)
+            if self.prune else optuna.pruners.NopPruner(),
         )
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-candidate; its folds are in auto.json
         if not study.get_trials(deepcopy=False):
-            for cand in CHEAP:  # the cheap candidates compete at every rung: escalation must beat them to go on
+            for cand in self.cheap:  # the cheap candidates compete at every rung: escalation must beat them to go on
                 folds = self.state["cheap"][backbone]["candidates"][cand.name]["folds"]
                 trial = study.ask()
                 trial.set_user_attr("candidate", cand.name)
@@ -430,33 +560,42 @@ class AutoSelect:
     def leaderboard(self, backbone: str) -> list[dict[str, Any]]:
         cheap = self.state["cheap"][backbone]["candidates"]
         probe = [f["accuracy"] for f in cheap[PROBE]["folds"]]
-        vf = 1.0 / max(self.k - 1, 1)
         rows = []
         for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
-            folds = rec["folds"]
-            if not folds:
+            if not rec["folds"]:
                 rows.append({"candidate": name, "status": rec["status"], "folds": 0})
                 continue
-            acc = [f["accuracy"] for f in folds]
-            est = corrected_interval(acc, vf, bounds=(0.0, 1.0))
-            diff = corrected_interval([a - p for a, p in zip(acc, probe)], vf)
-            rows.append({
-                "candidate": name, "backbone": backbone, "status": rec["status"], "folds": len(folds),
-                "accuracy": est.mean, "accuracy_ci": [est.low, est.high],
-                "f1_weighted": float(np.mean([f["f1_weighted"] for f in folds])),
-                "f1_macro": float(np.mean([f["f1_macro"] for f in folds])),
-                "vs_probe": diff.mean, "vs_probe_ci": [diff.low, diff.high],
-                "train_s_per_fold": float(np.mean([f["train_s"] for f in folds])),
-                "trainable_pct": rec.get("trainable_pct"),
-                "eligible": rec["status"] == "complete",
-            })
+            rows.append(self._row(name, backbone, rec, probe, rec["status"], rec["status"] == "complete"))
+        # The other backbones' cheap candidates, on the same folds, for reference (not eligible: the backbone is
+        # decided before fine-tuning).
+        for other, pool in self.state["cheap"].items():
+            if other != backbone:
+                rows += [self._row(f"{name} ({other})", other, rec, probe, "other backbone", False)
+                         for name, rec in pool["candidates"].items()]
         return rows
+
+    def _row(self, name: str, backbone: str, rec: dict[str, Any], probe: list[float], status: str, eligible: bool) -> dict[str, Any]:
+        """One leaderboard row: mean and interval over folds, and the paired difference against ``probe``."""
+        folds = rec["folds"]
+        vf = 1.0 / max(self.k - 1, 1)
+        acc = [f["accuracy"] for f in folds]
+        est = corrected_interval(acc, vf, bounds=(0.0, 1.0))
+        diff = corrected_interval([a - p for a, p in zip(acc, probe)], vf)
+        return {
+            "candidate": name, "backbone": backbone, "status": status, "folds": len(folds),
+            "accuracy": est.mean, "accuracy_ci": [est.low, est.high],
+            "f1_weighted": float(np.mean([f["f1_weighted"] for f in folds])),
+            "f1_macro": float(np.mean([f["f1_macro"] for f in folds])),
+            "vs_probe": diff.mean, "vs_probe_ci": [diff.low, diff.high],
+            "train_s_per_fold": float(np.mean([f["train_s"] for f in folds])),
+            "trainable_pct": rec.get("trainable_pct"), "eligible": eligible,
+        }
 
     def decide(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Best mean, unless a cheaper candidate is within the paired interval; the reason in words."""
         eligible = [r for r in rows if r.get("eligible")]
         best = max(eligible, key=lambda r: (r["accuracy"], -r["train_s_per_fold"]))
-        folds = {r["candidate"]: self._fold_acc(r["candidate"]) for r in eligible}
+        folds = {r["candidate"]: self._fold_acc(r) for r in eligible}
         vf = 1.0 / max(self.k - 1, 1)
         chosen, why = best, (
             f"{best['candidate']} has the highest cross-validated accuracy ({100 * best['accuracy']:.1f} %, "
@@ -490,18 +629,17 @@ class AutoSelect:
             )
         return {"candidate": chosen["candidate"], "reason": why}
 
-    def _fold_acc(self, name: str) -> list[float]:
-        for pool in (*self.state["cheap"].values(),):
-            if name in pool["candidates"]:
-                return [f["accuracy"] for f in pool["candidates"][name]["folds"]]
-        return [f["accuracy"] for f in self.state["finetune"][name]["folds"]]
+    def _fold_acc(self, row: dict[str, Any]) -> list[float]:
+        cheap = self.state["cheap"].get(row["backbone"], {}).get("candidates", {})
+        rec = cheap[row["candidate"]] if row["candidate"] in cheap else self.state["finetune"][row["candidate"]]
+        return [f["accuracy"] for f in rec["folds"]]
 
     # ------------------------------------------------------------------ stage 5: ship
     def _final(self, backbone: str, decision: dict[str, Any]) -> dict[str, Any]:
         from visiontune.train.loop import train
 
         name = decision["candidate"]
-        cand = next(c for c in (*CHEAP, *self.candidates) if c.name == name)
+        cand = next(c for c in (*self.cheap, *self.candidates) if c.name == name)
         extra = [f"run.progress={str(self.progress).lower()}", f"run.dir={self.out}", "run.name=model", "run.overwrite=true"]
         note = ""
         if not cand.cheap:
@@ -528,6 +666,8 @@ class AutoSelect:
         self._load_state()
         self._log(self.plan().describe())
         backbone = self._cheap_stage()
+        if self.unlabeled:
+            backbone = self._explora_stage(backbone)
         self._log(f"escalating on {backbone}")
         self._finetune_stage(backbone)
         rows = self.leaderboard(backbone)
@@ -542,6 +682,8 @@ class AutoSelect:
             "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "leaderboard": rows, "decision": decision,
             "final": self.state["final"],
         }
+        if "explora" in self.state:
+            record["explora"] = self.state["explora"]
         from visiontune.auto.report import write_report
 
         write_report(self.out, record, self.state, self.classes)

@@ -59,6 +59,19 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         f"Shipped: `{final['run_dir']}` ({final['method']}{'; ' + final['note'] if final.get('note') else ''}), trained on "
         "every labeled image.",
     ]
+    ex = record.get("explora")
+    if ex:
+        if ex["status"] == "complete":
+            g = ex["gain_vs_base"]
+            parts.append(
+                f"ExPLoRA on the unlabeled images ({ex.get('images')} images, {ex.get('held_out') or 0} test/val images "
+                f"left out, {ex['pretrain_s'] / 60:.1f} min): best cheap candidate {_pct(g['mean'], True)} points vs the "
+                f"original backbone (95 % interval {_pct(g['low'], True)} to {_pct(g['high'], True)}); "
+                + ("fine-tuning ran on the ExPLoRA backbone." if ex["chosen"] else "not beyond the interval, so the original "
+                   "backbone was kept.")
+            )
+        else:
+            parts.append(f"ExPLoRA on the unlabeled images: not used ({ex['status']}: {ex.get('why', '')}).")
     if test:
         parts.append(
             f"Held-out test ({test['num_samples']} images): accuracy {100 * test['accuracy']:.1f} %, weighted F1 "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,8 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
         :func:`~visiontune.backbones.build_transform` and timm's ``resolve_data_config`` agree with it.
 
     Raises:
-        ConfigError: unknown backbone name or invalid sizes.
+        ConfigError: unknown backbone name or invalid sizes (an ``img_size`` that is not a multiple of
+            a patch model's patch size names the nearest valid sizes).
         WeightsError: weights missing, unreachable, or not matching the architecture.
     """
     if int(num_classes) < 0:
@@ -334,6 +336,7 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
 def _finish(model: nn.Module, cfg: BackboneSpec) -> nn.Module:
     """Settings applied after construction, the same for real and meta models."""
     if cfg.img_size:
+        check_patch_grid(model, int(cfg.img_size), cfg.name)
         # Keep the model's preprocessing metadata truthful: timm leaves the pretrained size here.
         size = int(cfg.img_size)
         model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], size, size)
@@ -368,6 +371,37 @@ def create_meta_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     with torch.device("meta"):
         model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
     return _finish(model, cfg)
+
+
+def check_patch_grid(model: nn.Module, img_size: int, name: str) -> None:
+    """Refuse an ``img_size`` that the model's patch grid does not cover.
+
+    A patch-embedding convolution of stride ``p`` over ``s`` pixels sees ``s // p`` patches and drops
+    the last ``s % p`` rows and columns without a word (36 % of the image at ``img_size=30`` with
+    8-pixel patches). Resizing to a covered size instead would silently change what the user asked
+    for, so it is an error naming the nearest multiples of the patch size. Models that pad the input
+    to the grid themselves (timm's ``dynamic_img_pad``) and CNNs (no ``patch_embed``) pass.
+
+    Raises:
+        ConfigError: naming the size, the patch size, the share of pixels lost and the valid sizes.
+    """
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    patches = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
+    if all(img_size % p == 0 for p in patches):
+        return
+    p = math.lcm(*patches)
+    lower, upper = img_size - img_size % p, img_size - img_size % p + p
+    kept = (img_size // patches[0] * patches[0]) * (img_size // patches[-1] * patches[-1])
+    lost = 1 - kept / img_size**2
+    valid = f"{lower} or {upper}" if lower >= p else f"{upper}"
+    raise ConfigError(
+        f"backbone.img_size={img_size} is not a multiple of the patch size {p} of backbone.name={name!r}: the "
+        f"patch grid would ignore the last {img_size % p} pixel rows and columns ({lost:.0%} of every image). "
+        f"Use a multiple of {p}: backbone.img_size={valid} (or null for the pretrained default)"
+    )
 
 
 def _default_img_size(arch: _Arch) -> int | None:

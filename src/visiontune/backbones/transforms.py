@@ -57,10 +57,22 @@ def build_transform(
         A picklable callable mapping any PIL image (gray, palette, RGBA, 16-bit) to a ``3 x H x W`` tensor.
     """
     cfg = data_config(model, img_size)
-    if train:
-        tf = create_transform(
-            **cfg, is_training=True, scale=(crop_scale, 1.0), hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0
-        )
-    else:
-        tf = create_transform(**cfg, is_training=False)
+    if not train:
+        return eval_transform(cfg)
+    tf = create_transform(
+        **cfg, is_training=True, scale=(crop_scale, 1.0), hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0
+    )
+    return T.Compose([ToRGB(), *tf.transforms])
+
+
+def eval_transform(cfg: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """The deterministic eval transform (RGB, resize, centre crop, normalise) of a timm data config.
+
+    The one code path for eval preprocessing: :func:`build_transform` calls it with the backbone's
+    config, and an ONNX export is loaded back with the config its JSON recorded
+    (``preprocessing``: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
+    ``crop_mode``), so both backends see the same pixels.
+    """
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    tf = create_transform(**{k: cfg[k] for k in keys if cfg.get(k) is not None}, is_training=False)
     return T.Compose([ToRGB(), *tf.transforms])

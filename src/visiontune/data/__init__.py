@@ -7,7 +7,7 @@ for a ``DataLoader``. Importing this package registers the built-in datasets in 
 
 from visiontune.data import builtin as _builtin  # noqa: F401  (registers the built-in datasets)
 from visiontune.data.builtin import read_idx
-from visiontune.data.images import ImageDataset, load_image, validate_images
+from visiontune.data.images import ImageDataset, ImageLimits, ImageTooLargeError, decode_image, load_image, validate_images
 from visiontune.data.records import SPLIT_NAMES, ImageRecords
 from visiontune.data.sources import IMAGE_EXTENSIONS, load_folder, load_manifest, load_records
 from visiontune.data.splits import SplitConfig, SplitSpec, check_no_leak, describe_splits, make_splits
@@ -16,10 +16,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLIT_NAMES",
     "ImageDataset",
+    "ImageLimits",
+    "ImageTooLargeError",
     "ImageRecords",
     "SplitConfig",
     "SplitSpec",
     "check_no_leak",
+    "decode_image",
     "describe_splits",
     "load_folder",
     "load_image",

@@ -29,37 +29,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import transforms as T
 
-from visiontune.data.images import _default_transform, load_image
+from visiontune.data.images import ImageLimits, _default_transform, decode_image
 from visiontune.data.records import ImageRecords
 
 DEFAULT_BUDGET_MB = 2048
 """Decoded images kept per dataset split at most (MiB); the rest are decoded on access."""
 
 
-def decode_compact(item: str | np.ndarray, id: str | None = None) -> Image.Image:
+def decode_compact(item: str | np.ndarray, id: str | None = None, limits: ImageLimits | None = None) -> Image.Image:
     """Decode like :func:`~visiontune.data.images.load_image`, but keep 8-bit gray images as ``L``.
 
-    Anything that is not plain 8-bit gray goes through ``load_image`` (RGB, with its 16-bit scaling,
-    palette and transparency handling), so the RGB replication of the returned image is exactly what
-    ``load_image`` returns.
+    The same :func:`~visiontune.data.images.decode_image` (size guard, error per file); anything
+    that is not plain 8-bit gray comes back as the RGB image ``load_image`` returns, so the RGB
+    replication of the returned image is exactly what ``load_image`` gives.
     """
-    if isinstance(item, np.ndarray):
-        if item.dtype == np.uint8 and item.ndim == 2 and item.size:
-            return Image.fromarray(np.ascontiguousarray(item), mode="L")
-        return load_image(item, id)
-    path = os.fspath(item)
-    try:
-        with Image.open(path) as img:
-            if img.mode == "L":
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                return img
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        pass  # load_image raises the DataError with the file name and the fix
-    return load_image(item, id)
+    return decode_image(item, id, limits, keep_gray=True)
 
 
 # Transforms that only move/resample pixels (the same filter on every band), so they commute with
@@ -121,9 +108,13 @@ class DecodedImages:
         records: the images.
         budget_mb: stop keeping images once this much is held; the rest are decoded on access.
         workers: decoding threads (default: the CPU count, at most 8).
+        limits: the decoding size guard (default: :data:`~visiontune.data.images.DEFAULT_LIMITS`).
     """
 
-    def __init__(self, records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB, workers: int | None = None):
+    def __init__(
+        self, records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB, workers: int | None = None,
+        limits: ImageLimits | None = None,
+    ):
         # The lists, not the records object: the shared store must not keep ``records`` alive (it is
         # dropped from the shared table when ``records`` is collected), and must pickle for workers.
         self.items, self.ids = records.items, records.ids
@@ -132,6 +123,7 @@ class DecodedImages:
         self.nbytes = 0
         self.filled = False
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self.limits = limits
 
     def fill(self) -> DecodedImages:
         """Decode every image (once; later calls return at once). Returns self."""
@@ -139,7 +131,7 @@ class DecodedImages:
             return self
 
         def decode(i: int) -> np.ndarray:
-            return np.asarray(decode_compact(self.items[i], self.ids[i]))
+            return np.asarray(decode_compact(self.items[i], self.ids[i], self.limits))
 
         # Decoding in chunks keeps at most one chunk beyond the budget in memory.
         chunk = max(1, 4 * self.workers)
@@ -167,7 +159,7 @@ class DecodedImages:
         """Image ``index`` as a PIL image (``L`` for gray, else ``RGB``), from memory when cached."""
         arr = self.arrays[index]
         if arr is None:
-            return decode_compact(self.items[index], self.ids[index])
+            return decode_compact(self.items[index], self.ids[index], self.limits)
         return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
 
 
@@ -178,28 +170,31 @@ class CachedImageDataset(torch.utils.data.Dataset):
         records: the images and labels.
         transform: the transform ``ImageDataset`` would apply (wrapped in :class:`GrayAwareTransform`).
         store: decoded images to read from; None decodes on every access (still with the gray path).
+        limits: the decoding size guard for images decoded on access.
     """
 
     def __init__(
-        self, records: ImageRecords, transform: Callable[[Image.Image], Any] | None = None, store: DecodedImages | None = None
+        self, records: ImageRecords, transform: Callable[[Image.Image], Any] | None = None, store: DecodedImages | None = None,
+        limits: ImageLimits | None = None,
     ):
         self.records = records
         self.transform = GrayAwareTransform(transform)
         self.store = store
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         r = self.records
-        img = self.store.image(index) if self.store is not None else decode_compact(r.items[index], r.ids[index])
+        img = self.store.image(index) if self.store is not None else decode_compact(r.items[index], r.ids[index], self.limits)
         return self.transform(img), int(r.labels[index])
 
 
 _STORES: dict[int, DecodedImages] = {}
 
 
-def decoded_images(records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB) -> DecodedImages:
+def decoded_images(records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB, limits: ImageLimits | None = None) -> DecodedImages:
     """The (filled) :class:`DecodedImages` of ``records``, shared by every dataset built on the same object.
 
     A run builds several datasets over its training split (probe head init, training, augmented views);
@@ -207,8 +202,8 @@ def decoded_images(records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB) 
     """
     key = id(records)
     store = _STORES.get(key)
-    if store is None or store.items is not records.items:
-        store = DecodedImages(records, budget_mb)
+    if store is None or store.items is not records.items or store.limits != limits:
+        store = DecodedImages(records, budget_mb, limits=limits)
         _STORES[key] = store
         weakref.finalize(records, _STORES.pop, key, None)
     return store.fill()
@@ -216,7 +211,7 @@ def decoded_images(records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB) 
 
 def image_dataset(
     records: ImageRecords, transform: Callable[[Image.Image], Any] | None, cache: bool = True,
-    budget_mb: float = DEFAULT_BUDGET_MB,
+    budget_mb: float = DEFAULT_BUDGET_MB, limits: ImageLimits | None = None,
 ) -> CachedImageDataset:
     """The dataset the training loop uses: decoded once when ``cache`` (split read every epoch), else per access.
 
@@ -225,5 +220,7 @@ def image_dataset(
         transform: image -> tensor (e.g. :func:`~visiontune.backbones.build_transform`).
         cache: keep decoded images in memory (for splits read more than once: train, val).
         budget_mb: memory bound of the decoded store.
+        limits: the decoding size guard (``data.max_pixels`` / ``data.max_aspect`` of a run).
     """
-    return CachedImageDataset(records, transform, decoded_images(records, budget_mb) if cache else None)
+    store = decoded_images(records, budget_mb, limits) if cache else None
+    return CachedImageDataset(records, transform, store, limits)

@@ -18,7 +18,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
-from visiontune.data.images import MAX_LISTED, validate_images
+from visiontune.data.images import MAX_LISTED, ImageLimits, validate_images
 from visiontune.data.records import SPLIT_NAMES, ImageRecords, sort_labels
 from visiontune.errors import ConfigError, DataError
 from visiontune.registry import DATASETS
@@ -33,7 +33,9 @@ MANIFEST_COLUMNS = ("path", "label")
 """Required manifest columns; ``split`` is optional and further columns are ignored."""
 
 
-def load_records(dataset: str, root: str | None = None, classes: Sequence[str] | None = None) -> ImageRecords:
+def load_records(
+    dataset: str, root: str | None = None, classes: Sequence[str] | None = None, limits: ImageLimits | None = None,
+) -> ImageRecords:
     """Load a dataset's image references and labels (no image is decoded, every file is checked).
 
     Args:
@@ -45,6 +47,7 @@ def load_records(dataset: str, root: str | None = None, classes: Sequence[str] |
             manifest, the folder relative paths start from. Not used with an image folder.
         classes: fix the class list and order (e.g. a trained run's ``labels.json``); a label
             outside it is an error. Classes without images are allowed.
+        limits: the decoding size guard every file must pass (``data.max_pixels`` / ``data.max_aspect``).
 
     Raises:
         DataError: unknown dataset, empty or malformed folder / manifest, unreadable images.
@@ -70,14 +73,14 @@ def load_records(dataset: str, root: str | None = None, classes: Sequence[str] |
                     f"data.root={root!r} is set but data.dataset={dataset!r} is an image folder, which needs no "
                     f"root; remove data.root"
                 )
-            records = load_folder(path, classes)
+            records = load_folder(path, classes, limits)
         elif os.path.isfile(path):
             if not path.lower().endswith(".csv"):
                 raise DataError(
                     f"data.dataset={dataset!r} is a file but not a CSV manifest (.csv). Fix: point it at a "
                     f"folder with one subfolder per class, or at a CSV with header 'path,label[,split]'."
                 )
-            records = load_manifest(path, base=root, classes=classes)
+            records = load_manifest(path, base=root, classes=classes, limits=limits)
         else:
             close = difflib.get_close_matches(dataset, DATASETS.names(), n=2)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -90,7 +93,7 @@ def load_records(dataset: str, root: str | None = None, classes: Sequence[str] |
     return records
 
 
-def load_folder(path: str, classes: Sequence[str] | None = None) -> ImageRecords:
+def load_folder(path: str, classes: Sequence[str] | None = None, limits: ImageLimits | None = None) -> ImageRecords:
     """Records from ``path/<class>/**/<image>``; class order = sorted subfolder names (see module doc).
 
     Raises:
@@ -136,7 +139,7 @@ def load_folder(path: str, classes: Sequence[str] | None = None) -> ImageRecords
         items=items, labels=np.array(labels, dtype=np.int64), ids=ids, classes=class_names,
         splits=None, source=f"image folder {path}",
     )
-    validate_images(records)
+    validate_images(records, limits=limits)
     return records
 
 
@@ -158,7 +161,9 @@ def _list_images(folder: str) -> tuple[list[str], int]:
     return found, ignored
 
 
-def load_manifest(path: str, base: str | None = None, classes: Sequence[str] | None = None) -> ImageRecords:
+def load_manifest(
+    path: str, base: str | None = None, classes: Sequence[str] | None = None, limits: ImageLimits | None = None,
+) -> ImageRecords:
     """Records from a CSV manifest with header ``path,label[,split]``.
 
     Rows are named by their line number in the file ("manifest.csv row 17"; the header is row 1).
@@ -170,6 +175,7 @@ def load_manifest(path: str, base: str | None = None, classes: Sequence[str] | N
         path: the CSV file.
         base: folder that relative paths start from (default: the CSV's folder).
         classes: fixed class list/order; a label outside it is an error.
+        limits: the decoding size guard every file must pass.
 
     Raises:
         DataError: missing columns, empty fields, unknown split or label, missing or duplicate
@@ -251,7 +257,7 @@ def load_manifest(path: str, base: str | None = None, classes: Sequence[str] | N
         items=items, labels=np.array([index[lb] for lb in labels], dtype=np.int64), ids=ids,
         classes=class_names, splits=splits if isplit is not None else None, source=f"manifest {path}",
     )
-    validate_images(records)
+    validate_images(records, limits=limits)
     return records
 
 

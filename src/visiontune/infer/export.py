@@ -24,19 +24,25 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from visiontune.atomic import atomic_write, write_json_atomic
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, VisiontuneError
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
+
+
+DEFAULT_MAX_DROP = 1.0
+"""Most accuracy / weighted-F1 points INT8 may lose against PyTorch on the test split before the export refuses it."""
 
 
 @dataclass
@@ -49,6 +55,12 @@ class ExportResult:
     merged: bool
     max_abs_diff: float | None
     """Largest |onnxruntime - PyTorch| logit difference on a random batch (None without onnxruntime)."""
+    int8_path: Path | None = None
+    int8_metadata_path: Path | None = None
+    accuracy: dict[str, Any] | None = None
+    """The test-split comparison (see :func:`compare_on_test`), or None when it was skipped."""
+    int8_accepted: bool | None = None
+    warning: str | None = None
 
 
 def _short(v: Any) -> float:
@@ -113,8 +125,6 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 def _export_with(kind: str, model: nn.Module, example: tuple[torch.Tensor], out: Path, opset: int) -> None:
-    import warnings
-
     # Both exporters print progress and emit deprecation / tracer warnings that say nothing about this
     # model's correctness (the parity check does).
     with _quiet_stdout(), warnings.catch_warnings():
@@ -184,54 +194,224 @@ def onnx_parity(path: Path, model: nn.Module, x: torch.Tensor) -> float | None:
     return float(abs(got - ref).max())
 
 
+def _splits(cfg: Any, classes: list[str], why: str) -> dict[str, Any]:
+    """The run's own train / test split (the same records, seed and counts as training used)."""
+    from visiontune.data import load_records, make_splits
+
+    try:
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+    except (VisiontuneError, OSError) as exc:
+        raise ConfigError(f"{why} needs the run's dataset {cfg.data.dataset!r}, which cannot be loaded here ({exc}); "
+                          "export on a machine that has it") from None
+    if list(records.classes) != classes:
+        raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not the run's "
+                          f"{classes}; {why} needs the data the run was trained on")
+    return make_splits(records, cfg.data)
+
+
+def calibration_images(
+    train: Any, transform: Any, count: int, seed: int = 0, limits: Any = None,
+) -> list[np.ndarray]:
+    """Up to ``count`` preprocessed training images, classes taken in turn (each class shuffled by ``seed``),
+    so a small calibration set still covers every class; decoded under ``limits`` (the run's size guard)."""
+    from visiontune.data.images import load_image
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(train.labels)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    order: list[int] = []
+    while len(order) < count and any(queues):
+        for q in queues:
+            if q and len(order) < count:
+                order.append(int(q.pop(0)))
+    return [transform(load_image(train.items[i], train.ids[i], limits)).numpy() for i in order]
+
+
+def compare_on_test(
+    test: Any, transform: Any, models: dict[str, Any], classes: list[str], batch_size: int = 64, limits: Any = None,
+) -> dict[str, Any]:
+    """Accuracy and weighted F1 of each model on the same preprocessed test images, and how far each
+    strays from the first (the PyTorch reference): top-1 agreement and mean / max |logit difference|."""
+    from visiontune.data import ImageDataset
+    from visiontune.eval import compute_metrics
+    from visiontune.train.loop import make_loader
+
+    loader = make_loader(ImageDataset(test, transform, limits), batch_size, False, 0, 0)
+    logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}
+    labels = []
+    with torch.inference_mode():
+        for x, y in loader:
+            for name, model in models.items():
+                logits[name].append(model(x).float())
+            labels.append(y)
+    y_true = torch.cat(labels).numpy()
+    out: dict[str, Any] = {"split": "test", "images": int(len(y_true))}
+    ref_name = next(iter(models))
+    ref = torch.cat(logits[ref_name])
+    for name, parts in logits.items():
+        lg = torch.cat(parts)
+        m = compute_metrics(y_true, lg.argmax(1).numpy(), classes)
+        out[name] = {"accuracy": m["accuracy"], "f1_weighted": m["f1_weighted"]}
+        if name != ref_name:
+            out[name].update(top1_agreement=float((lg.argmax(1) == ref.argmax(1)).float().mean()),
+                             logit_mean_abs_diff=float((lg - ref).abs().mean()), logit_max_abs_diff=float((lg - ref).abs().max()))
+    return out
+
+
+def _drop_message(acc: dict[str, Any], max_drop: float) -> tuple[float, float, str]:
+    ref, q = acc["pytorch"], acc["onnx_int8"]
+    d_acc, d_f1 = 100 * (ref["accuracy"] - q["accuracy"]), 100 * (ref["f1_weighted"] - q["f1_weighted"])
+    text = (f"INT8 vs PyTorch on the run's {acc['images']} test images: accuracy {100 * ref['accuracy']:.2f}% -> "
+            f"{100 * q['accuracy']:.2f}% ({-d_acc:+.2f} points), weighted F1 {100 * ref['f1_weighted']:.2f} -> "
+            f"{100 * q['f1_weighted']:.2f} ({-d_f1:+.2f} points), top-1 agreement {100 * q['top1_agreement']:.1f}%")
+    return d_acc, d_f1, text
+
+
 def export_run(
-    run_dir: str | Path, out: str | Path | None = None, fmt: Literal["onnx"] = "onnx", exporter: str = "auto",
-    opset: int = DEFAULT_OPSET, check: bool = True,
+    run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx", exporter: str = "auto",
+    opset: int = DEFAULT_OPSET, check: bool = True, int8: bool = False, calibration: int | None = None,
+    max_drop: float = DEFAULT_MAX_DROP, warn_only: bool = False, keep_fp32: Sequence[str] = (),
+    smoothing: float | None = None,
 ) -> ExportResult:
-    """Export a finished run's (merged) model for deployment without visiontune.
+    """Export a finished run's (merged) model for deployment without visiontune, optionally with an INT8 copy.
 
     Args:
         run_dir: a run directory written by :func:`visiontune.train`.
         out: the ``.onnx`` path (default ``<run_dir>/export/model.onnx``); ``<out>.json`` (same stem)
-            gets labels and preprocessing.
-        fmt: export format; only ``onnx`` for now.
+            gets labels and preprocessing; the INT8 model is ``<stem>.int8.onnx`` with its own JSON.
+        fmt: export format; ``onnx`` (``openvino`` is named only to say it is not supported in this build).
         exporter: ``auto`` (torch.export-based when onnxscript is installed, falling back to the legacy
             tracer), ``dynamo`` or ``legacy``.
         opset: ONNX opset version.
-        check: compare onnxruntime with PyTorch on a random batch and record the difference.
+        check: compare onnxruntime with PyTorch on a random batch, and measure accuracy and weighted F1
+            of PyTorch, the fp32 export and the INT8 export on the run's test split (recorded in the JSON).
+        int8: also write an INT8 model by post-training static quantization (see
+            :mod:`visiontune.infer.quantize`), calibrated on the run's training images.
+        calibration: calibration images (default :data:`~visiontune.infer.quantize.DEFAULT_CALIBRATION`,
+            capped by the training split).
+        max_drop: most accuracy or weighted-F1 points INT8 may lose against PyTorch on the test split.
+        warn_only: keep an INT8 model that loses more, with a warning, instead of refusing it.
+        keep_fp32: module-path patterns whose layers stay fp32 in the INT8 model (e.g. ``*.mlp.fc2``).
+        smoothing: SmoothQuant strength for INT8 (None: try several, keep the best on the calibration images).
 
     Raises:
-        ConfigError: unknown format / exporter, missing packages, or a failed conversion.
+        ConfigError: unknown format / exporter, missing packages, a failed conversion, a dataset that
+            cannot be loaded for calibration, or an INT8 model that loses more than ``max_drop``
+            (with the numbers; the fp32 export is kept).
     """
+    from visiontune.backbones import backbone_identity
+    from visiontune.config import load_config
+    from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
     from visiontune.infer.predictor import Predictor
+    from visiontune.infer.quantize import DEFAULT_CALIBRATION, batches_of, check_keep_patterns, quantize_int8
+    from visiontune.runs import ADAPTER_FILE
 
+    if fmt == "openvino":
+        raise openvino_unsupported("--format")
     if fmt != "onnx":
         raise ConfigError(f"export format {fmt!r} is not supported; use onnx")
+    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise ConfigError(f"calibration={calibration!r} is invalid; use a number of training images >= 1 "
+                          f"(default {DEFAULT_CALIBRATION})")
+    if not max_drop >= 0:
+        raise ConfigError(f"max_drop={max_drop!r} is invalid; use points of accuracy >= 0 (default {DEFAULT_MAX_DROP})")
+    keep = check_keep_patterns(keep_fp32)
+    if (keep or smoothing is not None) and not int8:
+        raise ConfigError("--keep-fp32 and --smoothing shape the INT8 model; add --int8 (or drop them)")
+    if int8 and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError("--int8 needs the onnxruntime package (its quantization toolkit); install it with: "
+                          "pip install 'visiontune[onnx]'")
     pred = Predictor.from_run(run_dir, device="cpu", merge=True)
     run_dir = Path(run_dir)
     path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
     if path.suffix != ".onnx":
         raise ConfigError(f"--out {str(path)!r} should end in .onnx")
+    int8_path = path.with_name(f"{path.stem}.int8.onnx")
     input_size = pred.input_size
+    cfg = load_config(run_dir / "config.yaml")
+    limits = cfg.data.image_limits()
+    splits = None
+    if int8:
+        splits = _splits(cfg, pred.classes, "INT8 calibration (the run's training images)")
     kind = export_model(pred.model, input_size, path, exporter=exporter, opset=opset)
     _add_onnx_metadata(path, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
     diff = None
     if check:
         x = torch.randn((3, *input_size), generator=torch.Generator().manual_seed(0))
         diff = onnx_parity(path, pred.model, x)
-    cfg = pred.info
+    warning = None
+    report = None
+    if int8:
+        assert splits is not None
+        images = calibration_images(splits["train"], pred.transform, calibration, seed=cfg.data.seed, limits=limits)
+        report = quantize_int8(path, int8_path, batches_of(images, 16), INPUT_NAME, keep_fp32=keep, smoothing=smoothing)
+        _add_onnx_metadata(int8_path, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
+    accuracy = None
+    if check and importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            splits = splits or _splits(cfg, pred.classes, "the accuracy check")
+        except ConfigError as exc:
+            if int8:
+                raise
+            warning = f"accuracy check skipped: {exc}"
+        if splits is not None:
+            models: dict[str, Any] = {"pytorch": pred.model, "onnx_fp32": OnnxRuntimeModel(path)}
+            if int8:
+                models["onnx_int8"] = OnnxRuntimeModel(int8_path)
+            accuracy = compare_on_test(splits["test"], pred.transform, models, pred.classes, cfg.optim.eval_batch_size,
+                                       limits=limits)
+            del models
+    adapter = run_dir / ADAPTER_FILE
     meta = {
-        "format": "visiontune-onnx/1",
+        "format": EXPORT_FORMAT,
         "model": path.name,
+        "backend": "onnxruntime",
+        "precision": "fp32",
         "classes": pred.classes,
         "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(pred.classes)], "meaning": "logits; apply softmax for scores"},
         "preprocessing": _preprocessing(pred.transform, pred.model, input_size[-1]),
-        "run": {"run_dir": str(run_dir), "method": cfg["method"], "merged": pred.merged},
+        "image_limits": {"max_pixels": limits.max_pixels, "max_aspect": limits.max_aspect},
+        "backbone": backbone_identity(cfg.backbone),
+        "run": {"run_dir": str(run_dir), "method": cfg.method.name, "merged": pred.merged,
+                "adapter_sha256": file_sha256(adapter) if adapter.is_file() else None},
         "exporter": kind,
         "opset": opset,
         "parity_max_abs_diff": diff,
+        "accuracy": None if accuracy is None else {k: v for k, v in accuracy.items() if k != "onnx_int8"},
+        "machine": cpu_info(),
     }
     meta_path = path.with_suffix(".json")
     write_json_atomic(meta_path, meta)
-    return ExportResult(path, meta_path, kind, pred.merged, diff)
+    result = ExportResult(path, meta_path, kind, pred.merged, diff, accuracy=accuracy, warning=warning)
+    if not int8:
+        return result
+    assert report is not None
+    accepted = None
+    if accuracy is not None:
+        d_acc, d_f1, text = _drop_message(accuracy, max_drop)
+        accepted = d_acc <= max_drop and d_f1 <= max_drop
+        if not accepted:
+            warning = (f"{text}: more than the allowed {max_drop:g} points (--max-drop)")
+            if not warn_only:
+                int8_path.unlink(missing_ok=True)
+                raise ConfigError(
+                    f"refusing the INT8 model: {warning}. The fp32 export is kept at {path}. To keep INT8 anyway: "
+                    "--max-drop with a larger number, or --warn-only; to lose less: --keep-fp32 with the sensitive "
+                    "layers (e.g. '*.mlp.fc2'), or more --calibration images"
+                )
+    else:
+        warning = "INT8 accuracy was not measured (--no-check): nothing guards it against the PyTorch model"
+    int8_meta = {
+        **meta, "model": int8_path.name, "precision": "int8",
+        "quantization": report.as_dict(keep),
+        "accuracy": None if accuracy is None else {**accuracy, "max_drop_points": max_drop, "accepted": accepted},
+        "parity_max_abs_diff": None,
+    }
+    int8_meta_path = int8_path.with_suffix(".json")
+    write_json_atomic(int8_meta_path, int8_meta)
+    if warning:
+        warnings.warn(f"visiontune export: {warning}", stacklevel=2)
+    result.int8_path, result.int8_metadata_path, result.int8_accepted, result.warning = int8_path, int8_meta_path, accepted, warning
+    return result

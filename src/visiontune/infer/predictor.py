@@ -13,7 +13,6 @@ transform and the model.
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
@@ -34,43 +34,28 @@ Prediction = list[dict[str, Any]]
 """Top-k of one image, best first: ``[{"label": str, "score": float in [0, 1]}, ...]``."""
 
 
-def decode_bytes(data: bytes | bytearray, name: str = "uploaded image") -> Image.Image:
-    """Decode encoded image bytes to 8-bit RGB the way :func:`visiontune.data.load_image` decodes files.
+def decode_bytes(data: bytes | bytearray, name: str = "uploaded image", limits: ImageLimits | None = None) -> Image.Image:
+    """Decode encoded image bytes to 8-bit RGB: :func:`visiontune.data.images.decode_image` on bytes.
 
     Raises:
-        DataError: empty data or not an image PIL can decode; the message names ``name``.
+        ImageTooLargeError: beyond ``limits`` (pixels or aspect ratio), naming the limit and its setting.
+        DataError: empty data, or not an image PIL can decode; the message names ``name``.
     """
-    from visiontune.data.images import to_rgb
-
-    if not data:
-        raise DataError(f"{name} is empty (0 bytes); send the image file's contents")
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            return to_rgb(ImageOps.exif_transpose(img))
-    except UnidentifiedImageError:
-        raise DataError(
-            f"{name} is not an image PIL can decode ({len(data)} bytes starting {bytes(data[:8])!r}); "
-            "send a PNG, JPEG, BMP, TIFF, WebP or GIF file"
-        ) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode {name}: {exc}; re-export the image") from exc
+    return decode_image(bytes(data), name, limits)
 
 
-def to_image(item: ImageInput, name: str | None = None) -> Image.Image:
-    """Any supported single-image input -> 8-bit RGB PIL image.
+def to_image(item: ImageInput, name: str | None = None, limits: ImageLimits | None = None) -> Image.Image:
+    """Any supported single-image input -> 8-bit RGB PIL image (through the same size guard).
 
     Raises:
-        DataError: unreadable file, undecodable bytes, or an array that is not an image.
+        DataError: unreadable file, undecodable bytes, an image beyond ``limits``, or an array that is
+            not an image.
         TypeError: an unsupported input type.
     """
-    from visiontune.data.images import load_image, to_rgb
-
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
     if isinstance(item, (bytes, bytearray)):
-        return decode_bytes(item, name or "image bytes")
-    if isinstance(item, (str, os.PathLike, np.ndarray)):
-        return load_image(item, name)
+        return decode_image(bytes(item), name or "image bytes", limits)
+    if isinstance(item, (str, os.PathLike, np.ndarray, Image.Image)):
+        return decode_image(item, name, limits)
     raise TypeError(
         f"cannot predict on a {type(item).__name__}; pass a file path, a PIL image, a uint8 numpy array "
         "(HxW, HxWxC, or NxHxWxC for a batch), encoded image bytes, or a list of these"
@@ -139,12 +124,16 @@ class Predictor:
         merged: whether ``model`` has the adapters folded in (reported by :attr:`info`).
         run_dir: the run it came from, if any.
         method: the run's method name, if any (reported by :attr:`info`).
+        limits: the decoding size guard (largest image, most elongated aspect ratio) every input passes.
+        backend: ``torch``, or ``onnxruntime`` for an export (:meth:`from_export`); reported by :attr:`info`.
+        precision: what the model computes in (default: ``fp32``, or the ``amp`` dtype); reported by :attr:`info`.
     """
 
     def __init__(
         self, model: nn.Module, classes: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
         device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 32, amp: torch.dtype | None = None,
         merged: bool = False, run_dir: str | Path | None = None, method: str | None = None,
+        limits: ImageLimits | None = None, backend: str = "torch", precision: str | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid; use an integer >= 1")
@@ -158,12 +147,20 @@ class Predictor:
         self.merged = merged
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.method = method
+        self.limits = limits or ImageLimits()
+        self.backend = backend
+        self.precision = precision or ("fp32" if amp is None else str(amp).removeprefix("torch.").replace("bfloat16", "bf16"))
 
     @classmethod
     def from_run(
         cls, run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
+        max_pixels: int | None = None, max_aspect: float | None = None, settings: tuple[str, str] = ("max_pixels", "max_aspect"),
     ) -> Predictor:
         """Load a finished run directory (merged fast path when ``merge`` and the method allows).
+
+        ``max_pixels`` / ``max_aspect`` default to the run's ``data.max_pixels`` / ``data.max_aspect``,
+        so images like the ones it was trained on are accepted; ``settings`` is how errors name them
+        (``("--max-pixels", "--max-aspect")`` for the command line).
 
         Raises:
             ConfigError: not a run directory. WeightsError: the adapter does not fit its backbone.
@@ -180,7 +177,33 @@ class Predictor:
             model.eval(), run.classes, run.transform, device=dev, top_k=top_k, batch_size=batch_size,
             amp=autocast_dtype(run.config.optim.precision, dev), merged=merged, run_dir=run.run_dir,
             method=run.config.method.name,
+            limits=ImageLimits(
+                int(run.config.data.max_pixels if max_pixels is None else max_pixels),
+                float(run.config.data.max_aspect if max_aspect is None else max_aspect), *settings,
+            ),
         )
+
+    @classmethod
+    def from_export(
+        cls, path: str | Path, int8: bool = False, top_k: int = 5, batch_size: int = 32, threads: int | None = None,
+        max_pixels: int | None = None, max_aspect: float | None = None, settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+    ) -> Predictor:
+        """An onnxruntime predictor for an export (folder, .onnx, its .json) or a run directory's own export.
+
+        Preprocessing is the one the export recorded, built by the same function as the run's; inputs
+        pass the same decoding size guard, ``max_pixels`` / ``max_aspect`` defaulting to the run's
+        ``data.max_pixels`` / ``data.max_aspect`` (recorded by the export).
+
+        Raises:
+            ConfigError: no export there (naming the ``visiontune export`` command), a stale export, or
+                no onnxruntime.
+        """
+        from visiontune.infer.backends import load_export
+
+        exp = load_export(path, int8=int8, threads=threads)
+        return cls(exp.model, exp.classes, exp.transform, device="cpu", top_k=top_k, batch_size=batch_size,
+                   merged=exp.merged, run_dir=exp.run_dir, method=exp.method, limits=exp.limits(max_pixels, max_aspect, settings),
+                   backend="onnxruntime", precision=exp.precision)
 
     # ------------------------------------------------------------------ info
     @property
@@ -194,12 +217,13 @@ class Predictor:
         return {
             "run_dir": str(self.run_dir) if self.run_dir else None, "method": self.method, "classes": self.classes,
             "merged": self.merged, "device": str(self.device), "input_size": list(self.input_size),
+            "backend": self.backend, "precision": self.precision,
         }
 
     # ------------------------------------------------------------------ prediction
     def preprocess(self, item: ImageInput, name: str | None = None) -> torch.Tensor:
         """One input -> the normalised ``3 x H x W`` tensor the model sees."""
-        return self.transform(to_image(item, name))
+        return self.transform(to_image(item, name, self.limits))
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -267,14 +291,40 @@ class Predictor:
         bar.close()
 
 
-def pipeline(run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32) -> Predictor:
+def pipeline(
+    run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
+    max_pixels: int | None = None, max_aspect: float | None = None, backend: str | None = None, int8: bool = False,
+    settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+) -> Predictor:
     """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
 
     Args:
-        run_dir: a run directory written by :func:`visiontune.train`.
-        device: ``cpu``, ``cuda``, ``auto`` ...
+        run_dir: a run directory written by :func:`visiontune.train`, or an ONNX export of one
+            (``visiontune export``: its folder, ``model.onnx`` / ``model.int8.onnx`` or the JSON beside it).
+        device: ``cpu``, ``cuda``, ``auto`` ... (torch backend; onnxruntime runs on the CPU).
         merge: fold adapters into the backbone when the method allows (same outputs, faster).
         top_k: default labels returned per image.
         batch_size: images per forward pass for batch input.
+        max_pixels: largest decoded image (width x height; default: the run's ``data.max_pixels``).
+            Larger JPEGs are decoded at reduced scale, other images are refused with a DataError.
+        max_aspect: largest longer / shorter side ratio (default: the run's ``data.max_aspect``).
+        backend: ``torch``, ``onnxruntime`` (a run directory then uses its ``export/``), or None for
+            torch on a run and onnxruntime on an export. ``openvino`` is refused: not in this build.
+        int8: the INT8 export (``model.int8.onnx``, onnxruntime only).
+        settings: how errors name ``max_pixels`` / ``max_aspect`` (``("--max-pixels", "--max-aspect")``
+            for the command line).
     """
-    return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size)
+    from visiontune.infer.backends import resolve_backend
+
+    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
+        _cpu_only(device)
+        return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size,
+                                     max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
+    return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
+                              max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
+
+
+def _cpu_only(device: str | torch.device) -> None:
+    if torch.device(device if device != "auto" else "cpu").type != "cpu":
+        raise ConfigError(f"device={str(device)!r} is invalid with the onnxruntime backend, which runs on the CPU here; "
+                          "use --device cpu, or --backend torch for the GPU")

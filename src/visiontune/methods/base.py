@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,17 @@ def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
         for bn, b in m.named_buffers(recurse=False)
         if b is not None
     }
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """``optim.class_weights``: None for "none"; for "balanced" ``n / (K n_c)`` per class (0 for absent classes)."""
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(float)
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def freeze(module: nn.Module) -> None:

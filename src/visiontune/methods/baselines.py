@@ -26,7 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from visiontune.config import MethodConfig, OptimConfig
-from visiontune.methods.base import Method, classifier_of, freeze
+from visiontune.methods.base import Method, class_weights, classifier_of, freeze
 from visiontune.methods.logreg import fit_path
 from visiontune.registry import METHODS
 
@@ -56,13 +56,17 @@ class LinearConfig(MethodConfig):
         return out
 
 
-def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(((x @ w.T + b).argmax(1) == y).float().mean())
+def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, balanced: bool = False) -> float:
+    """Accuracy, or with ``balanced`` the mean per-class recall (what a class-weighted fit optimises)."""
+    hit = ((x @ w.T + b).argmax(1) == y).float()
+    if not balanced:
+        return float(hit.mean())
+    return float(np.mean([float(hit[y == c].mean()) for c in torch.unique(y).tolist()]))
 
 
 def choose_c(
     x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, num_classes: int, max_iter: int,
-    val: tuple[torch.Tensor, torch.Tensor] | None, max_rows: int = 5000,
+    val: tuple[torch.Tensor, torch.Tensor] | None, max_rows: int = 5000, balanced: bool = False,
 ) -> tuple[float, dict[str, float], tuple[torch.Tensor, torch.Tensor] | None]:
     """Pick C from a log grid by validation accuracy, or by grouped stratified k-fold CV on the train set.
 
@@ -79,8 +83,8 @@ def choose_c(
 
     xn, yn = x.numpy(), y.numpy()
     if val is not None and len(val[1]) > 0:
-        path = [heads[0] for heads in fit_path(xn, yn, [np.arange(len(yn))], num_classes, _C_GRID, max_iter)]
-        accs = np.array([_accuracy(w, b, *val) for w, b in path])
+        path = [heads[0] for heads in fit_path(xn, yn, [np.arange(len(yn))], num_classes, _C_GRID, max_iter, balanced=balanced)]
+        accs = np.array([_accuracy(w, b, *val, balanced=balanced) for w, b in path])
     else:
         subsample = len(yn) > max_rows
         if subsample:
@@ -95,10 +99,10 @@ def choose_c(
             return 1.0, {}, None
         folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(xn, yn, groups))
         subsets = [tr for tr, _ in folds] + ([] if subsample else [np.arange(len(yn))])
-        path_all = fit_path(xn, yn, subsets, num_classes, _C_GRID, max_iter)
+        path_all = fit_path(xn, yn, subsets, num_classes, _C_GRID, max_iter, balanced=balanced)
         xt, yt = torch.from_numpy(xn), torch.from_numpy(yn)
         accs = np.array(
-            [[_accuracy(w, b, xt[te], yt[te]) for (w, b), (_, te) in zip(heads, folds)] for heads in path_all]
+            [[_accuracy(w, b, xt[te], yt[te], balanced) for (w, b), (_, te) in zip(heads, folds)] for heads in path_all]
         ).mean(1)
         path = None if subsample else [heads[-1] for heads in path_all]
     best = accs.max()
@@ -132,6 +136,7 @@ def fit_probe_head(
     val: tuple[torch.Tensor, torch.Tensor] | None,
     c: float | None = None,
     max_iter: int = 300,
+    balanced: bool = False,
 ) -> dict[str, Any]:
     """Fit ``head`` (an ``nn.Linear``) as a logistic regression on features; C by val or grouped CV when None.
 
@@ -144,6 +149,7 @@ def fit_probe_head(
         val: optional (features, labels) for choosing C and reporting.
         c: fixed inverse L2 strength, or None to choose it.
         max_iter: L-BFGS iterations per fit.
+        balanced: class-balanced loss (``optim.class_weights=balanced``); C is then chosen by balanced accuracy.
 
     Returns:
         Info for metrics.json: chosen C, its scores, how it was chosen, and a one-row history.
@@ -158,18 +164,19 @@ def fit_probe_head(
     scores: dict[str, float] = {}
     fitted = None
     if c is None:
-        c, scores, fitted = choose_c(xs, y, groups, num_classes, max_iter, vs)
+        c, scores, fitted = choose_c(xs, y, groups, num_classes, max_iter, vs, balanced=balanced)
         how = "val" if vs is not None else "cv"
     else:
         how = "fixed"
-    w, b = fitted or fit_path(xs.numpy(), y.numpy(), [np.arange(len(y))], num_classes, [c], max_iter)[0][0]
+    w, b = fitted or fit_path(xs.numpy(), y.numpy(), [np.arange(len(y))], num_classes, [c], max_iter, balanced=balanced)[0][0]
     with torch.no_grad():
         loss = float(F.cross_entropy(xs @ w.T + b, y))
     history: list[dict[str, Any]] = [{"epoch": 1, "train_loss": loss, "lr": None}]
     if vs is not None:
         history[0]["val_accuracy"] = _accuracy(w, b, *vs)
     _write_head(head, w, b, mu, sd)
-    return {"solver": "lbfgs", "c": c, "c_scores": scores, "c_selected_by": how, "history": history}
+    return {"solver": "lbfgs", "c": c, "c_scores": scores, "c_selected_by": how, "class_weights": "balanced" if balanced else "none",
+            "history": history}
 
 
 @METHODS.register("linear")
@@ -216,7 +223,9 @@ class Linear(Method):
             Info for metrics.json: solver, chosen C and its scores, history.
         """
         if self.cfg.solver == "lbfgs":
-            return fit_probe_head(classifier_of(model), train, val, self.cfg.c, self.cfg.max_iter)
+            return fit_probe_head(
+                classifier_of(model), train, val, self.cfg.c, self.cfg.max_iter, balanced=optim.class_weights == "balanced"
+            )
         head = _linear_head(model)
         x, y, _ = train
         mu, sd = _moments(x)
@@ -230,6 +239,8 @@ class Linear(Method):
         from visiontune.train.optim import warmup_cosine
 
         gen = torch.Generator().manual_seed(seed)
+        weight = class_weights(y.numpy(), num_classes, optim.class_weights)
+        weight = None if weight is None else weight.double()
         lin = nn.Linear(x.shape[1], num_classes).double()
         nn.init.zeros_(lin.weight)
         nn.init.zeros_(lin.bias)
@@ -243,7 +254,7 @@ class Linear(Method):
             total = 0.0
             for i in range(0, len(y), optim.batch_size):
                 idx = perm[i : i + optim.batch_size]
-                loss = F.cross_entropy(lin(x[idx]), y[idx], label_smoothing=optim.label_smoothing)
+                loss = F.cross_entropy(lin(x[idx]), y[idx], label_smoothing=optim.label_smoothing, weight=weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -52,7 +52,7 @@ class _Stack:
     evaluation is on r instead of D columns.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, subsets: list[np.ndarray], num_classes: int):
+    def __init__(self, x: np.ndarray, y: np.ndarray, subsets: list[np.ndarray], num_classes: int, balanced: bool = False):
         n, d = x.shape
         self.basis = None
         if n < d:
@@ -67,7 +67,13 @@ class _Stack:
         self.present = np.zeros((num_classes, self.p), dtype=bool)
         self.n = np.array([len(idx) for idx in subsets], dtype=float)
         for i, idx in enumerate(subsets):
-            self.rows[i, idx] = 1.0 / len(idx)
+            if balanced:
+                # scikit-learn's class_weight="balanced" (w = n / (K n_c)), divided by n like the unweighted mean:
+                # every present class carries the same total weight 1/K.
+                counts = np.bincount(y[idx], minlength=num_classes)
+                self.rows[i, idx] = 1.0 / ((counts > 0).sum() * counts[y[idx]])
+            else:
+                self.rows[i, idx] = 1.0 / len(idx)
             self.present[np.unique(y[idx]), i] = True
         self.binary = self.present.sum(0) == 2
         # Added to the logits: absent classes get -1e30, so exp() underflows to exactly 0 (no probability, no gradient).
@@ -110,7 +116,7 @@ class _Stack:
 
 def fit_path(
     x: np.ndarray, y: np.ndarray, subsets: list[np.ndarray], num_classes: int, cs: list[float], max_iter: int,
-    tol: float = 1e-4,
+    tol: float = 1e-4, balanced: bool = False,
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Fit a logistic regression on each row subset of ``x`` at every C of ``cs`` (each C warm-started from the last).
 
@@ -122,6 +128,7 @@ def fit_path(
         cs: inverse L2 strengths as in scikit-learn, best increasing (each solution starts the next fit).
         max_iter: L-BFGS iterations per C (shared by the stacked problems).
         tol: largest allowed gradient entry at the solution (scikit-learn's ``tol``).
+        balanced: weight each row by ``n / (K n_c)`` within its problem (scikit-learn's ``class_weight="balanced"``).
 
     Returns:
         ``out[j][i]`` = (W [K, D], b [K]) of problem ``i`` at ``cs[j]``.
@@ -136,7 +143,7 @@ def fit_path(
             )
     if not subsets:
         return [[] for _ in cs]
-    stack = _Stack(x, y, subsets, num_classes)
+    stack = _Stack(x, y, subsets, num_classes, balanced)
     theta = np.zeros(stack.size)
     out = []
     # Small problems: BLAS threads cost more than they give (and spin against torch's own OpenMP pool).

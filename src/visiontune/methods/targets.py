@@ -146,7 +146,8 @@ def parse_blocks(spec: str, num_blocks: int) -> list[int]:
     """Block indices selected by ``spec`` on a model with ``num_blocks`` blocks, sorted.
 
     Raises:
-        ConfigError: bad syntax, or an index beyond the model's depth.
+        ConfigError: bad syntax, or an index or ``last:N`` / ``first:N`` beyond the model's depth
+            (the message names the block count).
     """
     problems = block_spec_problems(spec)
     if problems:
@@ -156,16 +157,22 @@ def parse_blocks(spec: str, num_blocks: int) -> list[int]:
         m = _BLOCK_ITEM.match(s)
         if m["all"]:
             chosen.update(range(num_blocks))
-        elif m["kind"] == "last":
-            chosen.update(range(max(0, num_blocks - int(m["n"])), num_blocks))
-        elif m["kind"] == "first":
-            chosen.update(range(min(num_blocks, int(m["n"]))))
+        elif m["kind"]:
+            n = int(m["n"])
+            if n > num_blocks:
+                # Clamping would silently train fewer blocks than asked (last:9 on a 2-block model is "all").
+                raise ConfigError(
+                    f"method.blocks={spec!r} asks for {m['kind']} {n} blocks, but this backbone has {num_blocks} "
+                    f"blocks; use {m['kind']}:N with N from 1 to {num_blocks}, or all"
+                )
+            chosen.update(range(num_blocks - n, num_blocks) if m["kind"] == "last" else range(n))
         else:
             lo = int(m["one"] if m["one"] is not None else m["lo"])
             hi = int(m["one"] if m["one"] is not None else m["hi"])
             if hi >= num_blocks:
                 raise ConfigError(
-                    f"method.blocks={spec!r} names block {hi}, but this backbone has {num_blocks} blocks (0-{num_blocks - 1})"
+                    f"method.blocks={spec!r} names block {hi}, but this backbone has {num_blocks} blocks; "
+                    f"use indices 0-{num_blocks - 1}"
                 )
             chosen.update(range(lo, hi + 1))
     return sorted(chosen)

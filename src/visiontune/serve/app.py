@@ -12,8 +12,16 @@ own LoRA/DoRA/Mona/head and label set) over FastAPI. Endpoints:
 - ``GET /docs``: FastAPI's OpenAPI page.
 
 Every bad request gets a 4xx JSON body ``{"error": {"code", "message"}}`` whose message names the
-problem and the fix; the service keeps serving. Forward passes run on one worker thread that
-micro-batches concurrent requests per adapter (:mod:`visiontune.serve.batching`).
+problem and the fix (and a server fault a 500 with the same body, never plain text); the service
+keeps serving. Forward passes run on one worker thread that micro-batches concurrent requests per
+adapter (:mod:`visiontune.serve.batching`).
+
+Small files must not exhaust the server: a 140 KB PNG can declare 12,000 x 12,000 pixels. Images are
+decoded by :func:`visiontune.data.images.decode_image`, which reads the size from the header and
+refuses (413) an image over ``--max-pixels`` or ``--max-aspect`` before decoding a pixel (a JPEG
+is first tried at reduced scale), and at most ``--max-decodes`` images are decoded at once (further
+requests wait), so decoding memory is bounded by ``max_decodes`` images of at most ``max_pixels``
+each, whatever the upload claims.
 
 FastAPI, starlette and uvicorn do the HTTP work; what is written here is the request checking (the
 body is read with a size cap before any parsing, so an oversized upload is refused without being
@@ -26,14 +34,24 @@ import asyncio
 import base64
 import binascii
 import difflib
+import hmac
 import json
+import sys
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import PurePath
 from typing import Any, AsyncIterator
 
 import torch
 
+from visiontune.data.images import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_PIXELS,
+    ImageLimits,
+    ImageTooLargeError,
+    decode_image,
+)
 from visiontune.errors import ConfigError, DataError
 
 try:
@@ -49,7 +67,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
         f"the HTTP service needs FastAPI, uvicorn and python-multipart ({_exc}); install them with: "
         "pip install 'visiontune[serve]'"
     ) from _exc
-from visiontune.infer.predictor import check_top_k, decode_bytes, top_k_predictions
+from visiontune.infer.predictor import check_top_k, top_k_predictions
 from visiontune.multi import AdapterHost
 from visiontune.serve.batching import MicroBatcher
 
@@ -57,6 +75,9 @@ DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 """Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
 
 DEFAULT_TOP_K = 5
+DEFAULT_MAX_DECODES = 2
+"""Default most images decoded at once (``--max-decodes``): decoding is CPU- and memory-bound, and more
+parallel decodes than cores only add memory."""
 # Multipart framing and base64 (4 bytes per 3) make a request body larger than the image it carries.
 _BODY_SLACK = 64 * 1024
 # After refusing an oversized body, read (and drop) at most this much more so the client receives the
@@ -105,17 +126,20 @@ class AdapterInfo(BaseModel):
     method: str
     classes: list[str]
     num_classes: int
-    source: str | None
+    source: str | None = Field(description="the run directory's name (not its path: clients need not learn the server's layout)")
     private_bytes: int = Field(description="memory this adapter adds to the shared backbone (adapter + head)")
 
 
 class AdaptersResponse(BaseModel):
     """Answer of ``GET /v1/adapters``."""
 
+    backend: str = Field(description="torch (one shared backbone) or onnxruntime (one exported model per adapter)")
     backbone: dict[str, Any]
     adapters: list[AdapterInfo]
     default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
     max_bytes: int
+    max_pixels: int
+    max_aspect: float
     default_top_k: int
 
 
@@ -218,6 +242,13 @@ async def _parse_request(request: Any, max_bytes: int) -> tuple[bytes, Any, Any]
         await form.close()
 
 
+def _base_name(path: str | None) -> str | None:
+    """The last component of a server-side path: enough to tell runs apart, without the server's directory layout."""
+    if path is None:
+        return None
+    return PurePath(str(path).rstrip("/\\")).name or str(path)
+
+
 def _parse_top_k(value: Any, default: int) -> int:
     if value is None or value == "":
         return default
@@ -240,26 +271,67 @@ def _pick_adapter(host: AdapterHost, value: Any) -> str:
     return value
 
 
+def check_settings(
+    max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT, max_decodes: int = DEFAULT_MAX_DECODES,
+) -> ImageLimits:
+    """Validate the service's settings (before any model is loaded) and return its decoding limits.
+
+    Raises:
+        ConfigError: every bad setting, each named by its command-line option with the valid range.
+    """
+    problems = []
+    for option, value, low in (("--max-bytes", max_bytes, 1), ("--max-batch", max_batch, 1),
+                               ("--max-pixels", max_pixels, 1), ("--max-decodes", max_decodes, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{option} {value!r} is invalid; use an integer >= {low}")
+    if not max_wait_ms >= 0:
+        problems.append(f"--batch-wait-ms {max_wait_ms!r} is invalid; use a number >= 0 (milliseconds)")
+    if not max_aspect >= 1:
+        problems.append(f"--max-aspect {max_aspect!r} is invalid; use a number >= 1 (longer side / shorter side)")
+    if problems:
+        raise ConfigError(problems)
+    return ImageLimits(int(max_pixels), float(max_aspect), "--max-pixels", "--max-aspect")
+
+
 def create_app(
-    host: AdapterHost, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
-    default_top_k: int = DEFAULT_TOP_K,
+    host: AdapterHost | Any, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
+    default_top_k: int = DEFAULT_TOP_K, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT,
+    max_decodes: int = DEFAULT_MAX_DECODES, api_key: str | None = None,
 ) -> Any:
     """The FastAPI app serving ``host``'s adapters.
 
     Args:
-        host: the adapters (``AdapterHost.from_runs({...})``); its ``transform`` preprocesses images.
+        host: the adapters: ``AdapterHost.from_runs({...})`` (torch, one shared backbone) or
+            ``ExportHost.from_exports({...})`` (onnxruntime); ``transform_for(name)`` preprocesses images.
         max_bytes: largest accepted image file in bytes (larger -> 413).
         max_batch: most requests per batched forward pass.
         max_wait_ms: how long the batcher waits for companions of a request.
         default_top_k: labels returned when a request gives no ``top_k``.
+        max_pixels: largest decoded image, width x height (larger -> 413; JPEGs are tried at reduced scale first).
+        max_aspect: largest longer / shorter side ratio (more elongated -> 413).
+        max_decodes: most images decoded at once; further requests wait for a slot.
+        api_key: when set, every ``/v1/`` request must send it (``Authorization: Bearer <key>`` or
+            ``X-API-Key: <key>``) or gets 401; the page, ``/healthz`` and the API docs stay open.
+
+    Raises:
+        ConfigError: a bad setting, a host without transform or adapters.
     """
     if host.transform is None:
         raise ConfigError("the adapter host has no transform; build it with AdapterHost.from_runs(...)")
     if not host.tasks:
         raise ConfigError("the adapter host has no adapters; pass at least one --adapter NAME=RUN_DIR")
-    if max_bytes < 1:
-        raise ConfigError(f"max_bytes={max_bytes} must be >= 1")
+    limits = check_settings(max_bytes, max_batch, max_wait_ms, max_pixels, max_aspect, max_decodes)
     default_top_k = check_top_k(default_top_k)
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("the API key is empty; set --api-key / VISIONTUNE_API_KEY to a secret, or unset it for an open service")
+    # Created here, used on the server's event loop (asyncio primitives bind to a loop on first use).
+    decode_slots = asyncio.Semaphore(max_decodes)
+    # A weights *file* is named by its file name only (with its sha256 beside it), not by its server path.
+    public_identity = dict(host.identity)
+    weights = public_identity.get("weights")
+    if isinstance(weights, str) and ("/" in weights or "\\" in weights):
+        public_identity["weights"] = _base_name(weights)
 
     def forward(name: str, batch: torch.Tensor) -> torch.Tensor:
         return host.logits(name, batch).softmax(dim=1)
@@ -284,6 +356,23 @@ def create_app(
     def error_response(status: int, code: str, message: str) -> Any:
         return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
+    if api_key is not None:
+        expected_key = api_key.encode()
+
+        @app.middleware("http")
+        async def _require_key(request: fastapi.Request, call_next: Any) -> Any:
+            if request.url.path.startswith("/v1/"):
+                auth = request.headers.get("authorization", "")
+                sent = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+                # compare_digest: the comparison takes the same time wherever the first wrong byte is.
+                if not hmac.compare_digest(sent.encode(), expected_key):
+                    response = error_response(
+                        401, "unauthorized", "this server needs an API key; send it as 'Authorization: Bearer <key>' "
+                        "or 'X-API-Key: <key>'" + (" (the key sent is wrong)" if sent else ""))
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                    return response
+            return await call_next(request)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Any, exc: ApiError) -> Any:
         return error_response(exc.status, exc.code, exc.message)
@@ -293,13 +382,20 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def _server_error(_: Any, exc: Exception) -> Any:
+        # Starlette's default answer to an unhandled exception is a plain-text 500; clients of this API
+        # parse JSON, so a server fault gets the same body shape as every other error.
+        return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}: {exc}); "
+                              "please report it with the request that caused it")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Any, exc: RequestValidationError) -> Any:
         return error_response(422, "invalid_request", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
     @app.post(
         "/v1/predict", response_model=PredictResponse, summary="Top-k labels of one image",
-        responses={400: errors, 404: errors, 413: errors, 415: errors, 422: errors},
+        responses={400: errors, 401: errors, 404: errors, 413: errors, 415: errors, 422: errors, 500: errors},
         openapi_extra={"requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": _multipart_schema()},
             "application/json": {"schema": PredictJSON.model_json_schema()},
@@ -314,8 +410,12 @@ def create_app(
         if len(data) > max_bytes:
             raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} bytes "
                            "(--max-bytes); send a smaller or more compressed image")
+        transform = host.transform_for(name)
         try:
-            x = await run_in_threadpool(lambda: host.transform(decode_bytes(data, "the uploaded image")))
+            async with decode_slots:
+                x = await run_in_threadpool(lambda: transform(decode_image(data, "the uploaded image", limits)))
+        except ImageTooLargeError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
         except DataError as exc:
             raise ApiError(422, "not_an_image", str(exc)) from None
         try:
@@ -330,14 +430,17 @@ def create_app(
     async def adapters() -> dict[str, Any]:
         """Every adapter with its method and label set; the backbone they share."""
         return {
-            "backbone": host.identity,
+            "backend": host.identity.get("backend", "torch"),
+            "backbone": public_identity,
             "adapters": [
                 {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
-                 "source": t.source, "private_bytes": t.private_bytes}
+                 "source": _base_name(t.source), "private_bytes": t.private_bytes}
                 for t in host.tasks.values()
             ],
             "default": next(iter(host.tasks)) if len(host.tasks) == 1 else None,
             "max_bytes": max_bytes,
+            "max_pixels": limits.max_pixels,
+            "max_aspect": limits.max_aspect,
             "default_top_k": default_top_k,
         }
 
@@ -360,8 +463,13 @@ def create_app(
 def serve(
     adapters: dict[str, str], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
+    max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT, max_decodes: int = DEFAULT_MAX_DECODES,
+    api_key: str | None = None, backend: str | None = None, int8: bool = False,
 ) -> None:
     """Load the adapters on one backbone and serve them until interrupted (blocking).
+
+    Settings are checked and the port is bound *before* the models load, so a typo or a taken port
+    fails in a second with a message, not after loading and not as a uvicorn traceback.
 
     Args:
         adapters: ``{name: run directory}``; all must share the backbone (name, weights, image size).
@@ -372,18 +480,99 @@ def serve(
         max_batch: most requests per batched forward pass.
         max_wait_ms: batching window.
         log_level: uvicorn's log level.
+        max_pixels: largest decoded image (width x height).
+        max_aspect: largest longer / shorter side ratio.
+        max_decodes: most images decoded at once.
+        api_key: require this key on ``/v1/`` requests (see :func:`create_app`).
+        backend: ``torch`` (one shared backbone), ``onnxruntime`` (each adapter's export; a run directory
+            uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
+        int8: serve the INT8 exports (onnxruntime).
+
+    A non-loopback ``host`` gets a warning on stderr: the service is then reachable from the network,
+    and without an API key anyone who reaches it can use it.
 
     Raises:
-        ConfigError: a path that is not a run. WeightsError: runs trained on different backbones.
+        ConfigError: a bad setting, a port that cannot be bound, a path that is not a run (or has no
+            export), a bad backend.
+        WeightsError: runs trained on different backbones (torch backend).
     """
+    import socket
+
     try:
         import uvicorn
     except ImportError as exc:  # pragma: no cover
         raise ConfigError("serving needs uvicorn; install it with: pip install 'visiontune[serve]'") from exc
     from visiontune.train.loop import resolve_device
 
-    adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
-    app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{host}:{port} "
-          f"(web page /, API docs /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
+
+    check_settings(max_bytes, max_batch, max_wait_ms, max_pixels, max_aspect, max_decodes)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is invalid; use 1-65535 (or 0 for any free port)")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("the API key is empty; set --api-key / VISIONTUNE_API_KEY to a secret, or unset it for an open service")
+    if backend in (None, "auto"):
+        kinds = {is_export_path(p) for p in adapters.values()}
+        if kinds == {True, False}:
+            raise ConfigError("some --adapter paths are ONNX exports and some are run directories; serve them with one "
+                              "backend: --backend onnxruntime (run directories then use their export/) or only run directories")
+        backend = "onnxruntime" if kinds == {True} or int8 else "torch"
+    for path in adapters.values():
+        backend = resolve_backend(backend, path, int8)
+    if backend == "onnxruntime":
+        from visiontune.infer.predictor import _cpu_only
+
+        _cpu_only(device)
+    sock = _bind(host, port)
+    try:
+        if not _is_loopback(sock.getsockname()[0]):
+            guard = ("requests need the API key" if api_key else
+                     "there is no API key, so anyone who can reach it can use it (set VISIONTUNE_API_KEY)")
+            print(f"visiontune: warning: --host {host} makes the service reachable from other machines; {guard}. "
+                  "Serve on 127.0.0.1 behind a reverse proxy with TLS for anything public.", file=sys.stderr, flush=True)
+        if backend == "onnxruntime":
+            adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
+        else:
+            adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
+        app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         max_pixels=max_pixels, max_aspect=max_aspect, max_decodes=max_decodes, api_key=api_key)
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
+        print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{shown}:{bound_port} "
+              f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> Any:
+    """A listening-ready socket on ``host:port``, or a ConfigError naming the address and the fix."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} is not an address of this machine ({exc}); use 127.0.0.1, ::1 or 0.0.0.0") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = ("another process is listening there; stop it or choose another --port"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock

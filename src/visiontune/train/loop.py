@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from visiontune.config import Config
 from visiontune.errors import ConfigError
 from visiontune.methods import Method
+from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
 from visiontune.train.optim import warmup_cosine
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
@@ -62,6 +63,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_report(setting: str, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
+    """Which precision a run computed in and which kernels that meant (recorded in ``metrics.json``):
+    the setting, the autocast dtype used, and on a CPU the vector ISA torch dispatches to and whether
+    oneDNN has native bf16 (AVX-512 BF16 or AMX) rather than emulating it.
+
+    On a CPU, ``auto`` still means fp32: bf16 autocast measured 1.8x faster for LoRA evaluation and
+    training steps on this project's AVX-512 BF16 machine (no AMX), with equal accuracy when evaluating,
+    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured (``benchmarks/RESULTS.md``,
+    "bf16 on this CPU"); ``optim.precision=bf16`` opts in.
+    """
+    out: dict[str, Any] = {"setting": setting, "used": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+    if device.type == "cpu":
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    elif device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -151,8 +171,12 @@ def train_one_epoch(
     device: torch.device,
     amp: torch.dtype | None,
     desc: str = "train",
+    class_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}."""
+    """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}.
+
+    ``class_weight`` ([K], see :func:`class_weights`) weights each example's loss by its class.
+    """
     model.train()
     accum = cfg.optim.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -164,7 +188,10 @@ def train_one_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+        loss = F.cross_entropy(
+            logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
+            weight=None if class_weight is None else class_weight.to(device),
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss.item()} at batch {i}; lower optim.lr (now {optimizer.param_groups[0]['lr']:.2e}) "
@@ -335,7 +362,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     amp = autocast_dtype(cfg.optim.precision, device)
 
     if splits is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root)
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
         splits = make_splits(records, cfg.data)
     classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
@@ -367,7 +394,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     workers = cfg.data.num_workers
     ebs = cfg.optim.eval_batch_size
     val_loader = (
-        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache), ebs, False, 0, workers) if len(splits["val"]) else None
+        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers) if len(splits["val"]) else None
     )
 
     start = time.perf_counter()
@@ -387,7 +414,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
 
     # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
-    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False), ebs, False, 0, workers)
+    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False, limits=cfg.data.image_limits()), ebs, False, 0, workers)
     # scikit-learn's metrics take ~1 s to import on a small CPU: a one-off of the process (unless a validation
     # split already needed them), done before the test pass's timer, not counted as evaluation time.
     load_metric_functions()
@@ -411,6 +438,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
             "dataset": cfg.data.dataset, "classes": classes, "train_size": len(splits["train"]),
             "val_size": len(splits["val"]), "test_size": len(splits["test"]), "seed": cfg.run.seed,
             "device": str(device), "img_size": eval_tf_size(model, cfg.backbone.img_size), "split": split,
+            "precision": precision_report(cfg.optim.precision, device, amp),
         },
         "params": params,
         "train": {
@@ -460,7 +488,7 @@ def _fit_cached(
     for v in range(views):
         # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
         tf = eval_tf if v == 0 else train_tf
-        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), ebs, False, 0, workers)
+        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers)
         f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
         xs.append(f)
         ys.append(y)
@@ -493,7 +521,7 @@ def _fit_loop(
 
     if cfg.backbone.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    train_set = image_dataset(splits["train"], train_tf, cfg.data.cache)
+    train_set = image_dataset(splits["train"], train_tf, cfg.data.cache, limits=cfg.data.image_limits())
     train_loader = make_loader(train_set, cfg.optim.batch_size, True, cfg.run.seed, cfg.data.num_workers)
     info: dict[str, Any] = {"head_init": "zero"}
     ckpt_path = checkpoint_path(run_dir)
@@ -525,14 +553,16 @@ def _fit_loop(
     scheduler = warmup_cosine(
         optimizer, steps_per_epoch * cfg.optim.epochs, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr_ratio
     )
+    weights = class_weights(splits["train"].labels, len(splits["train"].classes), cfg.optim.class_weights)
     history: list[dict[str, Any]] = []
     best = {"score": -math.inf, "epoch": 0, "state": None}
     if val_loader is not None and not resuming and info.get("head_init") == "probe":
         # Epoch 0 competes too: the probe-initialised head before any fine-tuning. A fine-tune that does not
         # beat it on validation falls back to it, instead of to its least bad epoch.
         vl, vy = predict_logits(val_model, val_loader, device, amp)
+        info["epoch0_val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
         best = {
-            "score": float((vl.argmax(1) == vy).float().mean()) - 1e-6 * float(F.cross_entropy(vl, vy)),
+            "score": info["epoch0_val_accuracy"] - 1e-6 * float(F.cross_entropy(vl, vy)),
             "epoch": 0, "state": method.trainable_state_dict(model),
         }
     start_epoch = 1
@@ -560,7 +590,9 @@ def _fit_loop(
         row: dict[str, Any] = {"epoch": epoch}
         if prefix is not None:
             prefix.set_epoch(epoch)
-        row.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}"))
+        row.update(train_one_epoch(
+            train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights
+        ))
         if val_loader is not None:
             vl, vy = predict_logits(val_model, val_loader, device, amp)
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
@@ -603,9 +635,9 @@ def _probe_head_init(
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
     fast = fast_forward(model)
     x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
-    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val)
+    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val, balanced=cfg.optim.class_weights == "balanced")
     return {"head_init": "probe", "head_init_c": info["c"], "head_init_time_s": time.perf_counter() - t0}
