@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from visiontune import distributed
+
 DEFAULT_BUDGET_MB = 2048
 """Largest cache (all views) built; above it training runs uncached (the reason is recorded)."""
 
@@ -123,7 +125,7 @@ class FrozenPrefix:
             with amp():
                 outs.append(self.prefix(x.to(device, non_blocking=True)).cpu())
             labels.append(y)
-        return torch.cat(outs), torch.cat(labels)
+        return distributed.gather_in_order(loader, outs, labels)
 
 
 class _Suffix(nn.Module):
@@ -245,7 +247,7 @@ def build_prefix_cache(
     if n_views:
         from visiontune.train.loop import make_loader
 
-        loader = make_loader(train_dataset, batch_size, False, 0, 0)
+        loader = distributed.shard_eval(make_loader(train_dataset, batch_size, False, 0, 0))
         parts, labels = [], torch.empty(0)
         for v in range(n_views):
             tokens, labels = frozen.compute(loader, device, amp, progress, f"prefix cache view {v + 1}/{n_views}")
