@@ -126,6 +126,28 @@ def test_only_process_zero_writes_the_run_directory(single_and_ddp) -> None:
     assert rank1 == "", rank1[:2000]
 
 
+def test_two_processes_probe_head_init_and_prefix_cache(tmp_path: Path) -> None:
+    """LP-FT (probe features extracted in shares and gathered) and the frozen-prefix cache under 2 processes.
+
+    The probe head is a scikit-learn fit on features that differ from one process's by float rounding, so
+    the tolerance is looser than for the gradient steps alone (5e-3; ~6e-4 measured).
+    """
+    cfg = [*RUN[:3], "data.test_per_class=3", *[o for o in RUN[4:] if not o.startswith(("optim.head_init", "optim.epochs"))],
+           "optim.epochs=2", "method.blocks=last:1"]
+    one = vt.train(vt.load_config(None, [*cfg, f"run.dir={tmp_path / 'one'}"])).metrics
+    _torchrun(["train", *cfg, f"run.dir={tmp_path / 'two'}"], tmp_path)
+    two = json.loads((tmp_path / "two" / "r" / "metrics.json").read_text())
+    assert one["train"]["head_init"] == two["train"]["head_init"] == "probe"
+    assert one["train"]["prefix_cache"]["used"] and two["train"]["prefix_cache"]["used"]
+    for a, b in zip(one["train"]["history"], two["train"]["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert two["test"]["confusion"] == one["test"]["confusion"] and two["test"]["num_samples"] == 30
+    w1 = load_file(str(tmp_path / "one" / "r" / "adapter.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "r" / "adapter.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=5e-3, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def eleven_images(single_and_ddp) -> Path:
     """A labeled folder of 11 digits (not a multiple of the 2 processes)."""
