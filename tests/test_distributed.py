@@ -10,11 +10,13 @@ batch shapes; measured ~2e-8 here), identical best epoch and test confusion matr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,39 @@ def test_two_processes_probe_head_init_and_prefix_cache(tmp_path: Path) -> None:
     w2 = load_file(str(tmp_path / "two" / "r" / "adapter.safetensors"))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=5e-3, rtol=0)
+
+
+def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(single_and_ddp) -> None:
+    """Kill every process of a 2-process run after its first checkpoint; resume under torchrun; same end."""
+    import psutil
+
+    tmp = single_and_ddp["tmp"]
+    run = [*[o for o in RUN if not o.startswith(("optim.epochs", "run.name"))], "optim.epochs=12", "run.name=k"]
+    _torchrun(["train", *run, f"run.dir={tmp / 'whole'}"], tmp)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "visiontune.cli", "train", *run, f"run.dir={tmp / 'killed'}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp / "killed" / "k" / "checkpoint" / "last.safetensors"
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    # torchrun's workers are not in its process group: kill the launcher and every process under it.
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+    assert ckpt.exists() and not (tmp / "killed" / "k" / "metrics.json").exists(), "the run ended before it was killed"
+    _torchrun(["train", *run, f"run.dir={tmp / 'killed'}", "run.resume=true"], tmp)
+    whole = json.loads((tmp / "whole" / "k" / "metrics.json").read_text())
+    resumed = json.loads((tmp / "killed" / "k" / "metrics.json").read_text())
+    assert resumed["train"]["segments"] == 2 and resumed["train"]["resumed_after_epoch"] >= 1
+    for a, b in zip(whole["train"]["history"], resumed["train"]["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    w1 = load_file(str(tmp / "whole" / "k" / "adapter.safetensors"))
+    w2 = load_file(str(tmp / "killed" / "k" / "adapter.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
