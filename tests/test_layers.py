@@ -22,11 +22,13 @@ cycle check keeps the order one way):
    ``data.images.ImageLimits``). Nothing below it imports a method either: methods register themselves
    when ``visiontune.methods`` is imported (the root package does so), and the config looks method
    names up in the registry when it validates.
+   ``distributed`` sits beside it: the data-parallel runtime (process group through accelerate, global-batch
+   shares, exactly-once evaluation) reads ``Config`` and is used by train, eval, infer and the caches.
 4. ``methods``: the ``Method`` interface and every method, each owning its code (LoRA's fused q/k/v
    forward and lean layers included).
 5. ``train``, ``eval``, ``pretrain``, ``checkpoint``, ``rundir``, ``runs``, ``check``: the loop, metrics and
    reports, ExPLoRA, checkpoints, run directories (``runs`` writes a finished run and loads one back,
-   which the loop needs to resume and to finish, so it lives with the loop), the meta-device check.
+   which the loop needs to resume and to finish, so it lives with the loop), the meta-device check, the memory ``estimate`` (built on the meta-device backbone and the methods).
 6. ``infer``, ``multi``, ``serve``: predictor, export and evaluation of finished runs, the adapter
    host, the HTTP app.
 7. ``auto``, ``sweep``: method selection and grids, built from whole runs.
@@ -48,9 +50,9 @@ LAYERS: list[list[str]] = [
     ["errors", "registry", "atomic", "quiet"],
     ["runtime"],
     ["data", "backbones"],
-    ["config"],
+    ["config", "distributed"],
     ["methods"],
-    ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check"],
+    ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check", "estimate"],
     ["infer", "multi", "serve"],
     ["auto", "sweep"],
     ["cli", "demo", ""],

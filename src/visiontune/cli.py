@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from visiontune.errors import VisiontuneError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import visiontune as vt
+    from visiontune.distributed import is_main
 
     cfg = vt.load_config(args.config, overrides=args.overrides)
     result = vt.train(cfg)
+    if not is_main():  # under torchrun / accelerate launch: process 0 reports
+        return 0
     print(json.dumps({"run_dir": str(result.run_dir), "accuracy": result.metrics["test"]["accuracy"],
                       "f1_weighted": result.metrics["test"]["f1_weighted"]}))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from visiontune.distributed import is_main
     from visiontune.infer.evaluate import evaluate_run
 
     m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
-                     int8=args.int8)
+                     int8=args.int8, workers=args.workers, batch_size=args.batch_size, predictions=args.predictions)
+    if not is_main():  # under torchrun / accelerate launch: process 0 reports
+        return 0
     if args.json:
         print(json.dumps(m, indent=1))
     else:
@@ -119,7 +126,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{name:60s} {state}")
         print(f"{sum(s == 'done' for _, s in states)}/{len(states)} done")
         return 0
-    out = run_sweep(sweep, progress=not args.quiet, workers=args.workers)
+    out = run_sweep(sweep, progress=not args.quiet, workers=args.workers, executor=args.executor,
+                    ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     print(json.dumps({k: (v if k != "failed" else sorted(v)) for k, v in out.items()}))
     return 1 if out["failed"] else 0
 
@@ -135,17 +143,38 @@ def _sweep_dry_run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "invalid" for r in results) else 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import visiontune as vt
+    from visiontune.config import read_config_file
+    from visiontune.estimate import estimate_memory, format_estimate, parse_size
+
+    data = read_config_file(args.config, "configs/") if args.config else {}
+    overrides = list(args.overrides)
+    if not (data.get("data") or {}).get("dataset") and not any(o.startswith("data.dataset=") for o in overrides):
+        overrides.insert(0, "data.dataset=(not read)")  # the estimate never reads the data
+    cfg = vt.load_config(None, overrides=overrides, base=data)
+    mem = parse_size(args.device_memory) if args.device_memory else None
+    est = estimate_memory(cfg, num_classes=args.num_classes, device=args.device, device_mem=mem)
+    print(json.dumps(est.to_dict(), indent=1, default=str) if args.json else format_estimate(est))
+    return 0 if est.fits is not False else 1
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from visiontune.infer import pipeline
-    from visiontune.infer.files import collect_images, format_results
+    from visiontune.infer.files import check_table_path, collect_images, format_results
 
     predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
                          backend=args.backend, int8=args.int8, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
                          settings=("--max-pixels", "--max-aspect"))
+    if args.output is not None:
+        check_table_path(args.output)
     paths, problems = collect_images(args.inputs)
     # Progress only where it helps: a folder's worth of images, and never in quiet mode.
     progress = not args.quiet and len(paths) >= 2 * args.batch_size
-    results = list(predictor.predict_many(paths, top_k=args.top_k, progress=progress, workers=args.workers))
+    stream = predictor.predict_many(paths, top_k=args.top_k, progress=progress, workers=args.workers)
+    if args.output is not None:
+        return _predict_to_file(args, stream, problems)
+    results = list(stream)
     order = {str(p): i for i, p in enumerate(args.inputs)}
     results += sorted(problems, key=lambda r: order.get(r.source, 0))
     for r in results:
@@ -154,6 +183,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"visiontune: skipped{where}: {r.error}", file=sys.stderr)
     print(format_results(results, args.format, args.top_k))
     return 1 if any(r.error is not None for r in results) else 0
+
+
+def _predict_to_file(args: argparse.Namespace, stream: Any, problems: list[Any]) -> int:
+    """``predict --output FILE.csv``: rows written as predictions come (bounded memory), a summary printed."""
+    from visiontune.infer.files import prediction_header, prediction_row, write_table
+
+    errors = 0
+
+    def rows() -> Any:
+        nonlocal errors
+        for r in itertools.chain(stream, problems):
+            if r.error is not None:
+                errors += 1
+                where = "" if r.source in r.error else f" {r.source}"
+                print(f"visiontune: skipped{where}: {r.error}", file=sys.stderr)
+            yield prediction_row(r, args.top_k)
+
+    n = write_table(args.output, prediction_header(args.top_k), rows())
+    print(json.dumps({"output": args.output, "images": n, "errors": errors}))
+    return 1 if errors else 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -250,7 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run on its test split or on other labeled data")
     e.add_argument("run_dir", help="a run directory, or an ONNX export of one (folder, .onnx or its .json)")
     e.add_argument("--data", default=None, help="image folder / CSV / built-in dataset to evaluate on (same labels)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, auto; under torchrun each process takes the GPU of its LOCAL_RANK")
+    e.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes decoding images (default 0: in the main process)")
+    e.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's "
+                                                                  "optim.eval_batch_size)")
+    e.add_argument("--predictions", default=None, metavar="FILE.csv",
+                   help="also write one row per image (file, label, predicted, score) to this CSV file")
     e.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     e.add_argument("--quiet", action="store_true")
     _backend_args(e)
@@ -288,10 +344,32 @@ def build_parser() -> argparse.ArgumentParser:
                          "no training), list each as ok / invalid; exit 1 if any is invalid")
     sw.add_argument("--status", action="store_true", help="show which runs are done, failed, partial or pending")
     sw.add_argument("--report", action="store_true", help="only rebuild results.csv, report.md and plots from finished runs")
-    sw.add_argument("--workers", type=int, default=1,
-                    help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential)")
+    sw.add_argument("--workers", type=int, default=None,
+                    help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential); "
+                         "with --executor ray: at most N runs in flight (default: as many as the cluster fits)")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: this process or --workers processes (default); ray: each run a Ray task on a local "
+                         "instance or the cluster at --ray-address (pip install 'visiontune[cluster]')")
+    sw.add_argument("--ray-address", default=None,
+                    help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, else a local instance)")
+    sw.add_argument("--cpus-per-run", type=int, default=None,
+                    help="Ray: CPUs reserved per run, also its torch threads (default: a GPU's share of the CPUs "
+                         "with GPUs, else 4)")
+    sw.add_argument("--gpus-per-run", type=float, default=None,
+                    help="Ray: GPUs per run (default 1 when the cluster has GPUs, else 0)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    es = sub.add_parser("estimate", help="parameters and memory per device of a run, before anything is loaded")
+    es.add_argument("--config", "-c", default=None, help="YAML run config (configs/*.yaml)")
+    es.add_argument("overrides", nargs="*", help="dotted overrides, e.g. backbone.name=vit_7b_patch16_dinov3 method.name=qlora")
+    es.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                    help="device to estimate for (default: run.device; auto = cuda if available); decides autocast")
+    es.add_argument("--device-memory", default=None,
+                    help="memory to check against, e.g. 24GB, 80GiB (default: the current CUDA device's, or this "
+                         "machine's RAM on CPU)")
+    es.add_argument("--num-classes", type=int, default=10, help="classifier size (the data is not read)")
+    es.add_argument("--json", action="store_true", help="print every term as JSON")
+    es.set_defaults(func=_cmd_estimate)
     pt = sub.add_parser("pretrain", help="ExPLoRA: extended self-supervised pretraining on unlabeled images -> a new backbone")
     pt.add_argument("--config", "-c", default=None, help="YAML config (configs/pretrain/*.yaml)")
     pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.steps=100 explora.recipe=D-ExPLoRA-[1,L]-r32")
@@ -309,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-aspect", type=float, default=None,
                     help="largest longer/shorter side ratio (default: the run's data.max_aspect, 20)")
     pr.add_argument("--device", default="cpu")
+    pr.add_argument("--output", "-o", default=None, metavar="FILE.csv",
+                    help="write the predictions to this CSV file as they come (for large folders) instead of printing them")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     _backend_args(pr)
     pr.set_defaults(func=_cmd_predict)

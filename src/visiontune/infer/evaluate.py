@@ -7,19 +7,23 @@ from typing import Any
 
 import torch
 
+from visiontune import distributed
 from visiontune.config import load_config
 from visiontune.data import ImageDataset, load_records, make_splits
 from visiontune.errors import ConfigError
+from visiontune.eval.metrics import compute_metrics
+from visiontune.infer.files import check_table_path, write_table
 from visiontune.infer.backends import load_export, resolve_backend
 from visiontune.infer.predictor import _cpu_only
 from visiontune.runs import load_run
 from visiontune.runtime import autocast_dtype, make_loader, resolve_device
-from visiontune.train.loop import evaluate_loader
+from visiontune.train.loop import predict_logits
 
 
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, device: str = "cpu", batch_size: int | None = None,
-    progress: bool = True, backend: str | None = None, int8: bool = False,
+    progress: bool = True, backend: str | None = None, int8: bool = False, workers: int = 0,
+    predictions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
 
@@ -32,12 +36,26 @@ def evaluate_run(
         progress: a progress bar.
         backend: ``torch``, ``onnxruntime`` or None (torch for a run, onnxruntime for an export).
         int8: evaluate the INT8 export.
+        workers: DataLoader worker processes decoding images (0: in this process). Images are decoded
+            batch by batch, never all at once; only the logits of every image are kept.
+        predictions: a ``.csv`` file to write one row per image to: ``file, label, predicted, score``.
+
+    Under ``torchrun`` / ``accelerate launch`` each process scores a contiguous share of the images
+    (:mod:`visiontune.distributed`), every image exactly once; every process returns the same metrics
+    and process 0 writes ``predictions``.
 
     Returns:
-        The metrics dict of :func:`visiontune.eval.compute_metrics`, plus ``backend`` and ``precision``.
+        The metrics dict of :func:`visiontune.eval.compute_metrics`, plus ``backend``, ``precision`` and
+        ``processes``.
     """
+    if predictions is not None:
+        check_table_path(predictions)  # before any work
+    if workers < 0:
+        raise ConfigError(f"workers={workers} must be >= 0 (0 decodes in the main process)")
+
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
+        distributed.setup("cpu")
         exp = load_export(run_dir, int8=int8)
         if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
             if data is None:
@@ -49,7 +67,8 @@ def evaluate_run(
         # The run's decoding size guard (recorded by the export, or its config; defaults without either).
         limits = cfg.data.image_limits() if cfg is not None else exp.limits()
     else:
-        dev = resolve_device(device)
+        dist = distributed.setup(device)
+        dev = dist.device if dist is not None else resolve_device(device)
         run = load_run(run_dir, device=str(dev))
         model, classes, transform, cfg = run.model, run.classes, run.transform, run.config
         amp = autocast_dtype(cfg.optim.precision, dev)
@@ -64,5 +83,15 @@ def evaluate_run(
     else:
         test = load_records(data, classes=classes, limits=limits)
     size = batch_size or (cfg.optim.eval_batch_size if cfg is not None else 64)
-    loader = make_loader(ImageDataset(test, transform, limits), size, False, 0, 0)
-    return {**evaluate_loader(model, loader, dev, classes, amp, progress), **extra}
+    loader = distributed.shard_eval(make_loader(ImageDataset(test, transform, limits), size, False, 0, workers))
+    logits, labels = predict_logits(model, loader, dev, amp, progress and distributed.is_main())
+    pred = logits.argmax(1)
+    metrics = compute_metrics(labels.numpy(), pred.numpy(), classes)
+    dist = distributed.current()
+    extra["processes"] = 1 if dist is None else dist.world
+    if predictions is not None and distributed.is_main():
+        score = torch.softmax(logits, 1).gather(1, pred[:, None])[:, 0]
+        write_table(predictions, ["file", "label", "predicted", "score"],
+                    ((test.ids[i], classes[int(labels[i])], classes[int(pred[i])], f"{float(score[i]):.6f}")
+                     for i in range(len(test))))
+    return {**metrics, **extra}

@@ -19,6 +19,62 @@ from visiontune.infer.predictor import PredictionResult
 from visiontune.data import IMAGE_EXTENSIONS
 
 FORMATS = ("table", "json", "csv")
+TABLE_SUFFIXES = (".csv",)
+"""What ``predict --output`` / ``eval --predictions`` write. Parquet needs pyarrow, which is not in this build's lock."""
+
+
+def check_table_path(path: str | os.PathLike) -> Path:
+    """``path`` if it names a file this build can write predictions to (CSV), else a ConfigError naming the fix."""
+    from visiontune.errors import ConfigError
+
+    p = Path(path)
+    if p.suffix.lower() == ".parquet":
+        raise ConfigError(f"{str(p)!r}: Parquet output needs pyarrow, which this build does not include "
+                          "(requirements/lock.txt); write a .csv file instead")
+    if p.suffix.lower() not in TABLE_SUFFIXES:
+        raise ConfigError(f"{str(p)!r}: predictions are written as CSV; name the file *.csv")
+    if p.is_dir():
+        raise ConfigError(f"{str(p)!r} is a folder; name a .csv file to write")
+    return p
+
+
+def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
+    """Stream ``rows`` into a CSV file at ``path`` (atomically: the file appears complete or not at all).
+
+    Rows are written as they come, so a generator of predictions is never held in memory.
+
+    Returns:
+        The number of rows written.
+    """
+    from visiontune.atomic import atomic_write
+
+    p = check_table_path(path)
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(header)
+            for row in rows:
+                w.writerow(row)
+                count += 1
+
+    atomic_write(p, write)
+    return count
+
+
+def prediction_row(r: PredictionResult, top_k: int) -> list[str]:
+    """One CSV row of :func:`format_results`' csv layout: file, label/score pairs, error."""
+    cells: list[str] = []
+    for i in range(top_k):
+        p = r.predictions[i] if r.predictions and i < len(r.predictions) else None
+        cells += [p["label"], f"{p['score']:.6f}"] if p else ["", ""]
+    return [r.source, *cells, r.error or ""]
+
+
+def prediction_header(top_k: int) -> list[str]:
+    return ["file", *[c for i in range(1, top_k + 1) for c in (f"label_{i}", f"score_{i}")], "error"]
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[PredictionResult]]:
@@ -63,13 +119,9 @@ def format_results(results: Iterable[PredictionResult], fmt: str, top_k: int) ->
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["file", *[c for i in range(1, top_k + 1) for c in (f"label_{i}", f"score_{i}")], "error"])
+        writer.writerow(prediction_header(top_k))
         for r in results:
-            cells: list[str] = []
-            for i in range(top_k):
-                p = r.predictions[i] if r.predictions and i < len(r.predictions) else None
-                cells += [p["label"], f"{p['score']:.6f}"] if p else ["", ""]
-            writer.writerow([r.source, *cells, r.error or ""])
+            writer.writerow(prediction_row(r, top_k))
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")

@@ -132,6 +132,10 @@ class Method:
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+        # The device the run computes on, set by the training loop before apply() (None: wherever the model
+        # is). A method that transforms weights does it there: 4-bit quantization of a 7B backbone takes
+        # seconds on a GPU and many minutes with the CPU kernels, and the GPU never holds the fp32 weights.
+        self.device: torch.device | None = None
 
     # ------------------------------------------------------------------ config
     @classmethod

@@ -218,14 +218,17 @@ class Quantized:
 
 
 def quantize_linears(
-    model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto"
+    model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
+    device: torch.device | str | None = None,
 ) -> Quantized:
     """Replace every frozen ``nn.Linear`` except the classifier by a bitsandbytes ``Linear4bit``, in place.
 
-    Quantization happens on the device the weight is on (CPU here; bitsandbytes >= 0.45 has CPU kernels).
-    A Linear whose input width is not a multiple of 32 stays in full precision (see :func:`nf4_blocksize`);
-    the returned record names it.
+    Quantization happens on ``device`` when it is a CUDA device (each layer's fp32 weight goes there, is
+    quantized, and only the 4-bit layer stays: the GPU never holds the whole fp32 backbone), else on the
+    device the weight is on (bitsandbytes >= 0.45 has CPU kernels). A Linear whose input width is not a
+    multiple of 32 stays in full precision (see :func:`nf4_blocksize`); the returned record names it.
     """
+    target = torch.device(device) if device is not None and torch.device(device).type == "cuda" else None
     bnb = _bnb()
     head = {id(m) for m in classifier_of(model).modules()}
     done = Quantized()
@@ -255,7 +258,7 @@ def quantize_linears(
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
             keep_portable_4bit_layout(q)
-            setattr(parent, child_name, q.to(dev))  # .to() is what quantizes a Params4bit
+            setattr(parent, child_name, q.to(target or dev))  # .to() is what quantizes a Params4bit
             done.count += 1
             if blocksize != NF4_BLOCKS[0]:
                 done.block32.append(name)
@@ -412,7 +415,7 @@ class LoRA(Method):
         if quantize and self.quantized and not getattr(model, "is_loaded_in_4bit", False):
             cfg: QLoraConfig = self.cfg  # type: ignore[assignment]
             before = backbone_bytes(model)
-            done = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+            done = quantize_linears(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, self.device)
             after = backbone_bytes(model)
             self._report["quantization"] = {
                 "quant_type": cfg.quant_type, "double_quant": cfg.double_quant, "compute_dtype": cfg.compute_dtype,

@@ -20,13 +20,16 @@ Resumable: a finished run (every artifact reads back) is skipped and one with a 
 from it -- but only when it was made with the configuration the sweep asks for now: a rerun with other
 overrides is refused up front, naming each such run and the keys that differ, instead of reporting
 old results under a new command. One run's failure is recorded in ``failures.json`` and the rest go on. Runs go one after another in
-this process by default, or ``workers`` at a time in their own processes. Each invocation is logged
+this process by default, ``workers`` at a time in their own processes, or as Ray tasks on a local instance
+or a cluster (``executor="ray"``, :mod:`visiontune.sweep.cluster`); both multi-process executors run
+:func:`run_entry` and record outcomes the same way. Each invocation is logged
 in ``sweep.json``; :func:`aggregate` (``sweep/report.py``) writes results.csv, report.md and figures.
 Written by hand: no library does grid expansion over this config vocabulary plus study-style aggregation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -50,8 +53,9 @@ from visiontune.sweep.spec import Sweep, SweepEntry, entry_config, read_failures
 from visiontune.train.loop import train
 
 __all__ = [
-    "EntryCheck", "Sweep", "SweepEntry", "aggregate", "available_cores", "check_sweep", "entry_config", "format_check",
-    "load_sweep", "mean_std", "run_sweep", "summarize_checks", "sweep_status", "worker_threads",
+    "EXECUTORS", "EntryCheck", "Sweep", "SweepEntry", "aggregate", "available_cores", "check_sweep", "entry_config",
+    "format_check", "load_sweep", "mean_std", "run_entry", "run_sweep", "summarize_checks", "sweep_status",
+    "worker_record_path", "worker_threads",
 ]
 
 
@@ -213,18 +217,45 @@ def _train_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: Path, progr
     return train(cfg).accuracy
 
 
-def _worker(sweep_base: dict[str, Any], entry: SweepEntry, out: str, threads: int, conn: Any) -> None:
-    """Body of one worker process: train one entry, send ("ok"|"failed"|"interrupted", text) back."""
+WORKERS_DIR = "workers"
+"""Sweep subfolder where a run executing in another process says where it runs (``<run name>.json``)."""
+
+
+def worker_record_path(sweep_dir: Path, name: str) -> Path:
+    """``<sweep dir>/workers/<run name>.json``: pid, host (and Ray node) of the process running that run now."""
+    return Path(sweep_dir) / WORKERS_DIR / f"{name}.json"
+
+
+def run_entry(sweep_base: dict[str, Any], entry: SweepEntry, out: str, threads: int, where: dict[str, Any] | None = None) -> tuple[str, str]:
+    """What one worker process does for one run, whichever executor started it (process pool or Ray).
+
+    Sets the torch threads, writes :func:`worker_record_path` (so a stuck or runaway run can be found and
+    inspected by pid on whichever machine runs it), trains, and reports instead of raising:
+    ``("ok", accuracy)``, ``("failed", error text)`` or ``("interrupted", "")``. The caller records the
+    outcome, so both executors fill ``failures.json`` and resume identically.
+    """
+    import socket
+
     import torch
 
     torch.set_num_threads(threads)
     try:
+        write_json_atomic(worker_record_path(Path(out), entry.name), {
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "threads": threads, **(where or {}),
+        })
         acc = _train_entry(sweep_base, entry, Path(out), progress=False, threads=threads)
-        conn.send(("ok", f"{acc:.4f}"))
+        return "ok", f"{acc:.4f}"
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent handles it
-        conn.send(("interrupted", ""))
+        return "interrupted", ""
     except Exception as e:  # reported to the parent, which records it and goes on
-        conn.send(("failed", _failure_text(e)))
+        return "failed", _failure_text(e)
+
+
+def _worker(sweep_base: dict[str, Any], entry: SweepEntry, out: str, threads: int, conn: Any) -> None:
+    """Body of one worker process of the process pool: :func:`run_entry`, its outcome sent back on ``conn``."""
+    try:
+        conn.send(run_entry(sweep_base, entry, out, threads))
     finally:
         conn.close()
 
@@ -285,24 +316,49 @@ def _run_parallel(
             proc.join()
 
 
-def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: bool = True) -> dict[str, Any]:
+EXECUTORS = ("local", "ray")
+"""Where a sweep's runs execute: ``local`` (this process, or ``workers`` processes on this machine) or ``ray``."""
+
+
+def run_sweep(
+    sweep: Sweep, progress: bool = True, workers: int | None = None, report: bool = True, executor: str = "local",
+    ray_address: str | None = None, cpus_per_run: int | None = None, gpus_per_run: float | None = None,
+) -> dict[str, Any]:
     """Run every entry not finished yet (resuming from checkpoints), then aggregate.
 
     Args:
         sweep: from :func:`load_sweep`.
         progress: show the sweep's progress bar (and each run's, when sequential).
-        workers: 1 runs in this process, one after another; N > 1 runs up to N at a time, each in its
-            own process with ``cores // N`` torch threads (unless the config sets ``run.threads``).
+        workers: local executor: 1 (default) runs in this process, one after another; N > 1 runs up to N at
+            a time, each in its own process with ``cores // N`` torch threads (unless the config sets
+            ``run.threads``). Ray: at most N runs in flight (default: as many as the cluster's resources allow).
             Runs are seeded, so results do not depend on this beyond floating-point summation order.
         report: aggregate afterwards (results.csv, report.md, figures; see :func:`aggregate`).
+        executor: ``local`` or ``ray`` (each run a Ray task; see :mod:`visiontune.sweep.cluster`).
+        ray_address: the Ray cluster to join (default ``RAY_ADDRESS``, else a local instance is started).
+        cpus_per_run: Ray: CPUs reserved per run, also its torch threads (default: a GPU's share of the
+            cluster's CPUs when runs get GPUs, else :data:`visiontune.sweep.cluster.DEFAULT_CPUS_PER_RUN`).
+        gpus_per_run: Ray: GPUs per run (default 1 when the cluster has GPUs and the runs do not ask for
+            ``run.device=cpu``, else 0).
 
     Returns:
         {"done": [...], "skipped": [...], "failed": {name: error}, "report": path or None}
     """
     from tqdm.auto import tqdm
 
-    if workers < 1:
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}; use --executor local or ray")
+    if workers is not None and workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1 (1 = sequential in this process)")
+    if executor == "local":
+        workers = workers or 1
+        for name, value in (("ray_address", ray_address), ("cpus_per_run", cpus_per_run), ("gpus_per_run", gpus_per_run)):
+            if value is not None:
+                raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
+    else:
+        from visiontune.sweep.cluster import require_ray
+
+        require_ray()  # before anything is written
     states = existing_runs(sweep)
     _refuse_changed(sweep, states)  # before anything is written
     sweep.dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +369,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: boo
     todo = [e for e in sweep.entries if e.name not in set(skipped)]
     bar = tqdm(total=len(sweep.entries), initial=len(skipped), desc="sweep", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
+    how: dict[str, Any] = {"executor": executor, "workers": workers}
 
     def record(entry: SweepEntry, state: str, text: str) -> None:
         if state == "ok":
@@ -325,9 +382,16 @@ def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: boo
             if progress:
                 bar.write(f"[sweep] {entry.name} failed: {text.splitlines()[0]}")
         write_json_atomic(fail_path, failures)
+        worker_record_path(sweep.dir, entry.name).unlink(missing_ok=True)
 
     try:
-        if workers == 1:
+        if executor == "ray":
+            from visiontune.sweep.cluster import run_on_ray
+
+            how.update(run_on_ray(sweep, todo, bar, record, address=ray_address, cpus_per_run=cpus_per_run,
+                                  gpus_per_run=gpus_per_run, max_in_flight=workers, on_start=how.update,
+                                  run_entry=run_entry, cores=available_cores()))
+        elif workers == 1:
             for entry in todo:
                 bar.set_postfix_str(entry.name[:60])
                 try:
@@ -342,12 +406,14 @@ def run_sweep(sweep: Sweep, progress: bool = True, workers: int = 1, report: boo
             _run_parallel(sweep, todo, workers, bar, record)
     finally:
         bar.close()
-        _log_session(sweep, workers, time.perf_counter() - started, len(done), len(skipped))
+        with contextlib.suppress(OSError):  # left only while runs execute elsewhere; drop it once empty
+            (sweep.dir / WORKERS_DIR).rmdir()
+        _log_session(sweep, how, time.perf_counter() - started, len(done), len(skipped))
     path = aggregate(sweep) if report else None
     return {"done": done, "skipped": skipped, "failed": failures, "report": str(path) if path else None}
 
 
-def _log_session(sweep: Sweep, workers: int, wall: float, done: int, skipped: int) -> None:
+def _log_session(sweep: Sweep, how: dict[str, Any], wall: float, done: int, skipped: int) -> None:
     """Append this invocation to sweep.json, so the report can say how long the sweep took and how it ran."""
     import torch
 
@@ -358,13 +424,19 @@ def _log_session(sweep: Sweep, workers: int, wall: float, done: int, skipped: in
     if problem or not isinstance(data, dict) or not isinstance(data.get("sessions"), list):
         print(f"[sweep] warning: {problem or f'{path} has no sessions list'}; starting a new session log", file=sys.stderr)
         data = {"sessions": []}
-    data["sessions"].append({
+    session: dict[str, Any] = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
-        "wall_time_s": round(wall, 2), "workers": workers,
-        "threads_per_worker": worker_threads(workers) if workers > 1 else torch.get_num_threads(),
-        "cores": available_cores(), "done": done, "skipped": skipped,
-    })
+        "wall_time_s": round(wall, 2), "executor": how.get("executor", "local"), "workers": how.get("workers"),
+    }
+    if session["executor"] == "local":
+        workers = how.get("workers") or 1
+        session["threads_per_worker"] = worker_threads(workers) if workers > 1 else torch.get_num_threads()
+        session["cores"] = available_cores()
+    else:
+        session.update({k: v for k, v in how.items() if k not in session})
+    session.update(done=done, skipped=skipped)
+    data["sessions"].append(session)
     write_json_atomic(path, data)
 
 

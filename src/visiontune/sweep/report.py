@@ -181,12 +181,18 @@ def _sessions_line(sweep_dir: Path) -> list[str]:
 
     wall = sum(s.get("wall_time_s", 0.0) for s in sessions)
     last = sessions[-1]
-    workers, threads = last.get("workers", 1), last.get("threads_per_worker", "?")
-    how = (f"{workers} worker processes × {threads} torch threads" if workers > 1
-           else f"one run at a time, {threads} torch threads")
+    if last.get("executor") == "ray":
+        cluster = last.get("cluster") or {}
+        how = (f"on Ray ({last.get('address') or 'local instance'}: {cluster.get('CPU', 0):g} CPUs, "
+               f"{cluster.get('GPU', 0):g} GPUs), per run {last.get('cpus_per_run', '?')} CPU(s) and "
+               f"{last.get('gpus_per_run', 0):g} GPU(s)")
+    else:
+        workers, threads = last.get("workers") or 1, last.get("threads_per_worker", "?")
+        how = (f"{workers} worker processes × {threads} torch threads" if workers > 1
+               else f"one run at a time, {threads} torch threads") + f", {last.get('cores', '?')} cores"
     return ["", (
         f"Ran in {len(sessions)} session(s), {format_duration(wall)} wall in all; last: `{last.get('command', '')}`, "
-        f"{how}, {last.get('cores', '?')} cores."
+        f"{how}."
     )]
 
 

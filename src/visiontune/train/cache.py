@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from visiontune import distributed
 from visiontune.runtime import batches, make_loader
 from visiontune.train.speed import run_blocks, run_pre_hooks
 
@@ -122,7 +123,7 @@ class FrozenPrefix:
             with amp():
                 outs.append(self.prefix(x.to(device, non_blocking=True)).cpu())
             labels.append(y)
-        return torch.cat(outs), torch.cat(labels)
+        return distributed.gather_in_order(loader, outs, labels)
 
 
 class _Suffix(nn.Module):
@@ -236,7 +237,7 @@ def build_prefix_cache(
     m.train()  # the mode the uncached loop runs the prefix in (the prefix has no mode-dependent layer)
     train_views = None
     if n_views:
-        loader = make_loader(train_dataset, batch_size, False, 0, 0)
+        loader = distributed.shard_eval(make_loader(train_dataset, batch_size, False, 0, 0))
         parts, labels = [], torch.empty(0)
         for v in range(n_views):
             tokens, labels = frozen.compute(loader, device, amp, progress, f"prefix cache view {v + 1}/{n_views}")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visiontune import distributed
 from visiontune.config import Config
 from visiontune.errors import ConfigError
 from visiontune.methods import Method
@@ -64,7 +65,8 @@ def predict_logits(
             outs.append(model(x.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
     model.train(was_training)
-    return torch.cat(outs), torch.cat(labels)
+    # Under a launcher each process scored its range of the images (distributed.shard_eval): all of them, once.
+    return distributed.gather_in_order(loader, outs, labels)
 
 
 def evaluate_loader(
@@ -93,7 +95,7 @@ def extract_features(
         feats.append(f.float().cpu())
         labels.append(y)
     model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return distributed.gather_in_order(loader, feats, labels)
 
 
 def train_one_epoch(
@@ -285,7 +287,12 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     from visiontune.runs import build_model, finish_run
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
-    device = resolve_device(cfg.run.device)
+    # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
+    dist = distributed.setup(cfg.run.device)
+    device = dist.device if dist is not None else resolve_device(cfg.run.device)
+    if dist is not None and not dist.main:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
+    method.device = device  # e.g. 4-bit quantization on the GPU the run trains on
     cfg = resolve_config(cfg, method, device)
     if cfg.run.tensorboard:
         require_tensorboard()  # fails before the run directory is touched
@@ -301,7 +308,10 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
     split = split_identity(splits)
-    begin = prepare_run_dir(cfg, split)
+    if dist is None:
+        begin = prepare_run_dir(cfg, split)
+    else:  # process 0 checks (and empties) the directory; the others follow its decision
+        begin = dist.broadcast(prepare_run_dir(cfg, split) if dist.main else None)
     run_dir = begin.run_dir
     if begin.note and cfg.run.progress:
         print(f"[visiontune] {begin.note}")
@@ -309,11 +319,12 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
         return RunResult(run_dir=run_dir, metrics=begin.finished)
     # A fresh start writes into an empty directory; a resumed run keeps what it wrote (the same config up to
     # NEUTRAL_KEYS, checked) and only replaces a file that does not read back.
-    if begin.checkpoint is None or read_yaml_mapping(run_dir / "config.yaml")[1]:
+    writes = distributed.is_main()
+    if writes and (begin.checkpoint is None or read_yaml_mapping(run_dir / "config.yaml")[1]):
         cfg.dump(run_dir / "config.yaml")
-    if begin.checkpoint is None or read_json(run_dir / "labels.json")[1]:
+    if writes and (begin.checkpoint is None or read_json(run_dir / "labels.json")[1]):
         write_json_atomic(run_dir / "labels.json", classes)
-    tb = ScalarLogger(run_dir / "tensorboard" if cfg.run.tensorboard else None)
+    tb = ScalarLogger(run_dir / "tensorboard" if cfg.run.tensorboard and writes else None)
     if cfg.run.progress:
         print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
 
@@ -329,6 +340,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     val_loader = (
         make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers) if len(splits["val"]) else None
     )
+    val_loader = distributed.shard_eval(val_loader)
 
     start = time.perf_counter()
     history: list[dict[str, Any]] = []
@@ -348,6 +360,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
 
     # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
     test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False, limits=cfg.data.image_limits()), ebs, False, 0, workers)
+    test_loader = distributed.shard_eval(test_loader)
     # scikit-learn's metrics take ~1 s to import on a small CPU: a one-off of the process (unless a validation
     # split already needed them), done before the test pass's timer, not counted as evaluation time.
     load_metric_functions()
@@ -360,7 +373,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
     tb.close()
     val_metrics = evaluate_loader(infer_model, val_loader, device, classes, amp) if val_loader is not None else None
     speed = None
-    if cfg.run.measure_speed:
+    if cfg.run.measure_speed and writes:
         size = eval_tf_size(model, cfg.backbone.img_size)
         speed = measure_speed(infer_model, (3, size, size), batch_size=min(32, ebs), device=str(device))
 
@@ -385,7 +398,10 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
         # One-off merge (like loading a model), then the test pass; throughput excludes the merge.
         "eval_time": {"merge_s": merge_s, "test_s": eval_s, "test_images_per_s": len(splits["test"]) / max(eval_s, 1e-9)},
     }
-    finish_run(run_dir, method, model, identity, metrics)
+    if dist is not None:
+        metrics["run"]["processes"] = dist.world
+    if writes:
+        finish_run(run_dir, method, model, identity, metrics)
     if cfg.run.progress:
         print(
             f"[visiontune] {method.describe()}: test accuracy {test_metrics['accuracy']:.4f}, weighted F1 "
@@ -422,6 +438,7 @@ def _fit_cached(
         # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
         tf = eval_tf if v == 0 else train_tf
         loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers)
+        loader = distributed.shard_eval(loader)  # under a launcher each process extracts its share of the features
         f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
         xs.append(f)
         ys.append(y)
@@ -430,6 +447,9 @@ def _fit_cached(
     feat_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     info = method.fit_cached(model, (torch.cat(xs), torch.cat(ys), np.concatenate(groups)), val, cfg.optim, cfg.run.seed)
+    dist = distributed.current()
+    if dist is not None:  # every process fitted on the same gathered features; keep process 0's head to be sure
+        method.load_trainable_state_dict(model, dist.broadcast(method.trainable_state_dict(model)))
     info.update(feature_time_s=feat_time, head_fit_time_s=time.perf_counter() - t1, cached_views=views)
     return info
 
@@ -476,8 +496,15 @@ def _fit_loop(
         train_loader, train_model = prefix.train_loader(cfg.optim.batch_size, cfg.run.seed), prefix.suffix
     if prefix is not None and prefix.val is not None:
         val_loader, val_model = prefix.val_loader(cfg.optim.eval_batch_size), prefix.suffix
-    train_model = maybe_compile(train_model, cfg.run.compile)
     # ---- end speed
+    dist = distributed.current()
+    if dist is not None:
+        # optim.batch_size is the global batch: each process takes its share of the one-process batches.
+        train_loader = distributed.shard_train(train_loader, cfg.run.seed, dist.rank_seed(cfg.run.seed))
+        val_loader = distributed.shard_eval(val_loader)
+        train_model = dist.wrap(train_model)
+    train_model = maybe_compile(train_model, cfg.run.compile)
+    order_rng = getattr(train_loader, "order_generator", train_loader.generator)  # what decides the batch order
     groups = method.param_groups(model, cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
     if not groups:
         raise ConfigError(f"method {method.name!r} left no trainable parameters")
@@ -506,7 +533,7 @@ def _fit_loop(
         scheduler.load_state_dict(ck["scheduler"])
         history, best, start_epoch = ck["history"], ck["best"], ck["epoch"] + 1
         _set_rng_state(ck["rng"])
-        train_loader.generator.set_state(ck["loader_rng"])
+        order_rng.set_state(ck["loader_rng"])
         earlier_wall, segments = float(ck.get("wall_time_s", 0.0)), int(ck.get("segments", 1)) + 1
         info.update(resumed_after_epoch=start_epoch - 1, earlier_wall_time_s=earlier_wall)
         if cfg.run.progress:
@@ -517,15 +544,23 @@ def _fit_loop(
         # train() seeded can draw from the global RNGs (sklearn imports rich, which calls random.getrandbits),
         # so without this a run's result depended on what the process had imported before it (the first
         # run of a sweep differed from the same run later in the sweep, or in a fresh worker process).
-        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        seed_everything(cfg.run.seed if dist is None else dist.rank_seed(cfg.run.seed), cfg.run.deterministic)
+    elif dist is not None and not dist.main:  # the checkpoint holds process 0's random state
+        seed_everything(dist.rank_seed(cfg.run.seed) + start_epoch, cfg.run.deterministic)
     bar = tqdm(range(start_epoch, cfg.optim.epochs + 1), desc="epochs", disable=not cfg.run.progress, dynamic_ncols=True)
     for epoch in bar:
         row: dict[str, Any] = {"epoch": epoch}
         if prefix is not None:
             prefix.set_epoch(epoch)
-        row.update(train_one_epoch(
-            train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights
-        ))
+        if dist is None:
+            row.update(train_one_epoch(
+                train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights
+            ))
+        else:
+            row.update(distributed.train_one_epoch_sharded(
+                train_model, train_loader, optimizer, scheduler, cfg, device, lambda: autocast(device, amp),
+                f"epoch {epoch}", weights,
+            ))
         if val_loader is not None:
             vl, vy = predict_logits(val_model, val_loader, device, amp)
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean())
@@ -538,10 +573,12 @@ def _fit_loop(
         if tb is not None:
             tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
+        if dist is not None and not dist.main:
+            continue  # process 0 writes the checkpoint
         save_checkpoint(ckpt_path, {
             "model": method.trainable_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best, "rng": _rng_state(),
-            "loader_rng": train_loader.generator.get_state(), "config": cfg.to_dict(), "split": split,
+            "loader_rng": order_rng.get_state(), "config": cfg.to_dict(), "split": split,
             "wall_time_s": earlier_wall + time.perf_counter() - started, "segments": segments, "head_init": head_init,
         }, kind="train", progress=f"epoch {epoch} of {cfg.optim.epochs}")
     if best["state"] is not None:
@@ -569,6 +606,7 @@ def _probe_head_init(
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
     loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    loader = distributed.shard_eval(loader)
     fast = fast_forward(model)
     x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None

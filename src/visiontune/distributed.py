@@ -1,0 +1,349 @@
+"""Data-parallel runs: ``visiontune train`` and ``eval`` unchanged under ``torchrun`` / ``accelerate launch``.
+
+When a launcher starts N processes (``WORLD_SIZE`` > 1 in the environment), :func:`setup` creates an
+accelerate ``Accelerator``: it joins the process group the launcher describes (gloo on CPU, nccl on
+CUDA), picks each process's device (its ``LOCAL_RANK``'s GPU) and wraps the trained module in torch
+DDP (:meth:`Dist.wrap`). A single process never reaches this module's collectives: every helper
+returns its input unchanged when no launcher is present, so one-process runs behave exactly as before.
+
+What accelerate's own data-loader preparation does not give, written here by hand:
+
+* **The same global batch as one process.** ``optim.batch_size`` stays the *global* batch. Every
+  process draws the one-process shuffled order (the same seeded generator, the same ``DataLoader``
+  draws, so the same permutation) and takes its contiguous share of each global batch:
+  ``ceil(B / N)`` images, the last batch split as evenly as possible. A process whose share is
+  short gets zero-weight copies of an image of that batch (so every process runs the same number of
+  forward/backward passes, which DDP needs), and each process's loss is its share of the *global*
+  batch's mean (:func:`train_one_epoch_sharded`), so after DDP's gradient average the step equals the
+  one-process step up to float rounding. accelerate's ``even_batches`` instead pads with duplicate
+  images that count in the loss, and ``split_batches`` requires B divisible by N.
+* **Every evaluation image exactly once.** Evaluation loaders are split into N contiguous, unpadded
+  ranges (:func:`shard_eval`); each process scores its range and :func:`gather_in_order` all-gathers
+  the variable-length results and concatenates them in rank order, which is the dataset's order.
+  Every process then holds the same full predictions, so metrics and the best-epoch choice agree on
+  all processes. accelerate's ``gather_for_metrics`` drops padding by count, which relies on the
+  padding being at the end of the last batch; contiguous ranges need no padding at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm.auto import tqdm
+
+from visiontune.config import Config
+from visiontune.errors import ConfigError
+
+RANK_SEED_STRIDE = 1_000_003
+"""Process ``r`` draws its augmentations from seed ``run.seed + r * RANK_SEED_STRIDE`` (process 0: ``run.seed``)."""
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; start with torchrun or "
+                          "accelerate launch, which set it") from None
+
+
+@dataclass
+class Dist:
+    """This process's place in a data-parallel run."""
+
+    accelerator: Any
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Process 0: the one that writes files and prints."""
+        return self.rank == 0
+
+    def rank_seed(self, seed: int) -> int:
+        return seed + self.rank * RANK_SEED_STRIDE
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in torch DDP (through accelerate): gradients averaged over processes in ``backward``.
+
+        DDP broadcasts process 0's parameters and buffers on construction, so every process starts
+        from the same weights even if something random happened differently before.
+        """
+        return self.accelerator.prepare_model(model, device_placement=False)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over processes (float64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+_CURRENT: Dist | None = None
+
+
+def current() -> Dist | None:
+    """The data-parallel context of this process (None in a one-process run)."""
+    return _CURRENT
+
+
+def is_main() -> bool:
+    """Whether this process prints and writes (always in a one-process run)."""
+    return _CURRENT is None or _CURRENT.main
+
+
+def setup(device: str) -> Dist | None:
+    """Join the launcher's process group when there is one (``WORLD_SIZE`` > 1); None otherwise.
+
+    Args:
+        device: ``run.device``. ``cpu`` runs every process on the CPU (gloo); ``auto`` / ``cuda`` give
+            process ``r`` the GPU of its ``LOCAL_RANK`` (nccl), or the CPU when there is no GPU (auto).
+    """
+    global _CURRENT
+    world = launched_world_size()
+    if world <= 1:
+        return None
+    if _CURRENT is not None:
+        return _CURRENT
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(
+            f"run.device={device!r} under a launcher with {world} processes: each process takes the GPU of its "
+            "LOCAL_RANK, so use run.device=cuda (or auto, or cpu); pick GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    dev = acc.device if acc.device.type != "cpu" else torch.device("cpu")
+    _CURRENT = Dist(acc, acc.process_index, acc.num_processes, dev)
+    return _CURRENT
+
+
+# ----------------------------------------------------------------------------- evaluation: each image once
+
+
+class ShardedEvalLoader(DataLoader):
+    """A loader over this process's contiguous range of ``total`` images (see :func:`gather_in_order`)."""
+
+    total: int
+
+
+def shard_eval(loader: DataLoader | None) -> DataLoader | None:
+    """This process's contiguous, unpadded range of an evaluation loader (the loader itself without a launcher).
+
+    Process ``r`` of ``N`` gets images ``[r n / N, (r + 1) n / N)``; concatenating the ranges in rank order
+    gives back the dataset's order.
+    """
+    dist = _CURRENT
+    if dist is None or loader is None or isinstance(loader, ShardedEvalLoader):
+        return loader
+    n = len(loader.dataset)
+    lo, hi = dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world
+    out = ShardedEvalLoader(
+        Subset(loader.dataset, range(lo, hi)), batch_size=loader.batch_size, shuffle=False,
+        num_workers=loader.num_workers, persistent_workers=loader.num_workers > 0, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+    out.total = n
+    return out
+
+
+def gather_in_order(loader: DataLoader, *parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``torch.cat`` of each list of per-batch tensors; from a :class:`ShardedEvalLoader`, of every process's.
+
+    Each process contributes its range (possibly empty); the result, the same on every process, has
+    exactly one row per image of the whole dataset, in dataset order.
+
+    Raises:
+        RuntimeError: the gathered rows are not the dataset's size (a process scored another range).
+    """
+    if not isinstance(loader, ShardedEvalLoader):
+        return tuple(torch.cat(p) for p in parts)
+    dist = _CURRENT
+    assert dist is not None, "a ShardedEvalLoader exists only in a data-parallel run"
+    local = [torch.cat(p) if p else None for p in parts]
+    gathered = dist.all_gather(local)
+    out = []
+    for j in range(len(parts)):
+        pieces = [g[j] for g in gathered if g[j] is not None]
+        full = torch.cat(pieces)
+        if len(full) != loader.total:
+            raise RuntimeError(f"gathered {len(full)} rows from {dist.world} processes for {loader.total} images")
+        out.append(full)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- training: the same global batch
+
+
+class GlobalBatchShards(Sampler[list[int]]):
+    """This process's share of each global batch of the one-process shuffled order.
+
+    The order comes from a ``DataLoader(range(n), batch_size, shuffle=True)`` with a generator seeded
+    like the one-process loader's, so it draws the same permutation with ``data.num_workers=0`` (checked by a
+    test; with persistent workers the one-process loader draws differently after epoch 1). A short
+    share is topped up with ``-(i + 1)`` entries: zero-weight copies of image ``i`` (:class:`_Weighted`).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=self.generator)
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Through tqdm.auto like the one-process loop's batches: its asyncio class opens the DataLoader twice
+        # (once in __init__, once in __iter__), so each epoch draws two worker base seeds from the generator
+        # before the permutation. Iterating the order loader the same way keeps the same permutation.
+        for batch in tqdm(self.order, disable=True):
+            idx = batch.tolist()
+            m = len(idx)
+            mine = idx[self.rank * m // self.world:(self.rank + 1) * m // self.world]
+            yield mine + [-(idx[0] + 1)] * (-(-m // self.world) - len(mine))
+
+
+class _Weighted(Dataset):
+    """``(x, y, 1.0)`` for an index ``i >= 0``; ``(x, y, 0.0)`` of image ``-(i + 1)`` for a padding entry."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, float]:
+        if index < 0:
+            x, y = self.dataset[-index - 1]
+            return x, y, 0.0
+        x, y = self.dataset[index]
+        return x, y, 1.0
+
+
+class ShardedTrainLoader(DataLoader):
+    """Batches of this process's shares (:class:`GlobalBatchShards`) with a weight per image.
+
+    ``order_generator`` drives the shared order (stored in checkpoints); the loader's own
+    ``generator`` (seeded per process) only seeds DataLoader workers.
+    """
+
+    order_generator: torch.Generator
+
+
+def shard_train(loader: DataLoader, seed: int, rank_seed: int) -> DataLoader:
+    """The data-parallel counterpart of a shuffled training loader (``optim.batch_size`` = the global batch).
+
+    Args:
+        loader: the one-process training loader (its dataset, batch size and workers are reused).
+        seed: ``run.seed`` (the shared order).
+        rank_seed: this process's seed (worker augmentation seeds).
+    """
+    dist = _CURRENT
+    if dist is None:
+        return loader
+    batch = int(loader.batch_size or 1)
+    if batch < dist.world:
+        raise ConfigError(
+            f"optim.batch_size={batch} is the global batch, split over {dist.world} processes; it must be at least "
+            f"{dist.world}: raise optim.batch_size or start fewer processes"
+        )
+    sampler = GlobalBatchShards(len(loader.dataset), batch, seed, dist.rank, dist.world)
+    out = ShardedTrainLoader(
+        _Weighted(loader.dataset), batch_sampler=sampler, num_workers=loader.num_workers,
+        persistent_workers=loader.num_workers > 0, generator=torch.Generator().manual_seed(rank_seed),
+    )
+    out.order_generator = sampler.generator
+    return out
+
+
+def train_one_epoch_sharded(
+    model: nn.Module,
+    loader: ShardedTrainLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    desc: str = "train",
+    class_weight: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """:func:`visiontune.train.loop.train_one_epoch` for a DDP-wrapped ``model`` and a :func:`shard_train` loader.
+
+    Same accumulation (the last group scaled by its real length), clipping, schedule and loss value as
+    one process over the same global batches: each process's loss is the sum of its weighted
+    per-image losses divided by the *global* batch's weight total (one small all-reduce per
+    micro-batch) times N, which DDP's gradient average divides back out. Gradients are synchronised
+    only on the micro-batch that ends an accumulation group (``no_sync`` before). A non-finite loss on
+    any process stops every process with the same error.
+    """
+    dist = _CURRENT
+    assert dist is not None
+    model.train()
+    accum = cfg.optim.grad_accum
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler(device.type) if cfg.optim.precision == "fp16" else None
+    total, count = 0.0, 0.0
+    optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.run.progress and dist.main), dynamic_ncols=True)
+    for i, (x, y, w) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        w = torch.as_tensor(w, dtype=torch.float32, device=device)
+        step = (i + 1) % accum == 0 or i + 1 == n_batches
+        sync = contextlib.nullcontext() if step else model.no_sync()
+        with sync:
+            with autocast():
+                logits = model(x)
+            cw = None if class_weight is None else class_weight.to(device)
+            per = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing, weight=cw, reduction="none")
+            # F.cross_entropy's mean divides by the summed class weights of the batch (the count without them).
+            den_local = (w * (cw[y] if cw is not None else 1.0)).sum()
+            num_local = (w * per).sum()
+            num, den, real = dist.sum([float(num_local.detach()), float(den_local), float(w.sum())])
+            if not (torch.isfinite(torch.tensor(num)) and den > 0):
+                raise FloatingPointError(
+                    f"training loss became {num / den if den else float('nan')} at batch {i}; lower optim.lr "
+                    f"(now {optimizer.param_groups[0]['lr']:.2e}) or use optim.precision=fp32"
+                )
+            group = min(accum, n_batches - (i // accum) * accum)
+            scaled = num_local * dist.world / den / group
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        total += num / den * real
+        count += real
+        if step:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    return {"train_loss": total / max(1.0, count), "lr": optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,262 @@
+"""Data-parallel train/eval (issue 19, parts 1-2): 2 gloo processes under torchrun vs one process.
+
+The comparison runs the real command line under ``python -m torch.distributed.run --nproc_per_node 2``
+with deterministic data (no augmentation, no dropout) and a global batch (11) that is odd and does
+not divide the training set (80), so every batch is split unevenly, padding entries carry zero weight,
+and the last accumulation group is short. Tolerances: per-epoch losses within 1e-5 relative, final
+trained weights within 1e-5 absolute (float rounding of the gradient all-reduce and of different
+batch shapes; measured ~2e-8 here), identical best epoch and test confusion matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visiontune as vt
+from visiontune import distributed
+from visiontune.distributed import Dist, GlobalBatchShards
+from visiontune.errors import ConfigError
+from visiontune.runs import evaluate_run
+
+SRC = Path(vt.__file__).resolve().parents[1]
+RUN = [
+    "data.dataset=digits", "data.train_per_class=8", "data.val_per_class=2", "data.test_per_class=1",
+    "backbone.name=test_vit", "backbone.weights=none", "backbone.img_size=32", "method.name=lora", "method.rank=4",
+    "optim.head_init=zero", "optim.epochs=3", "optim.batch_size=11", "optim.grad_accum=2", "optim.clip_grad=0.5",
+    "optim.label_smoothing=0.1", "optim.lr=0.01", "data.augment=false", "run.progress=false", "run.measure_speed=false",
+    "run.name=r", "run.threads=1",
+]
+
+# Written into the launched processes' sitecustomize: an audit hook logging every file write, rename and
+# folder creation under the run folder, per process (RANK), so the test can see who wrote what.
+AUDIT = """
+import os, sys
+_root = os.environ["VT_AUDIT_ROOT"]
+_fd = os.open(os.path.join(os.environ["VT_AUDIT_LOG"], "rank%s.log" % os.environ.get("RANK", "x")),
+              os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+_busy = []
+def _hook(event, args):
+    if _busy or event not in ("open", "os.rename", "os.replace", "os.mkdir", "os.remove"):
+        return
+    path = args[0]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return
+    path = os.path.abspath(os.fsdecode(path))
+    if not path.startswith(_root):
+        return
+    if event == "open":
+        mode, flags = args[1], args[2]
+        writes = (mode is not None and any(c in mode for c in "wax+")) or (
+            mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if not writes:
+            return
+    _busy.append(1)
+    try:
+        os.write(_fd, ("%s %s\\n" % (event, path)).encode())
+    finally:
+        _busy.pop()
+sys.addaudithook(_hook)
+"""
+
+
+def _torchrun(args: list[str], tmp: Path, audit_root: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    if audit_root is not None:
+        hook_dir = tmp / "audit_site"
+        hook_dir.mkdir(exist_ok=True)
+        (hook_dir / "sitecustomize.py").write_text(AUDIT)
+        (tmp / "audit").mkdir(exist_ok=True)
+        env.update(VT_AUDIT_ROOT=str(audit_root.resolve()), VT_AUDIT_LOG=str(tmp / "audit"),
+                   PYTHONPATH=os.pathsep.join([str(hook_dir), env["PYTHONPATH"]]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "visiontune.cli", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_and_ddp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same run in one process (in this test process) and in 2 gloo processes (torchrun)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    one = vt.train(vt.load_config(None, [*RUN, f"run.dir={tmp / 'one'}"])).run_dir
+    proc = _torchrun(["train", *RUN, f"run.dir={tmp / 'two'}"], tmp, audit_root=tmp / "two")
+    return {"one": one, "two": tmp / "two" / "r", "tmp": tmp, "stdout": proc.stdout}
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(single_and_ddp) -> None:
+    one = json.loads((single_and_ddp["one"] / "metrics.json").read_text())
+    two = json.loads((single_and_ddp["two"] / "metrics.json").read_text())
+    assert two["run"]["processes"] == 2 and "processes" not in one["run"]
+    h1, h2 = one["train"]["history"], two["train"]["history"]
+    assert len(h1) == len(h2) == 3
+    for a, b in zip(h1, h2):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+    # The weights moved (so the comparison means something), and moved the same way.
+    w1, w2 = load_file(str(single_and_ddp["one"] / "adapter.safetensors")), load_file(str(single_and_ddp["two"] / "adapter.safetensors"))
+    assert sorted(w1) == sorted(w2)
+    assert max(float(w1[k].abs().max()) for k in w1 if "lora_B" in k) > 1e-3
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+    assert two["train"]["best_epoch"] == one["train"]["best_epoch"]
+    assert two["test"]["confusion"] == one["test"]["confusion"]
+    assert two["test"]["num_samples"] == one["test"]["num_samples"] == 10
+    # The command line reports once (process 0), not once per process.
+    assert single_and_ddp["stdout"].count('"run_dir"') == 1
+
+
+def test_only_process_zero_writes_the_run_directory(single_and_ddp) -> None:
+    logs = single_and_ddp["tmp"] / "audit"
+    rank0 = (logs / "rank0.log").read_text()
+    assert "metrics.json" in rank0 and "adapter.safetensors" in rank0 and "checkpoint" in rank0
+    rank1 = (logs / "rank1.log").read_text() if (logs / "rank1.log").exists() else ""
+    assert rank1 == "", rank1[:2000]
+
+
+def test_two_processes_probe_head_init_and_prefix_cache(tmp_path: Path) -> None:
+    """LP-FT (probe features extracted in shares and gathered) and the frozen-prefix cache under 2 processes.
+
+    The probe head is a scikit-learn fit on features that differ from one process's by float rounding, so
+    the tolerance is looser than for the gradient steps alone (5e-3; ~6e-4 measured).
+    """
+    cfg = [*RUN[:3], "data.test_per_class=3", *[o for o in RUN[4:] if not o.startswith(("optim.head_init", "optim.epochs"))],
+           "optim.epochs=2", "method.blocks=last:1"]
+    one = vt.train(vt.load_config(None, [*cfg, f"run.dir={tmp_path / 'one'}"])).metrics
+    _torchrun(["train", *cfg, f"run.dir={tmp_path / 'two'}"], tmp_path)
+    two = json.loads((tmp_path / "two" / "r" / "metrics.json").read_text())
+    assert one["train"]["head_init"] == two["train"]["head_init"] == "probe"
+    assert one["train"]["prefix_cache"]["used"] and two["train"]["prefix_cache"]["used"]
+    for a, b in zip(one["train"]["history"], two["train"]["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert two["test"]["confusion"] == one["test"]["confusion"] and two["test"]["num_samples"] == 30
+    w1 = load_file(str(tmp_path / "one" / "r" / "adapter.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "r" / "adapter.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=5e-3, rtol=0)
+
+
+def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(single_and_ddp) -> None:
+    """Kill every process of a 2-process run after its first checkpoint; resume under torchrun; same end."""
+    import psutil
+
+    tmp = single_and_ddp["tmp"]
+    run = [*[o for o in RUN if not o.startswith(("optim.epochs", "run.name"))], "optim.epochs=12", "run.name=k"]
+    _torchrun(["train", *run, f"run.dir={tmp / 'whole'}"], tmp)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "visiontune.cli", "train", *run, f"run.dir={tmp / 'killed'}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp / "killed" / "k" / "checkpoint" / "last.safetensors"
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    # torchrun's workers are not in its process group: kill the launcher and every process under it.
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+    assert ckpt.exists() and not (tmp / "killed" / "k" / "metrics.json").exists(), "the run ended before it was killed"
+    _torchrun(["train", *run, f"run.dir={tmp / 'killed'}", "run.resume=true"], tmp)
+    whole = json.loads((tmp / "whole" / "k" / "metrics.json").read_text())
+    resumed = json.loads((tmp / "killed" / "k" / "metrics.json").read_text())
+    assert resumed["train"]["segments"] == 2 and resumed["train"]["resumed_after_epoch"] >= 1
+    for a, b in zip(whole["train"]["history"], resumed["train"]["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    w1 = load_file(str(tmp / "whole" / "k" / "adapter.safetensors"))
+    w2 = load_file(str(tmp / "killed" / "k" / "adapter.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def eleven_images(single_and_ddp) -> Path:
+    """A labeled folder of 11 digits (not a multiple of the 2 processes)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = single_and_ddp["tmp"] / "eleven"
+    for i in range(11):
+        (root / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 16).astype(np.uint8)).save(root / str(d.target[i]) / f"img{i:02d}.png")
+    return root
+
+
+def test_two_process_eval_scores_each_image_exactly_once(single_and_ddp, eleven_images) -> None:
+    tmp, run = single_and_ddp["tmp"], single_and_ddp["one"]
+    single = evaluate_run(run, data=str(eleven_images), progress=False, predictions=tmp / "one.csv", batch_size=4)
+    proc = _torchrun(["eval", str(run), "--data", str(eleven_images), "--json", "--quiet", "--batch-size", "4",
+                      "--predictions", str(tmp / "two.csv")], tmp)
+    two = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert two["num_samples"] == single["num_samples"] == 11 and two["processes"] == 2
+    assert two["confusion"] == single["confusion"] and two["accuracy"] == single["accuracy"]
+    rows1 = list(csv.DictReader((tmp / "one.csv").open()))
+    rows2 = list(csv.DictReader((tmp / "two.csv").open()))
+    assert len(rows2) == 11 and len({r["file"] for r in rows2}) == 11  # each image once
+    assert [(r["file"], r["label"], r["predicted"]) for r in rows2] == [(r["file"], r["label"], r["predicted"]) for r in rows1]
+    for a, b in zip(rows1, rows2):
+        assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the pieces, in one process
+
+
+@pytest.mark.parametrize("n,batch,world", [(80, 11, 2), (10, 4, 3), (7, 7, 2), (5, 3, 3)])
+def test_global_batch_shards_partition_each_one_process_batch(n: int, batch: int, world: int) -> None:
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(3)
+    one = [b.tolist() for b in tqdm(DataLoader(range(n), batch_size=batch, shuffle=True, generator=g), disable=True)]
+    shards = [list(GlobalBatchShards(n, batch, 3, r, world)) for r in range(world)]
+    assert all(len(s) == len(one) for s in shards)
+    for i, batch_ids in enumerate(one):
+        parts = [s[i] for s in shards]
+        assert len({len(p) for p in parts}) == 1  # every process runs the same number of images
+        real = [j for p in parts for j in p if j >= 0]
+        assert real == batch_ids  # in order, each once
+        assert all(-j - 1 in batch_ids for p in parts for j in p if j < 0)  # padding copies an image of the batch
+
+
+def test_shards_and_errors_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.arange(11)), batch_size=4)
+    assert distributed.shard_eval(loader) is loader  # one process: untouched
+    assert distributed.shard_train(loader, 0, 0) is loader
+    ranges = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "_CURRENT", Dist(None, rank, 3, torch.device("cpu")))
+        sharded = distributed.shard_eval(loader)
+        ranges.append([int(x) for (b,) in sharded for x in b])
+        assert sharded.total == 11
+    assert [i for r in ranges for i in r] == list(range(11))
+    monkeypatch.setattr(distributed, "_CURRENT", Dist(None, 0, 8, torch.device("cpu")))
+    with pytest.raises(ConfigError, match="optim.batch_size=4 is the global batch.*at least 8"):
+        distributed.shard_train(loader, 0, 0)
+    monkeypatch.setattr(distributed, "_CURRENT", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="run.device='cuda:1' under a launcher.*LOCAL_RANK"):
+        distributed.setup("cuda:1")
+
+
+def test_prediction_files_are_csv(tmp_path: Path, single_and_ddp) -> None:
+    with pytest.raises(ConfigError, match="Parquet output needs pyarrow.*write a .csv"):
+        evaluate_run(single_and_ddp["one"], predictions=tmp_path / "p.parquet", progress=False)
+    with pytest.raises(ConfigError, match="name the file \\*.csv"):
+        evaluate_run(single_and_ddp["one"], predictions=tmp_path / "p.txt", progress=False)
