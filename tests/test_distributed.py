@@ -28,7 +28,7 @@ import visiontune as vt
 from visiontune import distributed
 from visiontune.distributed import Dist, GlobalBatchShards
 from visiontune.errors import ConfigError
-from visiontune.runs import evaluate_run
+from visiontune.infer.evaluate import evaluate_run
 
 SRC = Path(vt.__file__).resolve().parents[1]
 RUN = [
