@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from visiontune.config import Config
 from visiontune.errors import ConfigError
+from visiontune.runtime import optimizer_step
 
 RANK_SEED_STRIDE = 1_000_003
 """Process ``r`` draws its augmentations from seed ``run.seed + r * RANK_SEED_STRIDE`` (process 0: ``run.seed``)."""
@@ -335,15 +336,5 @@ def train_one_epoch_sharded(
         total += num / den * real
         count += real
         if step:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(optimizer, scheduler, scaler, trainable, cfg.optim.clip_grad)
     return {"train_loss": total / max(1.0, count), "lr": optimizer.param_groups[0]["lr"]}

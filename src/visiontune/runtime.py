@@ -104,3 +104,23 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return LambdaLR(optimizer, factor)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, params: Any, clip_grad: float | None
+) -> None:
+    """One optimizer step after accumulated backward passes: unscale (fp16), clip, step, zero, schedule.
+
+    The single- and multi-process training loops both end an accumulation group with it.
+    """
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()

@@ -30,8 +30,8 @@ from visiontune.methods import Method
 from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
 from visiontune.runtime import (
-    autocast, autocast_dtype, batches as _batches, make_loader, precision_report, resolve_device, seed_everything,
-    warmup_cosine,
+    autocast, autocast_dtype, batches as _batches, make_loader, optimizer_step, precision_report, resolve_device,
+    seed_everything, warmup_cosine,
 )
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
 
@@ -140,17 +140,7 @@ def train_one_epoch(
         total += float(loss.detach()) * len(y)
         count += len(y)
         if (i + 1) % accum == 0 or i + 1 == n_batches:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(optimizer, scheduler, scaler, trainable, cfg.optim.clip_grad)
     return {"train_loss": total / max(1, count), "lr": optimizer.param_groups[0]["lr"]}
 
 
