@@ -57,6 +57,21 @@ def run_name_problems(name: str | None, key: str = "run.name") -> list[str]:
             f"e.g. {key}={suggestion}, with run.dir naming the parent folder"]
 
 
+def run_section_problems(run: Any) -> list[str]:
+    """The checks every ``run`` section shares (training and pretraining): device, threads, resume vs overwrite,
+    the run name."""
+    out = []
+    if run.device != "auto" and not (run.device in ("cpu", "mps") or run.device.startswith("cuda")):
+        out.append(f"run.device={run.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
+    if run.threads is not None and run.threads < 1:
+        out.append(f"run.threads={run.threads} must be >= 1 (or null for torch's default)")
+    if run.resume and run.overwrite:
+        out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
+                   "run.name, overwrite deletes it); keep one")
+    out.extend(run_name_problems(run.name))
+    return out
+
+
 @dataclass
 class RunConfig:
     """Where and how a run executes."""
@@ -87,17 +102,9 @@ class RunConfig:
     compile: bool = _help("torch.compile the training forward (compile time counts: slower on small CPU runs)", default=False)
 
     def problems(self) -> list[str]:
-        out = []
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
-            out.append(f"run.device={self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
-        if self.threads is not None and self.threads < 1:
-            out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
+        out = run_section_problems(self)
         if self.prefix_views < 1:
             out.append(f"run.prefix_views={self.prefix_views} must be >= 1")
-        if self.resume and self.overwrite:
-            out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
-                       "run.name, overwrite deletes it); keep one")
-        out.extend(run_name_problems(self.name))
         return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 
 from visiontune.config import (
-    BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, read_config_file, run_name_problems,
+    BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, read_config_file, run_section_problems,
 )
 from visiontune.errors import ConfigError
 from visiontune.methods.targets import target_problems
@@ -134,17 +134,9 @@ class PretrainRunConfig:
     )
 
     def problems(self) -> list[str]:
-        out = []
-        if self.device != "auto" and not (self.device in ("cpu", "mps") or self.device.startswith("cuda")):
-            out.append(f"run.device={self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
-        if self.threads is not None and self.threads < 1:
-            out.append(f"run.threads={self.threads} must be >= 1 (or null for torch's default)")
+        out = run_section_problems(self)
         if self.checkpoint_every < 1:
             out.append(f"run.checkpoint_every={self.checkpoint_every} must be >= 1")
-        if self.resume and self.overwrite:
-            out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
-                       "run.name, overwrite deletes it); keep one")
-        out.extend(run_name_problems(self.name))
         return out
 
 
