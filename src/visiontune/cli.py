@@ -9,12 +9,26 @@ import sys
 from typing import Any, Sequence
 
 from visiontune.errors import VisiontuneError
+import visiontune as vt
+from visiontune.atomic import write_text_atomic
+from visiontune.auto import AutoSelect, parse_budget
+from visiontune.config import read_config_file
+from visiontune.distributed import is_main
+from visiontune.errors import ConfigError
+from visiontune.estimate import estimate_memory, format_estimate, parse_size
+from visiontune.eval import compare_table, load_run_metrics, plot_comparison
+from visiontune.infer import pipeline
+from visiontune.infer.bench import bench_infer, format_bench
+from visiontune.infer.evaluate import evaluate_run
+from visiontune.infer.export import export_run
+from visiontune.infer.files import check_table_path, collect_images, format_results, prediction_header, prediction_row, write_table
+from visiontune.pretrain import load_pretrain_config, pretrain
+from visiontune.registry import DATASETS, METHODS
+from visiontune.serve.app import serve
+from visiontune.sweep import aggregate, check_sweep, format_check, load_sweep, run_sweep, summarize_checks, sweep_status
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import visiontune as vt
-    from visiontune.distributed import is_main
-
     cfg = vt.load_config(args.config, overrides=args.overrides)
     result = vt.train(cfg)
     if not is_main():  # under torchrun / accelerate launch: process 0 reports
@@ -25,9 +39,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from visiontune.distributed import is_main
-    from visiontune.infer.evaluate import evaluate_run
-
     m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
                      int8=args.int8, workers=args.workers, batch_size=args.batch_size, predictions=args.predictions)
     if not is_main():  # under torchrun / accelerate launch: process 0 reports
@@ -45,8 +56,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
-    from visiontune.auto import AutoSelect, parse_budget
-
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
@@ -70,9 +79,6 @@ def _slug_data(data: str) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import visiontune as vt
-    from visiontune.registry import DATASETS, METHODS
-
     if args.what == "methods":
         for name in vt.list_methods():
             print(f"{name:10s} {METHODS.get(name).summary or METHODS.help(name)}")
@@ -86,8 +92,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from visiontune.eval import compare_table, load_run_metrics, plot_comparison
-
     rows = [load_run_metrics(d) for d in args.run_dirs]
     table = compare_table(rows)
     print(table)
@@ -96,7 +100,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from visiontune.atomic import write_text_atomic
 
         write_text_atomic(out / "comparison.md", table + "\n")
         plot_comparison(rows, out / "comparison.png")
@@ -106,7 +109,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from visiontune.sweep import aggregate, load_sweep, run_sweep
 
     if args.sweep_file in ("status", "report") and args.overrides and not Path(args.sweep_file).exists():
         # `visiontune sweep status FILE` / `sweep report FILE`: the same as --status / --report
@@ -119,8 +121,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(aggregate(sweep))
         return 0
     if args.status:
-        from visiontune.sweep import sweep_status
-
         states = sweep_status(sweep)
         for name, state in states:
             print(f"{name:60s} {state}")
@@ -134,7 +134,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _sweep_dry_run(args: argparse.Namespace) -> int:
     """Check every run (config, then model + method on the meta device); 1 when any run is invalid."""
-    from visiontune.sweep import check_sweep, format_check, load_sweep, summarize_checks
 
     sweep = load_sweep(args.sweep_file, overrides=args.overrides, validate=False)
     print(f"checking {len(sweep.entries)} runs of {args.sweep_file} (meta device: no weights, no data)", flush=True)
@@ -144,10 +143,6 @@ def _sweep_dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    import visiontune as vt
-    from visiontune.config import read_config_file
-    from visiontune.estimate import estimate_memory, format_estimate, parse_size
-
     data = read_config_file(args.config, "configs/") if args.config else {}
     overrides = list(args.overrides)
     if not (data.get("data") or {}).get("dataset") and not any(o.startswith("data.dataset=") for o in overrides):
@@ -160,9 +155,6 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from visiontune.infer import pipeline
-    from visiontune.infer.files import check_table_path, collect_images, format_results
-
     predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
                          backend=args.backend, int8=args.int8, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
                          settings=("--max-pixels", "--max-aspect"))
@@ -187,7 +179,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_to_file(args: argparse.Namespace, stream: Any, problems: list[Any]) -> int:
     """``predict --output FILE.csv``: rows written as predictions come (bounded memory), a summary printed."""
-    from visiontune.infer.files import prediction_header, prediction_row, write_table
 
     errors = 0
 
@@ -209,7 +200,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from visiontune.errors import ConfigError
 
     adapters: dict[str, str] = {}
     for spec in args.adapter:
@@ -220,7 +210,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ConfigError(f"adapter name {name!r} is given twice; give each --adapter its own NAME=")
         adapters[name] = path
-    from visiontune.serve.app import serve
 
     serve(adapters, host=args.host, port=args.port, device=args.device, max_bytes=args.max_bytes,
           max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
@@ -233,7 +222,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
-    from visiontune.infer.export import export_run
 
     keep = [k for k in (args.keep_fp32 or "").split(",") if k.strip()]
     with warnings.catch_warnings(record=True) as caught:
@@ -255,9 +243,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_infer(args: argparse.Namespace) -> int:
-    from visiontune.errors import ConfigError
-    from visiontune.infer.bench import bench_infer, format_bench
-
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     except ValueError:
@@ -270,8 +255,6 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from visiontune.pretrain import load_pretrain_config, pretrain
-
     result = pretrain(load_pretrain_config(args.config, overrides=args.overrides))
     print(json.dumps({"backbone": str(result.backbone), "lineage": str(result.run_dir / "backbone.json"),
                       "steps": result.lineage["training"]["steps"], "wall_time_s": result.lineage["training"]["wall_time_s"],

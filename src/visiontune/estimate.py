@@ -63,6 +63,11 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.backbones import create_meta_backbone, default_img_size
+from visiontune.methods.base import classifier_of
+from visiontune.methods.lora import nf4_blocksize
+from visiontune.registry import METHODS
+from visiontune.train.speed import fast_forward
 
 GIB = float(2**30)
 MIB = float(2**20)
@@ -218,8 +223,6 @@ def _quantized_linears(model: nn.Module, method: Any) -> dict[int, tuple[str, in
     """id(weight) -> (name, NF4 block size) of the Linears a q-method would store in 4 bits."""
     if not getattr(method, "quantized", False):
         return {}
-    from visiontune.methods.base import classifier_of
-    from visiontune.methods.lora import nf4_blocksize
 
     head = {id(m) for m in classifier_of(model).modules()}
     out = {}
@@ -441,9 +444,6 @@ def estimate_memory(
     Raises:
         ConfigError / WeightsError: the run could not start (as ``visiontune sweep --dry-run`` reports).
     """
-    from visiontune.backbones import create_meta_backbone, default_img_size
-    from visiontune.registry import METHODS
-    from visiontune.train.speed import fast_forward
 
     kind = _device_kind(device or cfg.run.device)
     precision = _precision(cfg.optim.precision, kind)

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 from visiontune.infer.predictor import PredictionResult
 from visiontune.data import IMAGE_EXTENSIONS
+from visiontune.atomic import atomic_write
+from visiontune.errors import ConfigError
 
 FORMATS = ("table", "json", "csv")
 TABLE_SUFFIXES = (".csv",)
@@ -25,7 +27,6 @@ TABLE_SUFFIXES = (".csv",)
 
 def check_table_path(path: str | os.PathLike) -> Path:
     """``path`` if it names a file this build can write predictions to (CSV), else a ConfigError naming the fix."""
-    from visiontune.errors import ConfigError
 
     p = Path(path)
     if p.suffix.lower() == ".parquet":
@@ -46,7 +47,6 @@ def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable[S
     Returns:
         The number of rows written.
     """
-    from visiontune.atomic import atomic_write
 
     p = check_table_path(path)
     count = 0

@@ -51,6 +51,13 @@ from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summar
 from visiontune.sweep.report import aggregate, mean_std
 from visiontune.sweep.spec import Sweep, SweepEntry, entry_config, read_failures
 from visiontune.train.loop import train
+from visiontune.data import load_records, make_splits
+from visiontune.data.splits import split_identity
+from visiontune.registry import METHODS
+from visiontune.rundir import read_json, read_yaml_mapping
+from visiontune.runs import config_changes, finished_run_changes, inspect_run
+from visiontune.sweep.cluster import require_ray, run_on_ray
+from visiontune.train.loop import resolve_config
 
 __all__ = [
     "EXECUTORS", "EntryCheck", "Sweep", "SweepEntry", "aggregate", "available_cores", "check_sweep", "entry_config",
@@ -140,8 +147,6 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 
 def resolved_entry_config(sweep: Sweep, entry: SweepEntry) -> Config:
     """The config an entry's run writes to its ``config.yaml`` (method defaults filled in), for comparisons."""
-    from visiontune.registry import METHODS
-    from visiontune.train.loop import resolve_config
 
     cfg = entry_config(sweep.base, entry, sweep.dir)
     return resolve_config(cfg, METHODS.get(cfg.method.name)(cfg.method))
@@ -158,10 +163,6 @@ def existing_runs(sweep: Sweep, check_split: bool = True) -> dict[str, tuple[Any
     Returns:
         name -> (:class:`visiontune.rundir.RunDirState`, differences); no differences for runs not started.
     """
-    from visiontune.data import load_records, make_splits
-    from visiontune.data.splits import split_identity
-    from visiontune.rundir import read_yaml_mapping
-    from visiontune.runs import config_changes, finished_run_changes, inspect_run
 
     splits: dict[str, dict[str, Any]] = {}
 
@@ -356,8 +357,6 @@ def run_sweep(
             if value is not None:
                 raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
     else:
-        from visiontune.sweep.cluster import require_ray
-
         require_ray()  # before anything is written
     states = existing_runs(sweep)
     _refuse_changed(sweep, states)  # before anything is written
@@ -386,8 +385,6 @@ def run_sweep(
 
     try:
         if executor == "ray":
-            from visiontune.sweep.cluster import run_on_ray
-
             how.update(run_on_ray(sweep, todo, bar, record, address=ray_address, cpus_per_run=cpus_per_run,
                                   gpus_per_run=gpus_per_run, max_in_flight=workers, on_start=how.update,
                                   run_entry=run_entry, cores=available_cores()))
@@ -417,7 +414,6 @@ def _log_session(sweep: Sweep, how: dict[str, Any], wall: float, done: int, skip
     """Append this invocation to sweep.json, so the report can say how long the sweep took and how it ran."""
     import torch
 
-    from visiontune.rundir import read_json
 
     path = sweep.dir / "sweep.json"
     data, problem = read_json(path) if path.exists() else ({"sessions": []}, None)

@@ -34,6 +34,20 @@ from visiontune.runtime import (
     seed_everything, warmup_cosine,
 )
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
+from visiontune.atomic import write_json_atomic
+from visiontune.backbones import backbone_identity, build_transform
+from visiontune.checkpoint import CheckpointError, checkpoint_path, checkpoint_progress, legacy_message, load_checkpoint, save_checkpoint
+from visiontune.data import describe_splits, load_records, make_splits
+from visiontune.data.cache import image_dataset
+from visiontune.data.splits import split_differences, split_identity
+from visiontune.eval import PeakMemory, compute_metrics, count_parameters, measure_speed
+from visiontune.eval.metrics import load_metric_functions
+from visiontune.methods.base import classifier_of
+from visiontune.methods.baselines import fit_probe_head
+from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
+from visiontune.runs import METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run
+from visiontune.train.cache import build_prefix_cache
+from visiontune.train.speed import channels_last_if_convnet, fast_forward, maybe_compile
 
 
 @dataclass
@@ -74,7 +88,6 @@ def evaluate_loader(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics dict (accuracy, F1s, per-class, confusion) of ``model`` on ``loader``."""
-    from visiontune.eval import compute_metrics
 
     logits, labels = predict_logits(model, loader, device, amp, progress)
     return compute_metrics(labels.numpy(), logits.argmax(1).numpy(), classes)
@@ -179,10 +192,6 @@ def prepare_run_dir(cfg: Config, split: dict[str, Any]) -> RunStart:
         ConfigError: the directory holds a run this config may not touch, or another configuration.
         CheckpointError: the checkpoint is unreadable, or an old pickle (never loaded).
     """
-    from visiontune.checkpoint import CheckpointError, checkpoint_progress, legacy_message, load_checkpoint
-    from visiontune.data.splits import split_differences
-    from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
-    from visiontune.runs import METRICS_FILE, config_changes, finished_run_changes, inspect_run
 
     run_dir = Path(cfg.run.dir) / (cfg.run.name or default_run_name(cfg))
     state = inspect_run(run_dir)
@@ -265,16 +274,6 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
         The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
-    from visiontune.atomic import write_json_atomic
-    from visiontune.backbones import backbone_identity, build_transform
-    from visiontune.data import describe_splits, load_records, make_splits
-    from visiontune.data.cache import image_dataset
-    from visiontune.data.splits import split_identity
-    from visiontune.eval import PeakMemory, count_parameters, measure_speed
-    from visiontune.eval.metrics import load_metric_functions
-    from visiontune.rundir import read_json, read_yaml_mapping
-    from visiontune.train.speed import channels_last_if_convnet, fast_forward
-    from visiontune.runs import build_model, finish_run
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
@@ -414,8 +413,6 @@ def _fit_cached(
     amp: torch.dtype | None, eval_tf: Any, train_tf: Any, val_loader: DataLoader | None,
 ) -> dict[str, Any]:
     """Frozen backbone: compute features once per image (and per cached augmented view), fit the head."""
-    from visiontune.data.cache import image_dataset
-    from visiontune.train.speed import fast_forward
 
     fast = fast_forward(model)  # same features, last ViT block at the class token only
     ebs, workers, progress = cfg.optim.eval_batch_size, cfg.data.num_workers, cfg.run.progress
@@ -457,10 +454,6 @@ def _fit_loop(
         split: the split's identity, stored in every checkpoint so that a resume can check it.
         started: ``time.perf_counter()`` when this segment of the run began (for the wall time in checkpoints).
     """
-    from visiontune.checkpoint import checkpoint_path, save_checkpoint
-    from visiontune.data.cache import image_dataset
-    from visiontune.train.cache import build_prefix_cache
-    from visiontune.train.speed import fast_forward, maybe_compile
 
     if cfg.backbone.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -587,11 +580,6 @@ def _probe_head_init(
     Fine-tuning then starts from a good head instead of spending its few-shot budget, and its large
     early gradients, on a random one, which distorts pretrained features (Kumar et al., ICLR 2022).
     """
-    from visiontune.data.cache import image_dataset
-    from visiontune.backbones import build_transform
-    from visiontune.train.speed import fast_forward
-    from visiontune.methods.baselines import fit_probe_head
-    from visiontune.methods.base import classifier_of
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
