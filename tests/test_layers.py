@@ -99,6 +99,10 @@ def imports_of(module: str) -> list[tuple[str, int]]:
             else:
                 source = node.module or ""
             targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names]
+            # ``from visiontune import distributed`` names the root package, whose ``__init__`` imports every layer:
+            # counted as an edge to the root too, so modules below it write ``import visiontune.distributed``.
+            if source == PACKAGE:
+                targets.append(PACKAGE)
         else:
             continue
         for target in targets:

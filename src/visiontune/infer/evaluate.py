@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from visiontune import distributed
+import visiontune.distributed as distributed
 from visiontune.config import load_config
 from visiontune.data import ImageDataset, load_records, make_splits
 from visiontune.errors import ConfigError

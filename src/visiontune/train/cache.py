@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from visiontune import distributed
+import visiontune.distributed as distributed
 from visiontune.runtime import batches, make_loader
 from visiontune.train.speed import run_blocks, run_pre_hooks
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visiontune import distributed
+import visiontune.distributed as distributed
 from visiontune.config import Config
 from visiontune.errors import ConfigError
 from visiontune.methods import Method
