@@ -72,7 +72,24 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class AdapterHost:
+class TaskHost:
+    """What the service needs of an adapter host: named tasks (``self.tasks``), each with its label names.
+    :class:`AdapterHost` (PyTorch, one shared backbone) and :class:`visiontune.infer.backends.ExportHost`
+    (onnxruntime exports) both build on it."""
+
+    tasks: dict[str, Any]
+
+    def _task(self, name: str) -> Any:
+        if name not in self.tasks:
+            raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(self.tasks) or 'none'}")
+        return self.tasks[name]
+
+    def classes(self, name: str) -> list[str]:
+        """Label names of a task, in logit order."""
+        return list(self._task(name).classes)
+
+
+class AdapterHost(TaskHost):
     """One frozen backbone, several task adapters; every call names the task.
 
     Args:
@@ -194,15 +211,6 @@ class AdapterHost:
         del self.tasks[name]
 
     # ------------------------------------------------------------------ inference
-    def _task(self, name: str) -> Task:
-        if name not in self.tasks:
-            raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(self.tasks) or 'none'}")
-        return self.tasks[name]
-
-    def classes(self, name: str) -> list[str]:
-        """Label names of a task, in logit order."""
-        return list(self._task(name).classes)
-
     def transform_for(self, name: str) -> Callable[[Any], torch.Tensor] | None:
         """The preprocessing of task ``name``: the shared backbone's, the same for every task."""
         self._task(name)

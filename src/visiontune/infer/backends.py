@@ -38,6 +38,7 @@ from visiontune.errors import ConfigError
 from visiontune.backbones.transforms import eval_transform
 from visiontune.config import load_config
 from visiontune.data.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageLimits
+from visiontune.multi import TaskHost
 from visiontune.runs import ADAPTER_FILE
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -323,7 +324,7 @@ class ExportTask:
     precision: str
 
 
-class ExportHost:
+class ExportHost(TaskHost):
     """The service's adapter host over ONNX exports: the interface of :class:`visiontune.multi.AdapterHost`
     (``tasks``, ``classes``, ``logits``, ``transform_for``, ``identity``) with onnxruntime models.
 
@@ -356,15 +357,6 @@ class ExportHost:
             tasks[name] = ExportTask(name, exp.model, exp.classes, exp.transform, _MethodName(exp.method or "unknown"),
                                      str(path), exp.model_path.stat().st_size, exp.precision)
         return cls(tasks)
-
-    def _task(self, name: str) -> ExportTask:
-        if name not in self.tasks:
-            raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(self.tasks) or 'none'}")
-        return self.tasks[name]
-
-    def classes(self, name: str) -> list[str]:
-        """Label names of a task, in logit order."""
-        return list(self._task(name).classes)
 
     def transform_for(self, name: str) -> Callable[[Any], torch.Tensor]:
         """The preprocessing of task ``name`` (each export brings its own)."""
