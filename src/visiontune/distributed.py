@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from visiontune.config import Config
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, TrainingStopped
 from visiontune.runtime import optimizer_step
 
 RANK_SEED_STRIDE = 1_000_003
@@ -291,6 +291,7 @@ def train_one_epoch_sharded(
     autocast: Callable[[], contextlib.AbstractContextManager],
     desc: str = "train",
     class_weight: torch.Tensor | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """:func:`visiontune.train.loop.train_one_epoch` for a DDP-wrapped ``model`` and a :func:`shard_train` loader.
 
@@ -337,4 +338,7 @@ def train_one_epoch_sharded(
         count += real
         if step:
             optimizer_step(optimizer, scheduler, scaler, trainable, cfg.optim.clip_grad)
+            # Every process asks; any one answering True stops all of them after the same step.
+            if stop is not None and dist.sum([float(bool(stop()))])[0] > 0:
+                raise TrainingStopped(f"training stopped by the caller at batch {i + 1} of {n_batches} ({desc})")
     return {"train_loss": total / max(1.0, count), "lr": optimizer.param_groups[0]["lr"]}

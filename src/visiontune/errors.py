@@ -36,3 +36,10 @@ class DataError(VisiontuneError):
 
 class WeightsError(VisiontuneError):
     """Pretrained weights cannot be found, converted or loaded, or do not match the backbone."""
+
+
+class TrainingStopped(VisiontuneError):
+    """A caller's stop condition (e.g. ``visiontune auto``'s time budget) ended a training run between steps.
+
+    The run directory keeps the checkpoint of the last finished epoch, so ``run.resume=true`` continues it.
+    """

@@ -17,6 +17,7 @@ import visiontune.data.cache as data_cache
 from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, parse_budget
 from visiontune.auto.stats import corrected_interval
 from visiontune.errors import ConfigError
+from visiontune.train import loop as train_loop
 
 TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3"]
 ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
@@ -29,8 +30,12 @@ def _select(out: Path, **kw) -> AutoSelect:
     return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)
 
 
-def test_folds_partition_the_pool_and_never_touch_the_test_split(tmp_path: Path) -> None:
-    sel = _select(tmp_path, folds=4)
+@pytest.mark.parametrize("per_class, inner_val_expected", [(4, False), (70, True)])
+def test_folds_partition_the_pool_and_never_touch_the_test_split(tmp_path: Path, per_class: int, inner_val_expected: bool) -> None:
+    # 4 per class: no inner validation (it would hold under 10 images per class); 70: a fifth of each fold's training
+    # part picks the fine-tune's best epoch.
+    sel = AutoSelect("digits", tmp_path, overrides=[*TINY, f"data.train_per_class={per_class}"], progress=False,
+                     candidates=ONE_FINETUNE, steps=2, folds=4)
     pool, test = set(sel.pool.ids), set(sel.test.ids)
     assert pool and test and not pool & test
     seen: list[str] = []
@@ -38,9 +43,12 @@ def test_folds_partition_the_pool_and_never_touch_the_test_split(tmp_path: Path)
         assert not set(tr) & set(va)
         splits = sel._fold_splits(j)
         inner_train, inner_val, held = (set(splits[k].ids) for k in ("train", "val", "test"))
+        if inner_val:
+            assert len(inner_val) >= 10 * len(sel.classes)
         # The fold's held-out part is neither trained on nor used to pick an epoch.
         assert not held & (inner_train | inner_val) and not inner_train & inner_val
         assert (inner_train | inner_val | held) <= pool
+        assert bool(inner_val) == inner_val_expected
         seen += list(held)
     assert sorted(seen) == sorted(pool)  # every labeled image is held out exactly once
 
@@ -86,6 +94,28 @@ def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
     assert time.perf_counter() - t0 < 60
     status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
     assert status[ONE_FINETUNE[0].name] == "budget"
+    assert record["decision"]["candidate"] in {c.name for c in CHEAP}
+
+
+def test_a_fold_that_outruns_the_budget_is_stopped_inside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check before a fold lets it start (as when the first fold's estimate was too low), but the budget has run
+    # out: the fold stops after its first optimizer step instead of running its 10,000 steps, and is not counted.
+    monkeypatch.setattr(AutoSelect, "_over_budget", lambda self, *a: False)
+    asked: list[int] = []
+    real = train_loop.train_one_epoch
+
+    def spy(*args, **kwargs):
+        asked.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "train_one_epoch", spy)
+    t0 = time.perf_counter()
+    sel = _select(tmp_path, budget_s=0.001, steps=10_000)
+    record = sel.run()
+    assert time.perf_counter() - t0 < 120
+    status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
+    assert status[ONE_FINETUNE[0].name] == "budget" and asked == [1]  # one epoch entered, stopped inside it
+    assert sel.state["finetune"][ONE_FINETUNE[0].name]["folds"] == []
     assert record["decision"]["candidate"] in {c.name for c in CHEAP}
 
 
@@ -143,7 +173,12 @@ def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, fl
 
 
 @pytest.mark.parametrize(
-    "gain, chosen", [(np.array([0.06, -0.05, 0.04, -0.03, 0.05]), PROBE), (np.array([0.10, 0.11, 0.09, 0.10, 0.12]), "lora")]
+    "gain, chosen", [
+        (np.array([0.06, -0.05, 0.04, -0.03, 0.05]), PROBE),
+        (np.array([0.10, 0.11, 0.09, 0.10, 0.12]), "lora"),
+        # +5 points, one standard error 2.8: beyond one SE although the 95 % interval (-2.7 to +12.7) holds zero
+        (np.array([0.10, 0.00, 0.08, 0.02, 0.05]), "lora"),
+    ]
 )
 def test_decision_prefers_the_cheaper_candidate_unless_the_gain_is_clear(tmp_path: Path, gain, chosen) -> None:
     sel = _select(tmp_path, folds=2)
@@ -154,9 +189,11 @@ def test_decision_prefers_the_cheaper_candidate_unless_the_gain_is_clear(tmp_pat
     decision = sel.decide(rows)
     assert decision["candidate"] == chosen
     if chosen == PROBE:
-        assert "not distinguishable from zero" in decision["reason"] and "cheaper" in decision["reason"]
+        assert "within one standard error of zero" in decision["reason"] and "cheaper" in decision["reason"]
     else:
-        assert "beats the cheaper candidates" in decision["reason"]
+        assert "by more than one standard error" in decision["reason"]
+        row = next(r for r in rows if r["candidate"] == "lora")
+        assert row["vs_probe"] - row["vs_probe_se"] > 0
 
 
 def test_corrected_interval_is_wider_than_the_naive_one() -> None:
@@ -167,6 +204,7 @@ def test_corrected_interval_is_wider_than_the_naive_one() -> None:
     assert corrected.half_width > naive.half_width and naive.low < naive.mean < naive.high
     # t(0.975, df=4) = 2.776; sd = 0.0559
     assert naive.half_width == pytest.approx(2.776 * 0.05595 / 5**0.5, rel=1e-3)
+    assert corrected.se == pytest.approx(0.05595 * (1 / 5 + 0.25) ** 0.5, rel=1e-3)
 
 
 def test_budget_parsing() -> None:

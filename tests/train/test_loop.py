@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 import visiontune as vt
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, TrainingStopped
 from visiontune.train import loop
 
 
@@ -149,3 +149,26 @@ def test_fresh_head_is_zero_before_training():
     model = build_model(cfg, METHODS.get("full")(cfg.method), 7)
     head = classifier_of(model)
     assert head.out_features == 7 and float(head.weight.detach().abs().sum()) == 0.0 and float(head.bias.detach().abs().sum()) == 0.0
+
+
+def test_stop_hook_ends_training_between_steps_and_the_run_resumes(tiny_overrides):
+    # ``train(stop=...)`` is how ``visiontune auto`` keeps its budget inside a fold: asked after every optimizer
+    # step, True raises TrainingStopped; the last finished epoch's checkpoint stays, and a resume finishes the run
+    # exactly as if it had never stopped.
+    common = ["method.name=full", "optim.epochs=3", "optim.batch_size=16"]  # 80 images: 5 steps per epoch
+    ref = _train(tiny_overrides, *common, "run.name=ref")
+    run_dir = ref.run_dir.parent / "stopped"
+    asked = {"n": 0}
+
+    def stop() -> bool:
+        asked["n"] += 1
+        return asked["n"] == 7  # the second step of epoch 2
+
+    with pytest.raises(TrainingStopped, match="stopped by the caller"):
+        loop.train(vt.load_config(None, [*tiny_overrides, *common, "run.name=stopped"]), stop=stop)
+    assert asked["n"] == 7  # asked once per optimizer step, and never again after the True
+    assert (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
+    res = _train(tiny_overrides, *common, "run.name=stopped", "run.resume=true")
+    assert [h["train_loss"] for h in res.metrics["train"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in ref.metrics["train"]["history"]], abs=1e-6
+    )

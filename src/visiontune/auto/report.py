@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,16 @@ def _ci(ci: list[float] | None, signed: bool = False) -> str:
     return f"[{_pct(ci[0], signed)}, {_pct(ci[1], signed)}]"
 
 
+def _se(row: dict[str, Any]) -> str:
+    se = row.get("vs_probe_se")
+    return "" if se is None or not math.isfinite(se) or se == 0 else f" ± {100 * se:.1f}"
+
+
 def leaderboard_markdown(record: dict[str, Any]) -> str:
     """The leaderboard table, the decision in words and the final model's held-out test score."""
     rows = sorted(record["leaderboard"], key=lambda r: -(r.get("accuracy") or -1))
     head = (
-        "| candidate | status | folds | CV accuracy (%) | 95 % interval | weighted F1 | macro F1 | vs linear probe (points) "
+        "| candidate | status | folds | CV accuracy (%) | 95 % interval | weighted F1 | macro F1 | vs linear probe (points ± SE) "
         "| 95 % interval | train time per fold | trainable % |\n|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
@@ -36,11 +42,11 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         mark = "**" if r["candidate"] == record["decision"]["candidate"] else ""
         lines.append(
             f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
-            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)} | {_ci(r['vs_probe_ci'], True)} "
+            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)}{_se(r)} | {_ci(r['vs_probe_ci'], True)} "
             f"| {r['train_s_per_fold']:.1f} s | {r['trainable_pct']:.2f} |"
             if r.get("trainable_pct") is not None else
             f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
-            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)} | {_ci(r['vs_probe_ci'], True)} "
+            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)}{_se(r)} | {_ci(r['vs_probe_ci'], True)} "
             f"| {r['train_s_per_fold']:.1f} s | — |"
         )
     final = record["final"]
@@ -66,9 +72,10 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
             parts.append(
                 f"ExPLoRA on the unlabeled images ({ex.get('images')} images, {ex.get('held_out') or 0} test/val images "
                 f"left out, {ex['pretrain_s'] / 60:.1f} min): best cheap candidate {_pct(g['mean'], True)} points vs the "
-                f"original backbone (95 % interval {_pct(g['low'], True)} to {_pct(g['high'], True)}); "
-                + ("fine-tuning ran on the ExPLoRA backbone." if ex["chosen"] else "not beyond the interval, so the original "
-                   "backbone was kept.")
+                f"original backbone (standard error {_pct(g.get('se', float('nan')))}, 95 % interval {_pct(g['low'], True)} to "
+                f"{_pct(g['high'], True)}); "
+                + ("fine-tuning ran on the ExPLoRA backbone." if ex["chosen"] else "not more than one standard error, so "
+                   "the original backbone was kept.")
             )
         else:
             parts.append(f"ExPLoRA on the unlabeled images: not used ({ex['status']}: {ex.get('why', '')}).")
@@ -79,7 +86,9 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         )
     parts += [
         "",
-        "Intervals: corrected resampled t (Nadeau & Bengio 2003) over folds; 'pruned' = stopped early by successive "
+        "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the most accurate "
+        "candidate, unless a candidate with at most half its training time is within one standard error of it (paired); "
+        "'pruned' = stopped early by successive "
         "halving (not in the top third at a rung), 'budget' = not run or stopped by the time budget.",
         "",
         "![accuracy vs time](accuracy_vs_time.png)",

@@ -23,6 +23,8 @@ class Estimate:
     low: float
     high: float
     folds: int
+    se: float = math.inf
+    """The corrected standard error of the mean (the interval is mean ± t · se)."""
 
     @property
     def half_width(self) -> float:
@@ -30,6 +32,10 @@ class Estimate:
 
     def contains_zero(self) -> bool:
         return self.low <= 0.0 <= self.high
+
+    def beyond_one_se(self) -> bool:
+        """True when the mean is more than one standard error above zero (the one-standard-error rule)."""
+        return self.mean - self.se > 0.0
 
 
 def corrected_interval(
@@ -56,4 +62,4 @@ def corrected_interval(
     low, high = mean - t * se, mean + t * se
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
-    return Estimate(mean, low, high, n)
+    return Estimate(mean, low, high, n, se)

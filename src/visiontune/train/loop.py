@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 import visiontune.distributed as distributed
 from visiontune.config import Config
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, TrainingStopped
 from visiontune.methods import Method
 from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
@@ -121,10 +122,12 @@ def train_one_epoch(
     amp: torch.dtype | None,
     desc: str = "train",
     class_weight: torch.Tensor | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with gradient accumulation and clipping; returns {"train_loss", "lr"}.
 
-    ``class_weight`` ([K], see :func:`class_weights`) weights each example's loss by its class.
+    ``class_weight`` ([K], see :func:`class_weights`) weights each example's loss by its class. ``stop`` is asked
+    after every optimizer step; when it answers True, :class:`~visiontune.errors.TrainingStopped` is raised.
     """
     model.train()
     accum = cfg.optim.grad_accum
@@ -154,6 +157,8 @@ def train_one_epoch(
         count += len(y)
         if (i + 1) % accum == 0 or i + 1 == n_batches:
             optimizer_step(optimizer, scheduler, scaler, trainable, cfg.optim.clip_grad)
+            if stop is not None and stop():
+                raise TrainingStopped(f"training stopped by the caller at batch {i + 1} of {n_batches} ({desc})")
     return {"train_loss": total / max(1, count), "lr": optimizer.param_groups[0]["lr"]}
 
 
@@ -258,13 +263,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main entry
 
 
-def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
+def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], bool] | None = None) -> RunResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` with ``cfg.method``; evaluate; write the run directory.
 
     Args:
         cfg: the run's configuration.
         splits: explicit ``{"train", "val", "test"}`` :class:`~visiontune.data.ImageRecords` instead of the split
             ``cfg.data`` describes (``visiontune auto`` trains each candidate on cross-validation folds this way).
+        stop: asked after every optimizer step of gradient training (under torchrun, every process asks and any
+            True stops all); True raises :class:`~visiontune.errors.TrainingStopped` and leaves the last epoch's
+            checkpoint in the run directory (``visiontune auto`` stops a fold this way when its budget runs out).
 
     An existing run directory is used only as :func:`prepare_run_dir` allows (resume a checkpoint of
     the same configuration, replace with ``run.overwrite=true``, ...); a resumed run that is already
@@ -341,7 +349,8 @@ def train(cfg: Config, splits: dict[str, Any] | None = None) -> RunResult:
             best_epoch = len(history)
         else:
             history, best_epoch, loop_info = _fit_loop(
-                method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb, begin.checkpoint, split, start
+                method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb, begin.checkpoint, split, start,
+                stop,
             )
             train_info.update(loop_info)
     # A resumed run reports its whole training time: the earlier segments' (from the checkpoint) plus this one's.
@@ -445,7 +454,7 @@ def _fit_loop(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
     tb: ScalarLogger | None = None, resume: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
-    started: float | None = None,
+    started: float | None = None, stop: Callable[[], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
     """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume.
 
@@ -537,12 +546,12 @@ def _fit_loop(
             prefix.set_epoch(epoch)
         if dist is None:
             row.update(train_one_epoch(
-                train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights
+                train_model, train_loader, optimizer, scheduler, cfg, device, amp, f"epoch {epoch}", weights, stop
             ))
         else:
             row.update(distributed.train_one_epoch_sharded(
                 train_model, train_loader, optimizer, scheduler, cfg, device, lambda: autocast(device, amp),
-                f"epoch {epoch}", weights,
+                f"epoch {epoch}", weights, stop,
             ))
         if val_loader is not None:
             vl, vy = predict_logits(val_model, val_loader, device, amp)
