@@ -9,20 +9,24 @@ final run, for the report):
    each fold's training part) and the nearest class mean (:mod:`visiontune.methods.prototype`) are scored on
    every fold. The best backbone is the one whose best cheap candidate scores highest.
 3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
-   blocks only, Mona, full) run fold by fold on that backbone. Each starts from the probe's head and keeps its
-   best epoch on an inner validation split carved out of the fold's training part — epoch 0, the probe head,
-   included — so the fold's held-out part stays untouched by any choice. Optuna's successive-halving pruner
-   compares every candidate's running fold mean with the others' (the cheap candidates included) and stops
-   those that are not in the top fraction; the budget stops the stage when the next fold would not fit.
+   blocks only, Mona, full) run fold by fold on that backbone. Each starts from the probe's head; when an inner
+   validation split carved out of the fold's training part holds at least :data:`MIN_INNER_VAL_PER_CLASS` images
+   per class, it keeps its best epoch on it — epoch 0, the probe head, included — so the fold's held-out part
+   stays untouched by any choice (below that, the fold trains on all its training images and the probe, scored on
+   the same folds, is the fallback). Optuna's successive-halving pruner compares every candidate's running fold
+   mean with the others' (the cheap candidates included) and stops those that are not in the top fraction; the
+   budget stops the stage when the next fold would not fit, and stops a fold that runs long between two
+   optimizer steps (``train(stop=...)``), keeping the final retrain's share.
    The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size.
    With ``--unlabeled DIR``, ExPLoRA extended pretraining (:mod:`visiontune.pretrain`) first continues the chosen
    backbone's self-supervised training on those images (the labeled data's test split left out) when the budget
    allows it; the new backbone's probe and prototype are scored on the same folds, and it replaces the original
-   only when its paired gain over the original's best cheap candidate is beyond the interval (it costs more).
+   only when its paired gain over the original's best cheap candidate is more than one standard error (it costs
+   more).
 4. **Decide like a statistician.** Every candidate gets a mean and a 95 % interval over folds and a paired
    difference against the probe (:mod:`visiontune.auto.stats`: corrected resampled t). The best mean wins
-   unless its gain over a cheaper candidate lies inside the interval; then the cheapest such candidate wins,
-   and the report says so in words.
+   unless a cheaper candidate is within one standard error of it (paired; :meth:`AutoSelect.decide` says why one
+   and not two); then the most accurate such candidate wins, and the report says so in words.
 5. **Ship.** The winner is retrained on every labeled image (fine-tuning for the median best number of steps
    found on the folds) as a normal run in ``OUT/model`` (``predict``, ``serve``, ``export``, ``eval`` work on
    it); ``OUT/leaderboard.md`` / ``.json`` and two plots hold the selection.
