@@ -256,6 +256,8 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(load_pretrain_config(args.config, overrides=args.overrides))
+    if not is_main():  # under torchrun / accelerate launch: process 0 reports
+        return 0
     print(json.dumps({"backbone": str(result.backbone), "lineage": str(result.run_dir / "backbone.json"),
                       "steps": result.lineage["training"]["steps"], "wall_time_s": result.lineage["training"]["wall_time_s"],
                       "use": result.lineage["use"]}))
