@@ -231,6 +231,31 @@ def test_two_process_eval_scores_each_image_exactly_once(single_and_ddp, eleven_
         assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-5)
 
 
+def test_two_process_predict_writes_every_image_once_in_input_order(single_and_ddp, eleven_images) -> None:
+    """``predict --output`` under torchrun: shares of 6 and 5 images, process 0 writes the CSV (and alone writes)."""
+    from visiontune.cli import main
+
+    tmp, run = single_and_ddp["tmp"], single_and_ddp["one"]
+    args = [str(run), str(eleven_images), "--top-k", "2", "--batch-size", "4", "--quiet"]
+    assert main(["predict", *args, "--output", str(tmp / "pred1.csv")]) == 0
+    audit, out = tmp / "pred_audit", tmp / "pred_out"
+    audit.mkdir()
+    out.mkdir()
+    proc = _torchrun(["predict", *args, "--output", str(out / "pred2.csv")], audit, audit_root=out)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"output": str(out / "pred2.csv"), "images": 11, "errors": 0}
+    assert proc.stdout.count('"output"') == 1  # process 0 reports
+    rows1 = list(csv.DictReader((tmp / "pred1.csv").open()))
+    rows2 = list(csv.DictReader((out / "pred2.csv").open()))
+    assert len(rows1) == len(rows2) == 11
+    assert [r["file"] for r in rows2] == [r["file"] for r in rows1]  # input order, each image once
+    for a, b in zip(rows1, rows2):
+        assert (b["label_1"], b["label_2"], b["error"]) == (a["label_1"], a["label_2"], a["error"])
+        assert float(b["score_1"]) == pytest.approx(float(a["score_1"]), abs=1e-6)
+        assert float(b["score_2"]) == pytest.approx(float(a["score_2"]), abs=1e-6)
+    assert "pred2.csv" in (audit / "audit" / "rank0.log").read_text()
+    assert not (audit / "audit" / "rank1.log").exists() or (audit / "audit" / "rank1.log").read_text() == ""
+
+
 # ----------------------------------------------------------------------------- pretrain (ExPLoRA)
 
 PRETRAIN = [

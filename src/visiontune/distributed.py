@@ -34,7 +34,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 from visiontune.config import Config
 from visiontune.errors import ConfigError, TrainingStopped
 from visiontune.runtime import optimizer_step
+
+T = TypeVar("T")
 
 RANK_SEED_STRIDE = 1_000_003
 """Process ``r`` draws its augmentations from seed ``run.seed + r * RANK_SEED_STRIDE`` (process 0: ``run.seed``)."""
@@ -254,6 +256,35 @@ def gather_in_order(loader: DataLoader, *parts: list[torch.Tensor]) -> tuple[tor
             raise RuntimeError(f"gathered {len(full)} rows from {dist.world} processes for {loader.total} images")
         out.append(full)
     return tuple(out)
+
+
+def my_items(items: Sequence[T]) -> Sequence[T]:
+    """This process's contiguous share of ``items`` (``items`` itself without a launcher); see :func:`in_order`."""
+    if _CURRENT is None:
+        return items
+    r = my_share(len(items))
+    return items[r.start:r.stop]
+
+
+def in_order(results: Iterable[T]) -> Iterator[T]:
+    """On process 0, every process's ``results`` in rank order, which is input order for :func:`my_items` shares.
+
+    Process 0 yields its own results as they come (a CSV writer streams them), then the other
+    processes' (gathered once its own are done; they are held in memory until then, the images are
+    not). The other processes yield nothing: iterating them to the end hands their results to process 0.
+    """
+    dist = _CURRENT
+    if dist is None:
+        yield from results
+        return
+    if dist.main:
+        yield from results
+        gathered: list[Any] = [None] * dist.world
+        torch.distributed.gather_object([], gathered, dst=0)
+        for part in gathered[1:]:
+            yield from part
+    else:
+        torch.distributed.gather_object(list(results), None, dst=0)
 
 
 # ----------------------------------------------------------------------------- training: the same global batch
