@@ -1,4 +1,4 @@
-"""Data-parallel train/eval (issue 19, parts 1-2): 2 gloo processes under torchrun vs one process.
+"""Data-parallel train/eval/pretrain/predict (issue 19, parts 1-2): 2 gloo processes under torchrun vs one process.
 
 The comparison runs the real command line under ``python -m torch.distributed.run --nproc_per_node 2``
 with deterministic data (no augmentation, no dropout) and a global batch (11) that is odd and does
@@ -6,6 +6,15 @@ not divide the training set (80), so every batch is split unevenly, padding entr
 and the last accumulation group is short. Tolerances: per-epoch losses within 1e-5 relative, final
 trained weights within 1e-5 absolute (float rounding of the gradient all-reduce and of different
 batch shapes; measured ~2e-8 here), identical best epoch and test confusion matrix.
+
+Pretraining (ExPLoRA) is compared the same way with a global batch of 7 (shares of 3 and 4 images):
+its crops are seeded per image and its iBOT masks per step, so the augmentation (photometric and
+geometric, local crops included) is the same in both runs and the comparison is exact up to float
+rounding: losses within 1e-5 relative, student / teacher / head weights within 1e-5 absolute, at the
+recipe's learning rate (the weights move by ~5e-4 in 4 steps). The one exception is the key bias of
+the unfrozen block, whose gradient is zero analytically: AdamW turns its rounding noise into steps of
+~lr, different in every run (4.5e-5 apart after 30 steps here). With optim.lr=0.01 the same Adam
+amplification of near-zero gradients grows the other differences to ~2e-5 after 4 steps.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from visiontune import distributed
 from visiontune.distributed import Dist, GlobalBatchShards
 from visiontune.errors import ConfigError
 from visiontune.infer.evaluate import evaluate_run
+from visiontune.pretrain import build_student, load_pretrain_config, pretrain
 
 SRC = Path(vt.__file__).resolve().parents[1]
 RUN = [
@@ -71,9 +81,33 @@ sys.addaudithook(_hook)
 """
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "visiontune.cli", *args]
+
+
+def _torchrun_killed_after(args: list[str], tmp: Path, checkpoint: Path) -> None:
+    """Start ``visiontune ARGS`` under torchrun and kill every process of it once ``checkpoint`` exists."""
+    import psutil
+
+    proc = subprocess.Popen(_torchrun_command(args), env=_env(), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    # torchrun's workers are not in its process group: kill the launcher and every process under it.
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+    assert checkpoint.exists(), f"no {checkpoint} before the run ended"
+
+
 def _torchrun(args: list[str], tmp: Path, audit_root: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
+    env = _env()
     if audit_root is not None:
         hook_dir = tmp / "audit_site"
         hook_dir.mkdir(exist_ok=True)
@@ -81,9 +115,7 @@ def _torchrun(args: list[str], tmp: Path, audit_root: Path | None = None, timeou
         (tmp / "audit").mkdir(exist_ok=True)
         env.update(VT_AUDIT_ROOT=str(audit_root.resolve()), VT_AUDIT_LOG=str(tmp / "audit"),
                    PYTHONPATH=os.pathsep.join([str(hook_dir), env["PYTHONPATH"]]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "visiontune.cli", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp, check=False)
+    proc = subprocess.run(_torchrun_command(args), env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -152,25 +184,11 @@ def test_two_processes_probe_head_init_and_prefix_cache(tmp_path: Path) -> None:
 
 def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(single_and_ddp) -> None:
     """Kill every process of a 2-process run after its first checkpoint; resume under torchrun; same end."""
-    import psutil
-
     tmp = single_and_ddp["tmp"]
     run = [*[o for o in RUN if not o.startswith(("optim.epochs", "run.name"))], "optim.epochs=12", "run.name=k"]
     _torchrun(["train", *run, f"run.dir={tmp / 'whole'}"], tmp)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "visiontune.cli", "train", *run, f"run.dir={tmp / 'killed'}"]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp / "killed" / "k" / "checkpoint" / "last.safetensors"
-    deadline = time.monotonic() + 180
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    # torchrun's workers are not in its process group: kill the launcher and every process under it.
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    proc.wait()
-    assert ckpt.exists() and not (tmp / "killed" / "k" / "metrics.json").exists(), "the run ended before it was killed"
+    _torchrun_killed_after(["train", *run, f"run.dir={tmp / 'killed'}"], tmp, tmp / "killed" / "k" / "checkpoint" / "last.safetensors")
+    assert not (tmp / "killed" / "k" / "metrics.json").exists(), "the run ended before it was killed"
     _torchrun(["train", *run, f"run.dir={tmp / 'killed'}", "run.resume=true"], tmp)
     whole = json.loads((tmp / "whole" / "k" / "metrics.json").read_text())
     resumed = json.loads((tmp / "killed" / "k" / "metrics.json").read_text())
@@ -211,6 +229,101 @@ def test_two_process_eval_scores_each_image_exactly_once(single_and_ddp, eleven_
     assert [(r["file"], r["label"], r["predicted"]) for r in rows2] == [(r["file"], r["label"], r["predicted"]) for r in rows1]
     for a, b in zip(rows1, rows2):
         assert float(b["score"]) == pytest.approx(float(a["score"]), abs=1e-5)
+
+
+def test_two_process_predict_writes_every_image_once_in_input_order(single_and_ddp, eleven_images) -> None:
+    """``predict --output`` under torchrun: shares of 6 and 5 images, process 0 writes the CSV (and alone writes)."""
+    from visiontune.cli import main
+
+    tmp, run = single_and_ddp["tmp"], single_and_ddp["one"]
+    args = [str(run), str(eleven_images), "--top-k", "2", "--batch-size", "4", "--quiet"]
+    assert main(["predict", *args, "--output", str(tmp / "pred1.csv")]) == 0
+    audit, out = tmp / "pred_audit", tmp / "pred_out"
+    audit.mkdir()
+    out.mkdir()
+    proc = _torchrun(["predict", *args, "--output", str(out / "pred2.csv")], audit, audit_root=out)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"output": str(out / "pred2.csv"), "images": 11, "errors": 0}
+    assert proc.stdout.count('"output"') == 1  # process 0 reports
+    rows1 = list(csv.DictReader((tmp / "pred1.csv").open()))
+    rows2 = list(csv.DictReader((out / "pred2.csv").open()))
+    assert len(rows1) == len(rows2) == 11
+    assert [r["file"] for r in rows2] == [r["file"] for r in rows1]  # input order, each image once
+    for a, b in zip(rows1, rows2):
+        assert (b["label_1"], b["label_2"], b["error"]) == (a["label_1"], a["label_2"], a["error"])
+        assert float(b["score_1"]) == pytest.approx(float(a["score_1"]), abs=1e-6)
+        assert float(b["score_2"]) == pytest.approx(float(a["score_2"]), abs=1e-6)
+    assert "pred2.csv" in (audit / "audit" / "rank0.log").read_text()
+    assert not (audit / "audit" / "rank1.log").exists() or (audit / "audit" / "rank1.log").read_text() == ""
+
+
+# ----------------------------------------------------------------------------- pretrain (ExPLoRA)
+
+PRETRAIN = [
+    "data.dataset=digits", "data.max_images=48", "backbone.name=test_vit", "backbone.weights=none", "backbone.img_size=32",
+    "crops.local_number=2", "crops.local_size=16", "ssl.prototypes=64", "ssl.head_hidden_dim=32", "ssl.head_bottleneck_dim=16",
+    "explora.rank=4", "optim.batch_size=7", "run.progress=false", "run.plot=false", "run.threads=1", "run.name=p",
+]
+
+
+def _pretrain_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from visiontune.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run / "checkpoint" / "last.safetensors", "pretrain")
+    return {net: ck[net] for net in ("student", "teacher", "heads", "center_dino", "center_ibot")}
+
+
+def _assert_same_pretraining(one: Path, two: Path, rel: float, atol: float) -> None:
+    h1, h2 = json.loads((one / "history.json").read_text()), json.loads((two / "history.json").read_text())
+    assert [r["step"] for r in h1] == [r["step"] for r in h2]
+    for a, b in zip(h1, h2):
+        for k in ("loss", "dino", "ibot", "koleo", "teacher_feat_std", "teacher_entropy"):
+            assert b[k] == pytest.approx(a[k], rel=rel), (a["step"], k)
+        assert b["masked_patches"] == a["masked_patches"] and b["backbone_trained"] == a["backbone_trained"]
+    s1, s2 = _pretrain_state(one), _pretrain_state(two)
+    for net in s1:
+        assert sorted(s1[net]) == sorted(s2[net])
+        for k in s1[net]:
+            if k.endswith("attn.qkv.k.bias"):
+                # Its gradient is zero (a key bias shifts every attention logit of a query alike; softmax ignores it),
+                # so what AdamW makes of it is float noise divided by its own size, in one process as in two.
+                continue
+            torch.testing.assert_close(s2[net][k], s1[net][k], atol=atol, rtol=0, msg=lambda m, net=net, k=k: f"{net} {k}: {m}")
+    b1, b2 = load_file(str(one / "backbone.safetensors")), load_file(str(two / "backbone.safetensors"))
+    for k in b1:
+        torch.testing.assert_close(b2[k], b1[k], atol=atol, rtol=0)
+
+
+def test_two_process_pretraining_matches_one_process_and_only_process_zero_writes(tmp_path: Path) -> None:
+    """Odd global batch (7 = 3 + 4), photometric crops, local crops, iBOT masks, KoLeo, a head warm-up step."""
+    run = [*PRETRAIN, "optim.steps=4", "ssl.head_warmup_steps=1", "crops.photometric=true"]
+    one = pretrain(load_pretrain_config(None, [*run, f"run.dir={tmp_path / 'one'}"]))
+    proc = _torchrun(["pretrain", *run, f"run.dir={tmp_path / 'two'}"], tmp_path, audit_root=tmp_path / "two")
+    two = tmp_path / "two" / "p"
+    assert not one.history[0]["backbone_trained"] and one.history[1]["backbone_trained"]
+    # The weights moved (so the comparison means something), and moved the same way.
+    _assert_same_pretraining(one.run_dir, two, rel=1e-5, atol=1e-5)
+    start = build_student(load_pretrain_config(None, run))[0].state_dict()
+    trained = _pretrain_state(two)["student"]
+    assert max(float((trained[k] - start[k]).abs().max()) for k in trained) > 1e-4
+    assert proc.stdout.count('"backbone"') == 1  # process 0 reports
+    logs = tmp_path / "audit"
+    rank0 = (logs / "rank0.log").read_text()
+    assert all(f in rank0 for f in ("backbone.safetensors", "backbone.json", "history.json", "config.yaml", "checkpoint"))
+    rank1 = (logs / "rank1.log").read_text() if (logs / "rank1.log").exists() else ""
+    assert rank1 == "", rank1[:2000]
+
+
+def test_two_process_pretraining_killed_after_a_checkpoint_resumes_like_one_uninterrupted_process(tmp_path: Path) -> None:
+    """Sinkhorn-Knopp centering (its sums run over both processes); kill every process after a checkpoint."""
+    run = [*PRETRAIN, "optim.steps=30", "run.checkpoint_every=1", "ssl.centering=sinkhorn", "crops.photometric=false"]
+    one = pretrain(load_pretrain_config(None, [*run, f"run.dir={tmp_path / 'one'}"])).run_dir
+    _torchrun_killed_after(["pretrain", *run, f"run.dir={tmp_path / 'two'}"], tmp_path,
+                           tmp_path / "two" / "p" / "checkpoint" / "last.safetensors")
+    assert not (tmp_path / "two" / "p" / "backbone.json").exists(), "the run ended before it was killed"
+    _torchrun(["pretrain", *run, f"run.dir={tmp_path / 'two'}", "run.resume=true"], tmp_path)
+    two = tmp_path / "two" / "p"
+    assert json.loads((two / "backbone.json").read_text())["training"]["steps"] == 30
+    _assert_same_pretraining(one, two, rel=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the pieces, in one process

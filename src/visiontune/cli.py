@@ -13,6 +13,7 @@ import visiontune as vt
 from visiontune.atomic import write_text_atomic
 from visiontune.auto import AutoSelect, parse_budget
 from visiontune.config import read_config_file
+import visiontune.distributed as distributed
 from visiontune.distributed import is_main
 from visiontune.errors import ConfigError
 from visiontune.estimate import estimate_memory, format_estimate, parse_size
@@ -155,15 +156,22 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    predictor = pipeline(args.run_dir, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
-                         backend=args.backend, int8=args.int8, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
-                         settings=("--max-pixels", "--max-aspect"))
+    # Under torchrun / accelerate launch: each process its device (LOCAL_RANK's GPU with --device cuda).
+    dist = distributed.setup(args.device)
+    predictor = pipeline(args.run_dir, device=str(dist.device) if dist is not None else args.device, top_k=args.top_k,
+                         batch_size=args.batch_size, backend=args.backend, int8=args.int8, max_pixels=args.max_pixels,
+                         max_aspect=args.max_aspect, settings=("--max-pixels", "--max-aspect"))
     if args.output is not None:
         check_table_path(args.output)
     paths, problems = collect_images(args.inputs)
     # Progress only where it helps: a folder's worth of images, and never in quiet mode.
-    progress = not args.quiet and len(paths) >= 2 * args.batch_size
-    stream = predictor.predict_many(paths, top_k=args.top_k, progress=progress, workers=args.workers)
+    progress = not args.quiet and len(paths) >= 2 * args.batch_size and is_main()
+    # Each process predicts a contiguous share of the images; process 0 gets every result, in input order.
+    stream = distributed.in_order(predictor.predict_many(distributed.my_items(paths), top_k=args.top_k,
+                                                         progress=progress, workers=args.workers))
+    if not is_main():
+        list(stream)  # hands this process's results to process 0, which writes and reports
+        return 0
     if args.output is not None:
         return _predict_to_file(args, stream, problems)
     results = list(stream)
@@ -256,6 +264,8 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(load_pretrain_config(args.config, overrides=args.overrides))
+    if not is_main():  # under torchrun / accelerate launch: process 0 reports
+        return 0
     print(json.dumps({"backbone": str(result.backbone), "lineage": str(result.run_dir / "backbone.json"),
                       "steps": result.lineage["training"]["steps"], "wall_time_s": result.lineage["training"]["wall_time_s"],
                       "use": result.lineage["use"]}))

@@ -1,4 +1,4 @@
-"""Data-parallel runs: ``visiontune train`` and ``eval`` unchanged under ``torchrun`` / ``accelerate launch``.
+"""Data-parallel runs: ``visiontune train``, ``eval``, ``pretrain`` and ``predict`` unchanged under ``torchrun`` / ``accelerate launch``.
 
 When a launcher starts N processes (``WORLD_SIZE`` > 1 in the environment), :func:`setup` creates an
 accelerate ``Accelerator``: it joins the process group the launcher describes (gloo on CPU, nccl on
@@ -23,15 +23,18 @@ What accelerate's own data-loader preparation does not give, written here by han
   Every process then holds the same full predictions, so metrics and the best-epoch choice agree on
   all processes. accelerate's ``gather_for_metrics`` drops padding by count, which relies on the
   padding being at the end of the last batch; contiguous ranges need no padding at all.
+* **Whole-batch statistics.** Pretraining's losses are not all per-image means: the teacher centering
+  and Sinkhorn-Knopp sum over the batch (:func:`all_reduce`) and KoLeo looks for nearest neighbours in
+  it (:func:`gather_rows`). Its loader takes :func:`shard_batches` of the one-process batch stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,8 @@ from tqdm.auto import tqdm
 from visiontune.config import Config
 from visiontune.errors import ConfigError, TrainingStopped
 from visiontune.runtime import optimizer_step
+
+T = TypeVar("T")
 
 RANK_SEED_STRIDE = 1_000_003
 """Process ``r`` draws its augmentations from seed ``run.seed + r * RANK_SEED_STRIDE`` (process 0: ``run.seed``)."""
@@ -73,13 +78,27 @@ class Dist:
     def rank_seed(self, seed: int) -> int:
         return seed + self.rank * RANK_SEED_STRIDE
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """``model`` in torch DDP (through accelerate): gradients averaged over processes in ``backward``.
 
         DDP broadcasts process 0's parameters and buffers on construction, so every process starts
         from the same weights even if something random happened differently before.
+
+        Args:
+            find_unused_parameters: DDP's option for a forward that leaves some trainable parameters out of
+                the graph in some steps (pretraining's head warm-up runs the backbone without gradients).
+                Parameters no process used keep ``grad=None``, as in one process, so AdamW skips them.
         """
-        return self.accelerator.prepare_model(model, device_placement=False)
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        acc = self.accelerator
+        handler = acc.ddp_handler
+        if find_unused_parameters:  # accelerate reads its DDP kwargs from this handler in prepare_model
+            acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        try:
+            return acc.prepare_model(model, device_placement=False)
+        finally:
+            acc.ddp_handler = handler
 
     def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world
@@ -94,9 +113,7 @@ class Dist:
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over processes (float64)."""
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return all_reduce(torch.tensor(list(values), dtype=torch.float64, device=self.device)).tolist()
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -143,6 +160,51 @@ def setup(device: str) -> Dist | None:
     return _CURRENT
 
 
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Element-wise ``sum`` or ``max`` of ``t`` over processes, as a new tensor (``t`` itself without a launcher)."""
+    dist = _CURRENT
+    if dist is None:
+        return t
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op])
+    return out
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` concatenated in rank order (``x`` itself without a launcher).
+
+    This process's rows keep their autograd graph; the others' are constants. A loss over the whole
+    batch computed from the result on every process (KoLeo's nearest neighbours) then backpropagates
+    into each process's own rows only, and DDP's average of the N processes' gradients, each of the
+    loss times N, is the one-process gradient.
+    """
+    dist = _CURRENT
+    if dist is None:
+        return x
+    parts = dist.all_gather(x.detach().cpu())
+    parts[dist.rank] = x
+    return torch.cat([p.to(x.device) for p in parts])
+
+
+def share(m: int, rank: int, world: int) -> range:
+    """Process ``rank``'s contiguous share of ``m`` items: ``[rank m / world, (rank + 1) m / world)``."""
+    return range(rank * m // world, (rank + 1) * m // world)
+
+
+def my_share(m: int) -> range:
+    """This process's contiguous share of ``m`` items (all of them without a launcher)."""
+    return range(m) if _CURRENT is None else share(m, _CURRENT.rank, _CURRENT.world)
+
+
+def check_global_batch(batch: int, world: int, setting: str = "optim.batch_size") -> None:
+    """Raise unless the global batch gives every one of ``world`` processes at least one image."""
+    if batch < world:
+        raise ConfigError(
+            f"{setting}={batch} is the global batch, split over {world} processes; it must be at least "
+            f"{world}: raise {setting} or start fewer processes"
+        )
+
+
 # ----------------------------------------------------------------------------- evaluation: each image once
 
 
@@ -162,9 +224,8 @@ def shard_eval(loader: DataLoader | None) -> DataLoader | None:
     if dist is None or loader is None or isinstance(loader, ShardedEvalLoader):
         return loader
     n = len(loader.dataset)
-    lo, hi = dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world
     out = ShardedEvalLoader(
-        Subset(loader.dataset, range(lo, hi)), batch_size=loader.batch_size, shuffle=False,
+        Subset(loader.dataset, share(n, dist.rank, dist.world)), batch_size=loader.batch_size, shuffle=False,
         num_workers=loader.num_workers, persistent_workers=loader.num_workers > 0, collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
     )
@@ -197,6 +258,35 @@ def gather_in_order(loader: DataLoader, *parts: list[torch.Tensor]) -> tuple[tor
     return tuple(out)
 
 
+def my_items(items: Sequence[T]) -> Sequence[T]:
+    """This process's contiguous share of ``items`` (``items`` itself without a launcher); see :func:`in_order`."""
+    if _CURRENT is None:
+        return items
+    r = my_share(len(items))
+    return items[r.start:r.stop]
+
+
+def in_order(results: Iterable[T]) -> Iterator[T]:
+    """On process 0, every process's ``results`` in rank order, which is input order for :func:`my_items` shares.
+
+    Process 0 yields its own results as they come (a CSV writer streams them), then the other
+    processes' (gathered once its own are done; they are held in memory until then, the images are
+    not). The other processes yield nothing: iterating them to the end hands their results to process 0.
+    """
+    dist = _CURRENT
+    if dist is None:
+        yield from results
+        return
+    if dist.main:
+        yield from results
+        gathered: list[Any] = [None] * dist.world
+        torch.distributed.gather_object([], gathered, dst=0)
+        for part in gathered[1:]:
+            yield from part
+    else:
+        torch.distributed.gather_object(list(results), None, dst=0)
+
+
 # ----------------------------------------------------------------------------- training: the same global batch
 
 
@@ -224,8 +314,29 @@ class GlobalBatchShards(Sampler[list[int]]):
         for batch in tqdm(self.order, disable=True):
             idx = batch.tolist()
             m = len(idx)
-            mine = idx[self.rank * m // self.world:(self.rank + 1) * m // self.world]
+            mine = [idx[j] for j in share(m, self.rank, self.world)]
             yield mine + [-(idx[0] + 1)] * (-(-m // self.world) - len(mine))
+
+
+class BatchShares(Sampler[list[int]]):
+    """This process's contiguous share of each global batch an (endless) batch sampler yields; no padding.
+
+    For loops that call forward/backward once per global batch whatever its share's size (pretraining):
+    with every global batch at least ``world`` long, no share is empty.
+    """
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield [batch[j] for j in share(len(batch), self.rank, self.world)]
+
+
+def shard_batches(batches: Iterable[list[int]]) -> Iterable[list[int]]:
+    """This process's :class:`BatchShares` of ``batches`` (``batches`` itself without a launcher)."""
+    dist = _CURRENT
+    return batches if dist is None else BatchShares(batches, dist.rank, dist.world)
 
 
 class _Weighted(Dataset):
@@ -267,11 +378,7 @@ def shard_train(loader: DataLoader, seed: int, rank_seed: int) -> DataLoader:
     if dist is None:
         return loader
     batch = int(loader.batch_size or 1)
-    if batch < dist.world:
-        raise ConfigError(
-            f"optim.batch_size={batch} is the global batch, split over {dist.world} processes; it must be at least "
-            f"{dist.world}: raise optim.batch_size or start fewer processes"
-        )
+    check_global_batch(batch, dist.world)
     sampler = GlobalBatchShards(len(loader.dataset), batch, seed, dist.rank, dist.world)
     out = ShardedTrainLoader(
         _Weighted(loader.dataset), batch_sampler=sampler, num_workers=loader.num_workers,

@@ -18,6 +18,7 @@ runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
+import visiontune.distributed as distributed
 from visiontune.atomic import atomic_write, write_json_atomic
 from visiontune.checkpoint import (
     CheckpointError, checkpoint_path, checkpoint_progress, legacy_checkpoint, legacy_message, load_checkpoint, save_checkpoint,
@@ -258,6 +260,32 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
+class StudentStep(nn.Module):
+    """The student's part of a step (backbone on masked global and local crops, then the head) as one module.
+
+    One module with one ``forward`` is what DDP wraps: it averages the gradients of the backbone and the
+    heads together, and finds the parameters a step leaves out (the backbone during the head warm-up,
+    the mask token without iBOT).
+    """
+
+    def __init__(self, student: nn.Module, heads: SSLHeads, autocast: Callable[[], Any]):
+        super().__init__()
+        self.student, self.heads, self.autocast = student, heads, autocast
+
+    def forward(
+        self, glob: torch.Tensor, local: torch.Tensor | None, masks: torch.Tensor | None, mask_flat: torch.Tensor,
+        train_backbone: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global class tokens ``[2B, D]``, local class tokens ``[L B, D]``, head outputs of both + masked patches)."""
+        with torch.set_grad_enabled(train_backbone), self.autocast():
+            with masked(self.student, masks, self.heads.mask_token):
+                s_cls, s_patch = tokens(self.student, glob)
+            s_local = tokens(self.student, local)[0] if local is not None else s_cls[:0]
+        with self.autocast():
+            s_out = self.heads.head(torch.cat([s_cls, s_local, s_patch[mask_flat]])).float()
+        return s_cls, s_local, s_out
+
+
 def build_student(cfg: PretrainConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, SSLHeads, Any]:
     """The student backbone after ExPLoRA's surgery (multi-crop and mask hook on) and fresh SSL heads.
 
@@ -374,8 +402,19 @@ def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None
 
 
 def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None) -> PretrainResult:
-    """The body of :func:`pretrain` (which only scopes the thread count around it)."""
-    device = resolve_device(cfg.run.device)
+    """The body of :func:`pretrain` (which only scopes the thread count around it).
+
+    Under ``torchrun`` / ``accelerate launch`` (:mod:`visiontune.distributed`) ``optim.batch_size`` stays the
+    global batch: each process takes a contiguous share of every batch of the one-process stream (the
+    crops, seeded per image, and the iBOT masks, drawn for the whole batch, are the same), DDP averages
+    the gradients of the student and heads, the teacher centering sums over processes, each loss term
+    is the process's share of the global mean times N, and KoLeo's nearest neighbours are found in the
+    whole batch (:func:`visiontune.distributed.gather_rows`). Process 0 alone writes the run directory.
+    """
+    dist = distributed.setup(cfg.run.device)
+    device = dist.device if dist is not None else resolve_device(cfg.run.device)
+    if dist is not None and not dist.main:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
     seed = cfg.run.seed
     seed_everything(seed, True)
     amp = autocast_dtype(cfg.optim.precision, device)
@@ -385,14 +424,20 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
                                            cfg.data.max_images, seed)
     if len(pool) < batch:
         raise ConfigError(f"optim.batch_size={batch} is larger than the {len(pool)} pretraining images; lower it")
+    if dist is not None:
+        distributed.check_global_batch(batch, dist.world)
     pool_id = pool_identity(pool)
-    begin = _prepare_run_dir(cfg, pool_id)
+    if dist is None:
+        begin = _prepare_run_dir(cfg, pool_id)
+    else:  # process 0 checks (and empties) the directory; the others follow its decision
+        begin = dist.broadcast(_prepare_run_dir(cfg, pool_id) if dist.main else None)
+    writes = dist is None or dist.main
     run_dir = begin.run_dir
     if begin.note and cfg.run.progress:
         print(f"[visiontune] {begin.note}")
     if begin.finished is not None:
         return begin.finished
-    if begin.checkpoint is None:  # a fresh start in an empty directory; a resumed run keeps its files
+    if begin.checkpoint is None and writes:  # a fresh start in an empty directory; a resumed run keeps its files
         cfg.dump(run_dir / "config.yaml")
 
     # ---- networks (seeded so that a resumed run rebuilds identical LoRA / head initialisations)
@@ -405,6 +450,11 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     center_ibot = TeacherCentering(ssl.prototypes, ssl.center_momentum, ssl.centering).to(device)
     trained_names = [n for n, p in student.named_parameters() if p.requires_grad]
     t_params, s_params = trained_pairs(student, teacher)
+    step_model: nn.Module = StudentStep(student, heads, lambda: autocast(device, amp))
+    if dist is not None:
+        # Steps can leave parameters out of one process's graph: the backbone during the head warm-up, the mask
+        # token when none of that process's crops is masked (its share of the batch's masks can be empty).
+        step_model = dist.wrap(step_model, find_unused_parameters=True)
 
     # ---- data
     gsize, lsize = _crop_sizes(cfg, student)
@@ -453,6 +503,10 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
         start, history, wall_before, cpu_before = ck["step"], ck["history"], ck["wall_time_s"], ck.get("cpu_time_s", 0.0)
         if cfg.run.progress:
             print(f"[visiontune] resumed {run_dir} at step {start}/{steps}")
+    if dist is not None and not dist.main:
+        # Crops and masks are seeded per image and step; what still draws from torch's generator (LoRA
+        # dropout) draws per process, as in a fine-tuning run (the checkpoint holds process 0's state).
+        seed_everything(dist.rank_seed(seed) + start, True)
 
     saved = {"step": start}
 
@@ -468,8 +522,14 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
             "wall_time_s": wall, "cpu_time_s": cpu, "config": cfg.to_dict(), "pool": pool_id,
         }, kind="pretrain", progress=f"step {step} of {steps}")
 
-    loader = DataLoader(dataset, batch_size=batch, sampler=StreamSampler(len(pool), seed, start * batch),
-                        num_workers=cfg.data.num_workers, collate_fn=collate_crops, persistent_workers=False)
+    stream = BatchSampler(StreamSampler(len(pool), seed, start * batch), batch, drop_last=False)
+    loader = DataLoader(dataset, batch_sampler=distributed.shard_batches(stream), num_workers=cfg.data.num_workers,
+                        collate_fn=collate_crops, persistent_workers=False)
+    # Under a launcher: this process's rows of each global batch (crop 1 of its images, then crop 2).
+    mine = distributed.my_share(batch)
+    rows = torch.tensor([*mine, *(batch + j for j in mine)])
+    world = 1 if dist is None else dist.world
+    share_weight = len(mine) / batch  # this process's share of every per-image mean
     if cfg.run.progress:
         print(f"[visiontune] {cfg.recipe_name()} on {cfg.backbone.name}: {len(pool)} unlabeled images"
               f"{f' ({pool.excluded} held out)' if pool.excluded else ''}, {steps} steps x {batch} images, "
@@ -485,34 +545,42 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
             momentum = cosine_schedule(ssl.teacher_momentum, ssl.final_teacher_momentum, step, steps)
             glob = torch.cat(crops[:2]).to(device, non_blocking=True)
             n_img = glob.shape[0]
-            masks = (sample_masks(n_img, grid, ssl.mask_probability, tuple(ssl.mask_ratio),
-                                  np.random.default_rng([seed, 5, step])) if use_ibot
-                     else torch.zeros(n_img, *grid, dtype=torch.bool))
+            # The masks of the whole global batch (the one-process draw); this process takes its images' rows.
+            all_masks = (sample_masks(2 * batch, grid, ssl.mask_probability, tuple(ssl.mask_ratio),
+                                      np.random.default_rng([seed, 5, step])) if use_ibot
+                         else torch.zeros(2 * batch, *grid, dtype=torch.bool))
+            masks, n_masked = all_masks[rows], int(all_masks.sum())
             mask_flat = masks.flatten(1).to(device)
             # ---- teacher: both global crops, unmasked
             with torch.no_grad(), autocast(device, amp):
                 t_cls, t_patch = tokens(teacher, glob)
                 t_out = teacher_head(torch.cat([t_cls, t_patch[mask_flat]])).float()
             t_probs = center_dino(t_out[:n_img], temp)
-            t_patch_probs = center_ibot(t_out[n_img:], temp) if t_out.shape[0] > n_img else t_out[n_img:]
+            t_patch_probs = center_ibot(t_out[n_img:], temp) if n_masked else t_out[n_img:]
             # ---- student: masked global crops + local crops
             train_backbone = step >= ssl.head_warmup_steps
-            with torch.set_grad_enabled(train_backbone), autocast(device, amp):
-                with masked(student, masks if use_ibot else None, heads.mask_token):
-                    s_cls, s_patch = tokens(student, glob)
-                s_local = tokens(student, torch.cat(crops[2:]).to(device, non_blocking=True))[0] if n_local else s_cls[:0]
-            with autocast(device, amp):
-                s_out = heads.head(torch.cat([s_cls, s_local, s_patch[mask_flat]])).float()
+            s_cls, s_local, s_out = step_model(glob, torch.cat(crops[2:]).to(device, non_blocking=True) if n_local else None,
+                                               masks if use_ibot else None, mask_flat, train_backbone)
             s_views = list(s_out[:n_img].chunk(2)) + (list(s_out[n_img : n_img + len(s_local)].chunk(n_local)) if n_local else [])
             dino_sum, pairs = pairwise_dino_loss(s_views, list(t_probs.chunk(2)), ssl.student_temp)
             dino = dino_sum / pairs
-            koleo = sum(koleo_loss(c) for c in s_cls.float().chunk(2)) if ssl.koleo_weight > 0 else dino.new_zeros(())
+            koleo = (sum(koleo_loss(distributed.gather_rows(c)) for c in s_cls.float().chunk(2)) if ssl.koleo_weight > 0
+                     else dino.new_zeros(()))
             image_index = mask_flat.nonzero()[:, 0]
             ibot = ibot_patch_loss(s_out[n_img + len(s_local) :], t_patch_probs, image_index, n_img, ssl.student_temp)
-            loss = ssl.dino_weight * dino + ssl.koleo_weight * koleo + ssl.ibot_weight * ibot
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step + 1}; lower optim.lr "
+            with torch.no_grad():  # the global batch's figures: per-image means summed over the processes' shares
+                log_p = torch.log(t_probs + 1e-12)
+                sums = distributed.all_reduce(torch.cat([
+                    t_probs.sum(dim=0), -(t_probs * log_p).sum()[None], torch.stack([dino, ibot]) * share_weight,
+                ]).double())
+                dino_value, ibot_value = sums[-2:].tolist()
+                loss_value = ssl.dino_weight * dino_value + ssl.koleo_weight * float(koleo) + ssl.ibot_weight * ibot_value
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"pretraining loss became {loss_value} at step {step + 1}; lower optim.lr "
                                          f"(now {optimizer.param_groups[0]['lr']:.2e}) or use optim.precision=fp32")
+            # Per-image terms: this process's share of the global mean; KoLeo: the whole batch's (gradient into this
+            # process's rows). Times N, which DDP's gradient average divides back out.
+            loss = world * (share_weight * (ssl.dino_weight * dino + ssl.ibot_weight * ibot) + ssl.koleo_weight * koleo)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step < freeze_last:
@@ -527,32 +595,36 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
             ema_update(t_params, s_params, momentum)
             ema_update(teacher_head.parameters(), heads.head.parameters(), momentum)
             with torch.no_grad():
-                spread = float(F.normalize(t_cls.float(), dim=-1).std(dim=0).mean() * math.sqrt(t_cls.shape[-1]))
-                mean_p = t_probs.mean(dim=0)
+                t_all = distributed.gather_rows(F.normalize(t_cls.float(), dim=-1))
+                spread = float(t_all.std(dim=0).mean() * math.sqrt(t_cls.shape[-1]))
+                mean_p = sums[:-3] / (2 * batch)
                 entropy = float(-(mean_p * torch.log(mean_p + 1e-12)).sum())
-                sample_entropy = float(-(t_probs * torch.log(t_probs + 1e-12)).sum(dim=1).mean())
-            row = {"step": step + 1, "loss": float(loss.detach()), "dino": float(dino.detach()), "ibot": float(ibot.detach()),
-                   "koleo": float(koleo.detach()),
+                sample_entropy = float(sums[-3] / (2 * batch))
+            row = {"step": step + 1, "loss": loss_value, "dino": dino_value, "ibot": ibot_value, "koleo": float(koleo.detach()),
                    "lr": optimizer.param_groups[0]["lr"], "teacher_temp": temp, "momentum": momentum,
-                   "masked_patches": int(mask_flat.sum()), "teacher_feat_std": spread, "teacher_entropy": entropy,
+                   "masked_patches": n_masked, "teacher_feat_std": spread, "teacher_entropy": entropy,
                    "teacher_sample_entropy": sample_entropy,
                    "backbone_trained": train_backbone, "step_time_s": time.perf_counter() - t_step}
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{row['dino']:.3f}", ibot=f"{row['ibot']:.3f}")
-            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == steps:
+            if writes and ((step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == steps):
                 checkpoint(step + 1, wall_before + time.perf_counter() - t0)
             if callback is not None:
                 callback(step + 1, row)
     except BaseException:
         # Ctrl-C or a failing callback: keep every finished step resumable.
-        if len(history) != saved["step"]:
+        if writes and len(history) != saved["step"]:
             checkpoint(len(history), wall_before + time.perf_counter() - t0)
         raise
     finally:
         bar.close()
     wall = wall_before + time.perf_counter() - t0
     cpu = cpu_before + time.process_time() - cpu0
+
+    if not writes:  # process 0 writes the backbone and its lineage; every process returns them
+        assert dist is not None
+        return PretrainResult(run_dir=run_dir, backbone=run_dir / BACKBONE_FILE, lineage=dist.broadcast(None), history=history)
 
     # ---- the new backbone: LoRA merged, plain timm state dict, lineage beside it
     source = teacher if cfg.run.save == "teacher" else student
@@ -598,4 +670,6 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     write_json_atomic(run_dir / LINEAGE_FILE, lineage)  # last: its presence marks a finished run
     if cfg.run.progress:
         print(f"[visiontune] new backbone {out} ({len(history)} steps, {wall:.0f}s); fine-tune it with {lineage['use']}")
+    if dist is not None:
+        dist.broadcast(lineage)
     return PretrainResult(run_dir=run_dir, backbone=out, lineage=lineage, history=history)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import visiontune.distributed as distributed
+
 
 def pairwise_dino_loss(
     student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor], student_temp: float,
@@ -101,7 +103,10 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 class TeacherCentering(nn.Module):
     """The teacher's output transform: EMA centering + sharpening, or Sinkhorn-Knopp.
 
-    The center is a buffer so it is saved in checkpoints and moves with ``.to(device)``.
+    The center is a buffer so it is saved in checkpoints and moves with ``.to(device)``. Under a launcher
+    each process passes its share of the batch: the center's update and Sinkhorn's normalisations sum
+    over every process (:func:`visiontune.distributed.all_reduce`, as DINOv2 does), so the probabilities
+    are the one-process batch's.
 
     Args:
         dim: output size K.
@@ -121,13 +126,15 @@ class TeacherCentering(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         """Probabilities ``[N, K]`` for ``[N, K]`` teacher logits; updates the center afterwards (center mode).
 
-        The probabilities use the center *before* this batch's update, as DINO does.
+        The probabilities use the center *before* this batch's update, as DINO does. Every process must call
+        it, even with no rows (N = 0), as long as the batch over all processes has some.
         """
         t = teacher_logits.float()
         if self.mode == "sinkhorn":
             return sinkhorn_knopp(t, temp)
         probs = F.softmax((t - self.center) / temp, dim=-1)
-        self.center.mul_(self.momentum).add_(t.mean(dim=0, keepdim=True), alpha=1.0 - self.momentum)
+        total = distributed.all_reduce(torch.cat([t.sum(dim=0), t.new_tensor([t.shape[0]])]))
+        self.center.mul_(self.momentum).add_(total[None, :-1] / total[-1], alpha=1.0 - self.momentum)
         return probs
 
 
@@ -136,13 +143,18 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
     """Soft assignments ``[N, K]`` with (approximately) equal total mass per prototype; rows sum to 1.
 
     Alternates normalising prototypes (each gets 1/K of the mass) and samples (each 1/N), starting
-    from ``exp(logits / temp)``; the last step normalises samples, so rows sum to exactly 1.
+    from ``exp(logits / temp)``; the last step normalises samples, so rows sum to exactly 1. Under a
+    launcher ``logits`` is this process's share of the samples and the sums over samples run over all.
     """
-    q = torch.exp((logits.float() - logits.float().max()) / temp).t()  # [K, N]; the shift only rescales
-    n, k = q.shape[1], q.shape[0]
-    q /= q.sum()
+    logits = logits.float()
+    top = logits.max() if logits.numel() else logits.new_tensor(-math.inf)
+    # The shift only rescales, but it must be the same on every process.
+    q = torch.exp((logits - distributed.all_reduce(top, "max")) / temp).t()  # [K, N]
+    k = q.shape[0]
+    n = float(distributed.all_reduce(q.new_tensor(float(q.shape[1]))))
+    q /= distributed.all_reduce(q.sum())
     for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True)
+        q /= distributed.all_reduce(q.sum(dim=1, keepdim=True))
         q /= k
         q /= q.sum(dim=0, keepdim=True)
         q /= n
