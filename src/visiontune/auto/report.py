@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.atomic import write_text_atomic
+
 
 def _pct(x: float | None, signed: bool = False) -> str:
     if x is None or not np.isfinite(x):
@@ -114,8 +116,8 @@ def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], class
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out / "leaderboard.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
-    (out / "leaderboard.md").write_text(leaderboard_markdown(record))
+    write_text_atomic(out / "leaderboard.json", json.dumps(record, indent=1, default=float) + "\n")
+    write_text_atomic(out / "leaderboard.md", leaderboard_markdown(record))
 
     rows = [r for r in record["leaderboard"] if r.get("folds")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -153,8 +155,8 @@ def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], class
             ax.bar(idx + (k - 0.5) * 0.4, _per_class_f1(cms), width=0.4, label=name, color=color)
     ax.set_xticks(idx, classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
     ax.set_ylabel("F1 (out-of-fold predictions)")
-    ax.set_ylim(0, 1)
-    ax.legend()
+    ax.set_ylim(0, 1.15)  # room above the bars for the legend
+    ax.legend(loc="upper center", ncol=2)
     ax.set_title("per-class F1: chosen candidate vs linear probe")
     fig.tight_layout()
     fig.savefig(out / "per_class_f1.png", dpi=120)
