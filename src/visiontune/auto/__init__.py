@@ -397,9 +397,7 @@ class AutoSelect:
         theirs = self.state["cheap"][base]["candidates"]
         a = max(ours.values(), key=_mean)
         b = max(theirs.values(), key=_mean)
-        gain = corrected_interval(
-            [x["accuracy"] - y["accuracy"] for x, y in zip(a["folds"], b["folds"])], 1.0 / max(self.k - 1, 1)
-        )
+        gain = self._paired([f["accuracy"] for f in a["folds"]], [f["accuracy"] for f in b["folds"]])
         rec["gain_vs_base"] = {"mean": gain.mean, "se": gain.se, "low": gain.low, "high": gain.high}
         rec["chosen"] = gain.beyond_one_se()
         self._save()
@@ -514,22 +512,22 @@ class AutoSelect:
             for j in range(len(rec["folds"])):  # folds finished before a kill
                 trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
             for j in range(len(rec["folds"]), self.k):
-                if self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]]):
+                # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
+                result = None
+                if not self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]]):
+                    splits = self._fold_splits(j)
+                    cfg = self._config(
+                        backbone, cand.overrides,
+                        [f"optim.epochs={self._epochs(len(splits['train']))}", "run.progress=false",
+                         f"run.dir={self.out / 'folds'}", f"run.name={_slug(cand.name)}-fold{j + 1}", "run.overwrite=true"],
+                    )
+                    try:
+                        result = train(cfg, splits=splits, stop=self._fold_stop(fold_times))
+                    except TrainingStopped:
+                        pass
+                if result is None:
                     rec["status"] = "budget" if rec["folds"] == [] else "partial (budget)"
-                    self._log(f"{cand.name}: stopped by the budget after {len(rec['folds'])} fold(s)")
-                    break
-                splits = self._fold_splits(j)
-                epochs = self._epochs(len(splits["train"]))
-                cfg = self._config(
-                    backbone, cand.overrides,
-                    [f"optim.epochs={epochs}", "run.progress=false", f"run.dir={self.out / 'folds'}",
-                     f"run.name={_slug(cand.name)}-fold{j + 1}", "run.overwrite=true"],
-                )
-                try:
-                    result = train(cfg, splits=splits, stop=self._fold_stop(fold_times))
-                except TrainingStopped:
-                    rec["status"] = "budget" if rec["folds"] == [] else "partial (budget)"
-                    self._log(f"{cand.name}: fold {j + 1} stopped by the budget; kept {len(rec['folds'])} finished fold(s)")
+                    self._log(f"{cand.name}: stopped by the budget after {len(rec['folds'])} finished fold(s)")
                     break
                 m = result.metrics
                 row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
@@ -604,10 +602,9 @@ class AutoSelect:
     def _row(self, name: str, backbone: str, rec: dict[str, Any], probe: list[float], status: str, eligible: bool) -> dict[str, Any]:
         """One leaderboard row: mean and interval over folds, and the paired difference against ``probe``."""
         folds = rec["folds"]
-        vf = 1.0 / max(self.k - 1, 1)
         acc = [f["accuracy"] for f in folds]
-        est = corrected_interval(acc, vf, bounds=(0.0, 1.0))
-        diff = corrected_interval([a - p for a, p in zip(acc, probe)], vf)
+        est = corrected_interval(acc, self._val_fraction, bounds=(0.0, 1.0))
+        diff = self._paired(acc, probe)
         return {
             "candidate": name, "backbone": backbone, "status": status, "folds": len(folds),
             "accuracy": est.mean, "accuracy_ci": [est.low, est.high],
@@ -617,6 +614,15 @@ class AutoSelect:
             "train_s_per_fold": float(np.mean([f["train_s"] for f in folds])),
             "trainable_pct": rec.get("trainable_pct"), "eligible": eligible,
         }
+
+    def _paired(self, a: list[float], b: list[float]) -> Estimate:
+        """Mean, standard error and interval of the fold-by-fold differences ``a - b`` (the same folds)."""
+        return corrected_interval([x - y for x, y in zip(a, b)], self._val_fraction)
+
+    @property
+    def _val_fraction(self) -> float:
+        """Held-out / training images of one fold (``1 / (k - 1)``): the Nadeau-Bengio correction's ratio."""
+        return 1.0 / max(self.k - 1, 1)
 
     def decide(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Best mean, unless a cheaper candidate is within one standard error of it (paired); the reason in words.
@@ -631,7 +637,6 @@ class AutoSelect:
         eligible = [r for r in rows if r.get("eligible")]
         best = max(eligible, key=lambda r: (r["accuracy"], -r["train_s_per_fold"]))
         folds = {r["candidate"]: self._fold_acc(r) for r in eligible}
-        vf = 1.0 / max(self.k - 1, 1)
         chosen, why = best, (
             f"{best['candidate']} has the highest cross-validated accuracy ({100 * best['accuracy']:.1f} %, "
             f"95 % interval {100 * best['accuracy_ci'][0]:.1f}-{100 * best['accuracy_ci'][1]:.1f})"
@@ -642,7 +647,7 @@ class AutoSelect:
         cheaper = [r for r in eligible if r is not best and r["train_s_per_fold"] <= CHEAPER_RATIO * best["train_s_per_fold"]]
         tied = []
         for r in cheaper:
-            gain = corrected_interval([a - b for a, b in zip(folds[best["candidate"]], folds[r["candidate"]])], vf)
+            gain = self._paired(folds[best["candidate"]], folds[r["candidate"]])
             if not gain.beyond_one_se():
                 tied.append((r, gain))
         if tied:

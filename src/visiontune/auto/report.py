@@ -42,14 +42,11 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {r['candidate']} | {r['status']} | 0 | — | — | — | — | — | — | — | — |")
             continue
         mark = "**" if r["candidate"] == record["decision"]["candidate"] else ""
+        trainable = "—" if r.get("trainable_pct") is None else f"{r['trainable_pct']:.2f}"
         lines.append(
             f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
             f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)}{_se(r)} | {_ci(r['vs_probe_ci'], True)} "
-            f"| {r['train_s_per_fold']:.1f} s | {r['trainable_pct']:.2f} |"
-            if r.get("trainable_pct") is not None else
-            f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
-            f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)}{_se(r)} | {_ci(r['vs_probe_ci'], True)} "
-            f"| {r['train_s_per_fold']:.1f} s | — |"
+            f"| {r['train_s_per_fold']:.1f} s | {trainable} |"
         )
     final = record["final"]
     test = final.get("test")
