@@ -449,11 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except VisiontuneError as e:
         print(f"visiontune: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish(ok)
 
 
 if __name__ == "__main__":

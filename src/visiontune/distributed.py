@@ -160,6 +160,25 @@ def setup(device: str) -> Dist | None:
     return _CURRENT
 
 
+def finish(ok: bool) -> None:
+    """End this process's part in a launched run: wait for every process, then leave the process group.
+
+    Called by the CLI after each command. A process that returned from its last collective while
+    another was still inside it (``predict``: process 1 hands its results to process 0 and is done)
+    would otherwise exit with gloo's threads still running, and the C++ runtime aborts it
+    ("terminate called without an active exception", exit -6). After an error (``ok`` False) no
+    barrier is entered, since the other processes may never reach it; the group is still left.
+    """
+    global _CURRENT
+    dist = _CURRENT
+    if dist is None:
+        return
+    if ok:
+        dist.barrier()
+    dist.accelerator.end_training()
+    _CURRENT = None
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Element-wise ``sum`` or ``max`` of ``t`` over processes, as a new tensor (``t`` itself without a launcher)."""
     dist = _CURRENT
