@@ -61,6 +61,8 @@ def _cmd_auto(args: argparse.Namespace) -> int:
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
         overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
+        executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight,
         **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
     if args.dry_run:
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--unlabeled-steps", type=int, default=None, help="ExPLoRA optimizer steps (batch 16; default 200)")
     au.add_argument("--no-prune", action="store_true",
                     help="train every fine-tuning candidate on every fold (no successive halving; slower, for comparison)")
+    _ray_args(au, "fold", "local: one fold at a time in this process (default)")
+    au.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                    help="with --executor ray: at most N folds at a time (default: as many as the cluster fits)")
     au.add_argument("--dry-run", action="store_true", help="print the plan and time estimates; train nothing")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=_cmd_auto)
@@ -340,16 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=None,
                     help="runs at a time, each in its own process with cores/N torch threads (default 1: sequential); "
                          "with --executor ray: at most N runs in flight (default: as many as the cluster fits)")
-    sw.add_argument("--executor", choices=["local", "ray"], default="local",
-                    help="local: this process or --workers processes (default); ray: each run a Ray task on a local "
-                         "instance or the cluster at --ray-address (pip install 'visiontune[cluster]')")
-    sw.add_argument("--ray-address", default=None,
-                    help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, else a local instance)")
-    sw.add_argument("--cpus-per-run", type=int, default=None,
-                    help="Ray: CPUs reserved per run, also its torch threads (default: a GPU's share of the CPUs "
-                         "with GPUs, else 4)")
-    sw.add_argument("--gpus-per-run", type=float, default=None,
-                    help="Ray: GPUs per run (default 1 when the cluster has GPUs, else 0)")
+    _ray_args(sw, "run", "local: this process or --workers processes (default)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
     es = sub.add_parser("estimate", help="parameters and memory per device of a run, before anything is loaded")
@@ -445,6 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
     return p
+
+
+def _ray_args(p: argparse.ArgumentParser, unit: str, local: str) -> None:
+    """--executor, --ray-address, --cpus-per-run, --gpus-per-run: the same for ``sweep`` (runs) and ``auto`` (folds)."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help=f"{local}; ray: each {unit} a Ray task on a local instance or the cluster at --ray-address "
+                        "(pip install 'visiontune[cluster]')")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--cpus-per-run", type=int, default=None,
+                   help=f"Ray: CPUs reserved per {unit}, also its torch threads (default: a GPU's share of the CPUs "
+                        "with GPUs, else 4)")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help=f"Ray: GPUs per {unit} (default 1 when the cluster has GPUs, else 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

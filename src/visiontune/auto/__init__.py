@@ -51,10 +51,11 @@ import numpy as np
 import torch
 
 from visiontune.atomic import write_text_atomic
+from visiontune.auto.executor import EXECUTORS, fold_executor
 from visiontune.auto.report import write_report
 from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
-from visiontune.errors import ConfigError, DataError, TrainingStopped
+from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import make_loader, resolve_device
 from visiontune.backbones import build_transform
 from visiontune.data import load_records, make_splits
@@ -83,6 +84,9 @@ FINAL_RESERVE = 1.3
 """The final retrain on every labeled image is budgeted as this many of the dearest fold (plus the test split's
 evaluation): the same step count, a larger feature pass for the probe head."""
 STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
+FINISHED = ("complete", "pruned")
+"""Candidate states a rerun does not continue; one stopped by the budget continues when the rerun's budget allows,
+one whose worker died (``failed``) is retried."""
 REDUCTION_FACTOR = 3
 CHEAPER_RATIO = 0.5
 EXPLORA_STEPS = 200
@@ -204,7 +208,25 @@ class AutoSelect:
         unlabeled: str | None = None,
         unlabeled_steps: int = EXPLORA_STEPS,
         prune: bool = True,
+        executor: str = "local",
+        ray_address: str | None = None,
+        cpus_per_run: int | None = None,
+        gpus_per_run: float | None = None,
+        max_in_flight: int | None = None,
     ):
+        if executor not in EXECUTORS:
+            raise ConfigError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}; use --executor local or ray")
+        options = {"address": ray_address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
+                   "max_in_flight": max_in_flight}
+        if executor == "local":
+            given = [k for k, v in options.items() if v is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} apply to the Ray executor only; add --executor ray, or drop them")
+        else:
+            from visiontune.sweep.cluster import require_ray
+
+            require_ray()  # before anything is written
+        self.executor, self.executor_options = executor, options
         self.out = Path(out)
         self.budget_s = budget_s
         self.progress = progress
@@ -333,9 +355,12 @@ class AutoSelect:
         per_epoch = max(1, math.ceil(n_train / bs))
         return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(self.steps / per_epoch))))
 
-    def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
+    def _overrides(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> list[str]:
         chosen = self.variants.get(backbone, [f"backbone.name={backbone}"])
-        return load_config(None, overrides=[*self.base_overrides, *chosen, *overrides, *(extra or [])])
+        return [*self.base_overrides, *chosen, *overrides, *(extra or [])]
+
+    def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
+        return load_config(None, overrides=self._overrides(backbone, overrides, extra))
 
     # ------------------------------------------------------------------ stage 2: cheap candidates
     def _cheap_stage(self, keys: list[str] | None = None) -> str:
@@ -495,81 +520,116 @@ class AutoSelect:
         }
 
     def _finetune_stage(self, backbone: str) -> None:
+        """Hand the candidates' folds to the executor, prune and stop by the budget as they come back.
+
+        A candidate's folds run in order, one at a time; a free slot goes to the next fold of a candidate
+        already started before a new candidate starts, so with one slot (the local executor) candidates run one
+        after another, each to its end or its pruning, and with several (Ray) the others fill the other slots.
+        """
         from tqdm.auto import tqdm
 
         study = self._study(backbone)
         state = self.state["finetune"]
         fold_times: list[float] = [f["train_s"] for r in state.values() for f in r["folds"]]
-        units = len(self.candidates) * self.k
         done = sum(len(r["folds"]) for r in state.values())
-        bar = tqdm(total=units, initial=done, desc="fine-tuning folds", disable=not self.progress, dynamic_ncols=True)
-        for cand in self.candidates:
-            rec = state.setdefault(cand.name, {"folds": [], "status": "running", "best_epochs": [], "steps_per_epoch": []})
-            if rec["status"] in ("complete", "pruned", "budget"):
-                continue
-            trial = study.ask()
-            trial.set_user_attr("candidate", cand.name)
-            for j in range(len(rec["folds"])):  # folds finished before a kill
-                trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
-            for j in range(len(rec["folds"]), self.k):
-                # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
-                result = None
-                if not self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]]):
+        bar = tqdm(total=len(self.candidates) * self.k, initial=done, desc="fine-tuning folds", disable=not self.progress,
+                   dynamic_ncols=True)
+        waiting = [c for c in self.candidates if state.get(c.name, {}).get("status") not in FINISHED]
+        trials: dict[str, Any] = {}  # started candidates -> their Optuna trial
+        with fold_executor(self.executor, self.cfg.run.device, **self.executor_options) as runner:
+            if runner.facts["executor"] != "local":
+                self.state["executor"] = runner.facts
+                self._log(f"folds on Ray ({runner.facts['address']}): {runner.facts['in_flight']} at a time, "
+                          f"{runner.facts['cpus_per_run']} CPU(s) and {runner.facts['gpus_per_run']:g} GPU(s) each")
+            while True:
+                while runner.free:
+                    cand = next((c for c in waiting if c.name in trials and c.name not in runner.busy), None)
+                    cand = cand or next((c for c in waiting if c.name not in trials), None)
+                    if cand is None:
+                        break
+                    rec = state.setdefault(cand.name, {"folds": [], "status": "running", "best_epochs": [], "steps_per_epoch": []})
+                    rec["status"] = "running"
+                    if cand.name not in trials:
+                        trials[cand.name] = self._resume_trial(study, cand, rec)
+                    # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
+                    if self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]]):
+                        self._end(study, trials.pop(cand.name), cand, rec, "budget", bar, waiting)
+                        continue
+                    j = len(rec["folds"])
                     splits = self._fold_splits(j)
-                    cfg = self._config(
-                        backbone, cand.overrides,
-                        [f"optim.epochs={self._epochs(len(splits['train']))}", "run.progress=false",
-                         f"run.dir={self.out / 'folds'}", f"run.name={_slug(cand.name)}-fold{j + 1}", "run.overwrite=true"],
-                    )
-                    try:
-                        result = train(cfg, splits=splits, stop=self._fold_stop(fold_times))
-                    except TrainingStopped:
-                        pass
-                if result is None:
-                    rec["status"] = "budget" if rec["folds"] == [] else "partial (budget)"
-                    self._log(f"{cand.name}: stopped by the budget after {len(rec['folds'])} finished fold(s)")
+                    extra = [f"optim.epochs={self._epochs(len(splits['train']))}", "run.progress=false",
+                             f"run.dir={self.out / 'folds'}", f"run.name={_slug(cand.name)}-fold{j + 1}",
+                             "run.overwrite=true", *([f"run.threads={runner.threads}"] if runner.threads else [])]
+                    runner.submit(cand.name, [*self._overrides(backbone, cand.overrides), *extra], splits,
+                                  self._deadline(fold_times), str(Path.cwd()))
+                if not runner.busy:
                     break
-                m = result.metrics
-                row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
-                row["train_s"] = m["train"]["wall_time_s"]
-                rec["folds"].append(row)
-                rec["best_epochs"].append(int(m["train"]["best_epoch"]))
-                rec["steps_per_epoch"].append(math.ceil(len(splits["train"]) / cfg.optim.batch_size))
-                rec["trainable_pct"] = m["params"]["trainable_pct"]
-                fold_times.append(row["train_s"])
-                self._save()
+                name, out, lost = runner.wait_one()
+                cand = next(c for c in self.candidates if c.name == name)
+                rec = state[name]
+                if lost is not None:
+                    rec["why"] = lost
+                    self._end(study, trials.pop(name), cand, rec, "failed", bar, waiting)
+                    continue
+                if out is None:
+                    self._end(study, trials.pop(name), cand, rec, "budget", bar, waiting)
+                    continue
+                rec["folds"].append(out["row"])
+                rec["best_epochs"].append(out["best_epoch"])
+                rec["steps_per_epoch"].append(out["steps_per_epoch"])
+                rec["trainable_pct"] = out["trainable_pct"]
+                fold_times.append(out["row"]["train_s"])
                 bar.update(1)
-                trial.report(float(np.mean([g["accuracy"] for g in rec["folds"]])), j + 1)
+                trial = trials[name]
+                trial.report(_mean(rec), len(rec["folds"]))
                 if trial.should_prune():
-                    rec["status"] = "pruned"
-                    self._log(f"{cand.name}: pruned after fold {j + 1} (fold mean {_mean(rec):.3f})")
-                    bar.update(self.k - j - 1)
-                    break
-            else:
-                rec["status"] = "complete"
-                self._log(f"{cand.name}: {_mean(rec):.3f} over {self.k} folds")
-            self._save()
-            import optuna
-
-            if rec["status"] == "complete":
-                study.tell(trial, _mean(rec))
-            elif rec["status"] == "pruned":
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                bar.update(self.k - len(rec["folds"]))
+                    self._end(study, trials.pop(name), cand, rec, "pruned", bar, waiting)
+                elif len(rec["folds"]) == self.k:
+                    self._end(study, trials.pop(name), cand, rec, "complete", bar, waiting)
+                else:
+                    self._save()
         bar.close()
+
+    def _resume_trial(self, study: Any, cand: Candidate, rec: dict[str, Any]) -> Any:
+        """A new Optuna trial for ``cand``, told the running means of the folds it finished before a kill."""
+        trial = study.ask()
+        trial.set_user_attr("candidate", cand.name)
+        for j in range(len(rec["folds"])):
+            trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
+        return trial
+
+    def _end(self, study: Any, trial: Any, cand: Candidate, rec: dict[str, Any], status: str, bar: Any,
+             waiting: list[Candidate]) -> None:
+        """Record how ``cand`` ended (complete, pruned, budget or failed), tell the study, save."""
+        import optuna
+
+        n = len(rec["folds"])
+        if status == "budget" and n:
+            status = "partial (budget)"
+        rec["status"] = status
+        waiting.remove(cand)
+        if status == "complete":
+            self._log(f"{cand.name}: {_mean(rec):.3f} over {self.k} folds")
+            study.tell(trial, _mean(rec))
+        elif status == "pruned":
+            self._log(f"{cand.name}: pruned after fold {n} (fold mean {_mean(rec):.3f})")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._log(f"{cand.name}: {rec.get('why') if status == 'failed' else 'stopped by the budget'} after {n} finished fold(s)")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        bar.update(self.k - n)
+        self._save()
 
     def _reserve_s(self, fold_times: list[float]) -> float:
         """Seconds kept back for the final retrain on every labeled image and the test split's evaluation."""
         return FINAL_RESERVE * max(fold_times or [self._fold_estimate_s]) + self._test_eval_s
 
-    def _fold_stop(self, fold_times: list[float]) -> Any:
-        """The ``stop`` a fold's training asks after every step: True once the final retrain's reserve is reached."""
+    def _deadline(self, fold_times: list[float]) -> float | None:
+        """When (``time.time()``) a fold's training stops between two steps: once only the final retrain's reserve
+        is left of the budget (``train(stop=...)``)."""
         if self.budget_s is None:
             return None
-        deadline = self.budget_s - self._reserve_s(fold_times)
-        return lambda: self.elapsed() > deadline
+        return time.time() + self.budget_s - self._reserve_s(fold_times) - self.elapsed()
 
     def _over_budget(self, fold_times: list[float], own: list[float] | None = None) -> bool:
         """Whether the next fold (as long as this candidate's folds so far, else the dearest fold yet) plus the
@@ -588,7 +648,7 @@ class AutoSelect:
         rows = []
         for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
             if not rec["folds"]:
-                rows.append({"candidate": name, "status": rec["status"], "folds": 0})
+                rows.append({"candidate": name, "status": rec["status"], "folds": 0, "eligible": False})
                 continue
             rows.append(self._row(name, backbone, rec, probe, rec["status"], rec["status"] == "complete"))
         # The other backbones' cheap candidates, on the same folds, for reference (not eligible: the backbone is

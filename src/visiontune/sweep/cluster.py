@@ -18,8 +18,9 @@ a node without the driver's directory is reported as that run's failure, naming 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,77 @@ def _lost_worker_text(e: BaseException) -> str:
             "memory or its node lost? Rerun the sweep to resume it from its checkpoint")
 
 
+class RayTasks:
+    """A function run as Ray tasks, each reserving ``cpus`` CPUs and ``gpus`` GPUs, at most ``limit`` in flight.
+
+    Shared by the sweep (one task per run) and ``visiontune auto`` (one task per candidate's fold). A task that
+    raises re-raises its own exception here; a task whose worker died (killed, out of memory, its node lost)
+    comes back as a text saying so, for the caller to record while the rest go on.
+    """
+
+    def __init__(self, ray: Any, fn: Callable[..., Any], cpus: int, gpus: float, limit: int, facts: dict[str, Any] | None = None):
+        # max_retries=0: a task that killed its worker (out of memory, say) is recorded, not blindly repeated.
+        self.ray = ray
+        self.facts = dict(facts or {})
+        self.threads = cpus  # each task's torch threads: the CPUs it reserved
+        self.task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(fn)
+        self.limit = max(1, int(limit))
+        self.in_flight: dict[Any, Any] = {}
+
+    @property
+    def free(self) -> bool:
+        return len(self.in_flight) < self.limit
+
+    @property
+    def busy(self) -> list[Any]:
+        """The keys of the tasks in flight."""
+        return list(self.in_flight.values())
+
+    def submit(self, key: Any, *args: Any) -> None:
+        self.in_flight[self.task.remote(*args)] = key
+
+    def wait_one(self) -> tuple[Any, Any, str | None]:
+        """(key, result, None) for the next task to finish, or (key, None, why) when its worker died."""
+        ready, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+        key = self.in_flight.pop(ready[0])
+        try:
+            return key, self.ray.get(ready[0]), None
+        except self.ray.exceptions.RayTaskError as e:  # the task raised: its own error, as if run here
+            raise e.as_instanceof_cause() from None
+        except self.ray.exceptions.RayError as e:
+            return key, None, _lost_worker_text(e)
+
+    def cancel(self) -> None:
+        """Stop the tasks in flight (interrupted: their checkpoints or records let a rerun continue)."""
+        for ref in self.in_flight:
+            self.ray.cancel(ref, force=True)
+        self.in_flight.clear()
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None, devices: list[str], cpus_per_run: int | None, gpus_per_run: float | None,
+    cores: int | None = None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Join (or start) Ray, plan each task's resources (:func:`plan_resources`); yield (ray, session facts).
+
+    The facts: executor, address, cluster resources, cpus/gpus per run and ``slots`` (how many such tasks the
+    cluster holds at once). A local instance started here is shut down on leaving.
+    """
+    ray, started_here, where = connect(address, cores)
+    try:
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        cpus, gpus = plan_resources(cluster, devices, cpus_per_run, gpus_per_run)
+        slots = int(cluster.get("CPU", 1) // cpus)
+        if gpus:
+            slots = min(slots, int(cluster.get("GPU", 0) // gpus))
+        yield ray, {"executor": "ray", "address": where, "cluster": cluster, "cpus_per_run": cpus,
+                    "gpus_per_run": gpus, "slots": max(1, slots)}
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def run_on_ray(
     sweep: Any, todo: list[Any], bar: Any, record: Callable[[Any, str, str], None], address: str | None = None,
     cpus_per_run: int | None = None, gpus_per_run: float | None = None, max_in_flight: int | None = None,
@@ -154,40 +226,25 @@ def run_on_ray(
     """
     if run_entry is None:
         raise ConfigError("run_on_ray needs the per-run function (visiontune.sweep.run_entry)")
-    ray, started_here, where = connect(address, cores)
-    try:
-        cluster = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        devices = [entry_config(sweep.base, e, sweep.dir).run.device for e in todo]
-        cpus, gpus = plan_resources(cluster, devices, cpus_per_run, gpus_per_run)
-        facts = {"executor": "ray", "address": where, "cluster": cluster, "cpus_per_run": cpus, "gpus_per_run": gpus}
+    devices = [entry_config(sweep.base, e, sweep.dir).run.device for e in todo]
+    with ray_session(address, devices, cpus_per_run, gpus_per_run, cores) as (ray, facts):
+        facts = {k: v for k, v in facts.items() if k != "slots"}
         if on_start is not None:
             on_start(facts)
-        # max_retries=0: a run that killed its worker (out of memory, say) is recorded, not blindly repeated.
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_ray_task)
+        tasks = RayTasks(ray, _ray_task, facts["cpus_per_run"], facts["gpus_per_run"], max_in_flight or len(todo) or 1)
         pending = list(todo)
-        in_flight: dict[Any, Any] = {}
         cwd = os.getcwd()
-        limit = max_in_flight or len(pending) or 1
         try:
-            while pending or in_flight:
-                while pending and len(in_flight) < limit:
+            while pending or tasks.in_flight:
+                while pending and tasks.free:
                     entry = pending.pop(0)
-                    in_flight[task.remote(run_entry, sweep.base, entry, str(sweep.dir), cpus, cwd)] = entry
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    entry = in_flight.pop(ref)
-                    try:
-                        state, text = ray.get(ref)
-                    except ray.exceptions.RayError as e:  # the worker died: this run failed, the others go on
-                        state, text = "failed", _lost_worker_text(e)
-                    if state == "interrupted":
-                        raise KeyboardInterrupt(entry.name)
-                    record(entry, state, text)
-                    bar.update(1)
+                    tasks.submit(entry, run_entry, sweep.base, entry, str(sweep.dir), facts["cpus_per_run"], cwd)
+                entry, outcome, lost = tasks.wait_one()
+                state, text = ("failed", lost) if lost else outcome
+                if state == "interrupted":
+                    raise KeyboardInterrupt(entry.name)
+                record(entry, state, text)
+                bar.update(1)
         finally:
-            for ref in in_flight:  # interrupted: stop the others; their checkpoints let them resume
-                ray.cancel(ref, force=True)
+            tasks.cancel()
         return facts
-    finally:
-        if started_here:
-            ray.shutdown()

@@ -1,0 +1,109 @@
+"""Where ``visiontune auto`` trains its folds: in this process, one after another, or as Ray tasks.
+
+A fold is one candidate trained on one cross-validation fold (:func:`run_fold`). The selection hands folds to
+an executor and takes their results back as they finish; successive halving, the budget and the record of
+finished folds stay in the driver (:class:`visiontune.auto.AutoSelect`), so both executors choose the same way
+and a killed selection continues the same way whichever ran it.
+
+* ``local`` (default): one fold at a time, in this process.
+* ``ray``: each fold a Ray task reserving ``cpus_per_run`` CPUs (also its torch threads) and ``gpus_per_run``
+  GPUs, as many at once as the cluster holds (:func:`visiontune.sweep.cluster.ray_session`). Folds of different
+  candidates run side by side; a candidate's folds still run in order, one at a time, so its running fold mean
+  is what Optuna's successive-halving pruner (asynchronous by design: ASHA) compares at each rung. A fold whose
+  worker dies is recorded as that candidate's failure (a rerun retries it); an error raised by the training
+  itself stops the selection as it does locally. The cheap stage (one feature pass per backbone) and the final
+  retrain run in the driver. On a multi-node cluster every node needs the data and visiontune; the fold
+  folders are written under ``OUT/folds`` on the node that trains them, so use a shared filesystem (or an
+  absolute ``--out`` every node can write) to keep them.
+
+Written by hand: only this dispatch; the scheduling of tasks onto machines is Ray's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+EXECUTORS = ("local", "ray")
+
+
+def run_fold(overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None) -> dict[str, Any] | None:
+    """Train one candidate on one fold; its held-out scores, or None when ``deadline`` (``time.time()``) stopped it.
+
+    Module level, so that a Ray worker imports it by name. ``splits`` holds the fold's training, inner
+    validation and held-out records (``test``).
+    """
+    from visiontune.config import load_config
+    from visiontune.errors import TrainingStopped
+    from visiontune.train.loop import train
+
+    if cwd is not None and os.path.isdir(cwd):
+        os.chdir(cwd)  # relative data paths and --out mean what they mean on the driver
+    cfg = load_config(None, overrides=overrides)
+    stop = None if deadline is None else (lambda: time.time() > deadline)
+    try:
+        result = train(cfg, splits=splits, stop=stop)
+    except TrainingStopped:
+        return None
+    m = result.metrics
+    row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
+    row["train_s"] = m["train"]["wall_time_s"]
+    return {
+        "row": row, "best_epoch": int(m["train"]["best_epoch"]),
+        "steps_per_epoch": math.ceil(len(splits["train"]) / cfg.optim.batch_size),
+        "trainable_pct": m["params"]["trainable_pct"],
+    }
+
+
+class LocalFolds:
+    """One fold at a time, in this process: ``wait_one`` trains the fold ``submit`` handed over."""
+
+    facts = {"executor": "local"}
+    threads: int | None = None
+
+    def __init__(self) -> None:
+        self.pending: tuple[Any, tuple[Any, ...]] | None = None
+
+    @property
+    def free(self) -> bool:
+        return self.pending is None
+
+    @property
+    def busy(self) -> list[Any]:
+        return [] if self.pending is None else [self.pending[0]]
+
+    def submit(self, key: Any, *args: Any) -> None:
+        self.pending = (key, args)
+
+    def wait_one(self) -> tuple[Any, Any, str | None]:
+        assert self.pending is not None
+        (key, args), self.pending = self.pending, None
+        return key, run_fold(*args), None
+
+    def cancel(self) -> None:
+        self.pending = None
+
+
+@contextmanager
+def fold_executor(
+    executor: str, device: str, address: str | None = None, cpus_per_run: int | None = None,
+    gpus_per_run: float | None = None, max_in_flight: int | None = None,
+) -> Iterator[Any]:
+    """A :class:`LocalFolds` or a :class:`~visiontune.sweep.cluster.RayTasks` of :func:`run_fold`, with
+    ``facts`` (where and how folds run) and ``threads`` (the torch threads each Ray fold is given)."""
+    if executor == "local":
+        yield LocalFolds()
+        return
+    from visiontune.sweep.cluster import RayTasks, ray_session
+
+    with ray_session(address, [device], cpus_per_run, gpus_per_run) as (ray, facts):
+        limit = max_in_flight or facts["slots"]
+        tasks = RayTasks(ray, run_fold, facts["cpus_per_run"], facts["gpus_per_run"], limit, {**facts, "in_flight": limit})
+        try:
+            yield tasks
+        finally:
+            tasks.cancel()
