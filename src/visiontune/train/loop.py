@@ -45,8 +45,8 @@ from visiontune.data.splits import split_differences, split_identity
 from visiontune.eval import PeakMemory, compute_metrics, count_parameters, measure_speed
 from visiontune.eval.metrics import load_metric_functions
 from visiontune.methods.base import classifier_of
-from visiontune.methods.targets import find_blocks
 from visiontune.methods.baselines import fit_probe_head
+from visiontune.methods.targets import find_blocks
 from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
 from visiontune.runs import METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run
 from visiontune.train.cache import build_prefix_cache
