@@ -477,14 +477,18 @@ def test_fsdp_full_fine_tuning_trains_like_one_process(tmp_path: Path, fsdp_data
     assert m2["train"]["fsdp_units"] == 3 and m2["test"]["num_samples"] == 11
 
 
-def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(fsdp_lora, fsdp_data: Path) -> None:
-    tmp = fsdp_lora["tmp"]
-    args = [*_fsdp_args(fsdp_data, "run.parallel=fsdp"), f"run.dir={tmp / 'killed'}"]
-    _torchrun_killed_after(["train", *args], tmp, tmp / "killed" / "f" / "checkpoint" / "last.safetensors")
-    assert not (tmp / "killed" / "f" / "metrics.json").exists(), "the run ended before it was killed"
-    _torchrun(["train", *args, "run.resume=true"], tmp)
-    resumed = _same_training(fsdp_lora["two"], tmp / "killed" / "f", rel=1e-6, atol=1e-6)
+def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path: Path, fsdp_data: Path) -> None:
+    """With the probe head init, whose epoch-0 validation is the sharded model's first forward (without gradients)."""
+    args = [o for o in _fsdp_args(fsdp_data, "run.parallel=fsdp") if o != "optim.head_init=zero"]
+    _torchrun(["train", *args, f"run.dir={tmp_path / 'whole'}"], tmp_path)
+    killed = [*args, f"run.dir={tmp_path / 'killed'}"]
+    _torchrun_killed_after(["train", *killed], tmp_path, tmp_path / "killed" / "f" / "checkpoint" / "last.safetensors")
+    assert not (tmp_path / "killed" / "f" / "metrics.json").exists(), "the run ended before it was killed"
+    _torchrun(["train", *killed, "run.resume=true"], tmp_path)
+    resumed = _same_training(tmp_path / "whole" / "f", tmp_path / "killed" / "f", rel=1e-6, atol=1e-6)
     assert resumed["train"]["segments"] == 2 and resumed["train"]["resumed_after_epoch"] >= 1
+    whole = json.loads((tmp_path / "whole" / "f" / "metrics.json").read_text())
+    assert resumed["train"]["head_init"] == whole["train"]["head_init"] == "probe" and "epoch0_val_accuracy" in whole["train"]
 
 
 @pytest.mark.parametrize("n,batch", [(9, 4), (11, 4), (1, 3), (8, 4)])

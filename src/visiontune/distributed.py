@@ -419,6 +419,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
                     moments[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
 
 
+def without_grad(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode`` for an evaluation pass of ``model``; ``torch.no_grad`` if it is FSDP-sharded.
+
+    FSDP keeps the buffers it all-gathers parameters into from one forward to the next: allocated under
+    inference mode they would be inference tensors, which the next training step may not write into.
+    """
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     """Backward passes inside average gradients over processes only if ``sync`` (else they accumulate locally).

@@ -68,7 +68,6 @@ class RunResult:
 # ----------------------------------------------------------------------------- building blocks
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None = None, progress: bool = False,
     desc: str = "eval",
@@ -77,10 +76,11 @@ def predict_logits(
     was_training = model.training
     model.eval()
     outs, labels = [], []
-    for x, y in _batches(loader, desc, progress):
-        with autocast(device, amp):
-            outs.append(model(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
+    with distributed.without_grad(model):
+        for x, y in _batches(loader, desc, progress):
+            with autocast(device, amp):
+                outs.append(model(x.to(device, non_blocking=True)).float().cpu())
+            labels.append(y)
     model.train(was_training)
     # Under a launcher each process scored its range of the images (distributed.shard_eval): all of them, once.
     return distributed.gather_in_order(loader, outs, labels)
