@@ -100,11 +100,22 @@ class RunConfig:
     )
     prefix_views: int = _help("augmented views per image cached by run.prefix_cache=views", default=4)
     compile: bool = _help("torch.compile the training forward (compile time counts: slower on small CPU runs)", default=False)
+    parallel: Literal["ddp", "fsdp"] = _help(
+        "under torchrun: ddp = every process holds the whole model (torch DDP), fsdp = parameters, gradients and "
+        "optimizer state sharded over the processes per block (torch FSDP2); ignored in one process",
+        default="ddp",
+    )
 
     def problems(self) -> list[str]:
         out = run_section_problems(self)
         if self.prefix_views < 1:
             out.append(f"run.prefix_views={self.prefix_views} must be >= 1")
+        if self.parallel == "fsdp" and self.prefix_cache == "views":
+            out.append("run.prefix_cache=views with run.parallel=fsdp: the cached frozen prefix runs outside the sharded "
+                       "model; use run.prefix_cache=none (or auto, which fsdp turns off) or run.parallel=ddp")
+        if self.parallel == "fsdp" and self.compile:
+            out.append("run.compile=true with run.parallel=fsdp is not supported (never tested together); use "
+                       "run.compile=false or run.parallel=ddp")
         return out
 
 

@@ -26,12 +26,26 @@ What accelerate's own data-loader preparation does not give, written here by han
 * **Whole-batch statistics.** Pretraining's losses are not all per-image means: the teacher centering
   and Sinkhorn-Knopp sum over the batch (:func:`all_reduce`) and KoLeo looks for nearest neighbours in
   it (:func:`gather_rows`). Its loader takes :func:`shard_batches` of the one-process batch stream.
+
+**FSDP** (``run.parallel=fsdp``, ``visiontune train`` only): :meth:`Dist.shard` applies torch's FSDP2
+``fully_shard`` to every block and then to the model, so each process keeps ``1/N`` of every parameter,
+gradient and AdamW moment (DTensors) and all-gathers a block's parameters around its forward and backward.
+torch directly, not accelerate: accelerate 1.15 turns FSDP on only for GPU process groups (its
+``MULTI_CPU`` type stays DDP), and it wraps by its own policy where visiontune names the blocks. Every
+forward is then a collective, so the padded evaluation loaders give every process the same number of
+batches (:class:`ShardedEvalLoader`); gradient accumulation uses ``set_requires_gradient_sync``
+(:func:`gradient_sync`); ``clip_grad_norm_`` reduces DTensor gradients' norm over processes by itself.
+Whatever is saved goes through :func:`full_tensor` / :func:`full_state` (all-gathered, on the CPU), and
+loaded back through :func:`copy_full` / :func:`load_optimizer_state`, so checkpoints and adapter files
+are the one-process format: the optimizer's state stays keyed by parameter position, as
+``optimizer.state_dict()`` writes it, where torch's ``get_optimizer_state_dict`` would key it by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +53,9 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
@@ -69,6 +86,8 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False
+    """``run.parallel=fsdp``: the trained model is sharded (:meth:`shard`) and evaluation loaders are padded."""
 
     @property
     def main(self) -> bool:
@@ -99,6 +118,26 @@ class Dist:
             return acc.prepare_model(model, device_placement=False)
         finally:
             acc.ddp_handler = handler
+
+    def shard(self, model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """``model`` sharded in place with FSDP2: each of ``blocks``, then the rest as the root unit.
+
+        Every unit, the root included, reshards after its forward, so between forwards every parameter is
+        a sharded DTensor (what :func:`full_tensor` and :func:`copy_full` expect), also after an evaluation
+        pass that has no backward to reshard the root. Gradients are averaged over processes, as under DDP.
+
+        Args:
+            model: the module whose ``forward`` the loop calls (its own ``__call__`` must run, since the root
+                unit all-gathers its parameters in a forward pre-hook).
+            blocks: submodules run one after another (transformer blocks): one all-gather each, so only one
+                block's full parameters are held at a time.
+        """
+        for p in model.parameters():  # FSDP2 shards contiguous tensors only; channels-last weights are not
+            p.data = p.data.contiguous()
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        return fully_shard(model, mesh=mesh, reshard_after_forward=True)
 
     def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world
@@ -132,18 +171,24 @@ def is_main() -> bool:
     return _CURRENT is None or _CURRENT.main
 
 
-def setup(device: str) -> Dist | None:
+def setup(device: str, parallel: str = "ddp") -> Dist | None:
     """Join the launcher's process group when there is one (``WORLD_SIZE`` > 1); None otherwise.
 
     Args:
         device: ``run.device``. ``cpu`` runs every process on the CPU (gloo); ``auto`` / ``cuda`` give
             process ``r`` the GPU of its ``LOCAL_RANK`` (nccl), or the CPU when there is no GPU (auto).
+        parallel: ``run.parallel`` (``ddp`` or ``fsdp``, see :attr:`Dist.sharded`); a one-process run
+            ignores it, with a warning for ``fsdp``.
     """
     global _CURRENT
     world = launched_world_size()
     if world <= 1:
+        if parallel == "fsdp":
+            warnings.warn("run.parallel=fsdp in one process: nothing to shard, the run trains as usual; start "
+                          "several processes with torchrun to shard the model", stacklevel=2)
         return None
     if _CURRENT is not None:
+        _CURRENT.sharded = parallel == "fsdp"
         return _CURRENT
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(
@@ -156,7 +201,7 @@ def setup(device: str) -> Dist | None:
 
     acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
     dev = acc.device if acc.device.type != "cpu" else torch.device("cpu")
-    _CURRENT = Dist(acc, acc.process_index, acc.num_processes, dev)
+    _CURRENT = Dist(acc, acc.process_index, acc.num_processes, dev, sharded=parallel == "fsdp")
     return _CURRENT
 
 
@@ -228,16 +273,33 @@ def check_global_batch(batch: int, world: int, setting: str = "optim.batch_size"
 
 
 class ShardedEvalLoader(DataLoader):
-    """A loader over this process's contiguous range of ``total`` images (see :func:`gather_in_order`)."""
+    """A loader over this process's contiguous range of ``total`` images (see :func:`gather_in_order`).
+
+    With ``padded_batches`` set (FSDP, whose every forward is a collective), it yields that many batches
+    whatever its range's size: its own, then one-image copies of the dataset's first image, whose outputs
+    :func:`gather_in_order` drops.
+    """
 
     total: int
+    padded_batches: int = 0
+
+    def __len__(self) -> int:
+        return max(super().__len__(), self.padded_batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from super().__iter__()
+        pad = self.padded_batches - super().__len__()
+        if pad > 0:
+            dummy = self.collate_fn([self.dataset.dataset[0]])  # type: ignore[attr-defined]
+            yield from [dummy] * pad
 
 
 def shard_eval(loader: DataLoader | None) -> DataLoader | None:
     """This process's contiguous, unpadded range of an evaluation loader (the loader itself without a launcher).
 
     Process ``r`` of ``N`` gets images ``[r n / N, (r + 1) n / N)``; concatenating the ranges in rank order
-    gives back the dataset's order.
+    gives back the dataset's order. Under FSDP every process's loader yields as many batches as the
+    longest range needs (:class:`ShardedEvalLoader`).
     """
     dist = _CURRENT
     if dist is None or loader is None or isinstance(loader, ShardedEvalLoader):
@@ -249,14 +311,17 @@ def shard_eval(loader: DataLoader | None) -> DataLoader | None:
         pin_memory=loader.pin_memory,
     )
     out.total = n
+    if dist.sharded:
+        bs = int(loader.batch_size or 1)
+        out.padded_batches = max(-(-len(share(n, r, dist.world)) // bs) for r in range(dist.world))
     return out
 
 
 def gather_in_order(loader: DataLoader, *parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``torch.cat`` of each list of per-batch tensors; from a :class:`ShardedEvalLoader`, of every process's.
 
-    Each process contributes its range (possibly empty); the result, the same on every process, has
-    exactly one row per image of the whole dataset, in dataset order.
+    Each process contributes its range (possibly empty; the outputs of padding batches are dropped); the
+    result, the same on every process, has exactly one row per image of the whole dataset, in dataset order.
 
     Raises:
         RuntimeError: the gathered rows are not the dataset's size (a process scored another range).
@@ -265,7 +330,8 @@ def gather_in_order(loader: DataLoader, *parts: list[torch.Tensor]) -> tuple[tor
         return tuple(torch.cat(p) for p in parts)
     dist = _CURRENT
     assert dist is not None, "a ShardedEvalLoader exists only in a data-parallel run"
-    local = [torch.cat(p) if p else None for p in parts]
+    own = DataLoader.__len__(loader)  # the batches of this process's range; any after them are padding
+    local = [torch.cat(p[:own]) if p[:own] else None for p in parts]
     gathered = dist.all_gather(local)
     out = []
     for j in range(len(parts)):
@@ -304,6 +370,82 @@ def in_order(results: Iterable[T]) -> Iterator[T]:
             yield from part
     else:
         torch.distributed.gather_object(list(results), None, dst=0)
+
+
+# ----------------------------------------------------------------------------- FSDP: full tensors in, full tensors out
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's whole value (an all-gather: every process calls it, in the same order); else ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state(state: Any) -> Any:
+    """``state`` (nested dicts / lists, e.g. ``optimizer.state_dict()``) with every DTensor all-gathered to the CPU.
+
+    Without DTensors it is returned as it is; with them every process must call it (same structure, same order).
+    """
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    if isinstance(state, dict):
+        return {k: full_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_state(v) for v in state)
+    return state
+
+
+def copy_full(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy the whole value ``src`` into ``dst`` (a sharded DTensor: this process's shard of ``src``), in place."""
+    src = src.to(dtype=dst.dtype, device=dst.device)
+    if isinstance(dst, DTensor):  # every process holds all of src: each slices its own shard, no communication
+        src = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` of a one-process state (:func:`full_state`), sharded like its parameters.
+
+    ``load_state_dict`` moves each moment to its parameter's device as a plain tensor; for a sharded
+    parameter it becomes that parameter's shard again, as AdamW's DTensor arithmetic needs.
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            moments = optimizer.state.get(p, {})
+            for k, v in moments.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    moments[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def without_grad(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode`` for an evaluation pass of ``model``; ``torch.no_grad`` if it is FSDP-sharded.
+
+    FSDP keeps the buffers it all-gathers parameters into from one forward to the next: allocated under
+    inference mode they would be inference tensors, which the next training step may not write into.
+    """
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward passes inside average gradients over processes only if ``sync`` (else they accumulate locally).
+
+    DDP's ``no_sync``, or FSDP2's ``set_requires_gradient_sync`` (unsharded gradients accumulate until the
+    backward that ends the group reduce-scatters them).
+    """
+    if sync:
+        yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 # ----------------------------------------------------------------------------- training: the same global batch
@@ -419,13 +561,13 @@ def train_one_epoch_sharded(
     class_weight: torch.Tensor | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """:func:`visiontune.train.loop.train_one_epoch` for a DDP-wrapped ``model`` and a :func:`shard_train` loader.
+    """:func:`visiontune.train.loop.train_one_epoch` for a DDP-wrapped or FSDP-sharded ``model`` and a :func:`shard_train` loader.
 
     Same accumulation (the last group scaled by its real length), clipping, schedule and loss value as
     one process over the same global batches: each process's loss is the sum of its weighted
     per-image losses divided by the *global* batch's weight total (one small all-reduce per
-    micro-batch) times N, which DDP's gradient average divides back out. Gradients are synchronised
-    only on the micro-batch that ends an accumulation group (``no_sync`` before). A non-finite loss on
+    micro-batch) times N, which DDP's (or FSDP's) gradient average divides back out. Gradients are
+    synchronised only on the micro-batch that ends an accumulation group (:func:`gradient_sync`). A non-finite loss on
     any process stops every process with the same error.
     """
     dist = _CURRENT
@@ -442,8 +584,7 @@ def train_one_epoch_sharded(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         w = torch.as_tensor(w, dtype=torch.float32, device=device)
         step = (i + 1) % accum == 0 or i + 1 == n_batches
-        sync = contextlib.nullcontext() if step else model.no_sync()
-        with sync:
+        with gradient_sync(model, step):
             with autocast():
                 logits = model(x)
             cw = None if class_weight is None else class_weight.to(device)

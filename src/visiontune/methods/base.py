@@ -33,6 +33,7 @@ from torch import nn
 
 from visiontune.backbones.weights import describe_key_problems
 from visiontune.config import MethodConfig
+from visiontune.distributed import copy_full, full_tensor
 from visiontune.errors import WeightsError
 from visiontune.registry import METHODS
 
@@ -198,13 +199,16 @@ class Method:
         BatchNorm running means/variances change whenever the model trains, even with frozen weights (LoRA
         on a ResNet), so they are part of what a run learned; without them a reloaded ResNet-18 predicts
         differently from the model that was evaluated.
+
+        Sharded (FSDP) parameters are all-gathered: every process must call it then, and gets the whole tensors.
         """
-        out = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        out = {n: full_tensor(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         out.update({n: b.detach().cpu().clone() for n, b in running_stats(model).items()})
         return out
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load a :meth:`trainable_state_dict` back into a freshly ``apply``-ed model.
+        """Load a :meth:`trainable_state_dict` back into a freshly ``apply``-ed model (or a sharded one: each
+        process keeps its shard of every tensor).
 
         Raises:
             WeightsError: when keys are missing/unexpected or shapes differ (an adapter from another setup).
@@ -232,7 +236,7 @@ class Method:
             )
         with torch.no_grad():
             for n, t in state.items():
-                tensors[n].copy_(t.to(tensors[n].dtype))
+                copy_full(tensors[n], t)
 
     # ------------------------------------------------------------------ cached features
     def fit_cached(

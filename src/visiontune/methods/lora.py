@@ -395,6 +395,11 @@ class LoRA(Method):
             optim = sections.get("optim")
             if getattr(optim, "precision", None) == "fp16" and getattr(cfg, "compute_dtype", "auto") == "bf16":
                 out.append("optim.precision=fp16 with method.compute_dtype=bf16 mixes two half types; pick one")
+            if getattr(sections.get("run"), "parallel", "ddp") == "fsdp":
+                # Tried (torch 2.14, bitsandbytes 0.50, CPU): FSDP2 turns each Params4bit into a plain DTensor shard
+                # and its quantization state is lost, so the first forward fails ("quant_state is required").
+                out.append(f"method.name={cfg.name} with run.parallel=fsdp: FSDP cannot shard bitsandbytes 4-bit weights "
+                           "(their quantization state lives outside the tensor it splits); use run.parallel=ddp")
         return out
 
     # ------------------------------------------------------------------ backbone preparation

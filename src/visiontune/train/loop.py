@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -45,6 +46,7 @@ from visiontune.eval import PeakMemory, compute_metrics, count_parameters, measu
 from visiontune.eval.metrics import load_metric_functions
 from visiontune.methods.base import classifier_of
 from visiontune.methods.baselines import fit_probe_head
+from visiontune.methods.targets import find_blocks
 from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
 from visiontune.runs import METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run
 from visiontune.train.cache import build_prefix_cache
@@ -66,7 +68,6 @@ class RunResult:
 # ----------------------------------------------------------------------------- building blocks
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None = None, progress: bool = False,
     desc: str = "eval",
@@ -75,10 +76,11 @@ def predict_logits(
     was_training = model.training
     model.eval()
     outs, labels = [], []
-    for x, y in _batches(loader, desc, progress):
-        with autocast(device, amp):
-            outs.append(model(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
+    with distributed.without_grad(model):
+        for x, y in _batches(loader, desc, progress):
+            with autocast(device, amp):
+                outs.append(model(x.to(device, non_blocking=True)).float().cpu())
+            labels.append(y)
     model.train(was_training)
     # Under a launcher each process scored its range of the images (distributed.shard_eval): all of them, once.
     return distributed.gather_in_order(loader, outs, labels)
@@ -285,7 +287,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
 
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
-    dist = distributed.setup(cfg.run.device)
+    dist = distributed.setup(cfg.run.device, cfg.run.parallel)
     device = dist.device if dist is not None else resolve_device(cfg.run.device)
     if dist is not None and not dist.main:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
@@ -325,8 +327,7 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
     if cfg.run.progress:
         print(f"[visiontune] run {run_dir}\n{describe_splits(splits)}")
 
-    model = build_model(cfg, method, len(classes)).to(device)
-    channels_last = channels_last_if_convnet(model)  # speed: NHWC convolutions (visiontune.train.speed)
+    model, channels_last = _build(cfg, method, len(classes), device)
     identity = backbone_identity(cfg.backbone)
     params = count_parameters(model)
 
@@ -353,6 +354,8 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
                 stop,
             )
             train_info.update(loop_info)
+    if isinstance(model, FSDPModule):  # merging, the test pass and saving read whole parameters: a plain copy
+        model = _unsharded(model, method, lambda: _build(cfg, method, len(classes), device)[0])
     # A resumed run reports its whole training time: the earlier segments' (from the checkpoint) plus this one's.
     wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
 
@@ -407,6 +410,12 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
             f"{wall:.1f}s -> {run_dir / 'report.md'}"
         )
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def _build(cfg: Config, method: Method, num_classes: int, device: torch.device) -> tuple[nn.Module, bool]:
+    """The run's model on ``device``, and whether its convolutions were made channels-last."""
+    model = build_model(cfg, method, num_classes).to(device)
+    return model, channels_last_if_convnet(model)  # speed: NHWC convolutions (visiontune.train.speed)
 
 
 def eval_tf_size(model: nn.Module, img_size: int | None) -> int:
@@ -479,8 +488,10 @@ def _fit_loop(
         info = dict(resume.get("head_init") or info)  # how the first segment started the head
     head_init = dict(info)
     # ---- speed (visiontune.train.cache): blocks below the first trained one run once, not every epoch.
+    dist = distributed.current()
+    sharded = dist is not None and dist.sharded  # run.parallel=fsdp; its config check refuses prefix_cache=views
     prefix, info["prefix_cache"] = build_prefix_cache(
-        model, cfg.run.prefix_cache, cfg.run.prefix_views, cfg.data.augment, train_set, val_loader,
+        model, "none" if sharded else cfg.run.prefix_cache, cfg.run.prefix_views, cfg.data.augment, train_set, val_loader,
         cfg.optim.eval_batch_size, device, lambda: autocast(device, amp), cfg.run.progress,
     )
     train_model = val_model = fast_forward(model)
@@ -489,12 +500,16 @@ def _fit_loop(
     if prefix is not None and prefix.val is not None:
         val_loader, val_model = prefix.val_loader(cfg.optim.eval_batch_size), prefix.suffix
     # ---- end speed
-    dist = distributed.current()
     if dist is not None:
         # optim.batch_size is the global batch: each process takes its share of the one-process batches.
         train_loader = distributed.shard_train(train_loader, cfg.run.seed, dist.rank_seed(cfg.run.seed))
         val_loader = distributed.shard_eval(val_loader)
-        train_model = dist.wrap(train_model)
+        if sharded:  # the model itself: its own forward must run for the root unit to gather its parameters
+            blocks = _blocks(model)
+            train_model = val_model = dist.shard(model, blocks)
+            info["fsdp_units"] = len(blocks) + 1
+        else:
+            train_model = dist.wrap(train_model)
     train_model = maybe_compile(train_model, cfg.run.compile)
     order_rng = getattr(train_loader, "order_generator", train_loader.generator)  # what decides the batch order
     groups = method.param_groups(model, cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
@@ -521,7 +536,7 @@ def _fit_loop(
     if resume is not None:
         ck = resume
         method.load_trainable_state_dict(model, ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        distributed.load_optimizer_state(optimizer, ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         history, best, start_epoch = ck["history"], ck["best"], ck["epoch"] + 1
         _set_rng_state(ck["rng"])
@@ -565,11 +580,14 @@ def _fit_loop(
         if tb is not None:
             tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
-        if dist is not None and not dist.main:
+        if dist is not None and not dist.main and not sharded:
             continue  # process 0 writes the checkpoint
+        # Sharded: every process takes part in gathering the whole state; process 0 writes it.
+        state = {"model": method.trainable_state_dict(model), "optimizer": distributed.full_state(optimizer.state_dict())}
+        if not distributed.is_main():
+            continue
         save_checkpoint(ckpt_path, {
-            "model": method.trainable_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best, "rng": _rng_state(),
+            **state, "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best, "rng": _rng_state(),
             "loader_rng": order_rng.get_state(), "config": cfg.to_dict(), "split": split,
             "wall_time_s": earlier_wall + time.perf_counter() - started, "segments": segments, "head_init": head_init,
         }, kind="train", progress=f"epoch {epoch} of {cfg.optim.epochs}")
@@ -578,6 +596,31 @@ def _fit_loop(
         info["epoch0_is_probe_head"] = info.get("head_init") == "probe"
         return history, int(best["epoch"]), info
     return history, len(history), info
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one (:func:`~visiontune.methods.targets.find_blocks`).
+
+    Raises:
+        ConfigError: the backbone's block layout is not one visiontune recognises.
+    """
+    layout = find_blocks(model)
+    if layout is None:
+        raise ConfigError(f"run.parallel=fsdp shards a backbone block by block, and {type(model).__name__} has no "
+                          "block layout visiontune recognises; use run.parallel=ddp")
+    return [model.get_submodule(n) for n in layout.names]
+
+
+def _unsharded(model: nn.Module, method: Method, build: Callable[[], nn.Module]) -> nn.Module:
+    """A plain model equal to the FSDP-sharded ``model`` on every process: ``build()`` with its trained state.
+
+    ``build`` rebuilds the run's model (same seed and weights, so the same frozen parameters); the trained
+    ones are all-gathered into it. Each process then holds the whole model, as predict and serve do.
+    """
+    state = method.trainable_state_dict(model)  # a collective: every process gathers the whole tensors
+    plain = build()
+    method.load_trainable_state_dict(plain, state)
+    return plain
 
 
 def _probe_head_init(
