@@ -124,3 +124,15 @@ def optimizer_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (unchanged when None or 0) inside, restored on leaving."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -67,7 +67,10 @@ def test_training_the_biases_lowers_the_loss() -> None:
 
 
 def test_a_bitfit_run_saves_biases_and_reloads_to_its_predictions(tiny_overrides) -> None:
-    result = vt.train(load_config(overrides=[*tiny_overrides, "method.name=bitfit", "optim.epochs=3", "run.name=b"]))
+    # A zero head: the probe head fitted on a random tiny ViT's features starts at a loss near 20 that jumps from
+    # epoch to epoch (up or down with the thread count), which says nothing about bitfit.
+    result = vt.train(load_config(overrides=[*tiny_overrides, "method.name=bitfit", "optim.epochs=3", "run.name=b",
+                                             "optim.head_init=zero"]))
     history = result.metrics["train"]["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     adapter = load_file(str(result.run_dir / "adapter.safetensors"))

@@ -172,3 +172,25 @@ def test_stop_hook_ends_training_between_steps_and_the_run_resumes(tiny_override
     assert [h["train_loss"] for h in res.metrics["train"]["history"]] == pytest.approx(
         [h["train_loss"] for h in ref.metrics["train"]["history"]], abs=1e-6
     )
+
+
+def test_run_threads_hold_for_the_run_only(tiny_overrides, monkeypatch):
+    """run.threads sets torch's threads while the run trains; the caller's count is back afterwards (a run in a
+    notebook or a test session must not leave the process on one thread)."""
+    import torch
+
+    seen = []
+    real = loop.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _train(tiny_overrides, "method.name=lora", "optim.epochs=1", "run.threads=1", "run.name=thr")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

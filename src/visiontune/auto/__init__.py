@@ -18,6 +18,8 @@ final run, for the report):
    budget stops the stage when the next fold would not fit, and stops a fold that runs long between two
    optimizer steps (``train(stop=...)``), keeping the final retrain's share.
    The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size.
+   Folds run one at a time in this process, or side by side as Ray tasks (``executor="ray"``,
+   :mod:`visiontune.auto.executor`); pruning, the budget and the record stay here either way.
    With ``--unlabeled DIR``, ExPLoRA extended pretraining (:mod:`visiontune.pretrain`) first continues the chosen
    backbone's self-supervised training on those images (the labeled data's test split left out) when the budget
    allows it; the new backbone's probe and prototype are scored on the same folds, and it replaces the original

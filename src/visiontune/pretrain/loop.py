@@ -58,7 +58,7 @@ from visiontune.rundir import (
     RunDirState, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check, read_json,
     read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
 )
-from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, warmup_cosine
+from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, torch_threads, warmup_cosine
 from visiontune.backbones import backbone_identity, create_backbone, data_config
 from visiontune.backbones.factory import _resolve_name
 from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
@@ -392,13 +392,8 @@ def pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None
     Returns:
         The run directory, the backbone file, its lineage record and the per-step history.
     """
-    previous = torch.get_num_threads()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    try:
+    with torch_threads(cfg.run.threads):
         return _pretrain(cfg, callback)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], None] | None) -> PretrainResult:

@@ -33,7 +33,7 @@ from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
 from visiontune.runtime import (
     autocast, autocast_dtype, batches as _batches, make_loader, optimizer_step, precision_report, resolve_device,
-    seed_everything, warmup_cosine,
+    seed_everything, torch_threads, warmup_cosine,
 )
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
 from visiontune.atomic import write_json_atomic
@@ -284,7 +284,11 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
         The run directory and metrics (``metrics.json``; also ``report.md``, ``config.yaml``,
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
+    with torch_threads(cfg.run.threads):  # run.threads for this run; the caller's thread count afterwards
+        return _train(cfg, splits, stop)
 
+
+def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] | None) -> RunResult:
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
     dist = distributed.setup(cfg.run.device, cfg.run.parallel)
@@ -295,8 +299,6 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
     cfg = resolve_config(cfg, method, device)
     if cfg.run.tensorboard:
         require_tensorboard()  # fails before the run directory is touched
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     amp = autocast_dtype(cfg.optim.precision, device)
 
