@@ -88,6 +88,7 @@ def test_a_killed_fold_worker_fails_its_candidate_and_the_rerun_retries_it(local
     rows = {r["candidate"]: r for r in first["leaderboard"]}
     assert rows["full"]["status"] == "failed" and not rows["full"]["eligible"]
     assert "worker" in json.loads((out / "auto.json").read_text())["finetune"]["full"]["why"]
+    assert "'failed' = the worker training one of its folds died" in (out / "leaderboard.md").read_text()
     assert rows[TWO[1].name]["status"] in ("complete", "pruned")
     assert first["decision"]["candidate"] != "full"
 

@@ -88,7 +88,9 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the most accurate "
         "candidate, unless a candidate with at most half its training time is within one standard error of it (paired); "
         "'pruned' = stopped early by successive "
-        "halving (not in the top third at a rung), 'budget' = not run or stopped by the time budget.",
+        "halving (not in the top third at a rung), 'budget' = not run or stopped by the time budget"
+        + ("; 'failed' = the worker training one of its folds died (the same command retries it)."
+           if any(r.get("status") == "failed" for r in record["leaderboard"]) else "."),
         "",
         "![accuracy vs time](accuracy_vs_time.png)",
         "",
