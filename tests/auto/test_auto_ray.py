@@ -98,7 +98,7 @@ def test_a_killed_fold_worker_fails_its_candidate_and_the_rerun_retries_it(local
 
 
 def test_ray_options_need_the_ray_executor(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cpus_per_run apply to the Ray executor only"):
+    with pytest.raises(ConfigError, match="cpus_per_run=2 applies to the Ray executor only"):
         _select(tmp_path, cpus_per_run=2)
     with pytest.raises(ConfigError, match="executor 'dask' is not one of local, ray"):
         _select(tmp_path, executor="dask")

@@ -53,12 +53,13 @@ import numpy as np
 import torch
 
 from visiontune.atomic import write_text_atomic
-from visiontune.auto.executor import EXECUTORS, fold_executor
+from visiontune.auto.executor import fold_executor
 from visiontune.auto.report import write_report
 from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import make_loader, resolve_device
+from visiontune.sweep.cluster import check_executor
 from visiontune.backbones import build_transform
 from visiontune.data import load_records, make_splits
 from visiontune.data.cache import image_dataset
@@ -216,19 +217,11 @@ class AutoSelect:
         gpus_per_run: float | None = None,
         max_in_flight: int | None = None,
     ):
-        if executor not in EXECUTORS:
-            raise ConfigError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}; use --executor local or ray")
-        options = {"address": ray_address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
-                   "max_in_flight": max_in_flight}
-        if executor == "local":
-            given = [k for k, v in options.items() if v is not None]
-            if given:
-                raise ConfigError(f"{', '.join(given)} apply to the Ray executor only; add --executor ray, or drop them")
-        else:
-            from visiontune.sweep.cluster import require_ray
-
-            require_ray()  # before anything is written
-        self.executor, self.executor_options = executor, options
+        check_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                       max_in_flight=max_in_flight)
+        self.executor = executor
+        self.executor_options = {"address": ray_address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
+                                 "max_in_flight": max_in_flight}
         self.out = Path(out)
         self.budget_s = budget_s
         self.progress = progress

@@ -28,9 +28,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-EXECUTORS = ("local", "ray")
-
-
 def run_fold(overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None) -> dict[str, Any] | None:
     """Train one candidate on one fold; its held-out scores, or None when ``deadline`` (``time.time()``) stopped it.
 

@@ -56,7 +56,7 @@ from visiontune.data.splits import split_identity
 from visiontune.registry import METHODS
 from visiontune.rundir import read_json, read_yaml_mapping
 from visiontune.runs import config_changes, finished_run_changes, inspect_run
-from visiontune.sweep.cluster import require_ray, run_on_ray
+from visiontune.sweep.cluster import EXECUTORS, check_executor, run_on_ray
 from visiontune.train.loop import resolve_config
 
 __all__ = [
@@ -317,8 +317,6 @@ def _run_parallel(
             proc.join()
 
 
-EXECUTORS = ("local", "ray")
-"""Where a sweep's runs execute: ``local`` (this process, or ``workers`` processes on this machine) or ``ray``."""
 
 
 def run_sweep(
@@ -347,17 +345,11 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}; use --executor local or ray")
+    check_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     if workers is not None and workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1 (1 = sequential in this process)")
     if executor == "local":
         workers = workers or 1
-        for name, value in (("ray_address", ray_address), ("cpus_per_run", cpus_per_run), ("gpus_per_run", gpus_per_run)):
-            if value is not None:
-                raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
-    else:
-        require_ray()  # before anything is written
     states = existing_runs(sweep)
     _refuse_changed(sweep, states)  # before anything is written
     sweep.dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,23 @@ RAY_HINT = ("the Ray executor needs ray; install it with pip install 'visiontune
             "or run the sweep with --executor local")
 
 
+EXECUTORS = ("local", "ray")
+"""Where a sweep's runs or a selection's folds execute: ``local`` (this machine) or ``ray``."""
+
+
+def check_executor(executor: str, **ray_options: Any) -> None:
+    """Refuse an unknown executor, and Ray options (``ray_address=...``) given without the Ray executor; with it,
+    check that ray is installed. Called before anything is written."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}; use --executor local or ray")
+    if executor == "local":
+        for name, value in ray_options.items():
+            if value is not None:
+                raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
+    else:
+        require_ray()
+
+
 def require_ray() -> Any:
     """The ``ray`` module, or a ConfigError with the install command (ray is an optional extra)."""
     try:

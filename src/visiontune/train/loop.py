@@ -582,9 +582,9 @@ def _fit_loop(
         if tb is not None:
             tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
-        if dist is not None and not dist.main and not sharded:
-            continue  # process 0 writes the checkpoint
-        # Sharded: every process takes part in gathering the whole state; process 0 writes it.
+        # Process 0 writes the checkpoint; under FSDP every process first takes part in gathering the whole state.
+        if not (sharded or distributed.is_main()):
+            continue
         state = {"model": method.trainable_state_dict(model), "optimizer": distributed.full_state(optimizer.state_dict())}
         if not distributed.is_main():
             continue
