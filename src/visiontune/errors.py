@@ -7,6 +7,8 @@ familiar type.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VisiontuneError(ValueError):
     """Base class for all user-facing visiontune errors."""
@@ -43,3 +45,13 @@ class TrainingStopped(VisiontuneError):
 
     The run directory keeps the checkpoint of the last finished epoch, so ``run.resume=true`` continues it.
     """
+
+
+class TrainingPaused(TrainingStopped):
+    """``train(pause_after=E)`` wrote epoch ``E``'s checkpoint and stopped there, as asked (``visiontune auto``
+    scores a candidate a third of the way into its schedule this way); ``run.resume=true`` continues the same
+    schedule. ``run_dir`` is the run directory holding the checkpoint."""
+
+    def __init__(self, message: str, run_dir: Any):
+        super().__init__(message)
+        self.run_dir = run_dir

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import visiontune.data.cache as data_cache
-from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, parse_budget
+from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, _slug, parse_budget
 from visiontune.auto.stats import corrected_interval
 from visiontune.errors import ConfigError
 from visiontune.train import loop as train_loop
@@ -129,7 +129,7 @@ def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
     out = tmp_path / "sel"
     code = (
         "import sys; from visiontune.auto import AutoSelect, Candidate; "
-        f"AutoSelect('digits', {str(out)!r}, overrides={TINY!r}, progress=False, folds=3, steps=30, "
+        f"AutoSelect('digits', {str(out)!r}, overrides={TINY!r}, progress=False, folds=3, steps=30, prune=False, "
         "candidates=(Candidate('lora q,v r4', ('method.name=lora', 'method.targets=qv', 'method.rank=4')),)).run()"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -157,7 +157,48 @@ def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
     final = json.loads(state.read_text())
     rec = final["finetune"]["lora q,v r4"]
     assert rec["folds"][: len(done)] == done  # kept, not retrained
-    assert rec["status"] in ("complete", "pruned") and "final" in final
+    assert rec["status"] == "complete" and "final" in final
+
+
+def test_first_rung_is_a_third_into_fold_one_for_every_candidate_before_any_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Successive halving in thirds of a fold: every candidate trains the first third of fold 1's schedule and is
+    # scored on fold 1's held-out part before any candidate trains further; the pruner then judges them best first,
+    # so at most the best (with its ties) goes on, and only if it is at least the probe's fold-1 score there.
+    import visiontune.auto.executor as executor
+
+    three = (*ONE_FINETUNE, Candidate("lora q,v r2", ("method.name=lora", "method.targets=qv", "method.rank=2")),
+             Candidate("full fine-tuning", ("method.name=full",)))
+    jobs: list[tuple[str, int | None]] = []
+    real = executor.run_fold
+
+    def spy(overrides, splits, deadline, cwd=None, pause_after=None):
+        jobs.append((next(o for o in overrides if o.startswith("run.name=")), pause_after))
+        return real(overrides, splits, deadline, cwd, pause_after)
+
+    monkeypatch.setattr(executor, "run_fold", spy)
+    sel = _select(tmp_path, candidates=three, steps=30, folds=3)
+    record = sel.run()
+    epochs = sel._epochs(len(sel._fold_splits(0)["train"]))
+    assert epochs >= 3 and sel._rung_epoch(epochs) == round(epochs / 3)
+    assert [p for _, p in jobs[:3]] == [sel._rung_epoch(epochs)] * 3  # everyone's first third first
+    assert {n for n, _ in jobs[:3]} == {f"run.name={c}-fold1" for c in ("lora-q-v-r4", "lora-q-v-r2", "full-fine-tuning")}
+    assert all(p is None for _, p in jobs[3:])
+    state = sel.state["finetune"]
+    rung = {c.name: state[c.name]["rung"]["accuracy"] for c in three}
+    probe_fold1 = sel.state["cheap"]["test_vit"]["candidates"][PROBE]["folds"][0]["accuracy"]
+    went_on = [c.name for c in three if state[c.name]["rung"]["promoted"]]
+    for name in went_on:
+        assert rung[name] == max(rung.values()) and rung[name] >= probe_fold1
+        assert state[name]["folds"]  # fold 1 continued from the rung's checkpoint, then the next folds
+        resumed = [n for n, p in jobs[3:] if n == f"run.name={_slug(name)}-fold1"]
+        assert len(resumed) == 1
+    for c in three:
+        if c.name not in went_on:
+            assert state[c.name]["status"] == "pruned" and state[c.name]["folds"] == []
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    assert all(rows[c.name]["first_rung"]["accuracy"] == rung[c.name] for c in three if c.name not in went_on)
+    assert record["finetune_s"] == pytest.approx(sum(state[c.name]["job_s"] for c in three))
+    assert "fold 1 at epoch" in (tmp_path / "leaderboard.md").read_text() or len(went_on) == len(three)
 
 
 def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, float]) -> dict:

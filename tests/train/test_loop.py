@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 import visiontune as vt
-from visiontune.errors import ConfigError, TrainingStopped
+from visiontune.errors import ConfigError, TrainingPaused, TrainingStopped
+from visiontune.data import load_records, make_splits
 from visiontune.train import loop
 
 
@@ -172,6 +173,32 @@ def test_stop_hook_ends_training_between_steps_and_the_run_resumes(tiny_override
     assert [h["train_loss"] for h in res.metrics["train"]["history"]] == pytest.approx(
         [h["train_loss"] for h in ref.metrics["train"]["history"]], abs=1e-6
     )
+
+
+def test_pause_after_an_epoch_scores_the_checkpoint_and_the_run_resumes_to_the_uninterrupted_one(tiny_overrides):
+    # ``train(pause_after=E)`` is how ``visiontune auto`` scores a candidate a third of the way into a fold: the
+    # schedule is the whole run's, epoch E's checkpoint stays, score_checkpoint rebuilds that model, and a resume
+    # finishes the run exactly as if it had never paused.
+    common = ["method.name=lora", "method.targets=qv", "method.rank=4", "optim.epochs=3", "optim.batch_size=16"]
+    ref = _train(tiny_overrides, *common, "run.name=ref")
+    cfg = vt.load_config(None, [*tiny_overrides, *common, "run.name=paused"])
+    with pytest.raises(TrainingPaused, match="after epoch 1 of 3") as stopped:
+        loop.train(cfg, pause_after=1)
+    run_dir = stopped.value.run_dir
+    assert run_dir == ref.run_dir.parent / "paused"
+    assert (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
+    splits = make_splits(load_records(cfg.data.dataset), cfg.data)
+    paused = loop.score_checkpoint(cfg, run_dir, splits["test"])
+    assert paused["num_samples"] == len(splits["test"]) and 0.0 <= paused["accuracy"] <= 1.0
+    res = _train(tiny_overrides, *common, "run.name=paused", "run.resume=true")
+    assert [h["train_loss"] for h in res.metrics["train"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in ref.metrics["train"]["history"]], abs=1e-6
+    )
+    # The same rebuild from the finished run's last checkpoint is the model the run itself scored.
+    final = loop.score_checkpoint(cfg, ref.run_dir, splits["test"])
+    assert final["accuracy"] == pytest.approx(ref.metrics["test"]["accuracy"])
+    assert final["confusion"] == ref.metrics["test"]["confusion"]
+    assert paused["confusion"] != final["confusion"]  # two more epochs changed the model it scores
 
 
 def test_run_threads_hold_for_the_run_only(tiny_overrides, monkeypatch):

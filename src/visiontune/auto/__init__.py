@@ -13,8 +13,10 @@ final run, for the report):
    validation split carved out of the fold's training part holds at least :data:`MIN_INNER_VAL_PER_CLASS` images
    per class, it keeps its best epoch on it — epoch 0, the probe head, included — so the fold's held-out part
    stays untouched by any choice (below that, the fold trains on all its training images and the probe, scored on
-   the same folds, is the fallback). Optuna's successive-halving pruner compares every candidate's running fold
-   mean with the others' (the cheap candidates included) and stops those that are not in the top fraction; the
+   the same folds, is the fallback). Successive halving in thirds of a fold (Optuna's pruner; see
+   :meth:`AutoSelect._finetune_stage`): every candidate trains the first third of fold 1 and is scored on its
+   held-out part before any goes further; the pruner, asked best first, lets on only those in the top fraction
+   (the cheap candidates' fold-1 scores included), judged again on running fold means after folds 1 and 3; the
    budget stops the stage when the next fold would not fit, and stops a fold that runs long between two
    optimizer steps (``train(stop=...)``), keeping the final retrain's share.
    The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size.
@@ -91,6 +93,9 @@ FINISHED = ("complete", "pruned")
 """Candidate states a rerun does not continue; one stopped by the budget continues when the rerun's budget allows,
 one whose worker died (``failed``) is retried."""
 REDUCTION_FACTOR = 3
+THIRDS = 3
+"""Optuna steps per fold: the successive-halving resource is a third of a fold, so its rungs (1, 3, 9 with
+``REDUCTION_FACTOR`` 3) fall a third of the way into fold 1, at the end of fold 1 and at the end of fold 3."""
 CHEAPER_RATIO = 0.5
 EXPLORA_STEPS = 200
 """Default ExPLoRA optimizer steps (batch 16) for ``--unlabeled``; the budget can stop it earlier."""
@@ -270,6 +275,7 @@ class AutoSelect:
         self.signature = {
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
             "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
+            "rungs": "thirds of a fold",  # successive halving's resource (older selections used whole folds)
         }
         if not self.prune:
             self.signature["prune"] = False
@@ -487,12 +493,19 @@ class AutoSelect:
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-candidate; its folds are in auto.json
         if not study.get_trials(deepcopy=False):
-            for cand in self.cheap:  # the cheap candidates compete at every rung: escalation must beat them to go on
+            # The cheap candidates stand on the rungs first (fold 1's score a third of the way in, as their fold 1
+            # is done in no time), so escalation must beat them to go on.
+            for cand in self.cheap:
                 folds = self.state["cheap"][backbone]["candidates"][cand.name]["folds"]
                 trial = study.ask()
                 trial.set_user_attr("candidate", cand.name)
-                for j in range(len(folds)):
-                    trial.report(float(np.mean([f["accuracy"] for f in folds[: j + 1]])), j + 1)
+                steps = [(1, folds[0]["accuracy"])] + [
+                    (THIRDS * (j + 1), float(np.mean([f["accuracy"] for f in folds[: j + 1]]))) for j in range(len(folds))
+                ]
+                for step, value in steps:
+                    trial.report(value, step)
+                    if trial.should_prune():
+                        break  # out of the race at this rung: it stands on no later one
                 study.tell(trial, float(np.mean([f["accuracy"] for f in folds])))
         return study
 
@@ -517,9 +530,16 @@ class AutoSelect:
     def _finetune_stage(self, backbone: str) -> None:
         """Hand the candidates' folds to the executor, prune and stop by the budget as they come back.
 
-        A candidate's folds run in order, one at a time; a free slot goes to the next fold of a candidate
-        already started before a new candidate starts, so with one slot (the local executor) candidates run one
-        after another, each to its end or its pruning, and with several (Ray) the others fill the other slots.
+        Successive halving, in thirds of a fold (Optuna steps: :data:`THIRDS` per fold). The first rung is
+        inside fold 1: every candidate trains the first third of fold 1's schedule (``train(pause_after=...)``,
+        its checkpoint kept) and is scored on fold 1's held-out part. Only when every candidate has that score
+        does Optuna's pruner judge them, the best first, against the cheap candidates' fold-1 scores; a
+        candidate it lets through continues the same fold from its checkpoint (``run.resume=true``), then fold by
+        fold, judged again at the next rungs (fold 1, fold 3) on its running fold mean. Asked best first,
+        Optuna's asynchronous successive halving keeps the top ``1/REDUCTION_FACTOR`` of the field at a rung as
+        synchronous successive halving would, instead of letting through whichever candidate happened to arrive
+        first. A candidate's folds run in order, one at a time; a free slot goes to the next fold of a candidate
+        already going before a new one starts. ``--no-prune`` trains every candidate on every fold straight.
         """
         from tqdm.auto import tqdm
 
@@ -531,6 +551,12 @@ class AutoSelect:
                    dynamic_ncols=True)
         waiting = [c for c in self.candidates if state.get(c.name, {}).get("status") not in FINISHED]
         trials: dict[str, Any] = {}  # started candidates -> their Optuna trial
+        for c in waiting:
+            state.setdefault(c.name, {"folds": [], "status": "waiting", "best_epochs": [], "steps_per_epoch": [], "job_s": 0.0})
+
+        def first_rung_due(c: Candidate) -> bool:  # its third of fold 1 is still to train
+            return self.prune and not state[c.name]["folds"] and "rung" not in state[c.name]
+
         with fold_executor(self.executor, self.cfg.run.device, **self.executor_options) as runner:
             if runner.facts["executor"] != "local":
                 self.state["executor"] = runner.facts
@@ -538,26 +564,40 @@ class AutoSelect:
                           f"{runner.facts['cpus_per_run']} CPU(s) and {runner.facts['gpus_per_run']:g} GPU(s) each")
             while True:
                 while runner.free:
-                    cand = next((c for c in waiting if c.name in trials and c.name not in runner.busy), None)
-                    cand = cand or next((c for c in waiting if c.name not in trials), None)
+                    busy = runner.busy
+                    rung_due = [c for c in waiting if first_rung_due(c)]
+                    if rung_due:  # the first rung for everyone before anyone goes further
+                        cand = next((c for c in rung_due if c.name not in busy), None)
+                    elif any(self._undecided(state[c.name]) for c in waiting):
+                        cand = None  # the first rung's judgement waits for every candidate's score there
+                    else:
+                        cand = next((c for c in waiting if c.name in trials and c.name not in busy), None)
+                        cand = cand or next((c for c in waiting if c.name not in trials), None)
                     if cand is None:
                         break
-                    rec = state.setdefault(cand.name, {"folds": [], "status": "running", "best_epochs": [], "steps_per_epoch": []})
+                    rec = state[cand.name]
                     rec["status"] = "running"
                     if cand.name not in trials:
                         trials[cand.name] = self._resume_trial(study, cand, rec)
-                    # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
-                    if self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]]):
-                        self._end(study, trials.pop(cand.name), cand, rec, "budget", bar, waiting)
-                        continue
                     j = len(rec["folds"])
                     splits = self._fold_splits(j)
-                    extra = [f"optim.epochs={self._epochs(len(splits['train']))}", "run.progress=false",
-                             f"run.dir={self.out / 'folds'}", f"run.name={_slug(cand.name)}-fold{j + 1}",
-                             "run.overwrite=true", *([f"run.threads={runner.threads}"] if runner.threads else [])]
+                    epochs = self._epochs(len(splits["train"]))
+                    pause = self._rung_epoch(epochs) if first_rung_due(cand) else None
+                    # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
+                    share = 1.0 if pause is None else pause / epochs
+                    if self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]], share):
+                        self._end(study, trials.pop(cand.name), cand, rec, "budget", bar, waiting)
+                        continue
+                    # Fold 1 after its first rung continues from the checkpoint that the rung left.
+                    resume = j == 0 and "rung" in rec
+                    extra = [f"optim.epochs={epochs}", "run.progress=false", f"run.dir={self.out / 'folds'}",
+                             f"run.name={_slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
+                             *([f"run.threads={runner.threads}"] if runner.threads else [])]
                     runner.submit(cand.name, [*self._overrides(backbone, cand.overrides), *extra], splits,
-                                  self._deadline(fold_times), str(Path.cwd()))
+                                  self._deadline(fold_times), str(Path.cwd()), pause)
                 if not runner.busy:
+                    if self._judge_first_rung(study, trials, waiting, bar):
+                        continue
                     break
                 name, out, lost = runner.wait_one()
                 cand = next(c for c in self.candidates if c.name == name)
@@ -569,14 +609,20 @@ class AutoSelect:
                 if out is None:
                     self._end(study, trials.pop(name), cand, rec, "budget", bar, waiting)
                     continue
+                rec["job_s"] = rec.get("job_s", 0.0) + out["job_s"]
+                trial = trials[name]
+                if out["paused"]:
+                    rec["rung"] = {**out["row"], "epoch": out["epoch"], "epochs": self._epochs(len(self._fold_splits(0)["train"]))}
+                    trial.report(out["row"]["accuracy"], 1)
+                    self._save()
+                    continue
                 rec["folds"].append(out["row"])
                 rec["best_epochs"].append(out["best_epoch"])
                 rec["steps_per_epoch"].append(out["steps_per_epoch"])
                 rec["trainable_pct"] = out["trainable_pct"]
                 fold_times.append(out["row"]["train_s"])
                 bar.update(1)
-                trial = trials[name]
-                trial.report(_mean(rec), len(rec["folds"]))
+                trial.report(_mean(rec), THIRDS * len(rec["folds"]))
                 if trial.should_prune():
                     self._end(study, trials.pop(name), cand, rec, "pruned", bar, waiting)
                 elif len(rec["folds"]) == self.k:
@@ -585,12 +631,46 @@ class AutoSelect:
                     self._save()
         bar.close()
 
+    @staticmethod
+    def _undecided(rec: dict[str, Any]) -> bool:
+        """Scored at the first rung, not yet judged there."""
+        return "rung" in rec and "promoted" not in rec["rung"]
+
+    @staticmethod
+    def _rung_epoch(epochs: int) -> int:
+        """The epoch of a fold's schedule where its first rung is: about a third of the way (at least one epoch,
+        and before the last)."""
+        return max(1, min(epochs - 1, round(epochs / THIRDS)))
+
+    def _judge_first_rung(self, study: Any, trials: dict[str, Any], waiting: list[Candidate], bar: Any) -> bool:
+        """Optuna's pruner judges every candidate scored at the first rung, the best first; whether any was."""
+        state = self.state["finetune"]
+        due = sorted((c for c in waiting if self._undecided(state[c.name])), key=lambda c: -state[c.name]["rung"]["accuracy"])
+        for cand in due:
+            rec = state[cand.name]
+            rec["rung"]["promoted"] = not trials[cand.name].should_prune()
+            if rec["rung"]["promoted"]:
+                self._log(f"{cand.name}: {rec['rung']['accuracy']:.3f} on fold 1 after epoch {rec['rung']['epoch']} of "
+                          f"{rec['rung']['epochs']}: goes on")
+                self._save()
+            else:
+                self._end(study, trials.pop(cand.name), cand, rec, "pruned", bar, waiting)
+        return bool(due)
+
     def _resume_trial(self, study: Any, cand: Candidate, rec: dict[str, Any]) -> Any:
-        """A new Optuna trial for ``cand``, told the running means of the folds it finished before a kill."""
+        """A new Optuna trial for ``cand``, told what it scored before a kill (the first rung, the folds' running
+        means); the pruner is asked at each rung passed, so that the new trial stands on those rungs with the
+        values it had there (its earlier judgements, kept in ``auto.json``, stand)."""
         trial = study.ask()
         trial.set_user_attr("candidate", cand.name)
-        for j in range(len(rec["folds"])):
-            trial.report(float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]])), j + 1)
+        steps = ([(1, rec["rung"]["accuracy"])] if "rung" in rec else []) + [
+            (THIRDS * (j + 1), float(np.mean([g["accuracy"] for g in rec["folds"][: j + 1]]))) for j in range(len(rec["folds"]))
+        ]
+        for step, value in steps:
+            trial.report(value, step)
+            if step == 1 and "promoted" not in rec["rung"]:
+                continue  # judged with the others once all have a first-rung score
+            trial.should_prune()
         return trial
 
     def _end(self, study: Any, trial: Any, cand: Candidate, rec: dict[str, Any], status: str, bar: Any,
@@ -606,6 +686,11 @@ class AutoSelect:
         if status == "complete":
             self._log(f"{cand.name}: {_mean(rec):.3f} over {self.k} folds")
             study.tell(trial, _mean(rec))
+        elif status == "pruned" and not n:
+            r = rec["rung"]
+            self._log(f"{cand.name}: pruned at the first rung ({r['accuracy']:.3f} on fold 1 after epoch {r['epoch']} of "
+                      f"{r['epochs']})")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif status == "pruned":
             self._log(f"{cand.name}: pruned after fold {n} (fold mean {_mean(rec):.3f})")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -626,15 +711,15 @@ class AutoSelect:
             return None
         return time.time() + self.budget_s - self._reserve_s(fold_times) - self.elapsed()
 
-    def _over_budget(self, fold_times: list[float], own: list[float] | None = None) -> bool:
-        """Whether the next fold (as long as this candidate's folds so far, else the dearest fold yet) plus the
-        final retrain would pass the budget. A fold that starts and then runs long is stopped inside by the
+    def _over_budget(self, fold_times: list[float], own: list[float] | None = None, share: float = 1.0) -> bool:
+        """Whether the next fold (as long as this candidate's folds so far, else the dearest fold yet; ``share`` of
+        it for a first-rung third) plus the final retrain would pass the budget. A fold that starts and then runs long is stopped inside by the
         same reserve (``train(stop=...)``), so the budget holds either way."""
         if self.budget_s is None:
             return False
         # No fold measured yet: the plan's estimate from a timed forward pass (forward + backward ~ 3 forwards).
         fold = max(own or fold_times or [self._fold_estimate_s])
-        return self.elapsed() + fold + self._reserve_s(fold_times) > self.budget_s
+        return self.elapsed() + share * fold + self._reserve_s(fold_times) > self.budget_s
 
     # ------------------------------------------------------------------ stage 4: decision
     def leaderboard(self, backbone: str) -> list[dict[str, Any]]:
@@ -643,7 +728,10 @@ class AutoSelect:
         rows = []
         for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
             if not rec["folds"]:
-                rows.append({"candidate": name, "status": rec["status"], "folds": 0, "eligible": False})
+                row = {"candidate": name, "status": rec["status"], "folds": 0, "eligible": False}
+                if "rung" in rec:  # pruned a third of the way into fold 1: what it scored there
+                    row["first_rung"] = {k: rec["rung"][k] for k in ("accuracy", "epoch", "epochs")}
+                rows.append(row)
                 continue
             rows.append(self._row(name, backbone, rec, probe, rec["status"], rec["status"] == "complete"))
         # The other backbones' cheap candidates, on the same folds, for reference (not eligible: the backbone is
@@ -774,6 +862,9 @@ class AutoSelect:
         record = {
             "backbone": backbone, "folds": self.k, "pool": len(self.pool), "test_images": len(self.test),
             "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "leaderboard": rows, "decision": decision,
+            # Wall time of every fine-tuning job the search ran (first-rung thirds, folds, resumed folds):
+            # what successive halving is there to save.
+            "finetune_s": sum(r.get("job_s", 0.0) for r in self.state["finetune"].values()),
             "final": self.state["final"],
         }
         if "explora" in self.state:

@@ -28,29 +28,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-def run_fold(overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None) -> dict[str, Any] | None:
+def run_fold(
+    overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None, pause_after: int | None = None,
+) -> dict[str, Any] | None:
     """Train one candidate on one fold; its held-out scores, or None when ``deadline`` (``time.time()``) stopped it.
 
     Module level, so that a Ray worker imports it by name. ``splits`` holds the fold's training, inner
-    validation and held-out records (``test``).
+    validation and held-out records (``test``). With ``pause_after``, training stops once that epoch is
+    checkpointed and the held-out scores are those of the model at that point (``"paused": True``); the same
+    overrides with ``run.resume=true`` continue the fold later. ``job_s`` is this call's own wall time.
     """
     from visiontune.config import load_config
-    from visiontune.errors import TrainingStopped
-    from visiontune.train.loop import train
+    from visiontune.errors import TrainingPaused, TrainingStopped
+    from visiontune.train.loop import score_checkpoint, train
 
+    t0 = time.perf_counter()
     if cwd is not None and os.path.isdir(cwd):
         os.chdir(cwd)  # relative data paths and --out mean what they mean on the driver
     cfg = load_config(None, overrides=overrides)
     stop = None if deadline is None else (lambda: time.time() > deadline)
     try:
-        result = train(cfg, splits=splits, stop=stop)
+        result = train(cfg, splits=splits, stop=stop, pause_after=pause_after)
+    except TrainingPaused as e:
+        m = score_checkpoint(cfg, e.run_dir, splits["test"])
+        row = {k: m[k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
+        return {"row": row, "paused": True, "epoch": pause_after, "job_s": time.perf_counter() - t0}
     except TrainingStopped:
         return None
     m = result.metrics
     row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
     row["train_s"] = m["train"]["wall_time_s"]
     return {
-        "row": row, "best_epoch": int(m["train"]["best_epoch"]),
+        "row": row, "best_epoch": int(m["train"]["best_epoch"]), "paused": False, "job_s": time.perf_counter() - t0,
         "steps_per_epoch": math.ceil(len(splits["train"]) / cfg.optim.batch_size),
         "trainable_pct": m["params"]["trainable_pct"],
     }

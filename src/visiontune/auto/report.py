@@ -39,7 +39,9 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
     lines = [head]
     for r in rows:
         if not r.get("folds"):
-            lines.append(f"| {r['candidate']} | {r['status']} | 0 | — | — | — | — | — | — | — | — |")
+            rung = r.get("first_rung")
+            where = f"0 (fold 1 at epoch {rung['epoch']} of {rung['epochs']}: {_pct(rung['accuracy'])} %)" if rung else "0"
+            lines.append(f"| {r['candidate']} | {r['status']} | {where} | — | — | — | — | — | — | — | — |")
             continue
         mark = "**" if r["candidate"] == record["decision"]["candidate"] else ""
         trainable = "—" if r.get("trainable_pct") is None else f"{r['trainable_pct']:.2f}"
@@ -78,6 +80,8 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
             )
         else:
             parts.append(f"ExPLoRA on the unlabeled images: not used ({ex['status']}: {ex.get('why', '')}).")
+    if record.get("finetune_s"):
+        parts.append(f"Fine-tuning jobs of the search (first-rung thirds, folds): {record['finetune_s'] / 60:.1f} min of wall time.")
     if test:
         parts.append(
             f"Held-out test ({test['num_samples']} images): accuracy {100 * test['accuracy']:.1f} %, weighted F1 "
@@ -88,7 +92,7 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the most accurate "
         "candidate, unless a candidate with at most half its training time is within one standard error of it (paired); "
         "'pruned' = stopped early by successive "
-        "halving (not in the top third at a rung), 'budget' = not run or stopped by the time budget"
+        "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3), 'budget' = not run or stopped by the time budget"
         + ("; 'failed' = the worker training one of its folds died (the same command retries it)."
            if any(r.get("status") == "failed" for r in record["leaderboard"]) else "."),
         "",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import visiontune.distributed as distributed
 from visiontune.config import Config
-from visiontune.errors import ConfigError, TrainingStopped
+from visiontune.errors import ConfigError, TrainingPaused, TrainingStopped
 from visiontune.methods import Method
 from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
@@ -265,7 +265,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main entry
 
 
-def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], bool] | None = None) -> RunResult:
+def train(
+    cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], bool] | None = None, pause_after: int | None = None,
+) -> RunResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` with ``cfg.method``; evaluate; write the run directory.
 
     Args:
@@ -275,6 +277,10 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
         stop: asked after every optimizer step of gradient training (under torchrun, every process asks and any
             True stops all); True raises :class:`~visiontune.errors.TrainingStopped` and leaves the last epoch's
             checkpoint in the run directory (``visiontune auto`` stops a fold this way when its budget runs out).
+        pause_after: stop gradient training once epoch ``pause_after`` of the ``optim.epochs`` schedule is
+            checkpointed, raising :class:`~visiontune.errors.TrainingPaused`; ``run.resume=true`` continues the same
+            schedule (the learning-rate curve is the whole run's), and :func:`score_checkpoint` scores the model as
+            it stands (``visiontune auto`` compares candidates a third of the way into a fold this way).
 
     An existing run directory is used only as :func:`prepare_run_dir` allows (resume a checkpoint of
     the same configuration, replace with ``run.overwrite=true``, ...); a resumed run that is already
@@ -285,10 +291,35 @@ def train(cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], 
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
     with torch_threads(cfg.run.threads):  # run.threads for this run; the caller's thread count afterwards
-        return _train(cfg, splits, stop)
+        return _train(cfg, splits, stop, pause_after)
 
 
-def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] | None) -> RunResult:
+def score_checkpoint(cfg: Config, run_dir: str | Path, records: Any, progress: bool = False) -> dict[str, Any]:
+    """Metrics on ``records`` of the model a paused or stopped run's checkpoint holds (its best epoch so far when
+    the run validates, else its last), as a resume would rebuild it: the run's backbone and method, the
+    checkpoint's trainable state. Nothing in the file is executed (:func:`~visiontune.checkpoint.load_checkpoint`).
+
+    Raises:
+        CheckpointError: ``run_dir`` holds no readable checkpoint.
+    """
+    method: Method = METHODS.get(cfg.method.name)(cfg.method)
+    device = resolve_device(cfg.run.device)
+    method.device = device
+    cfg = resolve_config(cfg, method, device)
+    ck = load_checkpoint(checkpoint_path(run_dir), "train")
+    classes = list(records.classes)
+    model, _ = _build(cfg, method, len(classes), device)
+    best = ck.get("best") or {}
+    method.load_trainable_state_dict(model, best["state"] if best.get("state") is not None else ck["model"])
+    model.eval()
+    tf = build_transform(model, cfg.backbone.img_size, train=False)
+    loader = make_loader(image_dataset(records, tf, cache=False, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size,
+                         False, 0, cfg.data.num_workers)
+    amp = autocast_dtype(cfg.optim.precision, device)
+    return evaluate_loader(fast_forward(method.merge(model)), loader, device, classes, amp, progress)
+
+
+def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] | None, pause_after: int | None = None) -> RunResult:
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
     dist = distributed.setup(cfg.run.device, cfg.run.parallel)
@@ -353,7 +384,7 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
         else:
             history, best_epoch, loop_info = _fit_loop(
                 method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb, begin.checkpoint, split, start,
-                stop,
+                stop, pause_after,
             )
             train_info.update(loop_info)
     if isinstance(model, FSDPModule):  # merging, the test pass and saving read whole parameters: a plain copy
@@ -465,7 +496,7 @@ def _fit_loop(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
     tb: ScalarLogger | None = None, resume: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
-    started: float | None = None, stop: Callable[[], bool] | None = None,
+    started: float | None = None, stop: Callable[[], bool] | None = None, pause_after: int | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
     """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume.
 
@@ -583,16 +614,18 @@ def _fit_loop(
             tb.log(epoch, row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
         # Process 0 writes the checkpoint; under FSDP every process first takes part in gathering the whole state.
-        if not (sharded or distributed.is_main()):
-            continue
-        state = {"model": method.trainable_state_dict(model), "optimizer": distributed.full_state(optimizer.state_dict())}
-        if not distributed.is_main():
-            continue
-        save_checkpoint(ckpt_path, {
-            **state, "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best, "rng": _rng_state(),
-            "loader_rng": order_rng.get_state(), "config": cfg.to_dict(), "split": split,
-            "wall_time_s": earlier_wall + time.perf_counter() - started, "segments": segments, "head_init": head_init,
-        }, kind="train", progress=f"epoch {epoch} of {cfg.optim.epochs}")
+        if sharded or distributed.is_main():
+            state = {"model": method.trainable_state_dict(model), "optimizer": distributed.full_state(optimizer.state_dict())}
+            if distributed.is_main():
+                save_checkpoint(ckpt_path, {
+                    **state, "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                    "rng": _rng_state(), "loader_rng": order_rng.get_state(), "config": cfg.to_dict(), "split": split,
+                    "wall_time_s": earlier_wall + time.perf_counter() - started, "segments": segments, "head_init": head_init,
+                }, kind="train", progress=f"epoch {epoch} of {cfg.optim.epochs}")
+        if pause_after is not None and epoch == pause_after and epoch < cfg.optim.epochs:
+            if dist is not None:
+                dist.barrier()  # the checkpoint is on disk before any process reports the pause
+            raise TrainingPaused(f"paused after epoch {epoch} of {cfg.optim.epochs}, as asked", run_dir)
     if best["state"] is not None:
         method.load_trainable_state_dict(model, best["state"])
         info["epoch0_is_probe_head"] = info.get("head_init") == "probe"
