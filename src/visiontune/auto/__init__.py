@@ -612,7 +612,7 @@ class AutoSelect:
                 rec["job_s"] = rec.get("job_s", 0.0) + out["job_s"]
                 trial = trials[name]
                 if out["paused"]:
-                    rec["rung"] = {**out["row"], "epoch": out["epoch"], "epochs": self._epochs(len(self._fold_splits(0)["train"]))}
+                    rec["rung"] = {**out["row"], "epoch": out["epoch"], "epochs": out["epochs"]}
                     trial.report(out["row"]["accuracy"], 1)
                     self._save()
                     continue

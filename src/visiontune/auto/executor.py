@@ -52,7 +52,7 @@ def run_fold(
     except TrainingPaused as e:
         m = score_checkpoint(cfg, e.run_dir, splits["test"])
         row = {k: m[k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
-        return {"row": row, "paused": True, "epoch": pause_after, "job_s": time.perf_counter() - t0}
+        return {"row": row, "paused": True, "epoch": pause_after, "epochs": cfg.optim.epochs, "job_s": time.perf_counter() - t0}
     except TrainingStopped:
         return None
     m = result.metrics

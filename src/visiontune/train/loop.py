@@ -313,8 +313,7 @@ def score_checkpoint(cfg: Config, run_dir: str | Path, records: Any, progress: b
     method.load_trainable_state_dict(model, best["state"] if best.get("state") is not None else ck["model"])
     model.eval()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = make_loader(image_dataset(records, tf, cache=False, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size,
-                         False, 0, cfg.data.num_workers)
+    loader = _eval_loader(records, tf, cfg, cache=False)
     amp = autocast_dtype(cfg.optim.precision, device)
     return evaluate_loader(fast_forward(method.merge(model)), loader, device, classes, amp, progress)
 
@@ -366,10 +365,9 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
 
     eval_tf = build_transform(model, cfg.backbone.img_size, train=False)
     train_tf = build_transform(model, cfg.backbone.img_size, train=True, crop_scale=cfg.data.crop_scale) if cfg.data.augment else eval_tf
-    workers = cfg.data.num_workers
     ebs = cfg.optim.eval_batch_size
     val_loader = (
-        make_loader(image_dataset(splits["val"], eval_tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers) if len(splits["val"]) else None
+        _eval_loader(splits["val"], eval_tf, cfg) if len(splits["val"]) else None
     )
     val_loader = distributed.shard_eval(val_loader)
 
@@ -393,7 +391,7 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
     wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
 
     # Test images are read once: no decoded-image cache, only its gray-aware transform path (same pixels).
-    test_loader = make_loader(image_dataset(splits["test"], eval_tf, cache=False, limits=cfg.data.image_limits()), ebs, False, 0, workers)
+    test_loader = _eval_loader(splits["test"], eval_tf, cfg, cache=False)
     test_loader = distributed.shard_eval(test_loader)
     # scikit-learn's metrics take ~1 s to import on a small CPU: a one-off of the process (unless a validation
     # split already needed them), done before the test pass's timer, not counted as evaluation time.
@@ -445,6 +443,13 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
     return RunResult(run_dir=run_dir, metrics=metrics)
 
 
+def _eval_loader(records: Any, tf: Any, cfg: Config, cache: bool | None = None) -> DataLoader:
+    """``records`` in order, for a forward pass only (features, validation, scoring): ``optim.eval_batch_size``
+    batches through ``tf``, the decoded-image cache as ``data.cache`` says unless ``cache`` is given."""
+    ds = image_dataset(records, tf, cfg.data.cache if cache is None else cache, limits=cfg.data.image_limits())
+    return make_loader(ds, cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+
+
 def _build(cfg: Config, method: Method, num_classes: int, device: torch.device) -> tuple[nn.Module, bool]:
     """The run's model on ``device``, and whether its convolutions were made channels-last."""
     model = build_model(cfg, method, num_classes).to(device)
@@ -466,7 +471,7 @@ def _fit_cached(
     """Frozen backbone: compute features once per image (and per cached augmented view), fit the head."""
 
     fast = fast_forward(model)  # same features, last ViT block at the class token only
-    ebs, workers, progress = cfg.optim.eval_batch_size, cfg.data.num_workers, cfg.run.progress
+    progress = cfg.run.progress
     views = getattr(method.cfg, "views", 1)
     n = len(splits["train"])
     xs, ys, groups = [], [], []
@@ -475,7 +480,7 @@ def _fit_cached(
     for v in range(views):
         # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
         tf = eval_tf if v == 0 else train_tf
-        loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), ebs, False, 0, workers)
+        loader = _eval_loader(splits["train"], tf, cfg)
         loader = distributed.shard_eval(loader)  # under a launcher each process extracts its share of the features
         f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
         xs.append(f)
@@ -670,7 +675,7 @@ def _probe_head_init(
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = make_loader(image_dataset(splits["train"], tf, cfg.data.cache, limits=cfg.data.image_limits()), cfg.optim.eval_batch_size, False, 0, cfg.data.num_workers)
+    loader = _eval_loader(splits["train"], tf, cfg)
     loader = distributed.shard_eval(loader)
     fast = fast_forward(model)
     x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
