@@ -19,7 +19,7 @@ from visiontune.auto.stats import corrected_interval
 from visiontune.errors import ConfigError
 from visiontune.train import loop as train_loop
 
-TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3"]
+TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3", "optim.epochs=2"]
 ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
 
 
@@ -211,6 +211,19 @@ def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, fl
         }}},
         "finetune": {k: {"folds": folds(v, times[k]), "status": "complete", "trainable_pct": 1.0} for k, v in fine.items()},
     }
+
+
+def test_fold_schedule_is_the_step_count_on_small_data_and_never_shorter_than_train_defaults(tmp_path: Path) -> None:
+    defaults = [o for o in TINY if not o.startswith("optim.epochs=")]  # optim.epochs: the train default, 10
+    sel = AutoSelect("digits", tmp_path / "a", overrides=defaults, progress=False, steps=120)
+    assert sel.cfg.optim.epochs == 10
+    assert sel._epochs(80) == 24  # 5 steps an epoch at batch 16: the 120 steps take 24 epochs
+    assert sel._epochs(400) == 10  # 120 steps would be 5 epochs: less than train gives the same method
+    assert sel._epochs(16) == 60  # 120 one-step epochs, capped
+    longer = AutoSelect("digits", tmp_path / "b", overrides=[*defaults, "optim.epochs=70"], progress=False, steps=120)
+    assert longer._epochs(16) == 70  # the user's own epochs are never capped
+    short = AutoSelect("digits", tmp_path / "c", overrides=[*defaults, "optim.epochs=1"], progress=False, steps=2)
+    assert short._epochs(30) == 2  # two epochs at least: the first rung needs one before the last
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="the Ray executor needs the 'cluster' ex
 psutil = pytest.importorskip("psutil")
 
 # One torch thread everywhere, so the Ray workers and this process compute bit for bit alike.
-TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3", "run.threads=1"]
+TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3", "optim.epochs=2", "run.threads=1"]
 TWO = (
     Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),
     Candidate("lora q,v r2", ("method.name=lora", "method.targets=qv", "method.rank=2")),
