@@ -226,6 +226,18 @@ def test_fold_schedule_is_the_step_count_on_small_data_and_never_shorter_than_tr
     assert short._epochs(30) == 2  # two epochs at least: the first rung needs one before the last
 
 
+def test_run_progress_false_in_the_overrides_silences_the_selection_like_quiet(tmp_path: Path, capsys) -> None:
+    loud = AutoSelect("digits", tmp_path / "a", overrides=TINY, progress=True, candidates=ONE_FINETUNE, folds=2)
+    assert loud.progress
+    quiet = AutoSelect("digits", tmp_path / "b", overrides=[*TINY, "run.progress=false"], progress=True,
+                       candidates=ONE_FINETUNE, folds=2)
+    assert not quiet.progress
+    quiet.out.mkdir(parents=True)
+    quiet._cheap_stage()  # extracts features: a bar unless silenced
+    err = capsys.readouterr().err
+    assert "features" not in err and "it/s" not in err
+
+
 @pytest.mark.parametrize(
     "gain, chosen", [
         (np.array([0.06, -0.05, 0.04, -0.03, 0.05]), PROBE),
@@ -342,3 +354,18 @@ def test_no_prune_trains_every_candidate_on_every_fold(tmp_path: Path) -> None:
     assert all(rows[c.name]["status"] == "complete" and rows[c.name]["folds"] == sel.k for c in two)
     with pytest.raises(ConfigError, match="prune"):  # a pruned search cannot continue an unpruned one
         _select(tmp_path, candidates=two).run()
+
+
+def test_accuracy_vs_time_labels_of_neighbouring_points_do_not_overlap() -> None:
+    from visiontune.auto.report import _spread_labels
+
+    # three candidates at nearly the same time and accuracy (as DoRA, Mona and full fine-tuning on 500 images),
+    # one cheap candidate far to the left at the same accuracy
+    xs, ys = [186.0, 178.0, 197.0, 7.0], [81.6, 81.4, 82.6, 81.5]
+    span = [50.0, 95.0]
+    labels = _spread_labels(xs, ys, span)
+    step = 0.045 * (95.0 - 50.0)
+    close = sorted(labels[:3], reverse=True)
+    assert all(a - b >= step - 1e-9 for a, b in zip(close, close[1:]))
+    assert labels[2] == 82.6  # the highest keeps its place; the others move down beneath it
+    assert labels[3] == 81.5  # far in x: its label cannot collide, so it stays at its point

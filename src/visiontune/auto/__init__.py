@@ -237,7 +237,6 @@ class AutoSelect:
                                  "max_in_flight": max_in_flight}
         self.out = Path(out)
         self.budget_s = budget_s
-        self.progress = progress
         self.candidates = candidates
         self.steps = int(steps)
         self.user_overrides = list(overrides or [])
@@ -245,6 +244,9 @@ class AutoSelect:
         self.base_overrides = base
         cfg = load_config(None, overrides=base)
         self.cfg = cfg
+        # `run.progress=false` among the overrides silences the selection's own bars and its final retrain, as
+        # `--quiet` does (the final run is given `run.progress` explicitly, so the override must not be lost).
+        self.progress = bool(progress and cfg.run.progress)
         self.backbones = list(backbones or [cfg.backbone.name])
         # backbone key -> the overrides that select it (an ExPLoRA backbone adds its weights file)
         self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}"] for b in self.backbones}

@@ -111,6 +111,28 @@ def _per_class_f1(confusions: list[list[list[int]]]) -> np.ndarray:
     return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
 
 
+def _spread_labels(xs: list[float], ys: list[float], span: list[float], gap: float = 0.045) -> list[float]:
+    """Label heights for points on a log-x plot so that labels of neighbouring points do not overlap.
+
+    Greedy, from the highest point down: a label moves down until it is ``gap`` (a fraction of the plotted
+    accuracy range) below every label already placed whose point lies within a factor of 2 in x (labels sit to
+    the right of their point, so farther ones do not collide). Written by hand: matplotlib has no label
+    placement, and a dependency (adjustText) for a few labels is not worth it.
+    """
+    values = [*ys, *span]
+    step = gap * (max(values) - min(values) or 1.0)
+    placed: list[tuple[float, float]] = []
+    out = [0.0] * len(ys)
+    for i in sorted(range(len(ys)), key=lambda i: -ys[i]):
+        y = ys[i]
+        for x, ly in sorted(placed, key=lambda p: -p[1]):
+            if abs(np.log2(xs[i] / x)) < 1 and y > ly - step:
+                y = ly - step
+        placed.append((xs[i], y))
+        out[i] = y
+    return out
+
+
 def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], classes: list[str], probe: str) -> None:
     """Write leaderboard.md / .json, accuracy_vs_time.png and per_class_f1.png into ``out``; the per-class
     figure sets the winner beside ``probe`` (the linear probe's candidate name)."""
@@ -124,17 +146,22 @@ def write_report(out: Path, record: dict[str, Any], state: dict[str, Any], class
 
     rows = [r for r in record["leaderboard"] if r.get("folds")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    xs = [max(r["train_s_per_fold"], 1e-2) for r in rows]
+    ys = [100 * r["accuracy"] for r in rows]
+    label_ys = _spread_labels(xs, ys, [100 * v for r in rows for v in r["accuracy_ci"] if np.isfinite(v)])
+    for r, x, y, ly in zip(rows, xs, ys, label_ys):
         lo, hi = r["accuracy_ci"]
         err = [[100 * (r["accuracy"] - lo)], [100 * (hi - r["accuracy"])]] if np.isfinite(lo) else None
         chosen = r["candidate"] == record["decision"]["candidate"]
         ax.errorbar(
-            max(r["train_s_per_fold"], 1e-2), 100 * r["accuracy"], yerr=err, fmt="o", capsize=3,
+            x, y, yerr=err, fmt="o", capsize=3,
             color="tab:red" if chosen else ("tab:gray" if r["status"] != "complete" else "tab:blue"),
         )
-        ax.annotate(r["candidate"], (max(r["train_s_per_fold"], 1e-2), 100 * r["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        moved = abs(ly - y) > 1e-9
+        ax.annotate(r["candidate"], (x, y), xytext=(x * 1.12, ly), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if moved else None)
     ax.set_xscale("log")
+    ax.margins(x=0.12)  # room on the right for the labels of the dearest candidates
     ax.set_xlabel("training time per fold (s, log)")
     ax.set_ylabel("cross-validated accuracy (%)")
     ax.set_title("candidates: mean and 95 % interval over folds (red: chosen, gray: pruned/partial)")
