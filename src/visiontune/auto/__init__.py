@@ -348,9 +348,9 @@ class AutoSelect:
                     times.append(time.perf_counter() - t)
                 per_img = min(times) / 8
             est[f"features ({name})"] = per_img * n
-        bs = self.cfg.optim.batch_size
         epochs = self._epochs(int(fold_train))
-        steps_time = per_img * 3 * bs * math.ceil(fold_train / bs) * epochs  # forward + backward ~ 3 forwards
+        # forward + backward ~ 3 forwards, over every batch of every epoch
+        steps_time = per_img * 3 * self.cfg.optim.batch_size * self._steps_per_epoch(int(fold_train)) * epochs
         # + the probe head's feature pass, the fold's held-out images, the inner validation once per epoch
         est["fine-tuning, one fold"] = steps_time + per_img * (fold_train + n / self.k + inner_val * epochs)
         self._fold_estimate_s = est["fine-tuning, one fold"]
@@ -362,10 +362,14 @@ class AutoSelect:
             [c.name for c in self.cheap], self.imbalance, est, self.unlabeled, self.prune,
         )
 
+    def _steps_per_epoch(self, n_train: int) -> int:
+        """Optimizer steps of one epoch over ``n_train`` images at ``optim.batch_size`` (the last batch partial)."""
+        return max(1, math.ceil(n_train / self.cfg.optim.batch_size))
+
     def _epochs(self, n_train: int) -> int:
         """A fold's epochs: enough for :data:`FINETUNE_STEPS` steps of ``optim.batch_size`` (16 unless the user set
         it; at most ``MAX_EPOCHS``), and never fewer than ``optim.epochs``."""
-        per_epoch = max(1, math.ceil(n_train / self.cfg.optim.batch_size))
+        per_epoch = self._steps_per_epoch(n_train)
         return int(max(MIN_EPOCHS, self.cfg.optim.epochs, min(MAX_EPOCHS, math.ceil(self.steps / per_epoch))))
 
     def _overrides(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> list[str]:
@@ -839,8 +843,7 @@ class AutoSelect:
         if not cand.cheap:
             rec = self.state["finetune"][name]
             best_steps = statistics.median(e * s for e, s in zip(rec["best_epochs"], rec["steps_per_epoch"]))
-            per_epoch = math.ceil(len(self.pool) / self.cfg.optim.batch_size)
-            epochs = int(round(best_steps / per_epoch))
+            epochs = int(round(best_steps / self._steps_per_epoch(len(self.pool))))
             if epochs < 1:
                 note = "the folds' best epoch was the probe head itself (epoch 0): the linear probe is shipped instead"
                 cand = CHEAP[0]
