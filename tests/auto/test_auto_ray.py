@@ -4,6 +4,7 @@ exactly as in one process; a fold whose worker is killed is that candidate's fai
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,9 +26,29 @@ TWO = (
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance of 2 CPUs for the module; the selections join it."""
+def local_ray(tmp_path_factory):
+    """One local Ray instance of 2 CPUs for the module; the selections join it.
+
+    Its two workers are started and warmed first (two tasks that meet, so they run on two workers at once), so a
+    test that times folds side by side does not time a worker's start: Ray reuses the idle workers for the folds.
+    """
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    def _meet(where: str, n: int) -> int:
+        """A Ray task that imports what a fold imports, then waits until ``n`` such tasks are running at once."""
+        import visiontune.train.loop  # noqa: F401  (torch, timm, peft: a fold's imports, paid here once)
+
+        Path(where, str(os.getpid())).touch()
+        t0 = time.time()
+        while len(os.listdir(where)) < n:
+            if time.time() - t0 > 120:
+                raise TimeoutError(f"only {len(os.listdir(where))} of {n} Ray workers started within 120 s")
+            time.sleep(0.05)
+        return os.getpid()
+
+    where = str(tmp_path_factory.mktemp("meet"))
+    meet = ray.remote(num_cpus=1, max_retries=0)(_meet)
+    assert len(set(ray.get([meet.remote(where, 2) for _ in range(2)]))) == 2
     yield ray
     ray.shutdown()
 
@@ -39,7 +60,7 @@ def _select(out: Path, **kw) -> AutoSelect:
 
 
 def test_ray_folds_run_side_by_side_and_score_like_one_process(local_ray, tmp_path: Path) -> None:
-    # 60 epochs of 2 steps: each fold trains for several seconds, longer than a Ray worker takes to start
+    # 60 epochs of 2 steps: each fold trains for a few seconds, on one of the two workers the fixture warmed
     here = _select(tmp_path / "local", steps=120, prune=False)
     there = _select(tmp_path / "ray", steps=120, prune=False, executor="ray", cpus_per_run=1)
     here.run()
