@@ -211,10 +211,16 @@ class OptimConfig:
         "first (LP-FT, Kumar et al. ICLR'22), 'zero' starts it at zero; random-init (scratch) runs always use zero",
         default="probe",
     )
+    head_init_views: int = _help(
+        "head_init=probe: views per training image the probe is fitted on; 1 = the clean eval view only, "
+        ">1 adds augmented views (data.augment) so the head starts calibrated to what fine-tuning sees; measured "
+        "to help or hurt by dataset (benchmarks/results/head-init-views), hence 1",
+        default=1,
+    )
 
     def problems(self) -> list[str]:
         out = []
-        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "head_init_views"):
             if getattr(self, key) < 1:
                 out.append(f"optim.{key}={getattr(self, key)} must be >= 1")
         for key in ("lr", "head_lr"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import visiontune as vt
@@ -139,6 +141,39 @@ def test_probe_head_init_starts_from_a_fitted_head(tiny_overrides):
     assert t["head_init"] == "probe" and t["head_init_c"] > 0
     res = _train(tiny_overrides, "method.name=scratch", "optim.epochs=1", "run.name=scr")
     assert res.metrics["train"]["head_init"] == "zero"
+
+
+def test_probe_head_init_views_fit_the_head_on_augmented_views_too(tiny_overrides):
+    """optim.head_init_views=3: the LP-FT probe sees the clean view and two augmented views of each training image."""
+    res = _train(tiny_overrides, "method.name=full", "optim.epochs=1", "optim.head_init_views=3", "run.name=v3")
+    assert res.metrics["train"]["head_init_views"] == 3
+    one = _train(tiny_overrides, "method.name=full", "optim.epochs=1", "run.name=v1")
+    assert one.metrics["train"]["head_init_views"] == 1
+    # Without augmentation every view would be the clean one: a single view is fitted.
+    flat = _train(tiny_overrides, "method.name=full", "optim.epochs=1", "optim.head_init_views=3", "data.augment=false", "run.name=flat")
+    assert flat.metrics["train"]["head_init_views"] == 1
+    with pytest.raises(ConfigError, match="optim.head_init_views=0 must be >= 1"):
+        vt.load_config(None, [*tiny_overrides, "optim.head_init_views=0"])
+
+
+def test_view_features_are_the_clean_view_then_augmented_ones(tiny_overrides):
+    from visiontune.backbones.transforms import build_transform
+    from visiontune.registry import METHODS
+    from visiontune.runs import build_model
+
+    cfg = vt.load_config(None, [*tiny_overrides, "method.name=full"])
+    records = load_records(cfg.data.dataset)
+    splits = make_splits(records, cfg.data)
+    model = build_model(cfg, METHODS.get("full")(cfg.method), len(records.classes)).eval()
+    cpu = torch.device("cpu")
+    eval_tf = build_transform(model, 32, train=False)
+    train_tf = build_transform(model, 32, train=True, crop_scale=0.5)
+    x, y, groups = loop._view_features(model, splits["train"], cfg, cpu, None, eval_tf, train_tf, 3)
+    n = len(splits["train"])
+    x1, y1, _ = loop._view_features(model, splits["train"], cfg, cpu, None, eval_tf, train_tf, 1)
+    assert x.shape[0] == 3 * n and (groups == np.tile(np.arange(n), 3)).all() and (y == y1.repeat(3)).all()
+    assert torch.allclose(x[:n], x1, atol=1e-5)  # view 0 is the clean view
+    assert not torch.allclose(x[n : 2 * n], x1, atol=1e-3)  # the others are augmented
 
 
 def test_fresh_head_is_zero_before_training():

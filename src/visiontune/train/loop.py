@@ -464,6 +464,25 @@ def eval_tf_size(model: nn.Module, img_size: int | None) -> int:
     return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
+def _view_features(
+    fast: nn.Module, records: Any, cfg: Config, device: torch.device, amp: torch.dtype | None,
+    eval_tf: Any, train_tf: Any, views: int, what: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Features of ``records`` for a head fitted on cached features: (features, labels, source image per row).
+
+    View 0 is the clean eval view; views 1.. are augmented (``train_tf``: random crop/flip), each computed once,
+    so a head fitted on them has seen what training with augmentation feeds it.
+    """
+    xs, ys = [], []
+    for v in range(views):
+        loader = _eval_loader(records, eval_tf if v == 0 else train_tf, cfg)
+        loader = distributed.shard_eval(loader)  # under a launcher each process extracts its share of the features
+        f, y = extract_features(fast, loader, device, amp, cfg.run.progress, f"{what} view {v + 1}/{views}")
+        xs.append(f)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys), np.tile(np.arange(len(records)), views)
+
+
 def _fit_cached(
     method: Method, model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device,
     amp: torch.dtype | None, eval_tf: Any, train_tf: Any, val_loader: DataLoader | None,
@@ -471,25 +490,14 @@ def _fit_cached(
     """Frozen backbone: compute features once per image (and per cached augmented view), fit the head."""
 
     fast = fast_forward(model)  # same features, last ViT block at the class token only
-    progress = cfg.run.progress
     views = getattr(method.cfg, "views", 1)
-    n = len(splits["train"])
-    xs, ys, groups = [], [], []
     t0 = time.perf_counter()
     seed_everything(cfg.run.seed, cfg.run.deterministic)  # see _reseed_note
-    for v in range(views):
-        # View 0 is the clean eval view; the rest are augmented (random crop/flip), each computed once.
-        tf = eval_tf if v == 0 else train_tf
-        loader = _eval_loader(splits["train"], tf, cfg)
-        loader = distributed.shard_eval(loader)  # under a launcher each process extracts its share of the features
-        f, y = extract_features(fast, loader, device, amp, progress, f"features view {v + 1}/{views}")
-        xs.append(f)
-        ys.append(y)
-        groups.append(np.arange(n))
+    xs, ys, groups = _view_features(fast, splits["train"], cfg, device, amp, eval_tf, train_tf, views)
     val = extract_features(fast, val_loader, device, amp, False) if val_loader is not None else None
     feat_time = time.perf_counter() - t0
     t1 = time.perf_counter()
-    info = method.fit_cached(model, (torch.cat(xs), torch.cat(ys), np.concatenate(groups)), val, cfg.optim, cfg.run.seed)
+    info = method.fit_cached(model, (xs, ys, groups), val, cfg.optim, cfg.run.seed)
     dist = distributed.current()
     if dist is not None:  # every process fitted on the same gathered features; keep process 0's head to be sure
         method.load_trainable_state_dict(model, dist.broadcast(method.trainable_state_dict(model)))
@@ -521,7 +529,7 @@ def _fit_loop(
     started = time.perf_counter() if started is None else started
     earlier_wall, segments = 0.0, 1
     if cfg.optim.head_init == "probe" and method.pretrained and not resuming:
-        info = _probe_head_init(model, splits, cfg, device, amp, val_loader)
+        info = _probe_head_init(model, splits, cfg, device, amp, train_tf, val_loader)
     if resume is not None:
         info = dict(resume.get("head_init") or info)  # how the first segment started the head
     head_init = dict(info)
@@ -665,20 +673,21 @@ def _unsharded(model: nn.Module, method: Method, build: Callable[[], nn.Module])
 
 def _probe_head_init(
     model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device, amp: torch.dtype | None,
-    val_loader: DataLoader | None,
+    train_tf: Any, val_loader: DataLoader | None,
 ) -> dict[str, Any]:
-    """LP-FT: fit the head as a linear probe on the (frozen, un-augmented) starting features.
+    """LP-FT: fit the head as a linear probe on the (frozen) starting features.
 
     Fine-tuning then starts from a good head instead of spending its few-shot budget, and its large
     early gradients, on a random one, which distorts pretrained features (Kumar et al., ICLR 2022).
+    With ``optim.head_init_views`` > 1 the probe also sees augmented views of each training image, as the
+    fine-tuning that follows does.
     """
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
-    loader = _eval_loader(splits["train"], tf, cfg)
-    loader = distributed.shard_eval(loader)
     fast = fast_forward(model)
-    x, y = extract_features(fast, loader, device, amp, cfg.run.progress, "probe head init")
+    views = cfg.optim.head_init_views if cfg.data.augment else 1  # without augmentation every view is the clean one
+    train = _view_features(fast, splits["train"], cfg, device, amp, tf, train_tf, views, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
-    info = fit_probe_head(classifier_of(model), (x, y, np.arange(len(y))), val, balanced=cfg.optim.class_weights == "balanced")
-    return {"head_init": "probe", "head_init_c": info["c"], "head_init_time_s": time.perf_counter() - t0}
+    info = fit_probe_head(classifier_of(model), train, val, balanced=cfg.optim.class_weights == "balanced")
+    return {"head_init": "probe", "head_init_c": info["c"], "head_init_views": views, "head_init_time_s": time.perf_counter() - t0}
