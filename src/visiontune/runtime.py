@@ -39,6 +39,32 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+INFERENCE_PRECISIONS = ("run", "fp32", "bf16")
+
+
+def inference_dtype(precision: str, run_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to predict or evaluate a run in: ``run`` = the run's own ``optim.precision``
+    (:func:`autocast_dtype`: fp32 on a CPU), ``fp32``, or ``bf16``.
+
+    bf16 evaluation kept the test accuracy and agreed with fp32 on 99 % of the images while being 2.4x faster on
+    an AMX CPU and 1.8x on an AVX-512 BF16 one (``benchmarks/RESULTS.md``, "bf16 on this CPU"); a CPU with
+    neither emulates bf16, many times slower, so that case is warned about.
+
+    Raises:
+        ConfigError: an unknown precision.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is invalid; use one of {', '.join(INFERENCE_PRECISIONS)}")
+    if precision == "run":
+        return autocast_dtype(run_precision, device)
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        import warnings
+
+        warnings.warn("this CPU has no native bf16 (neither AVX-512 BF16 nor AMX): bf16 is emulated and much slower "
+                      "than fp32 here; use --precision fp32", stacklevel=2)
+    return None if precision == "fp32" else torch.bfloat16
+
+
 def precision_report(setting: str, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
     """Which precision a run computed in and which kernels that meant (recorded in ``metrics.json``):
     the setting, the autocast dtype used, and on a CPU the vector ISA torch dispatches to and whether
@@ -46,8 +72,9 @@ def precision_report(setting: str, device: torch.device, amp: torch.dtype | None
 
     On a CPU, ``auto`` still means fp32: bf16 autocast measured 1.8x faster for LoRA evaluation and
     training steps on this project's AVX-512 BF16 machine (no AMX), with equal accuracy when evaluating,
-    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured (``benchmarks/RESULTS.md``,
-    "bf16 on this CPU"); ``optim.precision=bf16`` opts in.
+    but a run trained in bf16 lost 2.1 accuracy points in the one seed measured, and on an AMX machine bf16
+    training steps were no faster (1.04x) while evaluation was 2.4x (``benchmarks/RESULTS.md``, "bf16 on this
+    CPU"); ``optim.precision=bf16`` opts in, and ``--precision bf16`` evaluates or predicts in bf16.
     """
     out: dict[str, Any] = {"setting": setting, "used": "fp32" if amp is None else str(amp).removeprefix("torch.")}
     if device.type == "cpu":

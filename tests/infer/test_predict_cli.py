@@ -116,3 +116,16 @@ def test_predictor_api_takes_the_limits(adapter_runs: dict[str, Path], runs_help
         small(img)
     (result,) = small.predict_many([runs_helper.png_bytes(img)])
     assert "max_pixels" in result.error and result.predictions is None
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bf16")
+def test_predict_and_eval_take_the_precision(adapter_runs: dict[str, Path], image_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    run = str(adapter_runs["colors"])
+    assert main(["predict", run, str(image_tree / "sub" / "deeper"), "--precision", "bf16", "--format", "json", "--quiet"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["predictions"][0]["label"] == "blue"
+    assert main(["eval", run, "--precision", "bf16", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        main(["eval", run, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

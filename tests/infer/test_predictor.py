@@ -107,3 +107,36 @@ def test_predictor_checks_its_settings(adapter_runs: dict[str, Path], tmp_path: 
         vt.pipeline(str(adapter_runs["colors"]), batch_size=0)
     p = Predictor.from_run(adapter_runs["tone"], top_k=1)
     assert p.input_size == (3, 32, 32) and p.classes == ["dark", "light"]
+
+
+def test_bf16_precision_predicts_like_fp32_and_says_so(adapter_runs: dict[str, Path], runs_helper: ModuleType,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision="bf16"``: bf16 autocast whatever the run trained in; the same labels, near-equal scores."""
+    import warnings
+
+    from visiontune.infer.evaluate import evaluate_run
+
+    fp32 = vt.pipeline(str(adapter_runs["colors"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU without native bf16 warns that it is emulated (checked below)
+        bf16 = vt.pipeline(str(adapter_runs["colors"]), precision="bf16")
+        m16 = evaluate_run(str(adapter_runs["colors"]), progress=False, precision="bf16")
+    assert fp32.amp is None and fp32.info["precision"] == "fp32"
+    assert bf16.amp is torch.bfloat16 and bf16.info["precision"] == "bf16"
+    x = torch.stack([fp32.preprocess(runs_helper.noisy_image(c, seed=i)) for i, c in enumerate(runs_helper.COLORS.values())])
+    p32, p16 = fp32.probabilities(x), bf16.probabilities(x)
+    assert p16.dtype == torch.float32 and torch.equal(p32.argmax(1), p16.argmax(1))
+    assert torch.allclose(p32, p16, atol=0.05) and not torch.equal(p32, p16)  # bf16 did run: not bit-equal
+    m32 = evaluate_run(str(adapter_runs["colors"]), progress=False, precision="fp32")
+    assert m16["precision"] == "bfloat16" and m32["precision"] == "fp32"
+    assert m16["accuracy"] == pytest.approx(m32["accuracy"], abs=0.05)
+    # A CPU that would emulate bf16 is told so; an export computes in its own precision.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16 .* use --precision fp32"):
+        vt.pipeline(str(adapter_runs["colors"]), precision="bf16")
+    with pytest.raises(ConfigError, match="--precision bf16 applies to the torch backend"):
+        vt.pipeline(str(adapter_runs["colors"]), backend="onnxruntime", precision="bf16")
+    with pytest.raises(ConfigError, match="--precision bf16 applies to the torch backend"):
+        evaluate_run(str(adapter_runs["colors"]), backend="onnxruntime", precision="bf16")
+    with pytest.raises(ConfigError, match="precision 'fp16' is invalid; use one of run, fp32, bf16"):
+        vt.pipeline(str(adapter_runs["colors"]), precision="fp16")

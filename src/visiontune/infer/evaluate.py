@@ -14,16 +14,16 @@ from visiontune.errors import ConfigError
 from visiontune.eval.metrics import compute_metrics
 from visiontune.infer.files import check_table_path, write_table
 from visiontune.infer.backends import load_export, resolve_backend
-from visiontune.infer.predictor import _cpu_only
+from visiontune.infer.predictor import _cpu_only, _export_precision
 from visiontune.runs import load_run
-from visiontune.runtime import autocast_dtype, make_loader, resolve_device
+from visiontune.runtime import inference_dtype, make_loader, resolve_device
 from visiontune.train.loop import predict_logits
 
 
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, device: str = "cpu", batch_size: int | None = None,
     progress: bool = True, backend: str | None = None, int8: bool = False, workers: int = 0,
-    predictions: str | Path | None = None,
+    predictions: str | Path | None = None, precision: str = "run",
 ) -> dict[str, Any]:
     """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
 
@@ -39,6 +39,8 @@ def evaluate_run(
         workers: DataLoader worker processes decoding images (0: in this process). Images are decoded
             batch by batch, never all at once; only the logits of every image are kept.
         predictions: a ``.csv`` file to write one row per image to: ``file, label, predicted, score``.
+        precision: torch backend: ``run`` (the run's own ``optim.precision``, fp32 on a CPU), ``fp32`` or ``bf16``
+            autocast (:func:`visiontune.runtime.inference_dtype`).
 
     Under ``torchrun`` / ``accelerate launch`` each process scores a contiguous share of the images
     (:mod:`visiontune.distributed`), every image exactly once; every process returns the same metrics
@@ -55,6 +57,7 @@ def evaluate_run(
 
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
+        _export_precision(precision)
         distributed.setup("cpu")
         exp = load_export(run_dir, int8=int8)
         if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
@@ -71,7 +74,7 @@ def evaluate_run(
         dev = dist.device if dist is not None else resolve_device(device)
         run = load_run(run_dir, device=str(dev))
         model, classes, transform, cfg = run.model, run.classes, run.transform, run.config
-        amp = autocast_dtype(cfg.optim.precision, dev)
+        amp = inference_dtype(precision, cfg.optim.precision, dev)
         extra = {"backend": "torch", "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
         limits = cfg.data.image_limits()
     if data is None:

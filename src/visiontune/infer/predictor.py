@@ -26,7 +26,7 @@ from torch import nn
 
 from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
-from visiontune.runtime import autocast, autocast_dtype, resolve_device
+from visiontune.runtime import autocast, inference_dtype, resolve_device
 from visiontune.infer.backends import load_export, resolve_backend
 from visiontune.runs import load_run
 
@@ -158,8 +158,12 @@ class Predictor:
     def from_run(
         cls, run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
         max_pixels: int | None = None, max_aspect: float | None = None, settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+        precision: str = "run",
     ) -> Predictor:
         """Load a finished run directory (merged fast path when ``merge`` and the method allows).
+
+        ``precision``: ``run`` (the run's ``optim.precision``: fp32 on a CPU), ``fp32`` or ``bf16`` autocast
+        (:func:`visiontune.runtime.inference_dtype`).
 
         ``max_pixels`` / ``max_aspect`` default to the run's ``data.max_pixels`` / ``data.max_aspect``,
         so images like the ones it was trained on are accepted; ``settings`` is how errors name them
@@ -175,7 +179,7 @@ class Predictor:
         merged = merge and model is not run.model
         return cls(
             model.eval(), run.classes, run.transform, device=dev, top_k=top_k, batch_size=batch_size,
-            amp=autocast_dtype(run.config.optim.precision, dev), merged=merged, run_dir=run.run_dir,
+            amp=inference_dtype(precision, run.config.optim.precision, dev), merged=merged, run_dir=run.run_dir,
             method=run.config.method.name,
             limits=ImageLimits(
                 int(run.config.data.max_pixels if max_pixels is None else max_pixels),
@@ -290,7 +294,7 @@ class Predictor:
 def pipeline(
     run_dir: str | Path, device: str = "cpu", merge: bool = True, top_k: int = 5, batch_size: int = 32,
     max_pixels: int | None = None, max_aspect: float | None = None, backend: str | None = None, int8: bool = False,
-    settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+    settings: tuple[str, str] = ("max_pixels", "max_aspect"), precision: str = "run",
 ) -> Predictor:
     """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
 
@@ -309,13 +313,22 @@ def pipeline(
         int8: the INT8 export (``model.int8.onnx``, onnxruntime only).
         settings: how errors name ``max_pixels`` / ``max_aspect`` (``("--max-pixels", "--max-aspect")``
             for the command line).
+        precision: torch backend: ``run`` (the run's own, fp32 on a CPU), ``fp32`` or ``bf16`` autocast.
     """
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
+        _export_precision(precision)
         return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size,
                                      max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
     return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
-                              max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
+                              max_pixels=max_pixels, max_aspect=max_aspect, settings=settings, precision=precision)
+
+
+def _export_precision(precision: str) -> None:
+    """An ONNX export computes in the precision it was exported in: only ``run`` / ``fp32`` mean it."""
+    if precision not in ("run", "fp32"):
+        raise ConfigError(f"--precision {precision} applies to the torch backend; an ONNX export computes in the precision "
+                          "it was exported in (fp32, or INT8 with --int8): drop --precision or use --backend torch")
 
 
 def _cpu_only(device: str | torch.device) -> None:
