@@ -227,7 +227,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
           max_pixels=args.max_pixels, max_aspect=args.max_aspect, max_decodes=args.max_decodes,
           api_key=args.api_key if args.api_key is not None else (os.environ.get("VISIONTUNE_API_KEY") or None),
-          backend=args.backend, int8=args.int8)
+          backend=args.backend, int8=args.int8, precision=args.precision)
     return 0
 
 
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="torch backend: fp32 (default) or bf16 autocast for every adapter (faster on CPUs with AMX or "
+                         "AVX-512 BF16; emulated and slow on CPUs without either)")
     _backend_args(sv)
     sv.set_defaults(func=_cmd_serve)
 

@@ -36,6 +36,7 @@ from visiontune.backbones import backbone_identity, build_transform, create_back
 from visiontune.config import load_config
 from visiontune.registry import METHODS
 from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
+from visiontune.runtime import autocast, inference_dtype
 
 
 def _storage_ptrs(module: nn.Module) -> set[int]:
@@ -107,9 +108,14 @@ class AdapterHost(TaskHost):
 
     def __init__(
         self, backbone: nn.Module, identity: dict[str, Any], device: str | torch.device = "cpu",
-        transform: Callable[[Any], torch.Tensor] | None = None,
+        transform: Callable[[Any], torch.Tensor] | None = None, precision: str = "fp32",
     ):
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r} is invalid for an adapter host; use fp32 or bf16")
         self.device = torch.device(device)
+        self.precision = precision
+        # Every task computes in this precision (bf16: autocast, see visiontune.runtime.inference_dtype).
+        self.amp = inference_dtype(precision, "fp32", self.device)
         self.identity = dict(identity)
         self.transform = transform
         backbone.requires_grad_(False)
@@ -120,8 +126,10 @@ class AdapterHost(TaskHost):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_runs(cls, runs: dict[str, str | Path], device: str | torch.device = "cpu") -> AdapterHost:
+    def from_runs(cls, runs: dict[str, str | Path], device: str | torch.device = "cpu", precision: str = "fp32") -> AdapterHost:
         """A host for finished run directories (``{task name: run dir}``), built on the first run's backbone.
+
+        ``precision``: ``fp32`` (default) or ``bf16`` autocast for every task.
 
         Raises:
             ConfigError: no runs, or a path that is not a run directory. WeightsError: a run trained on
@@ -140,7 +148,7 @@ class AdapterHost(TaskHost):
                 torch.manual_seed(cfg.run.seed)
             backbone = create_backbone(cfg.backbone, num_classes=len(classes))
         transform = build_transform(backbone, cfg.backbone.img_size, train=False)
-        host = cls(backbone, identity, device=device, transform=transform)
+        host = cls(backbone, identity, device=device, transform=transform, precision=precision)
         if identity.get("weights") == "none":
             host.random_init = (cfg.run.seed, len(classes))
         for name, run_dir in runs.items():
@@ -219,7 +227,8 @@ class AdapterHost(TaskHost):
     @torch.inference_mode()
     def logits(self, name: str, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, num_classes of the task] for a batch of preprocessed images [B, 3, H, W] (on CPU)."""
-        return self._task(name).model(images.to(self.device)).float().cpu()
+        with autocast(self.device, self.amp):
+            return self._task(name).model(images.to(self.device)).float().cpu()
 
     def predict(self, name: str, images: torch.Tensor) -> list[str]:
         """Predicted label of each image for task ``name``."""

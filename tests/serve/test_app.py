@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
 import visiontune as vt
+from visiontune.errors import ConfigError
 from visiontune.cli import main
 
 MAX_BYTES = 20_000  # the live server's --max-bytes (tests/serve/conftest.py)
@@ -229,3 +231,35 @@ def test_cli_serve_onnxruntime_backend_and_int8(
     assert "one backend" in capsys.readouterr().err
     assert main(["serve", "--adapter", f"a={colors}", "--backend", "openvino"]) == 2
     assert "pip install openvino" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bf16")
+def test_cli_serve_in_bf16_answers_like_fp32_and_says_so(
+    adapter_runs: dict[str, Path], runs_helper: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    live_server_cls: type,
+) -> None:
+    """`serve --precision bf16`: every adapter under bf16 autocast; same labels, scores close to fp32's."""
+    import uvicorn
+
+    from visiontune.multi import AdapterHost
+
+    calls: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: calls.append(server.config.app))
+    assert main(["serve", "--adapter", f"colors={adapter_runs['colors']}", "--port", "0", "--precision", "bf16"]) == 0
+    monkeypatch.undo()
+    assert "backend torch bf16)" in capsys.readouterr().out
+    fp32 = vt.pipeline(str(adapter_runs["colors"]), merge=False)
+    image = runs_helper.noisy_image(runs_helper.COLORS["green"], seed=11)
+    with live_server_cls(calls[0]) as server:
+        assert httpx.get(f"{server.url}/v1/adapters").json()["precision"] == "bf16"
+        body = _post_file(server.url, runs_helper.png_bytes(image)).json()
+    want = fp32(image)
+    assert body["predictions"][0]["label"] == want[0]["label"] == "green"
+    assert abs(body["predictions"][0]["score"] - want[0]["score"]) < 0.05
+    host = AdapterHost.from_runs({"colors": adapter_runs["colors"]}, precision="bf16")
+    x = fp32.preprocess(image)[None]
+    l16, l32 = host.logits("colors", x), AdapterHost.from_runs({"colors": adapter_runs["colors"]}).logits("colors", x)
+    assert host.amp is torch.bfloat16 and l16.dtype == torch.float32 and not torch.equal(l16, l32)  # bf16 did run
+    assert torch.allclose(l16.softmax(1), l32.softmax(1), atol=0.05)
+    with pytest.raises(ConfigError, match="precision 'fp16' is invalid for an adapter host; use fp32 or bf16"):
+        AdapterHost.from_runs({"colors": adapter_runs["colors"]}, precision="fp16")

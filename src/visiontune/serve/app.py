@@ -72,7 +72,7 @@ from visiontune.multi import AdapterHost
 from visiontune.serve.batching import MicroBatcher
 from visiontune.runtime import resolve_device
 from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
-from visiontune.infer.predictor import _cpu_only
+from visiontune.infer.predictor import _cpu_only, _export_precision
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 """Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
@@ -137,6 +137,7 @@ class AdaptersResponse(BaseModel):
     """Answer of ``GET /v1/adapters``."""
 
     backend: str = Field(description="torch (one shared backbone) or onnxruntime (one exported model per adapter)")
+    precision: str = Field(description="what the models compute in: fp32 or bf16 (torch), fp32 or int8 (onnxruntime)")
     backbone: dict[str, Any]
     adapters: list[AdapterInfo]
     default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
@@ -434,6 +435,7 @@ def create_app(
         """Every adapter with its method and label set; the backbone they share."""
         return {
             "backend": host.identity.get("backend", "torch"),
+            "precision": getattr(host, "precision", None) or host.identity.get("precision", "fp32"),
             "backbone": public_identity,
             "adapters": [
                 {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
@@ -467,7 +469,7 @@ def serve(
     adapters: dict[str, str], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
     max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT, max_decodes: int = DEFAULT_MAX_DECODES,
-    api_key: str | None = None, backend: str | None = None, int8: bool = False,
+    api_key: str | None = None, backend: str | None = None, int8: bool = False, precision: str = "fp32",
 ) -> None:
     """Load the adapters on one backbone and serve them until interrupted (blocking).
 
@@ -490,6 +492,7 @@ def serve(
         backend: ``torch`` (one shared backbone), ``onnxruntime`` (each adapter's export; a run directory
             uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
         int8: serve the INT8 exports (onnxruntime).
+        precision: torch backend: ``fp32`` (default) or ``bf16`` autocast (faster on CPUs with AMX or AVX-512 BF16).
 
     A non-loopback ``host`` gets a warning on stderr: the service is then reachable from the network,
     and without an API key anyone who reaches it can use it.
@@ -521,6 +524,9 @@ def serve(
         backend = resolve_backend(backend, path, int8)
     if backend == "onnxruntime":
         _cpu_only(device)
+        _export_precision(precision)
+    elif precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision {precision} is invalid for serve; use fp32 or bf16")
     sock = _bind(host, port)
     try:
         if not _is_loopback(sock.getsockname()[0]):
@@ -531,13 +537,14 @@ def serve(
         if backend == "onnxruntime":
             adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
         else:
-            adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device))
+            adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device), precision=precision)
         app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_pixels=max_pixels, max_aspect=max_aspect, max_decodes=max_decodes, api_key=api_key)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{shown}:{bound_port} "
-              f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''})", flush=True)
+              f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''}"
+              f"{' bf16' if precision == 'bf16' else ''})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         server.run(sockets=[sock])
     finally:
