@@ -261,7 +261,8 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes {args.batch_sizes!r} is invalid; give integers like 1,32") from None
     backends = None if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = bench_infer(args.run_dir, batch_sizes=sizes, iters=args.iters, min_time_s=args.min_time, device=args.device,
-                       backends=backends, export=args.export, rounds=args.rounds, progress=not args.json)
+                       backends=backends, export=args.export, rounds=args.rounds, progress=not args.json,
+                       bf16=args.bf16)
     print(json.dumps(rows) if args.json else format_bench(rows))
     return 0
 
@@ -453,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--export", default=None, help="folder with model.onnx / model.int8.onnx (default <run>/export, "
                                                    "else exported for the benchmark)")
     bi.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds; medians over them (default 1)")
+    bi.add_argument("--bf16", action="store_true",
+                    help="also time the PyTorch model under bf16 autocast (what --precision bf16 runs)")
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
     return p

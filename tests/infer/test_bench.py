@@ -27,6 +27,19 @@ def test_bench_merged_and_unmerged(adapter_runs: dict[str, Path]) -> None:
     assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "unmerged")  # the baseline
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no native bf16")
+def test_bench_bf16_variant_is_the_fast_model_under_bf16_autocast(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    rows = bench_infer(adapter_runs["colors"], batch_sizes=[2], iters=1, warmup=0, backends=["torch"], bf16=True)
+    assert [(r["variant"], r["precision"]) for r in rows] == [("merged", "fp32"), ("merged bf16", "bf16"), ("unmerged", "fp32")]
+    assert "bf16 = the same PyTorch model under bf16 autocast" in format_bench(rows)
+    # A method with nothing to merge: its one model, both ways; the baseline stays the fp32 one.
+    assert main(["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "2", "--iters", "1", "--json", "--backends", "torch",
+                 "--bf16"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["variant"], r["precision"]) for r in rows] == [("as trained", "fp32"), ("as trained bf16", "bf16")]
+    assert rows[0]["speedup"] == 1.0
+
+
 def test_bench_method_without_merge_and_cli(adapter_runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     assert main(["bench-infer", str(adapter_runs["tone"]), "--batch-sizes", "2", "--iters", "1", "--json", "--backends", "torch"]) == 0
     rows = json.loads(capsys.readouterr().out)

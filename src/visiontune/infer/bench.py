@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from visiontune.errors import ConfigError
-from visiontune.runtime import autocast_dtype, resolve_device
+from visiontune.runtime import autocast_dtype, inference_dtype, resolve_device
 from visiontune.eval.speed import _synchronizer, _timed_runs
 from visiontune.infer.backends import FP32_NAME, INT8_NAME, resolve_backend
 from visiontune.infer.export import export_run
@@ -70,7 +70,7 @@ def _onnx_exports(run_dir: Path, export: str | Path | None, stack: ExitStack, pr
 def bench_infer(
     run_dir: str | Path, batch_sizes: Sequence[int] = (1, 32), iters: int | None = None, min_time_s: float = 1.0,
     device: str = "cpu", warmup: int = 2, backends: Sequence[str] | None = None, export: str | Path | None = None,
-    rounds: int = 1, progress: bool = False,
+    rounds: int = 1, progress: bool = False, bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Time a run's predictor on each backend and precision at each batch size.
 
@@ -86,6 +86,8 @@ def bench_infer(
             exported into a temporary folder when it lacks them).
         rounds: measurements per variant, taken in turns; figures are medians over rounds.
         progress: say what is being exported.
+        bf16: also time the PyTorch model (merged when it merges) under bf16 autocast (variant ``... bf16``;
+            ``--precision bf16`` of predict / eval / serve).
 
     Returns:
         One row per (variant, batch size): ``variant`` (``merged`` / ``unmerged`` / ``as trained`` for
@@ -110,11 +112,15 @@ def bench_infer(
     merged = run.method.merge(run.model)
     torch_variants = [("merged", merged), ("unmerged", run.model)] if merged is not run.model else [("as trained", run.model)]
     amp = autocast_dtype(run.config.optim.precision, dev)
+    torch_variants = [(name, model, amp) for name, model in torch_variants]
+    if bf16:
+        torch_variants.insert(1, (f"{torch_variants[0][0]} bf16", torch_variants[0][1], inference_dtype("bf16", "fp32", dev)))
     predictors: list[tuple[str, Predictor, str]] = []
     if "torch" in backends:
-        for name, model in torch_variants:
-            predictors.append((name, Predictor(model, run.classes, run.transform, device=dev, batch_size=max(sizes), amp=amp,
-                                               merged=name == "merged", run_dir=run.run_dir, method=run.config.method.name),
+        for name, model, dtype in torch_variants:
+            predictors.append((name, Predictor(model, run.classes, run.transform, device=dev, batch_size=max(sizes), amp=dtype,
+                                               merged=name.startswith("merged"), run_dir=run.run_dir,
+                                               method=run.config.method.name),
                                "the run (PyTorch, eager)"))
     with ExitStack() as stack:
         if "onnxruntime" in backends:
@@ -179,6 +185,8 @@ def format_bench(rows: list[dict[str, Any]]) -> str:
         if base:
             notes.append(f"x baseline = forward img/s over the PyTorch model as trained ({base}: eager fp32, adapters "
                          "unmerged), the model a hand-written timm + peft loop evaluates")
+        if any(v.endswith(" bf16") for v in variants):
+            notes.append("... bf16 = the same PyTorch model under bf16 autocast (predict / eval / serve --precision bf16)")
         onnx_src = sorted({r["source"] for r in rows if r["backend"] == "onnxruntime"})
         if onnx_src:
             notes.append(f"onnxruntime models: {'; '.join(onnx_src)}")
