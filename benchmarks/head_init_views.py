@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from visiontune.infer.backends import cpu_info
 
 DATASETS = {"elpv": 20, "fashion-mnist": 10}
 CONFIGS = {  # name -> (method, views, overrides)
@@ -38,26 +39,13 @@ COMMON = ["data.test_per_class=100", "backbone.weights=offline", "backbone.img_s
           "optim.batch_size=16", "run.progress=false", "run.overwrite=true"]
 
 
-def _cpu() -> str:
-    """The CPU, its core count and the instruction set torch uses on it (AVX2 vs AVX-512 machines differ)."""
-    import os
-
-    import torch
-
-    name = platform.processor() or "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    return f"{name}, {os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, help="folder for the runs (kept, so a rerun only tabulates)")
     p.add_argument("--out", required=True, help="folder for README-ready results.md and results.json")
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
+    machine = cpu_info()
     runs = Path(args.runs)
     jobs = [(ds, n, s, c) for s in range(args.seeds) for ds, n in DATASETS.items() for c in CONFIGS]
     acc: dict[tuple[str, int, str], float] = {}
@@ -74,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         "# LP-FT probe head on augmented views (`optim.head_init_views`), and the probe's own views (`method.views`)",
         "",
         f"Command: `.venv/bin/python {' '.join(map(shlex.quote, ['benchmarks/head_init_views.py', *(argv or sys.argv[1:])]))}`",
-        f"(CPU: {_cpu()}; each run a fresh `visiontune train` process; grid and settings in the script's docstring).",
+        f"(CPU: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; each run a fresh "
+        "`visiontune train` process; grid and settings in the script's docstring).",
         "",
         "Test accuracy (%), one row per training draw; v4 - v1 is paired (same training and test images).",
         "",
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(
-        {"cpu": _cpu(), "accuracy": {f"{k[0]} s{k[1]} {k[2]}": v for k, v in acc.items()}, "summary": summary}, indent=1))
+        {"machine": machine, "accuracy": {f"{k[0]} s{k[1]} {k[2]}": v for k, v in acc.items()}, "summary": summary}, indent=1))
     print("\n".join(lines))
     return 0
 

@@ -24,6 +24,7 @@ from visiontune.infer.evaluate import evaluate_run
 from visiontune.infer.export import export_run
 from visiontune.infer.files import check_table_path, collect_images, format_results, prediction_header, prediction_row, write_table
 from visiontune.pretrain import load_pretrain_config, pretrain
+from visiontune.multi import HOST_PRECISIONS
 from visiontune.registry import DATASETS, METHODS
 from visiontune.runtime import INFERENCE_PRECISIONS
 from visiontune.serve.app import serve
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    sv.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    sv.add_argument("--precision", choices=list(HOST_PRECISIONS), default="fp32",
                     help="torch backend: fp32 (default) or bf16 autocast for every adapter (faster on CPUs with AMX or "
                          "AVX-512 BF16; emulated and slow on CPUs without either)")
     _backend_args(sv)

@@ -73,12 +73,23 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+HOST_PRECISIONS = ("fp32", "bf16")
+"""What an :class:`AdapterHost` computes in (``serve --precision``): fp32, or bf16 autocast for every task."""
+
+
+def check_host_precision(precision: str) -> None:
+    """Raises ConfigError unless ``precision`` is one of :data:`HOST_PRECISIONS`."""
+    if precision not in HOST_PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is invalid for an adapter host; use {' or '.join(HOST_PRECISIONS)}")
+
+
 class TaskHost:
-    """What the service needs of an adapter host: named tasks (``self.tasks``), each with its label names.
-    :class:`AdapterHost` (PyTorch, one shared backbone) and :class:`visiontune.infer.backends.ExportHost`
-    (onnxruntime exports) both build on it."""
+    """What the service needs of an adapter host: named tasks (``self.tasks``), each with its label names,
+    and the ``precision`` its models compute in. :class:`AdapterHost` (PyTorch, one shared backbone) and
+    :class:`visiontune.infer.backends.ExportHost` (onnxruntime exports) both build on it."""
 
     tasks: dict[str, Any]
+    precision: str
 
     def _task(self, name: str) -> Any:
         if name not in self.tasks:
@@ -110,8 +121,7 @@ class AdapterHost(TaskHost):
         self, backbone: nn.Module, identity: dict[str, Any], device: str | torch.device = "cpu",
         transform: Callable[[Any], torch.Tensor] | None = None, precision: str = "fp32",
     ):
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision {precision!r} is invalid for an adapter host; use fp32 or bf16")
+        check_host_precision(precision)
         self.device = torch.device(device)
         self.precision = precision
         # Every task computes in this precision (bf16: autocast, see visiontune.runtime.inference_dtype).

@@ -339,8 +339,8 @@ class ExportHost(TaskHost):
         self.device = torch.device("cpu")
         first = next(iter(tasks.values()))
         self.transform = first.transform
-        precisions = sorted({t.precision for t in tasks.values()})
-        self.identity = {"backend": "onnxruntime", "precision": "/".join(precisions), "shared": False,
+        self.precision = "/".join(sorted({t.precision for t in tasks.values()}))
+        self.identity = {"backend": "onnxruntime", "precision": self.precision, "shared": False,
                          **self._backbone(first)}
 
     @staticmethod

@@ -68,7 +68,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
         "pip install 'visiontune[serve]'"
     ) from _exc
 from visiontune.infer.predictor import check_top_k, top_k_predictions
-from visiontune.multi import AdapterHost
+from visiontune.multi import AdapterHost, check_host_precision
 from visiontune.serve.batching import MicroBatcher
 from visiontune.runtime import resolve_device
 from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
@@ -435,7 +435,7 @@ def create_app(
         """Every adapter with its method and label set; the backbone they share."""
         return {
             "backend": host.identity.get("backend", "torch"),
-            "precision": getattr(host, "precision", None) or host.identity.get("precision", "fp32"),
+            "precision": host.precision,
             "backbone": public_identity,
             "adapters": [
                 {"name": t.name, "method": t.method.name, "classes": t.classes, "num_classes": len(t.classes),
@@ -525,8 +525,8 @@ def serve(
     if backend == "onnxruntime":
         _cpu_only(device)
         _export_precision(precision)
-    elif precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision {precision} is invalid for serve; use fp32 or bf16")
+    else:
+        check_host_precision(precision)  # before binding the port, as every other setting
     sock = _bind(host, port)
     try:
         if not _is_loopback(sock.getsockname()[0]):
