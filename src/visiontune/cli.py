@@ -92,8 +92,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name in vt.list_datasets():
             print(f"{name:14s} {DATASETS.help(name)}")
     else:
-        for name in vt.list_backbones():
-            print(name)
+        from visiontune.backbones import describe_backbones
+
+        print(describe_backbones())
     return 0
 
 

@@ -7,9 +7,10 @@ offline weight sources (``visiontune.registry.WEIGHT_SOURCES``).
 from visiontune.backbones import offline as _offline  # noqa: F401  (registers WEIGHT_SOURCES)
 from visiontune.backbones import tiny as _tiny  # noqa: F401  (registers BACKBONES)
 from visiontune.backbones.factory import (
-    ANY_TIMM_NOTE, backbone_identity, create_backbone, create_meta_backbone, default_img_size, list_backbones,
+    ANY_TIMM_NOTE, backbone_identity, create_backbone, create_meta_backbone, default_img_size, describe_backbones,
+    list_backbones,
 )
-from visiontune.backbones.offline import DinoV2ImgFocus, EfficientNetLite0
+from visiontune.backbones.offline import EFFICIENTNET_LITE, MOBILENET_V2, DinoV2ImgFocus, OrderedStateDictSource
 from visiontune.backbones.tiny import TINY_IMG_SIZE, TinyBackbone
 from visiontune.backbones.transforms import ToRGB, build_transform, data_config
 from visiontune.backbones.weights import PackageWeightSource, WeightSpec, parse_weights, weights_cache_dir
@@ -17,7 +18,9 @@ from visiontune.backbones.weights import PackageWeightSource, WeightSpec, parse_
 __all__ = [
     "ANY_TIMM_NOTE",
     "DinoV2ImgFocus",
-    "EfficientNetLite0",
+    "EFFICIENTNET_LITE",
+    "MOBILENET_V2",
+    "OrderedStateDictSource",
     "PackageWeightSource",
     "TINY_IMG_SIZE",
     "TinyBackbone",
@@ -29,6 +32,7 @@ __all__ = [
     "create_meta_backbone",
     "data_config",
     "default_img_size",
+    "describe_backbones",
     "list_backbones",
     "parse_weights",
     "weights_cache_dir",

