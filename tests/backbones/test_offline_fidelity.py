@@ -133,3 +133,13 @@ def test_list_backbones_states_each_sources_provenance(capsys) -> None:
         for fact in (source.package, source.version, source.relpath, source.sha256, source.license, source.trained_on):
             assert fact in block, (name, fact)
     assert "(offline:dinov2-vits14-imgfocus, derivative)" in out and "(offline:efficientnet-lite1, original)" in out
+
+
+def test_the_docs_page_states_what_the_code_registers() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "offline-weights.md").read_text()
+    for name in WEIGHT_SOURCES.names():
+        source = WEIGHT_SOURCES.get(name)
+        row = next((line for line in page.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/offline-weights.md has no row for offline source {name}"
+        for fact in (source.arch, f"{source.package}=={source.version}", source.relpath, source.sha256, source.origin):
+            assert fact in row, (name, fact)
