@@ -6,7 +6,8 @@ Two kinds of dataset are listed in :data:`DATASETS`:
   rebuilt from a clone or a bare git directory of that repository by :func:`extract`, with one set of rules:
 
   1. a class is the union of the image files (``.jpg``/``.jpeg``/``.png``, any case) directly inside its source
-     folders at the pinned commit;
+     folders at the pinned commit (or, for a source ``folder/PATTERN``, those of ``folder`` whose names match
+     the shell pattern: for repositories that put the label in the file name);
   2. a file counts as an image only when its first bytes are an image format's magic number, so Git LFS /
      git-annex pointers (small text files) and other junk are skipped;
   3. images filed under two classes (byte-identical content) are dropped from both, and a second copy of an
@@ -35,6 +36,7 @@ matter) or, failing git, a plain folder holding the repository's files (then the
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -60,7 +62,8 @@ PROVENANCE_FILE = "PROVENANCE.json"
 MARKDOWN_PATH = Path(__file__).resolve().parent / "datasets" / "DATASETS.md"
 
 SELECTION_RULES = (
-    "per class: the .jpg/.jpeg/.png files directly in the listed source folders at the pinned commit whose "
+    "per class: the .jpg/.jpeg/.png files directly in the listed source folders (or matching a listed "
+    "folder/file-name pattern) at the pinned commit whose "
     "first bytes are an image magic number (Git LFS pointers are skipped); byte-identical images filed under two "
     "classes are dropped from both (excluded classes count), repeated copies within a class are dropped; of the n "
     "left, sorted by repository path, at most {max_per_class} are kept at indices floor(i*n/{max_per_class}); "
@@ -77,7 +80,9 @@ class GitDataset:
         domain: what the images show, for the meta-benchmark's domain coverage.
         repo: ``owner/name`` on GitHub.
         commit: the full 40-hex commit the images are read at.
-        classes: output class name -> source folders (repository-relative) merged into that class.
+        classes: output class name -> sources merged into that class: repository-relative folders, or
+            ``folder/PATTERN`` (a shell pattern on the file name, e.g. ``IMAGES/crazing_*``) where the label
+            is in the file name rather than the folder.
         licence: what is known about the licence of the images (and of the repository).
         labels: how the class labels were derived.
         notes: anything a user must know (resizing done in the repository, label noise, colour caveats).
@@ -212,6 +217,40 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
         notes="resized to 150x150 in the repo (AID originals are 600x600). 10 visually diverse classes of the 30 "
               "the repo holds (220-420 images each)",
         counts={**{c.lower(): 300 for c in _AID_CLASSES}, "forest": 250},
+    ),
+)
+
+_NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+_NATURAL_CLASSES = ("airplane", "car", "cat", "dog", "flower", "fruit", "motorbike", "person")
+
+GIT_DATASETS += (
+    GitDataset(
+        name="neu_steel6",
+        domain="industrial inspection: hot-rolled steel strip surface defects (NEU-DET, Song & Yan 2013; He et al. "
+               "2020), 200x200 greyscale",
+        repo="siddhartamukherjee/NEU-DET-Steel-Surface-Defect-Detection",
+        commit="351bee21b56bbf97a1e1d18262bceb202eb7ef41",
+        classes={c: (f"IMAGES/{c}_*", f"Validation_Images/{c}_*") for c in _NEU_CLASSES},
+        licence="repo: no LICENSE file (unknown). The NEU surface defect database is published by Northeastern "
+                "University (K. Song, Y. Yan) free for research use; cite Song & Yan 2013 and He et al. 2020",
+        labels="file-name prefix <class>_<n>.jpg in IMAGES/ and Validation_Images/ (the repo moved 5-6 per class "
+               "to Validation_Images; both merged); same classes as the NEU-DET release",
+        notes="200x200 greyscale content stored as RGB JPEGs (NEU-DET, the detection release: every image "
+              "holds defects of its one class); one exact duplicate in patches dropped",
+        counts={**{c: 300 for c in _NEU_CLASSES}, "patches": 299},
+    ),
+    GitDataset(
+        name="natural8",
+        domain="natural objects: photos of 8 object classes (Kaggle 'Natural Images', Roy et al. 2018)",
+        repo="Keunyoung-Jung/my_first_DL",
+        commit="23968250aeb29bbfe38ec1972041d1f63aab8c08",
+        classes=_folders("natural_images", _NATURAL_CLASSES),
+        licence="repo: no LICENSE file (unknown). 'Natural Images' (P. Roy et al., arXiv:1807.10108) compiles "
+                "images from several public sets (Caltech-101, Flickr, ...); no licence stated in this repo",
+        labels="folder name natural_images/<class>/ in the source repo",
+        notes="resized to 30x30 in the repo (the author's resize.py; CIFAR-like resolution). Thumbs.db files "
+              "in the folders are skipped",
+        counts={c: 300 for c in _NATURAL_CLASSES},
     ),
 )
 
@@ -399,13 +438,21 @@ def is_image(data: bytes) -> bool:
     return data.startswith(IMAGE_MAGIC)
 
 
-def scan_class(tree: SourceTree, folders: tuple[str, ...]) -> ClassScan:
+def split_source(source: str) -> tuple[str, str | None]:
+    """``"dir/sub"`` -> ``("dir/sub", None)``; ``"dir/name_*"`` -> ``("dir", "name_*")`` (a file-name pattern)."""
+    folder, _, last = source.rstrip("/").rpartition("/")
+    return (folder, last) if any(ch in last for ch in "*?[") else (source.rstrip("/"), None)
+
+
+def scan_class(tree: SourceTree, sources: tuple[str, ...]) -> ClassScan:
     """Rules 1-2 for one class: its image files, sorted by repository path, with their SHA-1."""
     scan = ClassScan()
-    for folder in folders:
-        paths = [p for p in tree.list_files(folder) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+    for source in sources:
+        folder, pattern = split_source(source)
+        paths = [p for p in tree.list_files(folder) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS
+                 and (pattern is None or fnmatch.fnmatchcase(os.path.basename(p), pattern))]
         if not paths:
-            scan.missing_folders.append(folder)
+            scan.missing_folders.append(source)
         for p in paths:
             data = tree.read(p)
             if is_image(data):

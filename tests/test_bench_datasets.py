@@ -49,7 +49,8 @@ def toy_repo(tmp_path_factory):
       folder (an exact duplicate), an image also filed under b, a Git LFS pointer named .png, a text file,
       a same-named but different image in both folders, and an image in a sub-folder (not a class member);
     - b: 2 own images, the image shared with a, and one shared with the excluded class x;
-    - x: 1 own image and the one shared with b.
+    - x: 1 own image and the one shared with b;
+    - c: the files of data/mixed/ named c_* (2 of 3: the label is in the file name).
 
     A later commit adds an image to b; extraction at the pinned commit must not see it.
     """
@@ -72,6 +73,9 @@ def toy_repo(tmp_path_factory):
     files["data/x/x0.png"] = _image("PNG", 170)
     files["data/x/x_b.png"] = _image("PNG", 180)
     files["data/b/also_in_x.png"] = files["data/x/x_b.png"]
+    files["data/mixed/c_1.png"] = _image("PNG", 190)
+    files["data/mixed/c_2.jpg"] = _image("JPEG", 195)
+    files["data/mixed/d_1.png"] = _image("PNG", 198)
     for rel, data in files.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(data)
@@ -87,9 +91,9 @@ def toy_repo(tmp_path_factory):
 
 def _spec(ds, commit: str, **kw):
     base = dict(name="toy", domain="test", repo="someone/toy", commit=commit,
-                classes={"a": ("data/a1", "data/a2"), "b": ("data/b",), "x": ("data/x",)}, exclude=("x",),
-                licence="CC0 (test)", labels="folder name", notes="built by the test",
-                counts={"a": 9, "b": 2})
+                classes={"a": ("data/a1", "data/a2"), "b": ("data/b",), "c": ("data/mixed/c_*",), "x": ("data/x",)},
+                exclude=("x",), licence="CC0 (test)", labels="folder name", notes="built by the test",
+                counts={"a": 9, "b": 2, "c": 2})
     base.update(kw)
     return ds.GitDataset(**base)
 
@@ -107,7 +111,7 @@ def test_rules_on_a_clone(ds, toy_repo, tmp_path):
     # not the image also filed under b, not the pointer, the text file or the nested image.
     assert sorted(images) == sorted(["a/img0.png", "a/img1.png", "a/img2.png", "a/img3.png", "a/img4.png",
                                      "a/photo5.jpg", "a/photo6.JPG", "a/same.png", "a/data__a2__same.png",
-                                     "b/b0.png", "b/b1.jpeg"])
+                                     "b/b0.png", "b/b1.jpeg", "c/c_1.png", "c/c_2.jpg"])
     # Byte-for-byte copies of the pinned commit's files.
     assert images["a/same.png"] == files["data/a1/same.png"]
     assert images["a/data__a2__same.png"] == files["data/a2/same.png"]
@@ -121,9 +125,10 @@ def test_provenance_records_source_rules_and_counts(ds, toy_repo, tmp_path):
     prov = json.loads((dest / "PROVENANCE.json").read_text())
     assert prov["source"] == "github:someone/toy" and prov["commit"] == pinned
     assert prov["licence"] == "CC0 (test)" and prov["labels"] == "folder name" and prov["notes"] == "built by the test"
-    assert prov["class_to_source_folders"] == {"a": ["data/a1", "data/a2"], "b": ["data/b"], "x": ["data/x"]}
+    assert prov["class_to_source_folders"] == {"a": ["data/a1", "data/a2"], "b": ["data/b"], "c": ["data/mixed/c_*"],
+                                               "x": ["data/x"]}
     assert prov["excluded_classes"] == ["x"] and prov["max_per_class"] == 300
-    assert prov["images_per_class"] == {"a": 9, "b": 2} and prov["total_images"] == 11
+    assert prov["images_per_class"] == {"a": 9, "b": 2, "c": 2} and prov["total_images"] == 13
     counts = prov["source_counts"]
     assert counts["a"]["lfs_pointers_skipped"] == 1 and counts["a"]["dropped_cross_class"] == 1
     assert counts["a"]["dropped_duplicates"] == 1 and counts["a"]["image_files"] == 11
@@ -170,7 +175,7 @@ def test_cap_takes_evenly_spaced_files_deterministically(ds, toy_repo, tmp_path)
     prov = json.loads((first / "PROVENANCE.json").read_text())
     kept_a = sorted(rec["source"] for k, rec in prov["files"].items() if k.startswith("a/"))
     assert kept_a == ["data/a1/img0.png", "data/a1/img3.png", "data/a2/photo5.jpg"]
-    assert prov["max_per_class"] == 3 and prov["images_per_class"] == {"a": 3, "b": 2}
+    assert prov["max_per_class"] == 3 and prov["images_per_class"] == {"a": 3, "b": 2, "c": 2}
     assert ds.evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7] and ds.evenly_spaced([1, 2], 4) == [1, 2]
 
 
@@ -179,7 +184,7 @@ def test_errors_name_the_problem_and_the_fix(ds, toy_repo, tmp_path):
     with pytest.raises(ds.ExtractError, match=r"commit 0{40} is not in the git repository.*Fix: fetch it"):
         ds.extract(_spec(ds, "0" * 40), str(repo), str(tmp_path), log=lambda _: None)
     with pytest.raises(ds.ExtractError, match=r"differ from the recorded ones.*'a': \(5, 9\)"):
-        ds.extract(_spec(ds, pinned, counts={"a": 5, "b": 2}), str(repo), str(tmp_path), log=lambda _: None)
+        ds.extract(_spec(ds, pinned, counts={"a": 5, "b": 2, "c": 2}), str(repo), str(tmp_path), log=lambda _: None)
     assert not (tmp_path / "toy").exists()  # nothing half-written
     with pytest.raises(ds.ExtractError, match=r"no images for class\(es\) \['b'\]"):
         ds.extract(_spec(ds, pinned, classes={"a": ("data/a1",), "b": ("data/nope",)}, exclude=()),
