@@ -254,6 +254,26 @@ GIT_DATASETS += (
     ),
 )
 
+_MRI_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+
+GIT_DATASETS += (
+    GitDataset(
+        name="brain_mri4",
+        domain="medical: brain MRI slices, tumour type (Kaggle 'Brain Tumor MRI Dataset', M. Nickparvar; from "
+               "figshare (Cheng et al. 2015), SARTAJ and Br35H)",
+        repo="KomalChaudhari8/BRAIN_TUMOR_APP",
+        commit="1fac2c320ad3f98cb71ce79d5d1490a953eaa1ec",
+        classes={c: (f"Training/{c}", f"Testing/{c}") for c in _MRI_CLASSES},
+        licence="repo: no LICENSE file (unknown). The Kaggle set is listed there as CC0-1.0 (not restated in the "
+                "repo); its figshare part is CC BY 4.0 (Cheng et al.)",
+        labels="folder name Training/<class>/ and Testing/<class>/ (merged per class), as in the Kaggle release",
+        notes="224x224 in the repo (resized there; the Kaggle originals vary in size); greyscale content (566 "
+              "stored as mode L, the rest RGB with equal channels but a few). The Kaggle set holds exact duplicates "
+              "(294 in notumor, 114 in meningioma), which the rules drop",
+        counts={c: 300 for c in _MRI_CLASSES},
+    ),
+)
+
 BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     BuiltinDataset(
         name="elpv",
