@@ -274,6 +274,37 @@ GIT_DATASETS += (
     ),
 )
 
+_CLOTHING_CLASSES = ("dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt", "t-shirt")
+
+GIT_DATASETS += (
+    GitDataset(
+        name="sign_digits10",
+        domain="hand gestures: photos of hands showing sign-language digits 0-9 (218 students, 10 each)",
+        repo="ardamavi/Sign-Language-Digits-Dataset",
+        commit="4b09433ef9d5c60602e8805bb54b8aa2428527f8",
+        classes=_folders("Dataset", tuple(str(d) for d in range(10))),
+        licence="Apache-2.0 (the repository's LICENSE; this repository is the dataset's own home)",
+        labels="folder name Dataset/<digit>/ in the source repo (the digit the student signed)",
+        notes="100x100 RGB JPEGs as released (Turkey Ankara Ayranci Anadolu High School), but 3 that are "
+              "3024x3024; 204-208 per class",
+        counts=dict(zip((str(d) for d in range(10)), (205, 206, 206, 206, 207, 207, 207, 206, 208, 204))),
+    ),
+    GitDataset(
+        name="clothing10",
+        domain="clothing photos taken by people (product-like photos of garments; 'clothing dataset', top-10 "
+               "classes)",
+        repo="alexeygrigorev/clothing-dataset-small",
+        commit="11961516512414bf9f6c150a832cfd21b54a6b54",
+        classes={c: (f"train/{c}", f"validation/{c}", f"test/{c}") for c in _CLOTHING_CLASSES},
+        licence="CC0-1.0 (the repository's LICENSE; 'can be freely used for any purpose')",
+        labels="folder name <train|validation|test>/<class>/ (the three splits merged per class)",
+        notes="the repo's subset of alexeygrigorev/clothing-dataset; photos 400 px on the short side, mostly "
+              "400x533; classes unbalanced (hat 149, skirt 136)",
+        counts={"dress": 288, "hat": 149, "longsleeve": 300, "outwear": 246, "pants": 300, "shirt": 300, "shoes": 297,
+                "shorts": 257, "skirt": 136, "t-shirt": 300},
+    ),
+)
+
 BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     BuiltinDataset(
         name="elpv",
