@@ -322,6 +322,30 @@ GIT_DATASETS += (
     ),
 )
 
+_HDS_USERS = ("aly", "crt", "drt", "elu", "frt", "if1", "if2", "if3", "if5", "if8", "il1", "ilb", "im1", "lrt", "lt1",
+              "lts", "mrt", "nae", "nld", "u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10", "u11",
+              "u12", "u13", "u14", "u17", "u18", "u19", "vly")
+_HDS_CLASSES = ("ellipse", "other", "rectangle", "triangle")
+
+GIT_DATASETS += (
+    GitDataset(
+        name="hds_shapes4",
+        domain="sketches: hand-drawn shapes drawn on a phone by 37 people aged 7-87 (Hand-drawn Shapes dataset, "
+               "F. Robert 2022)",
+        repo="frobertpixto/hand-drawn-shapes-dataset",
+        commit="a01f80248c156c56a83b2678453e410bdcc6a342",
+        classes={c: tuple(f"data/user.{u}/images/{c}" for u in _HDS_USERS) for c in _HDS_CLASSES},
+        licence="data CC BY 4.0 (README 'Licenses': (c) 2022 Francois Robert); notebooks MIT; this repository is "
+                "the dataset's own home",
+        labels="folder name data/user.<who>/images/<shape>/ (every drawer's folders merged per shape); 'other' is "
+               "stars, hearts, crosses and the like",
+        notes="70x70 PNGs (black strokes on white, stored RGBA with an opaque alpha), size-normalised and centred "
+              "by the author; 6,454-7,287 per class in the source; the evenly spaced pick over sorted paths draws "
+              "from every drawer (in proportion to how much each drew)",
+        counts={c: 300 for c in _HDS_CLASSES},
+    ),
+)
+
 BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     BuiltinDataset(
         name="elpv",
