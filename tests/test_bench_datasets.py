@@ -90,7 +90,7 @@ def toy_repo(tmp_path_factory):
 
 
 def _spec(ds, commit: str, **kw):
-    base = dict(name="toy", domain="test", repo="someone/toy", commit=commit,
+    base = dict(name="toy", family="test", domain="test", repo="someone/toy", commit=commit,
                 classes={"a": ("data/a1", "data/a2"), "b": ("data/b",), "c": ("data/mixed/c_*",), "x": ("data/x",)},
                 exclude=("x",), licence="CC0 (test)", labels="folder name", notes="built by the test",
                 counts={"a": 9, "b": 2, "c": 2})
@@ -210,6 +210,8 @@ def test_table_is_complete_and_markdown_is_current(ds, capsys):
     git = [d for d in ds.DATASETS.values() if isinstance(d, ds.GitDataset)]
     builtin = [d for d in ds.DATASETS.values() if isinstance(d, ds.BuiltinDataset)]
     assert {d.name for d in builtin} == {"elpv", "fashion-mnist", "digits"}
+    # Issue 28's meta-benchmark asks for at least 12 datasets from at least 6 kinds of imagery.
+    assert len(ds.DATASETS) >= 12 and len({d.family for d in ds.DATASETS.values()}) >= 6
     for d in git:
         assert re.fullmatch(r"[0-9a-f]{40}", d.commit), d.name
         assert set(d.counts) == set(d.kept_classes), d.name  # a recorded count for every written class
