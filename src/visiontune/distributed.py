@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from visiontune.config import Config
 from visiontune.errors import ConfigError, TrainingStopped
-from visiontune.runtime import optimizer_step
+from visiontune.runtime import optimizer_step, train_mode
 
 T = TypeVar("T")
 
@@ -572,7 +572,7 @@ def train_one_epoch_sharded(
     """
     dist = _CURRENT
     assert dist is not None
-    model.train()
+    train_mode(model)
     accum = cfg.optim.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.precision == "fp16" else None

@@ -133,6 +133,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return LambdaLR(optimizer, factor)
 
 
+def train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, except that BatchNorm layers whose affine parameters are frozen keep their running statistics.
+
+    A frozen CNN backbone under LoRA/DoRA/Mona (or a linear head) has BatchNorm layers nothing trains; in train mode
+    they would normalise with the statistics of each small batch and overwrite the ImageNet running statistics, so
+    the features the probe head was fitted on drift while the adapters learn (measured: LoRA conv r8 on
+    EfficientNet-Lite0, flowers 10/class, ended at 34.7 % test against the probe's 52.7 %). As detectron2 and
+    timm's ``freeze_batch_norm_2d`` do for frozen backbones, such layers stay in eval mode. BatchNorm layers that
+    train (full fine-tuning, from scratch, BitFit's biases) train as usual.
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, params: Any, clip_grad: float | None
 ) -> None:

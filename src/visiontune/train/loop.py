@@ -33,7 +33,7 @@ from visiontune.methods.base import class_weights
 from visiontune.registry import METHODS
 from visiontune.runtime import (
     autocast, autocast_dtype, batches as _batches, make_loader, optimizer_step, precision_report, resolve_device,
-    seed_everything, torch_threads, warmup_cosine,
+    seed_everything, torch_threads, train_mode, warmup_cosine,
 )
 from visiontune.train.tblog import ScalarLogger, require_tensorboard
 from visiontune.atomic import write_json_atomic
@@ -131,7 +131,7 @@ def train_one_epoch(
     ``class_weight`` ([K], see :func:`class_weights`) weights each example's loss by its class. ``stop`` is asked
     after every optimizer step; when it answers True, :class:`~visiontune.errors.TrainingStopped` is raised.
     """
-    model.train()
+    train_mode(model)
     accum = cfg.optim.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
