@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from visiontune.errors import ConfigError
+from visiontune.precisions import INFERENCE_PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,9 +38,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-INFERENCE_PRECISIONS = ("run", "fp32", "bf16")
 
 
 def inference_dtype(precision: str, run_precision: str, device: torch.device) -> torch.dtype | None:
