@@ -30,9 +30,10 @@ lock:
 
 install: $(STAMP)
 
-# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the suite.
+# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the whole suite (no -x: every
+# failure is reported, not only the first).
 test: lint
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
