@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from visiontune import __version__
 from visiontune.extras import EXTRAS, WHAT_NEEDS, install_hint, installed_extras
 from visiontune.registry import WEIGHT_SOURCES
 from visiontune.runtime import cpu_info
@@ -59,8 +60,6 @@ def _version(dist: str) -> str:
 
 def versions() -> dict[str, str]:
     """Python, visiontune and the libraries it is built on (installed distributions' versions; none is imported)."""
-    from visiontune import __version__
-
     out = {"python": platform.python_version(), "visiontune": __version__, "torch": torch.__version__}
     out.update({dist: _version(dist) for dist in ("torchvision", "timm", "peft")})
     return out
