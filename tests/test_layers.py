@@ -33,7 +33,8 @@ cycle check keeps the order one way):
 6. ``infer``, ``multi``, ``serve``: predictor, export and evaluation of finished runs, the adapter
    host, the HTTP app.
 7. ``auto``, ``sweep``: method selection and grids, built from whole runs.
-8. ``cli`` (and ``__main__``, ``python -m visiontune``), ``doctor`` (the machine report), ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
+8. ``cli`` (and ``__main__``, ``python -m visiontune``), ``doctor`` (the machine report), ``reference`` (the docs'
+   generated reference pages), ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ LAYERS: list[list[str]] = [
     ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check", "estimate"],
     ["infer", "multi", "serve"],
     ["auto", "sweep"],
-    ["cli", "__main__", "doctor", "demo", ""],
+    ["cli", "__main__", "doctor", "reference", "demo", ""],
 ]
 
 

@@ -114,10 +114,10 @@ class Registry(Generic[T]):
         return len(self._entries)
 
 
-BACKBONES: Registry[Callable[..., Any]] = Registry("backbone", "backbone.name", filled_by=("visiontune.backbones",))
+BACKBONES: Registry[Callable[..., Any]] = Registry("backbone", "backbone.name", filled_by=("visiontune.backbones.tiny",))
 """Extra backbone names (tiny test models, aliases); any timm model name works as well."""
 
-WEIGHT_SOURCES: Registry[Any] = Registry("weight source", "backbone.weights", filled_by=("visiontune.backbones",))
+WEIGHT_SOURCES: Registry[Any] = Registry("weight source", "backbone.weights", filled_by=("visiontune.backbones.offline",))
 """Offline/package weight sources that produce timm-compatible state dicts."""
 
 METHODS: Registry[Any] = Registry("method", "method.name", filled_by=("visiontune.methods",))
