@@ -47,9 +47,8 @@ demo: $(STAMP)
 demo-check: $(STAMP)
 	$(BIN)/python -m visiontune.demo --check README.md
 
-# visiontune vs a hand-written timm + peft loop, side by side (about a quarter of an hour on 2 quiet cores, the latest run's time is in
-# docs/how-to/speed.md; BENCH_ARGS=--full
-# for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
+# visiontune vs a hand-written timm + peft loop, side by side (about a quarter of an hour on 2 quiet cores; the latest
+# run's time is in docs/how-to/speed.md; BENCH_ARGS=--full for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
 
@@ -60,7 +59,7 @@ docs: $(STAMP)
 
 # What `pip install visiontune` gives a user: the wheel (built by pip) in an empty venv without extras, base
 # dependencies pinned by the lock; runs --help, list, a linear probe and a LoRA run, and checks that serve/export
-# name their extra (.ci/wheel-check; ~3 min and ~6 GB for torch in WHEEL_VENV).
+# name their extra (.ci/wheel-check; a few minutes on a quiet machine, ~6 GB for torch in WHEEL_VENV).
 WHEEL_VENV ?= /tmp/visiontune-wheel-venv
 wheel-check:
 	PY=$(PY) .ci/wheel-check $(WHEEL_VENV)
