@@ -48,7 +48,8 @@ demo-check: $(STAMP)
 	$(BIN)/python -m visiontune.demo --check README.md
 
 # visiontune vs a hand-written timm + peft loop, side by side (about a quarter of an hour on 2 quiet cores; the latest
-# run's time is in docs/how-to/speed.md; BENCH_ARGS=--full for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
+# run's time is in docs/how-to/speed.md; BENCH_ARGS=--full for the demo's 10-epoch budget).
+# Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
 
