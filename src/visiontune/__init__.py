@@ -14,24 +14,31 @@ Public API::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from visiontune import quiet
 
 quiet.install()  # before anything imports peft (and through it bitsandbytes)
 
-from visiontune.config import Config, load_config  # noqa: E402
-# Registration happens where things are defined: importing these packages fills the METHODS and DATASETS
-# registries that config validation and the CLI read. Every `import visiontune.<anything>` runs this first.
-import visiontune.data  # noqa: E402,F401
-import visiontune.methods  # noqa: E402,F401
 from visiontune.errors import ConfigError, DataError, VisiontuneError, WeightsError  # noqa: E402
+from visiontune.lazy import lazy_attributes  # noqa: E402
 
-# The subpackage ``visiontune.train`` must be imported before the ``train`` function below is defined:
-# importing a submodule binds its name on the parent package, which would otherwise shadow the function.
+# The subpackages ``visiontune.train`` and ``visiontune.pretrain`` (both light: their names load on first use)
+# are imported before the ``train`` / ``pretrain`` functions below are defined: importing a submodule binds its
+# name on the parent package, which would otherwise replace the function the first time the loop is imported.
 import visiontune.train as _train_pkg  # noqa: E402,F401
-import visiontune.pretrain as _pretrain_pkg  # noqa: E402,F401  (same reason, for ``pretrain`` below)
-from visiontune.pretrain.config import PretrainConfig, load_pretrain_config  # noqa: E402
+import visiontune.pretrain as _pretrain_pkg  # noqa: E402,F401
+
+if TYPE_CHECKING:
+    from visiontune.config import Config
+    from visiontune.pretrain.config import PretrainConfig
+
+# Nothing heavy is imported here: torch, timm and peft load when a function below (or ``Config``) is first used,
+# and the registries (methods, datasets, backbones) fill themselves on their first read (visiontune.registry).
+__getattr__ = lazy_attributes(__name__, {
+    "Config": "visiontune.config", "load_config": "visiontune.config",
+    "PretrainConfig": "visiontune.pretrain.config", "load_pretrain_config": "visiontune.pretrain.config",
+})
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,9 @@
-"""The ``visiontune`` command line: parse -> config -> library call. Nothing below this module reads argparse."""
+"""The ``visiontune`` command line: parse -> config -> library call. Nothing below this module reads argparse.
+
+Parsing imports nothing heavy (``visiontune --help`` loads no torch); each command imports the modules it
+runs when it runs, so a command whose optional package is missing fails alone, with the ``pip install``
+line that fixes it (:mod:`visiontune.extras`), and the others work on the base install.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,18 @@ import argparse
 import itertools
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from visiontune.errors import VisiontuneError
 import visiontune as vt
-from visiontune.atomic import write_text_atomic
-from visiontune.auto import AutoSelect, parse_budget
-from visiontune.config import read_config_file
-import visiontune.distributed as distributed
-from visiontune.distributed import is_main
-from visiontune.errors import ConfigError
-from visiontune.estimate import estimate_memory, format_estimate, parse_size
-from visiontune.eval import compare_table, load_run_metrics, plot_comparison
-from visiontune.infer import pipeline
-from visiontune.infer.bench import bench_infer, format_bench
-from visiontune.infer.evaluate import evaluate_run
-from visiontune.infer.export import export_run
-from visiontune.infer.files import check_table_path, collect_images, format_results, prediction_header, prediction_row, write_table
-from visiontune.pretrain import load_pretrain_config, pretrain
-from visiontune.multi import HOST_PRECISIONS
-from visiontune.registry import DATASETS, METHODS
-from visiontune.runtime import INFERENCE_PRECISIONS
-from visiontune.serve.app import serve
-from visiontune.sweep import aggregate, check_sweep, format_check, load_sweep, run_sweep, summarize_checks, sweep_status
+from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.extras import install_hint, missing_message
+from visiontune.precisions import HOST_PRECISIONS, INFERENCE_PRECISIONS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from visiontune.distributed import is_main
+
     cfg = vt.load_config(args.config, overrides=args.overrides)
     result = vt.train(cfg)
     if not is_main():  # under torchrun / accelerate launch: process 0 reports
@@ -42,6 +33,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from visiontune.distributed import is_main
+    from visiontune.infer.evaluate import evaluate_run
+
     m = evaluate_run(args.run_dir, data=args.data, device=args.device, progress=not args.quiet, backend=args.backend,
                      int8=args.int8, workers=args.workers, batch_size=args.batch_size, predictions=args.predictions,
                      precision=args.precision)
@@ -60,6 +54,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
+    from visiontune.auto import AutoSelect, parse_budget
+
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
         args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
@@ -78,13 +74,13 @@ def _cmd_auto(args: argparse.Namespace) -> int:
 
 
 def _slug_data(data: str) -> str:
-    from pathlib import Path
-
     name = Path(data.rstrip("/")).stem or "data"
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from visiontune.registry import DATASETS, METHODS
+
     if args.what == "methods":
         for name in vt.list_methods():
             print(f"{name:10s} {METHODS.get(name).summary or METHODS.help(name)}")
@@ -99,12 +95,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from visiontune.atomic import write_text_atomic
+    from visiontune.eval import compare_table, load_run_metrics, plot_comparison
+
     rows = [load_run_metrics(d) for d in args.run_dirs]
     table = compare_table(rows)
     print(table)
     if args.out:
-        from pathlib import Path
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
 
@@ -114,8 +111,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from visiontune.sweep import aggregate, load_sweep, run_sweep, sweep_status
 
     if args.sweep_file in ("status", "report") and args.overrides and not Path(args.sweep_file).exists():
         # `visiontune sweep status FILE` / `sweep report FILE`: the same as --status / --report
@@ -141,6 +137,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _sweep_dry_run(args: argparse.Namespace) -> int:
     """Check every run (config, then model + method on the meta device); 1 when any run is invalid."""
+    from visiontune.sweep import check_sweep, format_check, load_sweep, summarize_checks
 
     sweep = load_sweep(args.sweep_file, overrides=args.overrides, validate=False)
     print(f"checking {len(sweep.entries)} runs of {args.sweep_file} (meta device: no weights, no data)", flush=True)
@@ -150,6 +147,9 @@ def _sweep_dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    from visiontune.config import read_config_file
+    from visiontune.estimate import estimate_memory, format_estimate, parse_size
+
     data = read_config_file(args.config, "configs/") if args.config else {}
     overrides = list(args.overrides)
     if not (data.get("data") or {}).get("dataset") and not any(o.startswith("data.dataset=") for o in overrides):
@@ -162,6 +162,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import visiontune.distributed as distributed
+    from visiontune.distributed import is_main
+    from visiontune.infer import pipeline
+    from visiontune.infer.files import check_table_path, collect_images, format_results
+
     # Under torchrun / accelerate launch: each process its device (LOCAL_RANK's GPU with --device cuda).
     dist = distributed.setup(args.device)
     predictor = pipeline(args.run_dir, device=str(dist.device) if dist is not None else args.device, top_k=args.top_k,
@@ -193,6 +198,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_to_file(args: argparse.Namespace, stream: Any, problems: list[Any]) -> int:
     """``predict --output FILE.csv``: rows written as predictions come (bounded memory), a summary printed."""
+    from visiontune.infer.files import prediction_header, prediction_row, write_table
 
     errors = 0
 
@@ -212,8 +218,8 @@ def _predict_to_file(args: argparse.Namespace, stream: Any, problems: list[Any])
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
+    from visiontune.serve.app import serve
 
     adapters: dict[str, str] = {}
     for spec in args.adapter:
@@ -236,6 +242,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
+    from visiontune.infer.export import export_run
 
     keep = [k for k in (args.keep_fp32 or "").split(",") if k.strip()]
     with warnings.catch_warnings(record=True) as caught:
@@ -257,6 +264,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_infer(args: argparse.Namespace) -> int:
+    from visiontune.infer.bench import bench_infer, format_bench
+
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     except ValueError:
@@ -270,12 +279,23 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from visiontune.distributed import is_main
+    from visiontune.pretrain import load_pretrain_config, pretrain
+
     result = pretrain(load_pretrain_config(args.config, overrides=args.overrides))
     if not is_main():  # under torchrun / accelerate launch: process 0 reports
         return 0
     print(json.dumps({"backbone": str(result.backbone), "lineage": str(result.run_dir / "backbone.json"),
                       "steps": result.lineage["training"]["steps"], "wall_time_s": result.lineage["training"]["wall_time_s"],
                       "use": result.lineage["use"]}))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from visiontune.doctor import diagnose, format_report
+
+    report = diagnose(args.runs_dir, check_hub=not args.offline, hub_timeout_s=args.hub_timeout)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
     return 0
 
 
@@ -295,8 +315,31 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
                         "emulated and slow on CPUs without either)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser that takes options and ``key=value`` overrides in any order, as users type them:
+    ``visiontune auto digits --dry-run backbone.weights=none`` (argparse's intermixed parsing)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        # The top-level parser (it has subcommands) parses as usual; a command's parser parses intermixed, which
+        # calls this method again for its two passes (hence the flag).
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _needs(extra: str, what: str) -> str:
+    """The sentence a command's help ends with when it needs an optional extra."""
+    return f"{what} needs the {extra} extra: {install_hint(extra)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visiontune", description="Parameter-efficient fine-tuning of vision backbones.")
+    p = _Parser(prog="visiontune", description="Parameter-efficient fine-tuning of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune and evaluate one configuration")
@@ -320,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(e)
     _precision_arg(e)
     e.set_defaults(func=_cmd_eval)
+
+    dr = sub.add_parser("doctor", help="what this machine can do: versions, extras, CPU/GPU, offline weights, hub, disk",
+                        description="What this machine can do with visiontune: Python/torch/timm/peft versions, the "
+                                    "installed extras, CPU extensions (AVX2, AVX-512, VNNI, BF16, AMX) and what they mean "
+                                    "for bf16, INT8 and 4-bit, GPUs, offline weights, whether the model hub answers, free "
+                                    "disk; then the commands that fix what is missing.")
+    dr.add_argument("--runs-dir", default="runs", help="where runs are written (run.dir; default runs): its free disk")
+    dr.add_argument("--offline", action="store_true", help="do not try to reach the model hub")
+    dr.add_argument("--hub-timeout", type=float, default=1.5, metavar="SECONDS",
+                    help="how long to wait for the hub to answer (default 1.5)")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
+    dr.set_defaults(func=_cmd_doctor)
 
     ls = sub.add_parser("list", help="list backbones, methods or datasets")
     ls.add_argument("what", choices=["backbones", "methods", "datasets"])
@@ -397,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_arg(pr)
     pr.set_defaults(func=_cmd_predict)
 
-    sv = sub.add_parser("serve", help="HTTP service + web page: one backbone, several task adapters")
+    sv = sub.add_parser("serve", help="HTTP service + web page: one backbone, several task adapters",
+                        description="HTTP service + web page: one backbone, several task adapters. "
+                                    + _needs("serve", "The service"))
     sv.add_argument("--adapter", action="append", required=True, metavar="NAME=RUN_DIR",
                     help="a task adapter (repeat for more): a run directory (all must share the backbone) or, with "
                          "onnxruntime, an export")
@@ -422,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
-    ex = sub.add_parser("export", help="export a run's merged model (ONNX, optionally INT8) with labels and preprocessing")
+    ex = sub.add_parser("export", help="export a run's merged model (ONNX, optionally INT8) with labels and preprocessing",
+                        description="Export a run's merged model (ONNX, optionally INT8) with labels and preprocessing. "
+                                    + _needs("onnx", "Export"))
     ex.add_argument("run_dir")
     ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
                     help="onnx (openvino is not supported in this build: it says so)")
@@ -445,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
     ex.set_defaults(func=_cmd_export)
 
-    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, ONNX fp32/INT8)")
+    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, ONNX fp32/INT8)",
+                        description="Latency/throughput on every installed backend (torch merged/unmerged, ONNX fp32/INT8). "
+                                    + _needs("onnx", "The ONNX backends"))
     bi.add_argument("run_dir")
     bi.add_argument("--batch-sizes", default="1,32", help="comma-separated; 1 is the latency")
     bi.add_argument("--iters", type=int, default=None, help="timed passes per measurement (default: time-based)")
@@ -461,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
     return p
+
+
+def command_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser by name (the generated CLI reference and the tests read them)."""
+    parser = parser or build_parser()
+    return dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
 def _ray_args(p: argparse.ArgumentParser, unit: str, local: str) -> None:
@@ -487,8 +554,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VisiontuneError as e:
         print(f"visiontune: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        message = missing_message(e.name or "", f"visiontune {args.command}")
+        if message is None:
+            raise  # not an optional package: a broken install, shown as it is
+        print(f"visiontune: error: {message}", file=sys.stderr)
+        return 2
     finally:
-        distributed.finish(ok)
+        # Only a command that joined a launcher's process group imported this module; nothing to leave otherwise.
+        distributed = sys.modules.get("visiontune.distributed")
+        if distributed is not None:
+            distributed.finish(ok)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError, WeightsError
+from visiontune.precisions import HOST_PRECISIONS
 from visiontune.methods.base import Method, shared_copy, tensors_bytes
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.config import load_config
@@ -71,10 +72,6 @@ class Task:
     private_bytes: int
     source: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-HOST_PRECISIONS = ("fp32", "bf16")
-"""What an :class:`AdapterHost` computes in (``serve --precision``): fp32, or bf16 autocast for every task."""
 
 
 def check_host_precision(precision: str) -> None:

@@ -8,9 +8,14 @@ the training loop (:mod:`visiontune.train.loop`).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import math
 import os
+import platform
 import random
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from visiontune.errors import ConfigError
+from visiontune.precisions import INFERENCE_PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,9 +43,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-INFERENCE_PRECISIONS = ("run", "fp32", "bf16")
 
 
 def inference_dtype(precision: str, run_precision: str, device: torch.device) -> torch.dtype | None:
@@ -179,3 +182,26 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU and the vector extensions that decide which integer / bf16 kernels run (recorded with exports
+    and benchmarks): VNNI (``avx512_vnni`` / ``avx_vnni``) is what makes INT8 matrix products fast on x86."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        model = found.group(1).strip() if found else model
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(found.group(1).split()) if found else set()
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": model, "isa": [f for f in _ISA if f in flags], "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+                            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                            "torch": torch.__version__.split("+")[0], "torch_threads": torch.get_num_threads()}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        info["onnxruntime"] = importlib.metadata.version("onnxruntime")  # not imported: that takes a second
+    return info

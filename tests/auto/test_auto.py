@@ -89,9 +89,9 @@ def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytes
 def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
     # A budget far below what the cheap stage alone takes, so no fine-tuning fold can fit on any machine
     # (1 s was not enough on a fast CPU: the tiny candidate's estimated fold fitted and ran).
-    t0 = time.perf_counter()
-    record = _select(tmp_path, budget_s=0.001).run()
-    assert time.perf_counter() - t0 < 60
+    sel = _select(tmp_path, budget_s=0.001)
+    record = sel.run()
+    assert sel.state["finetune"][ONE_FINETUNE[0].name]["folds"] == []  # no fold trained, on a fast or a slow machine
     status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
     assert status[ONE_FINETUNE[0].name] == "budget"
     assert record["decision"]["candidate"] in {c.name for c in CHEAP}
@@ -109,10 +109,8 @@ def test_a_fold_that_outruns_the_budget_is_stopped_inside_it(tmp_path: Path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_loop, "train_one_epoch", spy)
-    t0 = time.perf_counter()
     sel = _select(tmp_path, budget_s=0.001, steps=10_000)
     record = sel.run()
-    assert time.perf_counter() - t0 < 120
     status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
     assert status[ONE_FINETUNE[0].name] == "budget" and asked == [1]  # one epoch entered, stopped inside it
     assert sel.state["finetune"][ONE_FINETUNE[0].name]["folds"] == []
@@ -135,8 +133,7 @@ def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     state = out / "auto.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    while proc.poll() is None:  # no clock: wait for the first finished fold however long it takes
         if state.is_file():
             try:
                 s = json.loads(state.read_text())
@@ -144,10 +141,9 @@ def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
                 s = {}
             if any(r["folds"] for r in s.get("finetune", {}).values()):
                 break
-        time.sleep(0.2)
+        time.sleep(0.02)
     else:
-        proc.kill()
-        pytest.fail("no fine-tuning fold finished in time")
+        pytest.fail(f"the selection ended (exit {proc.returncode}) before a fold could be seen and the process killed")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = json.loads(state.read_text())["finetune"]["lora q,v r4"]["folds"]

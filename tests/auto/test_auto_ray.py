@@ -39,10 +39,7 @@ def local_ray(tmp_path_factory):
         import visiontune.train.loop  # noqa: F401  (torch, timm, peft: a fold's imports, paid here once)
 
         Path(where, str(os.getpid())).touch()
-        t0 = time.time()
-        while len(os.listdir(where)) < n:
-            if time.time() - t0 > 120:
-                raise TimeoutError(f"only {len(os.listdir(where))} of {n} Ray workers started within 120 s")
+        while len(os.listdir(where)) < n:  # no clock: Ray starts the other worker (2 CPUs), however slowly
             time.sleep(0.05)
         return os.getpid()
 
@@ -105,7 +102,7 @@ def test_a_killed_fold_worker_fails_its_candidate_and_the_rerun_retries_it(local
         first = _select(out, candidates=long, steps=120, executor="ray", cpus_per_run=1, max_in_flight=1).run()
     finally:
         stop.set()
-        killer.join(timeout=5)
+        killer.join()
     assert killed.get("pid"), "the long fold ended before it could be killed"
     rows = {r["candidate"]: r for r in first["leaderboard"]}
     assert rows["full"]["status"] == "failed" and not rows["full"]["eligible"]

@@ -66,11 +66,10 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 120
         lines = []
-        while not self.url:
+        while not self.url:  # no clock: the server prints its address, or exits (end of output)
             line = self.proc.stdout.readline()
-            if not line or time.monotonic() > deadline:
+            if not line:
                 self.proc.kill()
                 raise RuntimeError("the server did not start:\n" + "".join(lines) + (self.proc.stdout.read() or ""))
             lines.append(line)
@@ -84,7 +83,7 @@ class ServerProcess:
                     return self
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+            if self.proc.poll() is not None:
                 self.proc.kill()
                 raise RuntimeError("the server did not answer /healthz")
             time.sleep(0.05)

@@ -39,12 +39,15 @@ def local_ray():
     ray.shutdown()
 
 
-def _kill_when_checkpointed(sweep_dir, name, out: dict) -> None:
-    """Wait for the run's worker record and first checkpoint, then SIGKILL the worker process it names."""
+def _kill_when_checkpointed(sweep_dir, name, out: dict, stop: threading.Event) -> None:
+    """Wait for the run's worker record and first checkpoint, then SIGKILL the worker process it names.
+
+    No clock: it waits as long as the sweep runs (``stop`` is set when run_sweep returns), however slow the machine,
+    so the only way to miss the kill is for the long run to finish first, which the test reports as such.
+    """
     record = worker_record_path(sweep_dir, name)
     ckpt = sweep_dir / "runs" / name / "checkpoint" / "last.safetensors"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
+    while not stop.is_set():
         if record.exists() and ckpt.exists():
             pid = json.loads(record.read_text())["pid"]
             out["pid"] = pid
@@ -64,10 +67,14 @@ def test_ray_sweep_survives_a_killed_worker_and_resumes(local_ray, tmp_path):
     assert len(sweep.entries) == 4
     long_name = sweep.entries[3].name
     killed: dict = {}
-    killer = threading.Thread(target=_kill_when_checkpointed, args=(sweep.dir, long_name, killed), daemon=True)
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_when_checkpointed, args=(sweep.dir, long_name, killed, stop), daemon=True)
     killer.start()
-    first = run_sweep(sweep, progress=False, report=False, executor="ray", cpus_per_run=1)
-    killer.join(timeout=5)
+    try:
+        first = run_sweep(sweep, progress=False, report=False, executor="ray", cpus_per_run=1)
+    finally:
+        stop.set()
+        killer.join()
     assert killed.get("pid") and not killed["finished_first"], "the long run ended before it could be killed"
     assert sorted(first["done"]) == sorted(e.name for e in sweep.entries[:3])
     assert list(first["failed"]) == [long_name] and "Ray worker running this run died" in first["failed"][long_name]

@@ -1,19 +1,23 @@
 """Backbones: timm models built from ``backbone.*`` config, offline weight sources, preprocessing.
 
-Importing this package registers the tiny test backbones (``visiontune.registry.BACKBONES``) and the
-offline weight sources (``visiontune.registry.WEIGHT_SOURCES``).
+The tiny test backbones (``visiontune.registry.BACKBONES``) and the offline weight sources
+(``visiontune.registry.WEIGHT_SOURCES``) are registered by ``tiny.py`` and ``offline.py``, which those registries
+import on their first read.
 """
 
-from visiontune.backbones import offline as _offline  # noqa: F401  (registers WEIGHT_SOURCES)
-from visiontune.backbones import tiny as _tiny  # noqa: F401  (registers BACKBONES)
-from visiontune.backbones.factory import (
-    ANY_TIMM_NOTE, backbone_identity, create_backbone, create_meta_backbone, default_img_size, describe_backbones,
-    list_backbones,
-)
-from visiontune.backbones.offline import EFFICIENTNET_LITE, MOBILENET_V2, DinoV2ImgFocus, OrderedStateDictSource
-from visiontune.backbones.tiny import TINY_IMG_SIZE, TinyBackbone
-from visiontune.backbones.transforms import ToRGB, build_transform, data_config
-from visiontune.backbones.weights import PackageWeightSource, WeightSpec, parse_weights, weights_cache_dir
+from visiontune.lazy import lazy_attributes
+
+# Names load on first use: timm (and through it torchvision) takes seconds to import, and `visiontune doctor`, `list`
+# or reading WEIGHT_SOURCES need none of it. The registries import tiny.py / offline.py themselves when first read.
+_EXPORTS = {
+    "factory": ("ANY_TIMM_NOTE", "backbone_identity", "create_backbone", "create_meta_backbone", "default_img_size",
+                "describe_backbones", "list_backbones"),
+    "offline": ("EFFICIENTNET_LITE", "MOBILENET_V2", "DinoV2ImgFocus", "OrderedStateDictSource"),
+    "tiny": ("TINY_IMG_SIZE", "TinyBackbone"),
+    "transforms": ("ToRGB", "build_transform", "data_config"),
+    "weights": ("PackageWeightSource", "WeightSpec", "parse_weights", "weights_cache_dir"),
+}
+__getattr__ = lazy_attributes(__name__, {name: f"{__name__}.{module}" for module, names in _EXPORTS.items() for name in names})
 
 __all__ = [
     "ANY_TIMM_NOTE",

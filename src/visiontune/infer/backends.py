@@ -40,6 +40,7 @@ from visiontune.config import load_config
 from visiontune.data.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageLimits
 from visiontune.multi import TaskHost
 from visiontune.runs import ADAPTER_FILE
+from visiontune.runtime import cpu_info  # noqa: F401  (recorded with exports; benchmarks import it from here)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 """What ``--backend`` accepts (``auto`` is the default: torch for a run, onnxruntime for an export)."""
@@ -104,35 +105,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU and the vector extensions that decide which integer / bf16 kernels run (recorded with exports
-    and benchmarks): VNNI (``avx512_vnni`` / ``avx_vnni``) is what makes INT8 matrix products fast on x86."""
-    import os
-    import platform
-    import re
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(found.group(1).split()) if found else set()
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": model, "isa": [f for f in _ISA if f in flags], "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
-                            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                            "torch": torch.__version__.split("+")[0], "torch_threads": torch.get_num_threads()}
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    return info
 
 
 # ----------------------------------------------------------------------------- finding an export

@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import visiontune.backbones  # noqa: F401  (fills BACKBONES with the test models)
 from visiontune.config import MethodConfig
 from visiontune.errors import ConfigError
 from visiontune.methods.base import Method, classifier_of, freeze, register_method

@@ -14,15 +14,13 @@ method (``backbone.weights=<run>/backbone.safetensors``), with its lineage in ``
     vt.train(vt.load_config("configs/demo.yaml", overrides=result.overrides()))
 """
 
-from visiontune.pretrain.config import (
-    PretrainConfig, Recipe, load_pretrain_config, parse_recipe, pretrain_config_from_dict, resolve_unfrozen,
-)
-from visiontune.pretrain.loop import (
-    BACKBONE_FILE, LINEAGE_FILE, PretrainResult, build_student, export_checkpoint, load_backbone, plot_history, pretrain,
-)
+from visiontune.lazy import lazy_attributes
 
-__all__ = [
-    "BACKBONE_FILE", "LINEAGE_FILE", "PretrainConfig", "PretrainResult", "Recipe", "build_student", "export_checkpoint",
-    "load_backbone", "load_pretrain_config",
-    "parse_recipe", "plot_history", "pretrain", "pretrain_config_from_dict", "resolve_unfrozen",
-]
+_CONFIG = ("PretrainConfig", "Recipe", "load_pretrain_config", "parse_recipe", "pretrain_config_from_dict", "resolve_unfrozen")
+_LOOP = ("BACKBONE_FILE", "LINEAGE_FILE", "PretrainResult", "build_student", "export_checkpoint", "load_backbone",
+         "plot_history", "pretrain")
+
+__all__ = sorted(_CONFIG + _LOOP)
+# Loaded on first use (torch, timm, peft), so importing the package is free.
+__getattr__ = lazy_attributes(__name__, {**dict.fromkeys(_CONFIG, "visiontune.pretrain.config"),
+                                         **dict.fromkeys(_LOOP, "visiontune.pretrain.loop")})
