@@ -22,7 +22,8 @@ from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
 from visiontune.rundir import (
-    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, read_json, read_yaml_mapping, yaml_check,
+    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, old_run_check, read_json,
+    read_yaml_mapping, yaml_check,
 )
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.data.splits import split_differences
@@ -49,9 +50,26 @@ what is trained or its test scores (where the run folder sits, progress bars, to
 resume/overwrite switches, TensorBoard logging, the post-training speed measurement)."""
 
 
+RUN_KIND = "train"
+"""The manifest kind of a fine-tuning run directory (:func:`visiontune.atomic.claim_folder`)."""
+
+RUN_MAKES = (
+    *FINISHED_FILES, "report.md", "confusion.png", "history.png", "checkpoint", "tensorboard",
+)
+"""Every top-level entry a fine-tuning run writes: what an older run without a manifest may have deleted."""
+
+
+def _is_train_config(stored: dict[str, Any]) -> bool:
+    config_from_dict(stored)  # raises ConfigError for anything that is not a fine-tuning run's config
+    return True
+
+
 def inspect_run(run_dir: str | Path) -> RunDirState:
     """The state of a fine-tuning run directory (see :mod:`visiontune.rundir`)."""
-    return inspect_run_dir(Path(run_dir), FINISHED_FILES)
+    return inspect_run_dir(
+        Path(run_dir), FINISHED_FILES, RUN_KIND, RUN_MAKES,
+        old_run_check(_is_train_config, [n for n in RUN_MAKES if n != "config.yaml"]),
+    )
 
 
 def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:

@@ -48,7 +48,7 @@ from visiontune.atomic import write_json_atomic
 from visiontune.config import Config, apply_overrides
 from visiontune.errors import ConfigError
 from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summarize_checks
-from visiontune.sweep.report import aggregate, mean_std
+from visiontune.sweep.report import aggregate, claim_sweep_dir, mean_std
 from visiontune.sweep.spec import Sweep, SweepEntry, entry_config, read_failures
 from visiontune.train.loop import train
 from visiontune.data import load_records, make_splits
@@ -352,7 +352,7 @@ def run_sweep(
         workers = workers or 1
     states = existing_runs(sweep)
     _refuse_changed(sweep, states)  # before anything is written
-    sweep.dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep.dir)
     fail_path = sweep.dir / "failures.json"
     failures = read_failures(sweep.dir)
     done: list[str] = []
