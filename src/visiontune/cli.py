@@ -26,6 +26,7 @@ from visiontune.infer.files import check_table_path, collect_images, format_resu
 from visiontune.pretrain import load_pretrain_config, pretrain
 from visiontune.multi import HOST_PRECISIONS
 from visiontune.registry import DATASETS, METHODS
+from visiontune.rundir import claim_output_folder
 from visiontune.runtime import INFERENCE_PRECISIONS
 from visiontune.serve.app import serve
 from visiontune.sweep import aggregate, check_sweep, format_check, load_sweep, run_sweep, summarize_checks, sweep_status
@@ -104,8 +105,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim_output_folder(Path(args.out), "compare", ("comparison.md", "comparison.png"), option="compare --out")
 
         write_text_atomic(out / "comparison.md", table + "\n")
         plot_comparison(rows, out / "comparison.png")
@@ -228,7 +228,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
           max_pixels=args.max_pixels, max_aspect=args.max_aspect, max_decodes=args.max_decodes,
           api_key=args.api_key if args.api_key is not None else (os.environ.get("VISIONTUNE_API_KEY") or None),
-          backend=args.backend, int8=args.int8, precision=args.precision)
+          backend=args.backend, int8=args.int8, precision=args.precision,
+          allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None)
     return 0
 
 
@@ -412,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None,
                     help="require this key on /v1/ requests (Authorization: Bearer KEY or X-API-Key: KEY); default: "
                          "$VISIONTUNE_API_KEY, else none. Prefer the variable: a command line is visible to other users")
+    sv.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names the server answers "
+                    "(default: loopback names on a loopback address, against DNS rebinding; any host otherwise; * = any)")
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

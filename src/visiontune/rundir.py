@@ -318,7 +318,8 @@ def claim_output_folder(
     Args:
         folder: where the command writes.
         kind: the manifest kind.
-        makes, is_old: recognise a folder this command made before manifests (see :func:`owned_entries`).
+        makes, is_old: recognise a folder this command made before manifests (see :func:`owned_entries`); without
+            ``is_old``, a folder holding only entries of ``makes``.
         option: how the user names the folder, for the message (``sweep dir:``, ``--out``).
 
     Raises:
@@ -328,6 +329,10 @@ def claim_output_folder(
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{option} {str(folder)!r} is a file, not a folder; choose a new folder")
     owned: list[str] = []
+    makes = tuple(makes)
+    if is_old is None:  # a folder holding only what this command writes is one it made before manifests
+        def is_old(f: Path) -> bool:
+            return {p.name for p in f.iterdir()} <= set(makes)
     if folder.is_dir():
         found, why = owned_entries(folder, kind, makes, is_old)
         if found is None:
