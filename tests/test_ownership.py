@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 
 import visiontune as vt
-from visiontune.atomic import MANIFEST_NAME, read_manifest
 from visiontune.cli import main
 from visiontune.errors import ConfigError
 
@@ -78,6 +77,8 @@ def test_train_refuses_folders_it_did_not_make(tiny_overrides, tmp_path, capsys,
 def test_overwrite_and_resume_touch_only_what_the_run_made(tiny_overrides, tmp_path):
     """Overwrite deletes the files the run's manifest lists, and a file the user added to the run stays."""
     common = [*tiny_overrides, *FAST, "method.name=linear", "run.name=mine"]
+    from visiontune.atomic import read_manifest
+
     first = vt.train(vt.load_config(None, common))
     run_dir = first.run_dir
     manifest = read_manifest(run_dir)
@@ -95,6 +96,8 @@ def test_overwrite_and_resume_touch_only_what_the_run_made(tiny_overrides, tmp_p
 
 def test_an_older_run_without_manifest_is_still_a_run(tiny_overrides, tmp_path):
     """Runs made before manifests: a visiontune config.yaml plus a run's files; overwrite deletes only those."""
+    from visiontune.atomic import MANIFEST_NAME, read_manifest
+
     common = [*tiny_overrides, *FAST, "method.name=linear", "run.name=old"]
     run_dir = vt.train(vt.load_config(None, common)).run_dir
     (run_dir / MANIFEST_NAME).unlink()

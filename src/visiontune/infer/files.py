@@ -115,10 +115,13 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 found.extend(os.path.join(root, f) for f in sorted(files)
-                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                             and os.path.isfile(os.path.join(root, f)))  # a FIFO named x.png would block the reader
             if not found:
                 problems.append(PredictionResult(str(p), error=f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
             paths.extend(found)
+        elif p.exists() and not p.is_file():
+            problems.append(PredictionResult(str(p), error="not a regular file (a FIFO, socket or device); pass image files"))
         elif p.exists():
             paths.append(str(p))
         else:
