@@ -235,3 +235,18 @@ def test_an_export_json_with_a_huge_preprocessing_size_is_refused(exported_runs,
     export = _tampered_export(exported_runs, tmp_path, edit)
     assert main(["predict", str(export / "model.json"), str(image), "--backend", "onnxruntime"]) == 2
     one_line_error(capsys, "model.json", "input_size")
+
+
+# ----------------------------------------------------------------------------- minor list: auto resume
+
+
+def test_auto_resume_accepts_reordered_overrides_and_names_changed_ones(tiny_overrides, tmp_path):
+    """Minor list: `auto` refused a resume whose overrides were only reordered, saying "overrides differ" only."""
+    base = [o for o in tiny_overrides if not o.startswith("run.dir")]
+    out = tmp_path / "sel"
+    first = AutoSelect("digits", out, overrides=[*base, "optim.lr=0.01", "optim.weight_decay=0.1"], progress=False)
+    first._save()
+    AutoSelect("digits", out, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.01"], progress=False)._load_state()
+    changed = AutoSelect("digits", out, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.02"], progress=False)
+    with pytest.raises(ConfigError, match=r"override optim.lr: 0.01 in the stored selection, 0.02 now"):
+        changed._load_state()

@@ -331,11 +331,13 @@ class AutoSelect:
             raise ConfigError(f"{path} is unreadable ({e}); move it away to start the selection again") from e
         old = state.get("signature", {})
         if old != self.signature:
-            diff = sorted(k for k in set(old) | set(self.signature) if old.get(k) != self.signature.get(k))
-            raise ConfigError(
-                f"{self.out} holds a selection with other settings ({', '.join(diff)} differ); rerun with the same "
-                "data, backbones, folds and overrides to continue it, or choose another --out"
-            )
+            diff = _signature_differences(old, self.signature)
+            if diff:
+                raise ConfigError(
+                    f"{self.out} holds a selection with other settings ({'; '.join(diff)}); rerun with the same "
+                    "data, backbones, folds and overrides to continue it, or choose another --out"
+                )
+            state["signature"] = self.signature  # the same overrides in another order: the same selection
         self.state = state
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
@@ -910,6 +912,29 @@ class AutoSelect:
         write_report(self.out, record, self.state, self.classes, PROBE)
         self._save()
         return record
+
+
+def _effective_overrides(overrides: Any) -> dict[str, str]:
+    """``key=value`` overrides as {key: value}, the last one of a key winning, as the config applies them."""
+    out: dict[str, str] = {}
+    for text in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(text).partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _signature_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a stored selection's signature and this one's, each named (overrides key by key;
+    the same overrides in another order are the same selection)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "overrides":
+            a, b = _effective_overrides(old.get(key)), _effective_overrides(new.get(key))
+            out += [f"override {k}: {a.get(k, '(absent)')!s} in the stored selection, {b.get(k, '(absent)')!s} now"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif old.get(key) != new.get(key):
+            out.append(f"{key}: {old.get(key)!r} in the stored selection, {new.get(key)!r} now")
+    return out
 
 
 def _method(cfg: Config) -> Any:
