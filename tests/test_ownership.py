@@ -88,8 +88,14 @@ def test_overwrite_and_resume_touch_only_what_the_run_made(tiny_overrides, tmp_p
     notes = plant(run_dir / "my-notes", "draft.md")
     again = vt.train(vt.load_config(None, [*common, "run.resume=true"]))  # finished: kept as it is
     assert again.metrics == first.metrics and thesis.read_text() == THESIS
+    # visiontune writes one file into the user's folder inside the run: only that file becomes the run's.
+    from visiontune.infer.files import write_table
+
+    write_table(run_dir / "my-notes" / "pred.csv", ["file", "label"], [["a.png", "x"]])
+    assert "my-notes/pred.csv" in read_manifest(run_dir)["files"] and "my-notes" not in read_manifest(run_dir)["files"]
     vt.train(vt.load_config(None, [*common, "run.overwrite=true", "run.seed=3"]))
     assert thesis.read_text() == THESIS and notes.read_text() == THESIS
+    assert not (run_dir / "my-notes" / "pred.csv").exists()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"] == 3
     assert not any(p.name.startswith(".visiontune-trash-") for p in run_dir.iterdir())
 

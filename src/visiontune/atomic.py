@@ -150,8 +150,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 
 def _safe_names(names: Iterable[str]) -> list[str]:
-    """Top-level entry names only: a manifest can never point outside its own folder."""
-    return sorted({n for n in names if n and "/" not in n and "\\" not in n and n not in (".", "..", MANIFEST_NAME)})
+    """Entries a manifest may list: ``name`` (a whole file or folder) or ``folder/name`` (one file in a subfolder),
+    never anything that leaves the folder."""
+    def ok(n: str) -> bool:
+        parts = n.split("/")
+        return (0 < len(parts) <= 2 and "\\" not in n and all(p and p not in (".", "..") for p in parts)
+                and n != MANIFEST_NAME)
+    return sorted({n for n in names if isinstance(n, str) and ok(n)})
 
 
 def claim_folder(folder: str | Path, kind: str, files: Iterable[str] = ()) -> Path:
@@ -173,13 +178,15 @@ def claim_folder(folder: str | Path, kind: str, files: Iterable[str] = ()) -> Pa
 def record_made(path: str | Path) -> None:
     """Add ``path`` to the manifest of the visiontune folder it sits in (its folder, else that folder's parent).
 
-    Two levels cover every layout visiontune writes (``run/metrics.json``, ``run/checkpoint/ckpt.safetensors``);
-    a path in no claimed folder is left alone.
+    Two levels cover every layout visiontune writes (``run/metrics.json``, ``run/checkpoint/last.safetensors``).
+    A file in a subfolder is listed as ``subfolder/name``, not the subfolder: a folder of the user's inside a run
+    (``run/notes/``) that a command wrote one file into keeps the rest of its files when the run is replaced.
+    A path in no claimed folder is left alone.
     """
     path = Path(path)
     if is_temp_name(path.name):
         return
-    for owner, entry in ((path.parent, path.name), (path.parent.parent, path.parent.name)):
+    for owner, entry in ((path.parent, path.name), (path.parent.parent, f"{path.parent.name}/{path.name}")):
         manifest = read_manifest(owner)
         if manifest is not None:
             if entry not in manifest["files"]:

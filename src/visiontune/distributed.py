@@ -194,12 +194,6 @@ def setup(device: str, parallel: str = "ddp") -> Dist | None:
     if _CURRENT is not None:
         _CURRENT.sharded = parallel == "fsdp"
         return _CURRENT
-    missing = [k for k in LAUNCHER_VARIABLES if not os.environ.get(k)]
-    if missing:  # a WORLD_SIZE left in the shell: joining would wait for processes that never come, or fail deep down
-        raise ConfigError(
-            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not, so no "
-            "launcher started this process; unset WORLD_SIZE for one process, or start with torchrun / accelerate launch"
-        )
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(
             f"run.device={device!r} under a launcher with {world} processes: each process takes the GPU of its "
@@ -207,6 +201,12 @@ def setup(device: str, parallel: str = "ddp") -> Dist | None:
         )
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
+    missing = [k for k in LAUNCHER_VARIABLES if not os.environ.get(k)]
+    if missing:  # a WORLD_SIZE left in the shell: joining would wait for processes that never come, or fail deep down
+        raise ConfigError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not, so no "
+            "launcher started this process; unset WORLD_SIZE for one process, or start with torchrun / accelerate launch"
+        )
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())

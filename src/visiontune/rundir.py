@@ -31,6 +31,7 @@ any file that does not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -156,7 +157,8 @@ def owned_entries(folder: Path, kind: str, makes: Iterable[str], is_old_run: Cal
     if manifest is not None:
         if manifest["kind"] != kind:
             return None, f"it holds a visiontune {manifest['kind']} folder, not a {kind} one"
-        return sorted({*(n for n in manifest["files"] if n in entries), *leftovers}), ""
+        listed = (n for n in manifest["files"] if (folder / n).exists() or (folder / n).is_symlink())
+        return sorted({*listed, *leftovers}), ""
     others = sorted(n for n in entries if not _ours(n))
     if not others:
         return leftovers, ""
@@ -204,7 +206,7 @@ def inspect_run_dir(
     owned, why = owned_entries(run_dir, owner, makes, is_old_run)
     if owned is None:
         return RunDirState(run_dir, "foreign", [why], owner=owner)
-    names = {n for n in owned if not _ours(n)}
+    names = {n.split("/")[0] for n in owned if not _ours(n)}
     if not names:
         return RunDirState(run_dir, "new", owner=owner, owned=owned)
     ck = checkpoint_path(run_dir)
@@ -280,10 +282,14 @@ def clear_run_dir(state: RunDirState) -> str | None:
         return None
     trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     trash.mkdir()
-    for p in victims:
-        os.replace(p, trash / p.name)
+    for i, p in enumerate(victims):
+        os.replace(p, trash / f"{i}-{p.name}")
+    for p in victims:  # a subfolder emptied of what visiontune wrote goes too; one holding the user's files stays
+        if p.parent != run_dir:
+            with contextlib.suppress(OSError):
+                p.parent.rmdir()
     # The manifest keeps its kind (the folder stays ours, even if the deletion below is cut short).
-    _drop_from_manifest(run_dir, state.owner, [p.name for p in victims])
+    _drop_from_manifest(run_dir, state.owner, [str(p.relative_to(run_dir)) for p in victims])
     for p in run_dir.iterdir():
         if p.name.startswith(TRASH_PREFIX):
             shutil.rmtree(p, ignore_errors=True)

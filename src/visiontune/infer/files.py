@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 from visiontune.infer.predictor import PredictionResult
 from visiontune.data import IMAGE_EXTENSIONS
 from visiontune.atomic import atomic_write, check_writable
+from visiontune.distributed import is_main
 from visiontune.errors import ConfigError
 
 FORMATS = ("table", "json", "csv")
@@ -48,7 +49,8 @@ def check_table_path(path: str | os.PathLike) -> Path:
         if not _is_predictions_table(p):
             raise ConfigError(f"{str(p)!r} exists and is not a visiontune predictions file (its first line is not "
                               f"'{PREDICTIONS_HEADER_START},...'); choose another file name (nothing was changed)")
-    return check_writable(p, "the predictions file")
+    # Process 0 alone writes the table (under a launcher), so it alone tries the folder: the others write nothing.
+    return check_writable(p, "the predictions file") if is_main() else p
 
 
 def _is_predictions_table(path: Path) -> bool:
