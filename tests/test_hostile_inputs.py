@@ -144,12 +144,26 @@ def test_garbage_onnx_is_one_clear_error(exported_runs, tmp_path, image, capsys)
     ["predict", "{run}", "{image}", "--output", "/sys/visiontune-test.csv"],
     ["predict", "{run}", "{image}", "--device", "nonsense"],
     ["compare", "{run}", "--out", "{image}"],
+    ["compare", "{run}", "--out", "/proc/visiontune-test/cmp"],
 ])
 def test_cli_mistakes_are_one_line(adapter_runs, image, capsys, argv):
     """Finding 13: predict --output /sys/x.csv, predict --device nonsense, compare --out <existing file>."""
     argv = [a.format(run=adapter_runs["colors"], image=image) for a in argv]
     assert main(argv) == 2
     one_line_error(capsys)
+
+
+def test_an_unwritable_run_dir_is_refused_before_training(tiny_overrides, capsys, monkeypatch):
+    """Part 3: output paths are checked before a long job; an unwritable run.dir is one line, before any training."""
+    from visiontune.train import loop
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the run directory was checked")
+
+    monkeypatch.setattr(loop, "_fit_loop", no_work)
+    monkeypatch.setattr(loop, "_fit_cached", no_work)
+    assert main(["train", *tiny_overrides, *SMALL, "run.dir=/proc/visiontune-test", "run.name=r"]) == 2
+    one_line_error(capsys, "/proc/visiontune-test", "not writable")
 
 
 def test_a_stale_world_size_without_a_launcher_is_one_clear_error(tiny_overrides, tmp_path, capsys, monkeypatch):

@@ -127,6 +127,18 @@ def test_pretrain_refuses_folders_it_did_not_make(tmp_path, capsys):
     assert tree(run_dir) == before and thesis.read_text() == THESIS
 
 
+def test_pretrain_overwrite_and_resume_keep_the_users_files(tmp_path, capsys):
+    """A pretraining run replaced with run.overwrite=true: its files go, the thesis.tex planted beside them stays."""
+    common = ["pretrain", *PRETRAIN_TINY, f"run.dir={tmp_path / 'pre'}", "run.name=p"]
+    assert main(common) == 0
+    run_dir = tmp_path / "pre" / "p"
+    thesis = plant(run_dir)
+    assert main([*common, "run.resume=true"]) == 0
+    assert main([*common, "run.overwrite=true"]) == 0
+    assert thesis.read_text() == THESIS and (run_dir / "backbone.json").is_file()
+    capsys.readouterr()
+
+
 def test_a_train_run_is_not_a_pretraining_run(tiny_overrides, tmp_path, capsys):
     """The manifest names the kind of run: pretraining with run.overwrite=true into a fine-tuning run is refused."""
     run_dir = vt.train(vt.load_config(None, [*tiny_overrides, *FAST, "method.name=linear", "run.name=ft"])).run_dir

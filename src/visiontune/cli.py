@@ -489,6 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VisiontuneError as e:
         print(f"visiontune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine said no (permissions, a full disk, a vanished file): one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"visiontune: error: {e.strerror or e}{where}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
     finally:
         distributed.finish(ok)
 

@@ -280,6 +280,7 @@ def clear_run_dir(state: RunDirState) -> str | None:
     victims = [run_dir / n for n in state.owned if (run_dir / n).exists() or (run_dir / n).is_symlink()]
     if not victims:
         return None
+    check_writable(run_dir / MANIFEST, "the run directory")  # a read-only folder: one clear error, nothing moved
     trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     trash.mkdir()
     for i, p in enumerate(victims):
@@ -307,6 +308,8 @@ def _drop_from_manifest(folder: Path, kind: str, names: list[str]) -> None:
 def claim_run_dir(state: RunDirState) -> None:
     """Mark ``state``'s directory as this run's (an older run's files adopted into its manifest), and delete the
     temporary files a killed writer left there. Call once the checks have let the run use the directory."""
+    if state.kind == "finished" and not os.access(state.path, os.W_OK):
+        return  # a finished run on read-only storage is only read (resume returns its metrics): nothing to mark
     _claim(state.path, state.owner, state.owned, "run directory")
     clean_stale_temps(checkpoint_path(state.path).parent)
 
