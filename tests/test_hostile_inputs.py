@@ -87,6 +87,14 @@ def test_auto_refuses_bad_budget_and_folds_before_work(tiny_overrides, tmp_path,
     assert not out.exists()
 
 
+def test_ray_gpus_per_run_must_be_a_finite_number():
+    from visiontune.sweep.cluster import check_executor
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="--gpus-per-run"):
+            check_executor("ray", gpus_per_run=bad)
+
+
 def test_auto_select_refuses_a_nan_budget_and_zero_folds_from_python(tmp_path):
     with pytest.raises(ConfigError, match="--budget"):
         AutoSelect("digits", tmp_path / "a", budget_s=float("nan"))
@@ -145,9 +153,15 @@ def test_garbage_onnx_is_one_clear_error(exported_runs, tmp_path, image, capsys)
     ["predict", "{run}", "{image}", "--device", "nonsense"],
     ["compare", "{run}", "--out", "{image}"],
     ["compare", "{run}", "--out", "/proc/visiontune-test/cmp"],
+    ["serve", "--adapter", "colors={run}", "--max-aspect", "inf"],
+    ["serve", "--adapter", "colors={run}", "--batch-wait-ms", "inf"],
+    ["bench-infer", "{run}", "--min-time", "nan"],
+    ["export", "{run}", "--int8", "--smoothing", "nan"],
+    ["export", "{run}", "--max-drop", "inf"],
 ])
 def test_cli_mistakes_are_one_line(adapter_runs, image, capsys, argv):
-    """Finding 13: predict --output /sys/x.csv, predict --device nonsense, compare --out <existing file>."""
+    """Finding 13 (predict --output /sys/x.csv, predict --device nonsense, compare --out <existing file>) and
+    part 3 (NaN / inf in the commands' own numeric flags), each refused before any work."""
     argv = [a.format(run=adapter_runs["colors"], image=image) for a in argv]
     assert main(argv) == 2
     one_line_error(capsys)

@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.atomic import atomic_write, check_writable, publish, staging_path, write_json_atomic
+from visiontune.atomic import (
+    atomic_write, check_writable, clean_stale_temps, publish, staging_path, write_json_atomic,
+)
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.runtime import make_loader
 from visiontune.backbones import backbone_identity
@@ -44,7 +47,9 @@ from visiontune.data.images import load_image
 from visiontune.eval import compute_metrics
 from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
 from visiontune.infer.predictor import Predictor
-from visiontune.infer.quantize import DEFAULT_CALIBRATION, batches_of, check_keep_patterns, quantize_int8
+from visiontune.infer.quantize import (
+    DEFAULT_CALIBRATION, batches_of, check_keep_patterns, check_smoothing, quantize_int8,
+)
 from visiontune.runs import ADAPTER_FILE
 
 INPUT_NAME = "pixel_values"
@@ -308,7 +313,8 @@ def export_run(
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ConfigError(f"calibration={calibration!r} is invalid; use a number of training images >= 1 "
                           f"(default {DEFAULT_CALIBRATION})")
-    if not max_drop >= 0:
+    check_smoothing(smoothing)  # before the fp32 export, not after it
+    if not (math.isfinite(max_drop) and max_drop >= 0):
         raise ConfigError(f"max_drop={max_drop!r} is invalid; use points of accuracy >= 0 (default {DEFAULT_MAX_DROP})")
     keep = check_keep_patterns(keep_fp32)
     if (keep or smoothing is not None) and not int8:
@@ -353,6 +359,7 @@ def check_export_targets(path: Path, int8_path: Path | None = None) -> None:
                     f"{model.name} (its JSON {meta.name} does not name it); choose another --out path (nothing was changed)"
                 )
         check_writable(model, "the export")
+    clean_stale_temps(path.parent)  # what an export killed mid-write left (its staged models are full-size)
 
 
 def _is_export_json(meta: Path, model_name: str) -> bool:

@@ -36,6 +36,7 @@ import binascii
 import difflib
 import hmac
 import json
+import math
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -301,9 +302,9 @@ def check_settings(
                                ("--max-pixels", max_pixels, 1), ("--max-decodes", max_decodes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             problems.append(f"{option} {value!r} is invalid; use an integer >= {low}")
-    if not max_wait_ms >= 0:
+    if not (math.isfinite(max_wait_ms) and max_wait_ms >= 0):
         problems.append(f"--batch-wait-ms {max_wait_ms!r} is invalid; use a number >= 0 (milliseconds)")
-    if not max_aspect >= 1:
+    if not (math.isfinite(max_aspect) and max_aspect >= 1):
         problems.append(f"--max-aspect {max_aspect!r} is invalid; use a number >= 1 (longer side / shorter side)")
     if problems:
         raise ConfigError(problems)
