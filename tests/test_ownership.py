@@ -161,8 +161,10 @@ def test_stale_temp_files_of_killed_writers_are_cleaned_on_start(tiny_overrides,
     live = run_dir / f".metrics.json.{os.getpid()}-01234567.tmp"  # a writer still running: left alone
     live.write_bytes(b"{}")
     lookalike = plant(run_dir, ".notes.1-0123abcd.txt")
+    trash = plant(run_dir / ".visiontune-trash-999-abcdef", "0-adapter.safetensors").parent  # an interrupted overwrite
     vt.train(vt.load_config(None, [*common, "run.resume=true"]))
     assert not stale.exists() and not stale_ck.exists() and live.exists() and lookalike.read_text() == THESIS
+    assert not trash.exists()
 
 
 # ----------------------------------------------------------------------------- auto --out (finding 3)

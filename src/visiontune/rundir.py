@@ -358,6 +358,9 @@ def _claim(folder: Path, kind: str, owned: list[str], what: str) -> None:
     check_writable(folder / MANIFEST, what)
     claim_folder(folder, kind, [n for n in owned if not _ours(n)])
     clean_stale_temps(folder)
+    for name in owned:  # what an interrupted clear_run_dir had moved aside (only this folder's own trash)
+        if name.startswith(TRASH_PREFIX):
+            shutil.rmtree(folder / name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- config comparison
