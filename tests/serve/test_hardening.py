@@ -147,3 +147,21 @@ def test_fifos_and_other_non_regular_files_are_refused_by_predict(adapter_runs, 
     assert main(["predict", str(adapter_runs["colors"]), str(fifo), str(folder), "--format", "json"]) == 1
     captured = capsys.readouterr()
     assert "not a regular file" in captured.err and "red.png" in captured.out
+
+
+def test_healthz_counts_requests_that_failed_after_the_batch(adapter_runs, live_server_cls, monkeypatch, tmp_path):
+    """Finding 6's symptom: every request got a 500 (an IndexError after the model ran) while /healthz said
+    ``errors: 0``. Now every 500 is counted."""
+    from PIL import Image
+
+    from visiontune.multi import AdapterHost
+    from visiontune.serve.app import create_app
+
+    host = AdapterHost.from_runs({"colors": adapter_runs["colors"]})
+    monkeypatch.setattr(host, "classes", lambda name: ["only one"])  # fewer labels than the model's outputs
+    img = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(img)
+    with live_server_cls(create_app(host)) as server:
+        r = httpx.post(f"{server.url}/v1/predict", files={"image": ("x.png", img.read_bytes(), "image/png")}, timeout=60)
+        assert r.status_code == 500
+        assert httpx.get(f"{server.url}/healthz").json()["server_errors"] == 1

@@ -418,8 +418,14 @@ def create_app(
                     "start it with --allowed-hosts naming the host clients use (or serve behind a proxy)")
             return await call_next(request)
 
+    # Every 500 the app answers, wherever it failed (in the batch or after it): /healthz reports them, so a
+    # server that fails every request is not reported healthy with "errors: 0".
+    failures = {"server_errors": 0}
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Any, exc: ApiError) -> Any:
+        if exc.status >= 500:
+            failures["server_errors"] += 1
         return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
@@ -429,6 +435,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _server_error(_: Any, exc: Exception) -> Any:
+        failures["server_errors"] += 1
         # Starlette's default answer to an unhandled exception is a plain-text 500; clients of this API
         # parse JSON, so a server fault gets the same body shape as every other error.
         return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}: {exc}); "
@@ -499,7 +506,7 @@ def create_app(
         """``status: ok`` while the model worker runs; request / batch counters; the adapter names when the
         request may see them (an open server, or the API key sent)."""
         alive = batcher._thread.is_alive()
-        body = {"status": "ok" if alive else "worker stopped", **batcher.snapshot()}
+        body = {"status": "ok" if alive else "worker stopped", **batcher.snapshot(), **failures}
         if authorised(request):
             body["adapters"] = list(host.tasks)
         return body if alive else JSONResponse(body, status_code=503)
