@@ -102,8 +102,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     table = compare_table(rows)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        from visiontune.rundir import claim_output_folder
+
+        out = claim_output_folder(Path(args.out), "compare", ("comparison.md", "comparison.png"), option="compare --out")
 
         write_text_atomic(out / "comparison.md", table + "\n")
         plot_comparison(rows, out / "comparison.png")
@@ -235,7 +236,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, log_level=args.log_level,
           max_pixels=args.max_pixels, max_aspect=args.max_aspect, max_decodes=args.max_decodes,
           api_key=args.api_key if args.api_key is not None else (os.environ.get("VISIONTUNE_API_KEY") or None),
-          backend=args.backend, int8=args.int8, precision=args.precision)
+          backend=args.backend, int8=args.int8, precision=args.precision,
+          allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None)
     return 0
 
 
@@ -470,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None,
                     help="require this key on /v1/ requests (Authorization: Bearer KEY or X-API-Key: KEY); default: "
                          "$VISIONTUNE_API_KEY, else none. Prefer the variable: a command line is visible to other users")
+    sv.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names the server answers "
+                    "(default: loopback names on a loopback address, against DNS rebinding; any host otherwise; * = any)")
     sv.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward pass")
     sv.add_argument("--batch-wait-ms", type=float, default=1.0, help="how long a request waits for batch companions")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -559,6 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise  # not an optional package: a broken install, shown as it is
         print(f"visiontune: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine said no (permissions, a full disk, a vanished file): one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"visiontune: error: {e.strerror or e}{where}; check the path, its permissions and free space",
+              file=sys.stderr)
         return 2
     finally:
         # Only a command that joined a launcher's process group imported this module; nothing to leave otherwise.

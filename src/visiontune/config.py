@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -392,15 +393,22 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}={value!r} should be an integer")
         return value
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{where}={value!r} should be a number")
-        return value
+        if number is None:
+            problems.append(f"{where}={value!r} should be a number")
+            return value
+        if not math.isfinite(number):
+            # NaN passes every `<`/`>` range check, and inf (also what 1e400 reads as) means "no limit" by accident.
+            problems.append(f"{where}={value!r} should be a finite number")
+            return value
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -69,6 +69,10 @@ RANK_SEED_STRIDE = 1_000_003
 """Process ``r`` draws its augmentations from seed ``run.seed + r * RANK_SEED_STRIDE`` (process 0: ``run.seed``)."""
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun and accelerate launch set for every process besides WORLD_SIZE."""
+
+
 def launched_world_size() -> int:
     """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
     try:
@@ -197,6 +201,12 @@ def setup(device: str, parallel: str = "ddp") -> Dist | None:
         )
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
+    missing = [k for k in LAUNCHER_VARIABLES if not os.environ.get(k)]
+    if missing:  # a WORLD_SIZE left in the shell: joining would wait for processes that never come, or fail deep down
+        raise ConfigError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not, so no "
+            "launcher started this process; unset WORLD_SIZE for one process, or start with torchrun / accelerate launch"
+        )
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())

@@ -22,7 +22,6 @@ unmerged (merging would write into the shared weights).
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ from visiontune.methods.base import Method, shared_copy, tensors_bytes
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.config import load_config
 from visiontune.registry import METHODS
-from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter
+from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter, run_labels
 from visiontune.runtime import autocast, inference_dtype
 
 
@@ -146,7 +145,7 @@ class AdapterHost(TaskHost):
             raise ConfigError("AdapterHost.from_runs needs at least one {task name: run directory}")
         first_name, first_dir = next(iter(runs.items()))
         cfg = load_config(_config_path(first_dir))
-        classes = json.loads((Path(first_dir) / "labels.json").read_text())
+        classes = run_labels(first_dir)
         identity = backbone_identity(cfg.backbone)
         with torch.random.fork_rng(devices=[]):
             if identity.get("weights") == "none":
@@ -166,8 +165,8 @@ class AdapterHost(TaskHost):
         """Add the task of a finished run directory (refused if trained on another backbone)."""
         run_dir = Path(run_dir)
         cfg = load_config(_config_path(run_dir))
-        classes = json.loads((run_dir / "labels.json").read_text())
         state, meta = read_adapter(run_dir / ADAPTER_FILE)
+        classes = run_labels(run_dir, meta)
         check_identity(meta.get("backbone_identity", {}), self.identity, f"task {name!r} ({run_dir / ADAPTER_FILE})")
         if self.identity.get("weights") == "none" and (cfg.run.seed, len(classes)) != self.random_init:
             raise WeightsError(

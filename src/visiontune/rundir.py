@@ -16,6 +16,13 @@ started, no checkpoint     refused     emptied, then a new run (if the     delet
 not a run directory        refused     refused                             refused
 =========================  ==========  ==================================  =========================
 
+A directory is a run directory only when visiontune marked it so: its manifest
+(:data:`~visiontune.atomic.MANIFEST_NAME`, written when the run starts) names the kind of run, and lists every
+entry the run made. A run directory from before manifests counts as one only when its ``config.yaml`` reads as a
+visiontune configuration of this kind *and* it holds another file such a run makes. "Deleted" and "emptied"
+above mean: the entries the manifest lists (or, for an older run, the files such a run makes) and nothing else,
+so a file the user put into a run directory survives ``run.overwrite=true``.
+
 Nothing is written into an existing directory until these checks have passed, so a refused or failed
 start leaves a finished run exactly as it was. "Finished" means every artifact of the finished run
 reads back (an interrupted write of ``metrics.json`` is not a finished run), and the message names
@@ -24,6 +31,7 @@ any file that does not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,7 +43,11 @@ from typing import Any, Literal
 
 import yaml
 
-from visiontune.checkpoint import CHECKPOINT_DIR, checkpoint_path, legacy_checkpoint
+from visiontune.atomic import (
+    MANIFEST_FORMAT, MANIFEST_NAME as MANIFEST, check_writable, claim_folder, clean_stale_temps, is_temp_name, read_manifest,
+    write_json_atomic,
+)
+from visiontune.checkpoint import checkpoint_path, legacy_checkpoint
 from visiontune.errors import ConfigError
 
 StateKind = Literal["new", "finished", "partial", "started", "foreign"]
@@ -106,6 +118,8 @@ class RunDirState:
         problems: why a directory with a finished run's files is not finished (each names its file).
         checkpoint: the resumable checkpoint, if present.
         legacy: an old pickle checkpoint (``last.pt``), if present (never loaded).
+        owner: the manifest kind of the run (``train``, ``pretrain``) this directory is inspected for.
+        owned: the entries visiontune made there: all that :func:`clear_run_dir` may delete.
     """
 
     path: Path
@@ -113,30 +127,91 @@ class RunDirState:
     problems: list[str] = field(default_factory=list)
     checkpoint: Path | None = None
     legacy: Path | None = None
+    owner: str = "train"
+    owned: list[str] = field(default_factory=list)
 
 
-def inspect_run_dir(run_dir: Path, finished: dict[str, Callable[[Path], str | None]]) -> RunDirState:
+TRASH_PREFIX = ".visiontune-trash-"
+"""Hidden folder inside a run directory that :func:`clear_run_dir` moves what it deletes into first."""
+
+
+def _ours(name: str) -> bool:
+    """Entries that only visiontune's own writers name so (temporary files, an interrupted deletion)."""
+    return is_temp_name(name) or name.startswith(TRASH_PREFIX)
+
+
+def owned_entries(folder: Path, kind: str, makes: Iterable[str], is_old_run: Callable[[Path], bool] | None = None,
+                  ) -> tuple[list[str] | None, str]:
+    """What visiontune made in ``folder``, as a ``kind`` folder: (entry names, "") or (None, why it is not ours).
+
+    Args:
+        folder: an existing folder.
+        kind: the manifest kind the caller works with (``train``, ``pretrain``, ``sweep``, ``auto``).
+        makes: every top-level entry a ``kind`` folder made before manifests existed.
+        is_old_run: recognises such an older folder (its config reads as one of ours, ...); None: only a
+            manifest counts.
+    """
+    entries = {p.name for p in folder.iterdir()}
+    leftovers = sorted(n for n in entries if _ours(n))
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        if manifest["kind"] != kind:
+            return None, f"it holds a visiontune {manifest['kind']} folder, not a {kind} one"
+        listed = (n for n in manifest["files"] if (folder / n).exists() or (folder / n).is_symlink())
+        return sorted({*listed, *leftovers}), ""
+    others = sorted(n for n in entries if not _ours(n))
+    if not others:
+        return leftovers, ""
+    if is_old_run is not None and is_old_run(folder):
+        return sorted({*(n for n in makes if n in entries), *leftovers}), ""
+    return None, f"it holds {others[:5]}{' ...' if len(others) > 5 else ''} and no visiontune manifest ({MANIFEST})"
+
+
+def old_run_check(config_ok: Callable[[dict[str, Any]], bool], also: Iterable[str]) -> Callable[[Path], bool]:
+    """An ``is_old_run`` for :func:`owned_entries`: config.yaml passes ``config_ok`` and one of ``also`` is a file
+    (or, for ``checkpoint``, the checkpoint) that reads back."""
+    also = tuple(also)
+
+    def check(folder: Path) -> bool:
+        stored, problem = read_yaml_mapping(folder / "config.yaml")
+        if problem or stored is None:
+            return False
+        try:
+            if not config_ok(stored):
+                return False
+        except Exception:  # noqa: BLE001 -- any failure to read it as our config means: not ours
+            return False
+        return any((checkpoint_path(folder).is_file() or legacy_checkpoint(folder) is not None) if n == "checkpoint"
+                   else exists_check(folder / n) is None for n in also)
+    return check
+
+
+def inspect_run_dir(
+    run_dir: Path, finished: dict[str, Callable[[Path], str | None]], owner: str = "train", makes: Iterable[str] = (),
+    is_old_run: Callable[[Path], bool] | None = None,
+) -> RunDirState:
     """Classify ``run_dir`` by reading (never writing) it.
 
     Args:
         run_dir: the run directory.
         finished: file name -> check (None when fine, else a problem naming the file) for every file a
             finished run has; the first file is the one whose presence means "the run got to its end".
+        owner, makes, is_old_run: whose directory it must be (see :func:`owned_entries`).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        if run_dir.exists():
-            return RunDirState(run_dir, "foreign", [f"{run_dir} is a file"])
-        return RunDirState(run_dir, "new")
-    names = {p.name for p in run_dir.iterdir()}
+        if run_dir.exists() or run_dir.is_symlink():
+            return RunDirState(run_dir, "foreign", ["it is a file, not a folder"], owner=owner)
+        return RunDirState(run_dir, "new", owner=owner)
+    owned, why = owned_entries(run_dir, owner, makes, is_old_run)
+    if owned is None:
+        return RunDirState(run_dir, "foreign", [why], owner=owner)
+    names = {n.split("/")[0] for n in owned if not _ours(n)}
     if not names:
-        return RunDirState(run_dir, "new")
+        return RunDirState(run_dir, "new", owner=owner, owned=owned)
     ck = checkpoint_path(run_dir)
-    state = RunDirState(run_dir, "started", checkpoint=ck if ck.is_file() else None, legacy=legacy_checkpoint(run_dir))
-    markers = {"config.yaml", CHECKPOINT_DIR, *finished}
-    if not names & markers and not all(n.startswith(".") and n.endswith(".tmp") for n in names):
-        state.kind = "foreign"
-        return state
+    state = RunDirState(run_dir, "started", checkpoint=ck if ck.is_file() else None, legacy=legacy_checkpoint(run_dir),
+                        owner=owner, owned=owned)
     first = next(iter(finished))
     if first in names:
         state.problems = [p for p in (check(run_dir / name) for name, check in finished.items()) if p]
@@ -162,11 +237,11 @@ def refuse_reuse(state: RunDirState, resume: bool, overwrite: bool, unit: str = 
     """
     where = str(state.path)
     if state.kind == "foreign":
-        shown = sorted(p.name for p in state.path.iterdir())[:5] if state.path.is_dir() else []
+        why = f" ({'; '.join(state.problems)})" if state.problems else ""
         raise ConfigError(
-            f"{where!r} exists and is not a visiontune {unit} directory"
-            f"{f' (it holds {shown})' if shown else ''}; set run.name or run.dir to another folder "
-            "(nothing there was changed, and run.overwrite=true never deletes such a folder)"
+            f"{where!r} exists and is not a visiontune {unit} directory{why}; set run.name or run.dir to another "
+            "folder (nothing there was changed: run.resume and run.overwrite never touch a folder visiontune did "
+            "not make)"
         )
     if state.kind == "new" or overwrite:
         return
@@ -189,23 +264,103 @@ def refuse_reuse(state: RunDirState, resume: bool, overwrite: bool, unit: str = 
         )
 
 
-def clear_run_dir(run_dir: Path) -> str | None:
-    """Delete ``run_dir``'s contents so that a new run starts from an empty folder; say what was done.
+def clear_run_dir(state: RunDirState) -> str | None:
+    """Delete what visiontune made in ``state``'s directory (``state.owned``), and nothing else; say what was done.
 
-    The folder is renamed to a hidden sibling first and deleted from there, so an interrupted deletion
-    never leaves a half-emptied folder under the run's name.
+    The entries are first moved into one hidden folder inside the run directory and deleted from there,
+    so an interrupted deletion never leaves a half-emptied run under the run's name (the next start
+    finishes deleting that folder: its name is visiontune's).
 
     Returns:
         A sentence for the user, or None when there was nothing to delete.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    run_dir = state.path
+    if state.kind == "foreign":  # refuse_reuse refuses these first; deleting is never the fallback
+        raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory; nothing was deleted")
+    victims = [run_dir / n for n in state.owned if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if not victims:
         return None
-    trash = run_dir.with_name(f".{run_dir.name}.deleting-{os.getpid()}-{secrets.token_hex(3)}")
-    os.replace(run_dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-    left = f" (could not delete all of it: {trash} remains)" if trash.exists() else ""
-    return f"deleted the previous contents of {run_dir}{left}"
+    check_writable(run_dir / MANIFEST, "the run directory")  # a read-only folder: one clear error, nothing moved
+    trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+    trash.mkdir()
+    for i, p in enumerate(victims):
+        os.replace(p, trash / f"{i}-{p.name}")
+    for p in victims:  # a subfolder emptied of what visiontune wrote goes too; one holding the user's files stays
+        if p.parent != run_dir:
+            with contextlib.suppress(OSError):
+                p.parent.rmdir()
+    # The manifest keeps its kind (the folder stays ours, even if the deletion below is cut short).
+    _drop_from_manifest(run_dir, state.owner, [str(p.relative_to(run_dir)) for p in victims])
+    for p in run_dir.iterdir():
+        if p.name.startswith(TRASH_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+    kept = sorted(p.name for p in run_dir.iterdir() if p.name != MANIFEST and not _ours(p.name))
+    left = f"; kept what visiontune did not make: {kept[:5]}" if kept else ""
+    return f"deleted the previous run in {run_dir} ({len(victims)} entries visiontune made){left}"
+
+
+def _drop_from_manifest(folder: Path, kind: str, names: list[str]) -> None:
+    manifest = read_manifest(folder) or {"files": []}
+    write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "kind": kind,
+                                          "files": [n for n in manifest["files"] if n not in names]})
+
+
+def claim_run_dir(state: RunDirState) -> None:
+    """Mark ``state``'s directory as this run's (an older run's files adopted into its manifest), and delete the
+    temporary files a killed writer left there. Call once the checks have let the run use the directory."""
+    if state.kind == "finished" and not os.access(state.path, os.W_OK):
+        return  # a finished run on read-only storage is only read (resume returns its metrics): nothing to mark
+    _claim(state.path, state.owner, state.owned, "run directory")
+    clean_stale_temps(checkpoint_path(state.path).parent)
+
+
+def claim_output_folder(
+    folder: str | Path, kind: str, makes: Iterable[str] = (), is_old: Callable[[Path], bool] | None = None,
+    option: str = "the output folder",
+) -> Path:
+    """Let a ``kind`` command (``sweep``, ``auto``) write into ``folder`` only if it is new, empty or its own.
+
+    The folder is then marked (its manifest) and stale temporary files are removed. Every command that writes
+    several files into one folder goes through here before any work, so none overwrites a ``report.md`` it did
+    not make.
+
+    Args:
+        folder: where the command writes.
+        kind: the manifest kind.
+        makes, is_old: recognise a folder this command made before manifests (see :func:`owned_entries`); without
+            ``is_old``, a folder holding only entries of ``makes``.
+        option: how the user names the folder, for the message (``sweep dir:``, ``--out``).
+
+    Raises:
+        ConfigError: the folder is a file, holds what this command did not make, or cannot be written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {str(folder)!r} is a file, not a folder; choose a new folder")
+    owned: list[str] = []
+    makes = tuple(makes)
+    if is_old is None:  # a folder holding only what this command writes is one it made before manifests
+        def is_old(f: Path) -> bool:
+            return {p.name for p in f.iterdir()} <= set(makes)
+    if folder.is_dir():
+        found, why = owned_entries(folder, kind, makes, is_old)
+        if found is None:
+            raise ConfigError(
+                f"{option} {str(folder)!r} is not a visiontune {kind} folder ({why}); choose a new or empty folder "
+                "(nothing there was changed: visiontune writes only into folders it made)"
+            )
+        owned = found
+    _claim(folder, kind, owned, option)
+    return folder
+
+
+def _claim(folder: Path, kind: str, owned: list[str], what: str) -> None:
+    check_writable(folder / MANIFEST, what)
+    claim_folder(folder, kind, [n for n in owned if not _ours(n)])
+    clean_stale_temps(folder)
+    for name in owned:  # what an interrupted clear_run_dir had moved aside (only this folder's own trash)
+        if name.startswith(TRASH_PREFIX):
+            shutil.rmtree(folder / name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- config comparison

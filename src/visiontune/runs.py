@@ -22,7 +22,8 @@ from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
 from visiontune.rundir import (
-    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, read_json, read_yaml_mapping, yaml_check,
+    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, old_run_check, read_json,
+    read_yaml_mapping, yaml_check,
 )
 from visiontune.backbones import backbone_identity, build_transform, create_backbone
 from visiontune.data.splits import split_differences
@@ -49,9 +50,26 @@ what is trained or its test scores (where the run folder sits, progress bars, to
 resume/overwrite switches, TensorBoard logging, the post-training speed measurement)."""
 
 
+RUN_KIND = "train"
+"""The manifest kind of a fine-tuning run directory (:func:`visiontune.atomic.claim_folder`)."""
+
+RUN_MAKES = (
+    *FINISHED_FILES, "report.md", "confusion.png", "history.png", "checkpoint", "tensorboard",
+)
+"""Every top-level entry a fine-tuning run writes: what an older run without a manifest may have deleted."""
+
+
+def _is_train_config(stored: dict[str, Any]) -> bool:
+    config_from_dict(stored)  # raises ConfigError for anything that is not a fine-tuning run's config
+    return True
+
+
 def inspect_run(run_dir: str | Path) -> RunDirState:
     """The state of a fine-tuning run directory (see :mod:`visiontune.rundir`)."""
-    return inspect_run_dir(Path(run_dir), FINISHED_FILES)
+    return inspect_run_dir(
+        Path(run_dir), FINISHED_FILES, RUN_KIND, RUN_MAKES,
+        old_run_check(_is_train_config, [n for n in RUN_MAKES if n != "config.yaml"]),
+    )
 
 
 def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:
@@ -100,9 +118,50 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     if not path.is_file():
         raise WeightsError(f"adapter file {str(path)!r} does not exist; is this a finished visiontune run directory?")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("visiontune", "{}"))
-    return load_file(str(path)), meta
+    # A pickle renamed to .safetensors, a truncated copy or a file of another tool: safetensors parses the
+    # header only (nothing is executed) and any failure is the same one clear error.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("visiontune", "{}"))
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, JSON and UTF-8 errors alike
+        raise WeightsError(
+            f"adapter file {str(path)!r} is not a readable safetensors adapter ({type(e).__name__}: "
+            f"{str(e).strip()[:200]}); retrain the run (run.overwrite=true) or restore the file from a copy"
+        ) from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"adapter file {str(path)!r} has no visiontune metadata; it was not written by visiontune")
+    return tensors, meta
+
+
+def run_labels(run_dir: str | Path, adapter_meta: dict[str, Any] | None = None) -> list[str]:
+    """The class names of a run (``labels.json``), checked against the ones stored with its adapter.
+
+    ``labels.json`` gives the order of the logits to anyone reading the run; the adapter file records the
+    classes it was trained with. A reordered, edited or swapped ``labels.json`` would mislabel every prediction
+    silently, so both must agree.
+
+    Raises:
+        ConfigError: labels.json is missing or not a list of names, or differs from the adapter's classes
+            (naming both files).
+    """
+    run_dir = Path(run_dir)
+    classes, problem = read_json(run_dir / "labels.json")
+    if problem or not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ConfigError(f"{problem or f'{run_dir}/labels.json is not a list of class names'}; "
+                          "the run did not finish writing it: rerun it with run.resume=true, or run.overwrite=true")
+    stored = (adapter_meta or {}).get("classes")
+    if stored is not None and stored != classes:
+        if len(stored) != len(classes):
+            diff = f"{len(classes)} classes in labels.json, {len(stored)} in the adapter"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(classes, stored)) if a != b)
+            diff = f"position {i}: {classes[i]!r} in labels.json, {stored[i]!r} in the adapter"
+        raise ConfigError(
+            f"{run_dir / 'labels.json'} does not match the classes stored in {run_dir / ADAPTER_FILE} ({diff}); "
+            f"predictions would be mislabelled. Restore labels.json from the adapter's classes ({stored}) or retrain"
+        )
+    return classes
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -190,11 +249,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a visiontune run directory (no config.yaml); pass runs/<name>")
     cfg = load_config(run_dir / "config.yaml")
-    classes, problem = read_json(run_dir / "labels.json")
-    if problem or not isinstance(classes, list):
-        raise ConfigError(f"{problem or f'{run_dir}/labels.json is not a list of class names'}; "
-                          "the run did not finish writing it: rerun it with run.resume=true, or run.overwrite=true")
     state, meta = read_adapter(run_dir / ADAPTER_FILE)
+    classes = run_labels(run_dir, meta)
     identity = backbone_identity(cfg.backbone)
     check_identity(meta.get("backbone_identity", {}), identity, str(run_dir / ADAPTER_FILE))
     method: Method = METHODS.get(cfg.method.name)(cfg.method)

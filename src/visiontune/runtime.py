@@ -32,7 +32,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; otherwise the named device (checked)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu or auto")
     return dev

@@ -241,6 +241,10 @@ def test_sweep_never_loads_a_planted_pickle(tmp_path):
     ck = tmp_path / "out" / "runs" / sw.entries[0].name / "checkpoint"
     ck.mkdir(parents=True)
     (ck / "last.pt").write_bytes(pickle.dumps(Payload()))
+    # A copied run from before run manifests holds its config.yaml (issue 30: a bare checkpoint/ is not a run).
+    from visiontune.sweep import resolved_entry_config
+
+    resolved_entry_config(sw, sw.entries[0]).dump(ck.parent / "config.yaml")
     assert sweep_status_of(sw).startswith("partial (an old pickle checkpoint/last.pt, which is not loaded")
     out = run_sweep(sw, progress=False, report=False)
     assert "last.pt is a pickle checkpoint" in out["failed"][sw.entries[0].name]

@@ -61,6 +61,9 @@ def test_planted_pickle_checkpoint_is_never_loaded(tiny_overrides, tmp_path, cap
     marker = tmp_path / "payload-ran"
     run_dir = tmp_path / "runs" / "copied"
     plant_payload(run_dir, marker)
+    # A copied run folder from before run manifests: its config.yaml is a visiontune config (issue 30: a bare
+    # checkpoint/ folder is not a run at all, and is refused without being read).
+    vt.load_config(None, [*tiny_overrides, *FAST, "method.name=full", "run.name=copied"]).dump(run_dir / "config.yaml")
     assert main(["train", *tiny_overrides, *FAST, "method.name=full", "run.name=copied", "run.resume=true"]) == 2
     err = capsys.readouterr().err
     assert "last.pt is a pickle checkpoint" in err and "not loaded" in err and "run.overwrite=true" in err

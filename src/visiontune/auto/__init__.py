@@ -72,6 +72,7 @@ from visiontune.methods.baselines import fit_probe_head
 from visiontune.methods.prototype import prototype_head
 from visiontune.pretrain import load_pretrain_config, pretrain
 from visiontune.registry import METHODS
+from visiontune.rundir import claim_output_folder, read_json
 from visiontune.runs import build_model
 from visiontune.train.loop import extract_features, train
 from visiontune.train.speed import fast_forward
@@ -97,6 +98,15 @@ FINAL_RESERVE = 1.3
 """The final retrain on every labeled image is budgeted as this many of the dearest fold (plus the test split's
 evaluation): the same step count, a larger feature pass for the probe head."""
 STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
+AUTO_MAKES = (STATE_FILE, STUDY_FILE, "leaderboard.md", "leaderboard.json", "accuracy_vs_time.png", "per_class_f1.png",
+              "labeled-data.yaml", "folds", "explora", "model")
+"""Every top-level entry a selection writes into ``--out`` (what an older selection folder without a manifest holds)."""
+
+
+def _is_old_selection(folder: Path) -> bool:
+    """A selection folder from before manifests: its auto.json reads back with the selection's signature."""
+    state, problem = read_json(folder / STATE_FILE)
+    return not problem and isinstance(state, dict) and isinstance(state.get("signature"), dict)
 FINISHED = ("complete", "pruned")
 """Candidate states a rerun does not continue; one stopped by the budget continues when the rerun's budget allows,
 one whose worker died (``failed``) is retried."""
@@ -149,16 +159,25 @@ BALANCED = (
 # ----------------------------------------------------------------------------- small helpers
 
 
-def parse_budget(text: str | None) -> float | None:
-    """'20m', '1.5h', '90s', '600' (seconds) -> seconds; None/'' -> no budget."""
-    if not text:
+def parse_budget(text: str | float | None) -> float | None:
+    """'20m', '1.5h', '90s', '600' (seconds) -> seconds; None -> no budget.
+
+    Raises:
+        ConfigError: not a duration, or not a finite number of seconds above zero (``nan``, ``inf``, ``1e400``,
+            ``0``, a negative number and an empty string would each mean "no budget" or "no time" by accident).
+    """
+    if text is None:
         return None
     t = str(text).strip().lower()
     units = {"s": 1, "m": 60, "h": 3600}
     try:
-        return float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise ConfigError(f"--budget {text!r} is not a duration; use e.g. 90s, 20m or 1.5h") from None
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"--budget {text!r} is not a duration above zero; use e.g. 90s, 20m or 1.5h "
+                          "(leave --budget out for no budget)")
+    return seconds
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -232,6 +251,10 @@ class AutoSelect:
     ):
         check_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
                        max_in_flight=max_in_flight)
+        budget_s = None if budget_s is None else parse_budget(budget_s)
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ConfigError(f"--folds {folds!r} is invalid; cross-validation needs a whole number of folds >= 2 "
+                              "(default 5)")
         self.executor = executor
         self.executor_options = {"address": ray_address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
                                  "max_in_flight": max_in_flight}
@@ -308,11 +331,13 @@ class AutoSelect:
             raise ConfigError(f"{path} is unreadable ({e}); move it away to start the selection again") from e
         old = state.get("signature", {})
         if old != self.signature:
-            diff = sorted(k for k in set(old) | set(self.signature) if old.get(k) != self.signature.get(k))
-            raise ConfigError(
-                f"{self.out} holds a selection with other settings ({', '.join(diff)} differ); rerun with the same "
-                "data, backbones, folds and overrides to continue it, or choose another --out"
-            )
+            diff = _signature_differences(old, self.signature)
+            if diff:
+                raise ConfigError(
+                    f"{self.out} holds a selection with other settings ({'; '.join(diff)}); rerun with the same "
+                    "data, backbones, folds and overrides to continue it, or choose another --out"
+                )
+            state["signature"] = self.signature  # the same overrides in another order: the same selection
         self.state = state
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
@@ -859,7 +884,7 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        claim_output_folder(self.out, "auto", AUTO_MAKES, _is_old_selection, "--out")
         self._load_state()
         self._log(self.plan().describe())
         backbone = self._cheap_stage()
@@ -887,6 +912,29 @@ class AutoSelect:
         write_report(self.out, record, self.state, self.classes, PROBE)
         self._save()
         return record
+
+
+def _effective_overrides(overrides: Any) -> dict[str, str]:
+    """``key=value`` overrides as {key: value}, the last one of a key winning, as the config applies them."""
+    out: dict[str, str] = {}
+    for text in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(text).partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _signature_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a stored selection's signature and this one's, each named (overrides key by key;
+    the same overrides in another order are the same selection)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "overrides":
+            a, b = _effective_overrides(old.get(key)), _effective_overrides(new.get(key))
+            out += [f"override {k}: {a.get(k, '(absent)')!s} in the stored selection, {b.get(k, '(absent)')!s} now"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif old.get(key) != new.get(key):
+            out.append(f"{key}: {old.get(key)!r} in the stored selection, {new.get(key)!r} now")
+    return out
 
 
 def _method(cfg: Config) -> Any:

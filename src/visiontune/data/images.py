@@ -161,6 +161,9 @@ def decode_image(
         source = os.fspath(item)
         label = name or source
         where = f"image {label}"
+        if os.path.exists(source) and not os.path.isfile(source):
+            # A FIFO, socket or device named x.png: opening it would block forever or read without end.
+            raise DataError(f"image {label} is not a regular file ({source}); pass image files only")
     else:
         raise TypeError(
             f"cannot decode a {type(item).__name__}; pass a file path, encoded image bytes, a PIL image or a "

@@ -161,6 +161,56 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+MAX_INPUT_SIDE = 4096
+"""Largest image side an export's preprocessing may resize to: far above any backbone's input, and small enough
+that a tampered JSON cannot make every request decode a gigapixel image."""
+
+
+def _input_name(meta: dict[str, Any], meta_path: Path) -> str:
+    name = (meta.get("input") or {}).get("name") if isinstance(meta.get("input"), dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{str(meta_path)!r} names no model input (input.name); re-export with `visiontune export RUN`")
+    return name
+
+
+def check_export(model: OnnxRuntimeModel, meta: dict[str, Any], meta_path: Path) -> None:
+    """Refuse an export whose JSON and model disagree, or whose preprocessing is out of bounds.
+
+    The JSON is what a reader trusts for labels and pixels; the model is what computes. Checked: the labels are
+    a list of names as long as the model's output (4 outputs with 10 labels mislabel silently, 10 with 4 fail on
+    every request), and the preprocessing's input size is an image of at most :data:`MAX_INPUT_SIDE` pixels a
+    side that matches the model's own input shape (a tampered size drives decoding to gigabytes).
+
+    Raises:
+        ConfigError: naming both files and the fix.
+    """
+    fix = "re-export with `visiontune export RUN` (it writes both files together)"
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ConfigError(f"{str(meta_path)!r} has no list of class names (classes); {fix}")
+    pre = meta.get("preprocessing")
+    size = pre.get("input_size") if isinstance(pre, dict) else None
+    ok = (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+          and size[0] == 3 and all(1 <= v <= MAX_INPUT_SIDE for v in size[1:]))
+    crop = pre.get("crop_pct") if isinstance(pre, dict) else None
+    if ok and crop is not None:
+        ok = isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop and max(size[1:]) / crop <= MAX_INPUT_SIDE
+    if not ok:
+        raise ConfigError(f"{str(meta_path)!r}: preprocessing input_size {size!r} / crop_pct {crop!r} is not an image "
+                          f"of [3, H, W] with sides of 1 to {MAX_INPUT_SIDE} pixels after resizing; {fix}")
+    want = model.session.get_inputs()[0].shape
+    fixed = [(i, d) for i, d in enumerate(want[1:], start=1) if isinstance(d, int)]
+    if any(size[i - 1] != d for i, d in fixed):
+        raise ConfigError(f"{str(meta_path)!r} preprocesses images to {size} but {str(model.path)!r} takes "
+                          f"{list(want[1:])}; the two files are not one export: {fix}")
+    width = model.session.get_outputs()[0].shape[-1]
+    if not isinstance(width, int):  # a dynamic width: ask the model once
+        width = int(model(torch.zeros(1, *size)).shape[-1])
+    if width != len(classes):
+        raise ConfigError(f"{str(model.path)!r} gives {width} scores per image but {str(meta_path)!r} lists "
+                          f"{len(classes)} labels; the two files are not one export: {fix}")
+
+
 def _check_fresh(run_dir: Path, meta: dict[str, Any], meta_path: Path) -> None:
     """Refuse an export made from an older adapter file of ``run_dir``."""
     recorded = meta.get("run", {}).get("adapter_sha256")
@@ -203,7 +253,13 @@ class OnnxRuntimeModel(nn.Module):
         ort = require_onnxruntime()
         self.path = Path(path)
         self.input_name = input_name
-        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own classes for unreadable models
+            raise ConfigError(
+                f"{str(self.path)!r} is not a model onnxruntime can load ({type(e).__name__}: {str(e).strip()[:200]}); "
+                "re-export it with `visiontune export RUN`"
+            ) from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
@@ -269,7 +325,8 @@ def load_export(path: str | Path, int8: bool = False, threads: int | None = None
     if run_dir is not None:
         _check_fresh(run_dir, meta, meta_path)
     recorded = meta.get("run", {}).get("run_dir")
-    model = OnnxRuntimeModel(model_path, meta["input"]["name"], threads=threads)
+    model = OnnxRuntimeModel(model_path, _input_name(meta, meta_path), threads=threads)
+    check_export(model, meta, meta_path)
     return LoadedExport(model, list(meta["classes"]), eval_transform(meta["preprocessing"]), meta, model_path,
                         run_dir or (Path(recorded) if recorded else None))
 

@@ -18,6 +18,7 @@ Written by hand: the comparison is specific to visiontune's runs and exports.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import warnings
@@ -104,6 +105,8 @@ def bench_infer(
         raise ConfigError(f"iters={iters} is invalid; use an integer >= 1 (or leave it out for timed runs)")
     if rounds < 1:
         raise ConfigError(f"rounds={rounds} is invalid; use an integer >= 1")
+    if not (math.isfinite(min_time_s) and min_time_s > 0):  # nan would time nothing, inf would never stop
+        raise ConfigError(f"--min-time {min_time_s!r} is invalid; use a number of seconds above zero, e.g. 1")
     if backends is None:
         backends = ["torch"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") is not None else [])
     backends = [resolve_backend(b, run_dir) for b in backends]

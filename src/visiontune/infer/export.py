@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.atomic import atomic_write, write_json_atomic
+from visiontune.atomic import (
+    atomic_write, check_writable, clean_stale_temps, publish, staging_path, write_json_atomic,
+)
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.runtime import make_loader
 from visiontune.backbones import backbone_identity
@@ -44,7 +47,9 @@ from visiontune.data.images import load_image
 from visiontune.eval import compute_metrics
 from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
 from visiontune.infer.predictor import Predictor
-from visiontune.infer.quantize import DEFAULT_CALIBRATION, batches_of, check_keep_patterns, quantize_int8
+from visiontune.infer.quantize import (
+    DEFAULT_CALIBRATION, batches_of, check_keep_patterns, check_smoothing, quantize_int8,
+)
 from visiontune.runs import ADAPTER_FILE
 
 INPUT_NAME = "pixel_values"
@@ -308,7 +313,8 @@ def export_run(
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ConfigError(f"calibration={calibration!r} is invalid; use a number of training images >= 1 "
                           f"(default {DEFAULT_CALIBRATION})")
-    if not max_drop >= 0:
+    check_smoothing(smoothing)  # before the fp32 export, not after it
+    if not (math.isfinite(max_drop) and max_drop >= 0):
         raise ConfigError(f"max_drop={max_drop!r} is invalid; use points of accuracy >= 0 (default {DEFAULT_MAX_DROP})")
     keep = check_keep_patterns(keep_fp32)
     if (keep or smoothing is not None) and not int8:
@@ -316,31 +322,78 @@ def export_run(
     if int8 and importlib.util.find_spec("onnxruntime") is None:
         raise ConfigError("--int8 needs the onnxruntime package (its quantization toolkit); install it with: "
                           "pip install 'visiontune[onnx]'")
-    pred = Predictor.from_run(run_dir, device="cpu", merge=True)
     run_dir = Path(run_dir)
     path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
     if path.suffix != ".onnx":
         raise ConfigError(f"--out {str(path)!r} should end in .onnx")
     int8_path = path.with_name(f"{path.stem}.int8.onnx")
+    check_export_targets(path, int8_path if int8 else None)  # before any work: nothing of the user's is replaced
+    pred = Predictor.from_run(run_dir, device="cpu", merge=True)
+    # Written under temporary names and renamed into place at the end: a failed or refused export leaves the
+    # previous one (and its JSON) exactly as they were.
+    staged, staged_int8 = staging_path(path), staging_path(int8_path)
+    try:
+        return _export_staged(pred, run_dir, path, int8_path, staged, staged_int8, exporter, opset, check, int8,
+                              calibration, max_drop, warn_only, keep, smoothing)
+    finally:
+        staged.unlink(missing_ok=True)
+        staged_int8.unlink(missing_ok=True)
+
+
+def check_export_targets(path: Path, int8_path: Path | None = None) -> None:
+    """Refuse an export that would replace a file no visiontune export made (``--out RUN/metrics.onnx`` would
+    replace the run's metrics.json); a previous export of the same name is replaced.
+
+    Raises:
+        ConfigError: naming the file and the fix.
+    """
+    pairs = [(path, path.with_suffix(".json"))]
+    if int8_path is not None:
+        pairs.append((int8_path, int8_path.with_suffix(".json")))
+    for model, meta in pairs:
+        ours = _is_export_json(meta, model.name)
+        for target in (model, meta):
+            if target.is_dir() or (target.exists() and not ours):
+                raise ConfigError(
+                    f"export --out {str(path)!r} would replace {str(target)!r}, which is not a visiontune export of "
+                    f"{model.name} (its JSON {meta.name} does not name it); choose another --out path (nothing was changed)"
+                )
+        check_writable(model, "the export")
+    clean_stale_temps(path.parent)  # what an export killed mid-write left (its staged models are full-size)
+
+
+def _is_export_json(meta: Path, model_name: str) -> bool:
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == EXPORT_FORMAT and data.get("model") == model_name
+
+
+def _export_staged(
+    pred: Predictor, run_dir: Path, path: Path, int8_path: Path, staged: Path, staged_int8: Path, exporter: str,
+    opset: int, check: bool, int8: bool, calibration: int, max_drop: float, warn_only: bool, keep: list[str],
+    smoothing: float | None,
+) -> ExportResult:
     input_size = pred.input_size
     cfg = load_config(run_dir / "config.yaml")
     limits = cfg.data.image_limits()
     splits = None
     if int8:
         splits = _splits(cfg, pred.classes, "INT8 calibration (the run's training images)")
-    kind = export_model(pred.model, input_size, path, exporter=exporter, opset=opset)
-    _add_onnx_metadata(path, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
+    kind = export_model(pred.model, input_size, staged, exporter=exporter, opset=opset)
+    _add_onnx_metadata(staged, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
     diff = None
     if check:
         x = torch.randn((3, *input_size), generator=torch.Generator().manual_seed(0))
-        diff = onnx_parity(path, pred.model, x)
+        diff = onnx_parity(staged, pred.model, x)
     warning = None
     report = None
     if int8:
         assert splits is not None
         images = calibration_images(splits["train"], pred.transform, calibration, seed=cfg.data.seed, limits=limits)
-        report = quantize_int8(path, int8_path, batches_of(images, 16), INPUT_NAME, keep_fp32=keep, smoothing=smoothing)
-        _add_onnx_metadata(int8_path, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
+        report = quantize_int8(staged, staged_int8, batches_of(images, 16), INPUT_NAME, keep_fp32=keep, smoothing=smoothing)
+        _add_onnx_metadata(staged_int8, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
     accuracy = None
     if check and importlib.util.find_spec("onnxruntime") is not None:
         try:
@@ -350,9 +403,9 @@ def export_run(
                 raise
             warning = f"accuracy check skipped: {exc}"
         if splits is not None:
-            models: dict[str, Any] = {"pytorch": pred.model, "onnx_fp32": OnnxRuntimeModel(path)}
+            models: dict[str, Any] = {"pytorch": pred.model, "onnx_fp32": OnnxRuntimeModel(staged)}
             if int8:
-                models["onnx_int8"] = OnnxRuntimeModel(int8_path)
+                models["onnx_int8"] = OnnxRuntimeModel(staged_int8)
             accuracy = compare_on_test(splits["test"], pred.transform, models, pred.classes, cfg.optim.eval_batch_size,
                                        limits=limits)
             del models
@@ -377,6 +430,7 @@ def export_run(
         "machine": cpu_info(),
     }
     meta_path = path.with_suffix(".json")
+    publish(staged, path)  # the model first, then the JSON that names it
     write_json_atomic(meta_path, meta)
     result = ExportResult(path, meta_path, kind, pred.merged, diff, accuracy=accuracy, warning=warning)
     if not int8:
@@ -388,8 +442,7 @@ def export_run(
         accepted = d_acc <= max_drop and d_f1 <= max_drop
         if not accepted:
             warning = (f"{text}: more than the allowed {max_drop:g} points (--max-drop)")
-            if not warn_only:
-                int8_path.unlink(missing_ok=True)
+            if not warn_only:  # the staged INT8 model is dropped; an INT8 export kept earlier stays as it was
                 raise ConfigError(
                     f"refusing the INT8 model: {warning}. The fp32 export is kept at {path}. To keep INT8 anyway: "
                     "--max-drop with a larger number, or --warn-only; to lose less: --keep-fp32 with the sensitive "
@@ -404,6 +457,7 @@ def export_run(
         "parity_max_abs_diff": None,
     }
     int8_meta_path = int8_path.with_suffix(".json")
+    publish(staged_int8, int8_path)
     write_json_atomic(int8_meta_path, int8_meta)
     if warning:
         warnings.warn(f"visiontune export: {warning}", stacklevel=2)

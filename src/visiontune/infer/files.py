@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 
 from visiontune.infer.predictor import PredictionResult
 from visiontune.data import IMAGE_EXTENSIONS
-from visiontune.atomic import atomic_write
+from visiontune.atomic import atomic_write, check_writable
+from visiontune.distributed import is_main
 from visiontune.errors import ConfigError
 
 FORMATS = ("table", "json", "csv")
@@ -25,8 +26,16 @@ TABLE_SUFFIXES = (".csv",)
 """What ``predict --output`` / ``eval --predictions`` write. Parquet needs pyarrow, which is not in this build's lock."""
 
 
+PREDICTIONS_HEADER_START = "file,label"
+"""How every predictions table visiontune writes begins (``predict``'s and ``eval``'s layouts)."""
+
+
 def check_table_path(path: str | os.PathLike) -> Path:
-    """``path`` if it names a file this build can write predictions to (CSV), else a ConfigError naming the fix."""
+    """``path`` if it names a file this build can write predictions to (CSV), else a ConfigError naming the fix.
+
+    Checked before any work: the folder must be writable, and an existing file is replaced only when it is a
+    predictions table visiontune wrote (a user's CSV of the same name is never overwritten).
+    """
 
     p = Path(path)
     if p.suffix.lower() == ".parquet":
@@ -36,7 +45,22 @@ def check_table_path(path: str | os.PathLike) -> Path:
         raise ConfigError(f"{str(p)!r}: predictions are written as CSV; name the file *.csv")
     if p.is_dir():
         raise ConfigError(f"{str(p)!r} is a folder; name a .csv file to write")
-    return p
+    if p.exists() or p.is_symlink():
+        if not _is_predictions_table(p):
+            raise ConfigError(f"{str(p)!r} exists and is not a visiontune predictions file (its first line is not "
+                              f"'{PREDICTIONS_HEADER_START},...'); choose another file name (nothing was changed)")
+    # Process 0 alone writes the table (under a launcher), so it alone tries the folder: the others write nothing.
+    return check_writable(p, "the predictions file") if is_main() else p
+
+
+def _is_predictions_table(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline(256).startswith(PREDICTIONS_HEADER_START)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
@@ -93,10 +117,13 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 found.extend(os.path.join(root, f) for f in sorted(files)
-                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                             and os.path.isfile(os.path.join(root, f)))  # a FIFO named x.png would block the reader
             if not found:
                 problems.append(PredictionResult(str(p), error=f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
             paths.extend(found)
+        elif p.exists() and not p.is_file():
+            problems.append(PredictionResult(str(p), error="not a regular file (a FIFO, socket or device); pass image files"))
         elif p.exists():
             paths.append(str(p))
         else:

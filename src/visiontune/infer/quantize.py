@@ -231,6 +231,13 @@ def _logits(path: Path, batches: Sequence[np.ndarray], input_name: str, threads:
     return np.concatenate([session.run(None, {input_name: x})[0] for x in batches])
 
 
+def check_smoothing(smoothing: float | None) -> None:
+    """Refuse a SmoothQuant strength outside [0, 1) (NaN included); None (try several) is fine."""
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"smoothing={smoothing} is invalid; use a value in [0, 1) (0 turns SmoothQuant off), or "
+                          f"leave it out to try {', '.join(map(str, SMOOTHING_CANDIDATES))} and keep the best")
+
+
 def quantize_int8(
     fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray], input_name: str, keep_fp32: Sequence[str] = (),
     smoothing: float | None = None, threads: int | None = None, small_fraction: float = SMALL_LAYER_FRACTION,
@@ -258,9 +265,7 @@ def quantize_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if smoothing is not None and not 0.0 <= smoothing < 1.0:
-        raise ConfigError(f"smoothing={smoothing} is invalid; use a value in [0, 1) (0 turns SmoothQuant off), or "
-                          f"leave it out to try {', '.join(map(str, SMOOTHING_CANDIDATES))} and keep the best")
+    check_smoothing(smoothing)
     keep = check_keep_patterns(keep_fp32)
     raw = onnx.load(str(fp32_path))
     # Module paths are in the exporter's node metadata, which onnxruntime's pre-processing drops; node names survive.

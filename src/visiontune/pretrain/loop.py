@@ -55,8 +55,8 @@ from visiontune.pretrain.model import (
     replace_patch_embed, tokens, trained_pairs,
 )
 from visiontune.rundir import (
-    RunDirState, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check, read_json,
-    read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
+    RunDirState, claim_run_dir, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check,
+    old_run_check, read_json, read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
 )
 from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, torch_threads, warmup_cosine
 from visiontune.backbones import backbone_identity, create_backbone, data_config
@@ -76,6 +76,11 @@ FINISHED_FILES = {
     "history.json": json_check(lambda h: isinstance(h, list), "list of steps"),
 }
 """Every file of a finished pretraining run (``backbone.json`` first: it is written last)."""
+
+PRETRAIN_KIND = "pretrain"
+"""The manifest kind of a pretraining run directory (:func:`visiontune.atomic.claim_folder`)."""
+PRETRAIN_MAKES = (*FINISHED_FILES, "loss.png", "checkpoint", "tensorboard")
+"""Every top-level entry a pretraining run writes (its exported backbones aside, which a user keeps)."""
 
 NEUTRAL_KEYS = (
     "run.dir", "run.progress", "run.threads", "run.resume", "run.overwrite", "run.checkpoint_every", "run.plot",
@@ -156,11 +161,31 @@ def _prepare_run_dir(cfg: PretrainConfig, pool_id: dict[str, Any]) -> _Start:
     fresh start begins from an empty directory.
     """
     run_dir = _run_dir(cfg)
-    state: RunDirState = inspect_run_dir(run_dir, FINISHED_FILES)
+    state = inspect_pretrain_run(run_dir)
     progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
     refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, "pretraining run", progress)
+    start = _decide_start(cfg, pool_id, state)
+    claim_run_dir(state)  # every check passed: the folder is this run's (marked before anything is written)
+    return start
+
+
+def _is_pretrain_config(stored: dict[str, Any]) -> bool:
+    pretrain_config_from_dict(stored)  # raises for anything that is not a pretraining run's config
+    return True
+
+
+def inspect_pretrain_run(run_dir: Path) -> RunDirState:
+    """The state of a pretraining run directory (see :mod:`visiontune.rundir`)."""
+    return inspect_run_dir(
+        run_dir, FINISHED_FILES, PRETRAIN_KIND, PRETRAIN_MAKES,
+        old_run_check(_is_pretrain_config, [n for n in PRETRAIN_MAKES if n != "config.yaml"]),
+    )
+
+
+def _decide_start(cfg: PretrainConfig, pool_id: dict[str, Any], state: RunDirState) -> _Start:
+    run_dir = state.path
     if cfg.run.overwrite:
-        return _Start(run_dir, note=clear_run_dir(run_dir))
+        return _Start(run_dir, note=clear_run_dir(state))
     if state.kind == "finished":
         lineage, _ = read_json(run_dir / LINEAGE_FILE)
         history, _ = read_json(run_dir / "history.json")
@@ -178,7 +203,7 @@ def _prepare_run_dir(cfg: PretrainConfig, pool_id: dict[str, Any]) -> _Start:
         stored, _ = read_yaml_mapping(run_dir / "config.yaml")
         if stored is not None:
             refuse_changes(_changes(stored, cfg), run_dir, "pretraining run")
-        return _Start(run_dir, note=clear_run_dir(run_dir))
+        return _Start(run_dir, note=clear_run_dir(state))
     return _Start(run_dir)
 
 

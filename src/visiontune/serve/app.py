@@ -36,12 +36,13 @@ import binascii
 import difflib
 import hmac
 import json
+import math
 import sys
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import PurePath
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import torch
 
@@ -81,6 +82,15 @@ DEFAULT_TOP_K = 5
 DEFAULT_MAX_DECODES = 2
 """Default most images decoded at once (``--max-decodes``): decoding is CPU- and memory-bound, and more
 parallel decodes than cores only add memory."""
+DEFAULT_MAX_UPLOADS = 16
+"""Default most request bodies held in memory at once (``max_uploads``); further requests wait, unread, in the
+socket buffers. With the default ``--max-bytes`` that bounds uploads in flight to about 220 MB, where 30 concurrent
+10 MB uploads used to add 1.27 GB."""
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host headers a loopback server answers by default: a web page on another site that rebinds its own DNS name
+to 127.0.0.1 sends its own name, and is refused (DNS rebinding)."""
+
 # Multipart framing and base64 (4 bytes per 3) make a request body larger than the image it carries.
 _BODY_SLACK = 64 * 1024
 # After refusing an oversized body, read (and drop) at most this much more so the client receives the
@@ -208,6 +218,9 @@ async def _parse_request(request: Any, max_bytes: int) -> tuple[bytes, Any, Any]
     if ctype.startswith("application/json"):
         try:
             doc = json.loads(body)
+        except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack: the client's fault, not a 500
+            raise ApiError(400, "bad_json", "the JSON body is nested too deeply; send a flat object "
+                           "{\"image\": \"<base64>\"}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, "bad_json", f"the body is not valid JSON ({exc}); send {{\"image\": \"<base64>\"}}") from None
         if not isinstance(doc, dict):
@@ -289,9 +302,9 @@ def check_settings(
                                ("--max-pixels", max_pixels, 1), ("--max-decodes", max_decodes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             problems.append(f"{option} {value!r} is invalid; use an integer >= {low}")
-    if not max_wait_ms >= 0:
+    if not (math.isfinite(max_wait_ms) and max_wait_ms >= 0):
         problems.append(f"--batch-wait-ms {max_wait_ms!r} is invalid; use a number >= 0 (milliseconds)")
-    if not max_aspect >= 1:
+    if not (math.isfinite(max_aspect) and max_aspect >= 1):
         problems.append(f"--max-aspect {max_aspect!r} is invalid; use a number >= 1 (longer side / shorter side)")
     if problems:
         raise ConfigError(problems)
@@ -301,7 +314,8 @@ def check_settings(
 def create_app(
     host: AdapterHost | Any, max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0,
     default_top_k: int = DEFAULT_TOP_K, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT,
-    max_decodes: int = DEFAULT_MAX_DECODES, api_key: str | None = None,
+    max_decodes: int = DEFAULT_MAX_DECODES, api_key: str | None = None, max_uploads: int = DEFAULT_MAX_UPLOADS,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
 ) -> Any:
     """The FastAPI app serving ``host``'s adapters.
 
@@ -316,7 +330,12 @@ def create_app(
         max_aspect: largest longer / shorter side ratio (more elongated -> 413).
         max_decodes: most images decoded at once; further requests wait for a slot.
         api_key: when set, every ``/v1/`` request must send it (``Authorization: Bearer <key>`` or
-            ``X-API-Key: <key>``) or gets 401; the page, ``/healthz`` and the API docs stay open.
+            ``X-API-Key: <key>``) or gets 401; the page, ``/healthz`` and the API docs stay open, and ``/healthz``
+            names the adapters only to a request that sends the key.
+        max_uploads: most request bodies read and held at once; further requests wait before theirs is read.
+        allowed_hosts: the ``Host`` header values (names or addresses, any port) answered; others get 421.
+            Default: the loopback names, which stops DNS rebinding against a server on 127.0.0.1. None or
+            ``"*"`` among them: any host (a server behind a proxy that checks it).
 
     Raises:
         ConfigError: a bad setting, a host without transform or adapters.
@@ -329,8 +348,13 @@ def create_app(
     default_top_k = check_top_k(default_top_k)
     if api_key is not None and not api_key.strip():
         raise ConfigError("the API key is empty; set --api-key / VISIONTUNE_API_KEY to a secret, or unset it for an open service")
+    if isinstance(max_uploads, bool) or not isinstance(max_uploads, int) or max_uploads < 1:
+        raise ConfigError(f"max_uploads={max_uploads!r} is invalid; use a number of requests >= 1 "
+                          f"(default {DEFAULT_MAX_UPLOADS})")
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
     # Created here, used on the server's event loop (asyncio primitives bind to a loop on first use).
     decode_slots = asyncio.Semaphore(max_decodes)
+    upload_slots = asyncio.Semaphore(max_uploads)
     # A weights *file* is named by its file name only (with its sha256 beside it), not by its server path.
     public_identity = dict(host.identity)
     weights = public_identity.get("weights")
@@ -360,25 +384,48 @@ def create_app(
     def error_response(status: int, code: str, message: str) -> Any:
         return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
-    if api_key is not None:
-        expected_key = api_key.encode()
+    expected_key = api_key.encode() if api_key is not None else None
+
+    def _sent_key(request: Any) -> str:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+
+    def authorised(request: Any) -> bool:
+        # compare_digest: the comparison takes the same time wherever the first wrong byte is.
+        return expected_key is None or hmac.compare_digest(_sent_key(request).encode(), expected_key)
+
+    if expected_key is not None:
 
         @app.middleware("http")
         async def _require_key(request: fastapi.Request, call_next: Any) -> Any:
-            if request.url.path.startswith("/v1/"):
-                auth = request.headers.get("authorization", "")
-                sent = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-                # compare_digest: the comparison takes the same time wherever the first wrong byte is.
-                if not hmac.compare_digest(sent.encode(), expected_key):
-                    response = error_response(
-                        401, "unauthorized", "this server needs an API key; send it as 'Authorization: Bearer <key>' "
-                        "or 'X-API-Key: <key>'" + (" (the key sent is wrong)" if sent else ""))
-                    response.headers["WWW-Authenticate"] = "Bearer"
-                    return response
+            if request.url.path.startswith("/v1/") and not authorised(request):
+                response = error_response(
+                    401, "unauthorized", "this server needs an API key; send it as 'Authorization: Bearer <key>' "
+                    "or 'X-API-Key: <key>'" + (" (the key sent is wrong)" if _sent_key(request) else ""))
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
             return await call_next(request)
+
+    if hosts is not None:
+
+        # Registered last, so it runs first: a request for another host name is answered before anything else.
+        @app.middleware("http")
+        async def _check_host(request: fastapi.Request, call_next: Any) -> Any:
+            name = _host_name(request.headers.get("host", ""))
+            if name not in hosts:
+                return error_response(
+                    421, "wrong_host", f"this server answers requests for {', '.join(sorted(hosts))}, not {name or 'no host'!r}; "
+                    "start it with --allowed-hosts naming the host clients use (or serve behind a proxy)")
+            return await call_next(request)
+
+    # Every 500 the app answers, wherever it failed (in the batch or after it): /healthz reports them, so a
+    # server that fails every request is not reported healthy with "errors: 0".
+    failures = {"server_errors": 0}
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Any, exc: ApiError) -> Any:
+        if exc.status >= 500:
+            failures["server_errors"] += 1
         return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
@@ -388,6 +435,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _server_error(_: Any, exc: Exception) -> Any:
+        failures["server_errors"] += 1
         # Starlette's default answer to an unhandled exception is a plain-text 500; clients of this API
         # parse JSON, so a server fault gets the same body shape as every other error.
         return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}: {exc}); "
@@ -407,21 +455,25 @@ def create_app(
     )
     async def predict(request: fastapi.Request) -> dict[str, Any]:
         """Classify one image with the named adapter: multipart field ``image`` or JSON base64 ``image``."""
-        data, adapter, top_k = await _parse_request(request, max_bytes)
-        t0 = time.perf_counter()
-        name = _pick_adapter(host, adapter)
-        k = _parse_top_k(top_k, default_top_k)
-        if len(data) > max_bytes:
-            raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} bytes "
-                           "(--max-bytes); send a smaller or more compressed image")
-        transform = host.transform_for(name)
-        try:
-            async with decode_slots:
-                x = await run_in_threadpool(lambda: transform(decode_image(data, "the uploaded image", limits)))
-        except ImageTooLargeError as exc:
-            raise ApiError(413, "image_too_large", str(exc)) from None
-        except DataError as exc:
-            raise ApiError(422, "not_an_image", str(exc)) from None
+        # The body is read only once an upload slot is free, and the slot is held until the image is decoded:
+        # at most max_uploads bodies are in memory however many clients upload at once.
+        async with upload_slots:
+            data, adapter, top_k = await _parse_request(request, max_bytes)
+            t0 = time.perf_counter()
+            name = _pick_adapter(host, adapter)
+            k = _parse_top_k(top_k, default_top_k)
+            if len(data) > max_bytes:
+                raise ApiError(413, "too_large", f"the image is {len(data)} bytes; this server accepts up to {max_bytes} "
+                               "bytes (--max-bytes); send a smaller or more compressed image")
+            transform = host.transform_for(name)
+            try:
+                async with decode_slots:
+                    x = await run_in_threadpool(lambda: transform(decode_image(data, "the uploaded image", limits)))
+            except ImageTooLargeError as exc:
+                raise ApiError(413, "image_too_large", str(exc)) from None
+            except DataError as exc:
+                raise ApiError(422, "not_an_image", str(exc)) from None
+            data = b""  # the body is not kept while the request waits for its batch: the slot's bound holds
         try:
             result = await asyncio.wrap_future(batcher.submit(name, x))
         except Exception as exc:  # noqa: BLE001 - a model failure is the server's, reported as such
@@ -450,10 +502,13 @@ def create_app(
         }
 
     @app.get("/healthz", summary="Liveness and batching counters")
-    async def healthz() -> dict[str, Any]:
-        """``status: ok`` while the model worker runs; request / batch counters."""
+    async def healthz(request: fastapi.Request) -> dict[str, Any]:
+        """``status: ok`` while the model worker runs; request / batch counters; the adapter names when the
+        request may see them (an open server, or the API key sent)."""
         alive = batcher._thread.is_alive()
-        body = {"status": "ok" if alive else "worker stopped", "adapters": list(host.tasks), **batcher.snapshot()}
+        body = {"status": "ok" if alive else "worker stopped", **batcher.snapshot(), **failures}
+        if authorised(request):
+            body["adapters"] = list(host.tasks)
         return body if alive else JSONResponse(body, status_code=503)
 
     page = resources.files("visiontune.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -470,6 +525,7 @@ def serve(
     max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32, max_wait_ms: float = 1.0, log_level: str = "info",
     max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT, max_decodes: int = DEFAULT_MAX_DECODES,
     api_key: str | None = None, backend: str | None = None, int8: bool = False, precision: str = "fp32",
+    allowed_hosts: Sequence[str] | None = None, max_uploads: int = DEFAULT_MAX_UPLOADS,
 ) -> None:
     """Load the adapters on one backbone and serve them until interrupted (blocking).
 
@@ -493,6 +549,9 @@ def serve(
             uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
         int8: serve the INT8 exports (onnxruntime).
         precision: torch backend: ``fp32`` (default) or ``bf16`` autocast (faster on CPUs with AMX or AVX-512 BF16).
+        allowed_hosts: ``Host`` header values answered (see :func:`create_app`); default: the loopback names when
+            ``host`` is a loopback address (against DNS rebinding), any host otherwise, plus ``host`` itself.
+        max_uploads: most request bodies held in memory at once.
 
     A non-loopback ``host`` gets a warning on stderr: the service is then reachable from the network,
     and without an API key anyone who reaches it can use it.
@@ -538,8 +597,11 @@ def serve(
             adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
         else:
             adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device), precision=precision)
+        if allowed_hosts is None:
+            allowed_hosts = (*LOOPBACK_HOSTS, host) if _is_loopback(sock.getsockname()[0]) else None
         app = create_app(adapter_host, max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_pixels=max_pixels, max_aspect=max_aspect, max_decodes=max_decodes, api_key=api_key)
+                         max_pixels=max_pixels, max_aspect=max_aspect, max_decodes=max_decodes, api_key=api_key,
+                         max_uploads=max_uploads, allowed_hosts=allowed_hosts)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{shown}:{bound_port} "
@@ -549,6 +611,14 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header without its port, lower-case (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def _is_loopback(address: str) -> bool:

@@ -48,7 +48,7 @@ from visiontune.atomic import write_json_atomic
 from visiontune.config import Config, apply_overrides
 from visiontune.errors import ConfigError
 from visiontune.sweep.check import EntryCheck, check_sweep, format_check, summarize_checks
-from visiontune.sweep.report import aggregate, mean_std
+from visiontune.sweep.report import aggregate, claim_sweep_dir, mean_std
 from visiontune.sweep.spec import Sweep, SweepEntry, entry_config, read_failures
 from visiontune.train.loop import train
 from visiontune.data import load_records, make_splits
@@ -90,7 +90,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, validate: b
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist; see configs/sweeps/ for examples")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = _read_yaml(path, "sweep file") or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {str(path)!r} should hold a mapping with base, dir, runs and/or grid")
     unknown = set(spec) - {"base", "dir", "seeds", "runs", "grid"}
@@ -101,10 +101,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, validate: b
         bpath = (path.parent / base).resolve()
         if not bpath.is_file():
             raise ConfigError(f"sweep base config {str(bpath)!r} (from {path}) does not exist")
-        base = yaml.safe_load(bpath.read_text()) or {}
+        base = _read_yaml(bpath, "sweep base config") or {}
+    _check_spec_shapes(path, spec, base)
     base = apply_overrides(copy.deepcopy(base), list(overrides or []))
-    out = Path(spec.get("dir") or base.get("run", {}).get("dir") or f"runs/sweeps/{path.stem}")
-    seeds = [int(s) for s in (spec.get("seeds") or [base.get("run", {}).get("seed", 0)])]
+    out = Path(spec.get("dir") or (base.get("run") or {}).get("dir") or f"runs/sweeps/{path.stem}")
+    seeds = [int(s) for s in (spec.get("seeds") or [(base.get("run") or {}).get("seed", 0)])]
     combos: list[dict[str, Any]] = [dict(r) for r in (spec.get("runs") or [])]
     grid = spec.get("grid") or {}
     if grid:
@@ -130,6 +131,40 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, validate: b
     if problems:
         raise ConfigError(problems)
     return Sweep(base=base, dir=out, entries=entries)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(e, "problem", None) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ConfigError(f"{what} {str(path)!r} is not readable YAML ({reason}{where}); see configs/sweeps/ for "
+                          "examples") from None
+
+
+def _check_spec_shapes(path: Path, spec: dict[str, Any], base: Any) -> None:
+    """Every malformed part of a sweep file at once, before anything is expanded (each names the key and the fix)."""
+    problems = []
+    if not isinstance(base, dict):
+        problems.append(f"base should be a mapping of config sections (or a config file's path), not {base!r}")
+    elif not isinstance(base.get("run") or {}, dict):
+        problems.append(f"base.run should be a mapping, not {base['run']!r}")
+    if spec.get("dir") is not None and not isinstance(spec["dir"], str):
+        problems.append(f"dir should be a folder path, not {spec['dir']!r}")
+    seeds = spec.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in seeds)):
+        problems.append(f"seeds should be a list of integers, e.g. [0, 1, 2], not {seeds!r}")
+    runs = spec.get("runs")
+    if runs is not None and not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)):
+        problems.append(f"runs should be a list of mappings of dotted overrides, e.g. [{{method.name: lora}}], not {runs!r}")
+    grid = spec.get("grid")
+    if grid is not None and not isinstance(grid, dict):
+        problems.append(f"grid should be a mapping of dotted keys to lists of values, not {grid!r}")
+    if problems:
+        raise ConfigError([f"sweep file {path}: {p}" for p in problems])
 
 
 def available_cores() -> int:
@@ -352,7 +387,7 @@ def run_sweep(
         workers = workers or 1
     states = existing_runs(sweep)
     _refuse_changed(sweep, states)  # before anything is written
-    sweep.dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep.dir)
     fail_path = sweep.dir / "failures.json"
     failures = read_failures(sweep.dir)
     done: list[str] = []

@@ -19,6 +19,7 @@ a node without the driver's directory is reported as that run's failure, naming 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +51,9 @@ def check_executor(executor: str, **ray_options: Any) -> None:
             if value is not None:
                 raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
     else:
+        gpus = ray_options.get("gpus_per_run")
+        if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+            raise ConfigError(f"--gpus-per-run {gpus!r} is invalid; use a number of GPUs >= 0 (fractions share one)")
         require_ray()
 
 

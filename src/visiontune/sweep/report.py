@@ -24,7 +24,7 @@ from visiontune.atomic import atomic_write, write_text_atomic
 from visiontune.eval import plot_confusion
 from visiontune.eval.report import format_count, format_duration
 from visiontune.eval.summary import summarize_run
-from visiontune.rundir import read_json, read_yaml_mapping
+from visiontune.rundir import claim_output_folder, read_json, read_yaml_mapping
 from visiontune.sweep.plots import plot_per_class_f1, plot_sweep_scatter
 from visiontune.sweep.spec import Sweep, read_failures
 
@@ -196,6 +196,29 @@ def _sessions_line(sweep_dir: Path) -> list[str]:
     )]
 
 
+SWEEP_KIND = "sweep"
+SWEEP_MAKES = (
+    "runs", "workers", "failures.json", "sweep.json", "results.csv", "report.md", "accuracy_vs_params.png",
+    "accuracy_vs_time.png", "best_confusion.png", "best_per_class_f1.png",
+)
+"""Every top-level entry a sweep writes into its ``dir:`` (what an older sweep folder without a manifest holds)."""
+
+
+def _is_old_sweep(folder: Path) -> bool:
+    """A sweep folder from before manifests: its sweep.json session log reads back, or it holds only what a sweep
+    writes, with ``runs/`` or ``results.csv`` among it."""
+    log, problem = read_json(folder / "sweep.json")
+    if not problem and isinstance(log, dict) and isinstance(log.get("sessions"), list):
+        return True
+    names = {p.name for p in folder.iterdir()}
+    return bool(names & {"runs", "results.csv"}) and names <= set(SWEEP_MAKES)
+
+
+def claim_sweep_dir(folder: Path, option: str = "the sweep's dir:") -> Path:
+    """Refuse a sweep folder (or report folder) that holds what no sweep made; else mark it as a sweep's."""
+    return claim_output_folder(folder, SWEEP_KIND, SWEEP_MAKES, _is_old_sweep, option)
+
+
 def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
     """Write results.csv, report.md and the figures for the finished runs of ``sweep``.
 
@@ -209,7 +232,7 @@ def aggregate(sweep: Sweep, out: str | Path | None = None) -> Path:
         best_per_class_f1.png (best configuration next to the linear probe).
     """
     out = Path(out) if out is not None else sweep.dir
-    out.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(out, "the sweep's dir:" if out == sweep.dir else "the sweep report folder")
 
     unreadable: list[str] = []
     rows, metrics = _run_rows(sweep, unreadable)

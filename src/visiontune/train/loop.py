@@ -47,7 +47,9 @@ from visiontune.eval.metrics import load_metric_functions
 from visiontune.methods.base import classifier_of
 from visiontune.methods.baselines import fit_probe_head
 from visiontune.methods.targets import find_blocks
-from visiontune.rundir import clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse
+from visiontune.rundir import (
+    RunDirState, claim_run_dir, clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse,
+)
 from visiontune.runs import METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run
 from visiontune.train.cache import build_prefix_cache
 from visiontune.train.speed import channels_last_if_convnet, fast_forward, maybe_compile
@@ -204,8 +206,15 @@ def prepare_run_dir(cfg: Config, split: dict[str, Any]) -> RunStart:
     state = inspect_run(run_dir)
     progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
     refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, "run", progress)
+    start = _decide_start(cfg, split, state)
+    claim_run_dir(state)  # every check passed: the folder is this run's (marked before anything is written)
+    return start
+
+
+def _decide_start(cfg: Config, split: dict[str, Any], state: RunDirState) -> RunStart:
+    run_dir = state.path
     if cfg.run.overwrite:
-        return RunStart(run_dir, note=clear_run_dir(run_dir))
+        return RunStart(run_dir, note=clear_run_dir(state))
     if state.kind == "finished":  # with run.resume=true: nothing left to do if it is the same run
         refuse_changes(finished_run_changes(run_dir, cfg, split), run_dir)
         metrics, _ = read_json(run_dir / METRICS_FILE)
@@ -220,7 +229,7 @@ def prepare_run_dir(cfg: Config, split: dict[str, Any]) -> RunStart:
         stored, _ = read_yaml_mapping(run_dir / "config.yaml")
         if stored is not None:
             refuse_changes(config_changes(stored, cfg), run_dir)
-        return RunStart(run_dir, note=clear_run_dir(run_dir))
+        return RunStart(run_dir, note=clear_run_dir(state))
     return RunStart(run_dir)
 
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from visiontune.atomic import record_made
 from visiontune.errors import ConfigError
 
 
@@ -49,6 +50,7 @@ class ScalarLogger:
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
+        record_made(log_dir)  # the event files are not written atomically: list the folder in the run's manifest
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     @property
