@@ -297,6 +297,7 @@ def test_imbalanced_pools_get_class_balanced_candidates(tmp_path: Path) -> None:
     from PIL import Image
 
     from visiontune.auto import BALANCED
+    from visiontune.auto.candidates import balanced
     from visiontune.methods.base import class_weights
 
     rng = np.random.default_rng(0)
@@ -307,10 +308,10 @@ def test_imbalanced_pools_get_class_balanced_candidates(tmp_path: Path) -> None:
     sel = AutoSelect(str(tmp_path / "imgs"), tmp_path / "out", overrides=["backbone.name=test_vit", "backbone.weights=none",
                      "data.train_fraction=0.8"], progress=False, folds=2, steps=2, candidates=ONE_FINETUNE)
     assert sel.imbalance >= 2.5
-    assert BALANCED[0] in sel.cheap and BALANCED[1] in sel.candidates
+    assert BALANCED[0] in sel.cheap and balanced(ONE_FINETUNE[0]) in sel.candidates
     assert "class-balanced candidates included" in sel.plan().describe()
-    balanced = _select(tmp_path / "digits")  # digits with 4 per class: balanced, nothing added
-    assert BALANCED[0] not in balanced.cheap and BALANCED[1] not in balanced.candidates
+    even = _select(tmp_path / "digits")  # digits with 4 per class: balanced, nothing added
+    assert BALANCED[0] not in even.cheap and balanced(ONE_FINETUNE[0]) not in even.candidates
     w = class_weights(np.array([0, 0, 0, 1]), 3, "balanced")
     assert torch_allclose(w, [4 / 6, 2.0, 0.0]) and class_weights(np.array([0, 1]), 2, "none") is None
 

@@ -9,7 +9,8 @@ final run, for the report):
    each fold's training part) and the nearest class mean (:mod:`visiontune.methods.prototype`) are scored on
    every fold. The best backbone is the one whose best cheap candidate scores highest.
 3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
-   blocks only, Mona, full) run fold by fold on that backbone. Each starts from the probe's head; when an inner
+   blocks only, Mona, full), made for that backbone's family and depth and checked against it
+   (:mod:`visiontune.auto.candidates`: one that cannot apply is skipped with its reason), run fold by fold on it. Each starts from the probe's head; when an inner
    validation split carved out of the fold's training part holds at least :data:`MIN_INNER_VAL_PER_CLASS` images
    per class, it keeps its best epoch on it — epoch 0, the probe head, included — so the fold's held-out part
    stays untouched by any choice (below that, the fold trains on all its training images and the probe, scored on
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 
 from visiontune.atomic import write_text_atomic
+from visiontune.auto.candidates import Candidate, Family, backbone_family, balanced, family_candidates, why_not
 from visiontune.auto.executor import fold_executor
 from visiontune.auto.report import write_report
 from visiontune.auto.stats import Estimate, corrected_interval
@@ -97,8 +99,8 @@ FINAL_RESERVE = 1.3
 """The final retrain on every labeled image is budgeted as this many of the dearest fold (plus the test split's
 evaluation): the same step count, a larger feature pass for the probe head."""
 STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
-FINISHED = ("complete", "pruned")
-"""Candidate states a rerun does not continue; one stopped by the budget continues when the rerun's budget allows,
+FINISHED = ("complete", "pruned", "skipped")
+"""Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the budget continues when the rerun's budget allows,
 one whose worker died (``failed``) is retried."""
 REDUCTION_FACTOR = 3
 THIRDS = 3
@@ -116,34 +118,22 @@ class _PretrainOverBudget(Exception):
     """Raised from the pretraining callback when the projected time no longer fits the budget."""
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One configuration the selection can choose; ``cheap`` ones are fitted on cached features."""
-
-    name: str
-    overrides: tuple[str, ...]
-    cheap: bool = False
-
-
 CHEAP = (
     Candidate("linear probe", ("method.name=linear",), cheap=True),
     Candidate("nearest prototype", ("method.name=prototype",), cheap=True),
 )
-FINETUNE = (
-    # The most common configuration first: when the budget only fits one fine-tune, it is this one.
-    Candidate("lora q,v r8", ("method.name=lora", "method.targets=qv", "method.rank=8")),
-    Candidate("lora all-linear r16 last 4 blocks", ("method.name=lora", "method.targets=all-linear", "method.rank=16", "method.blocks=last:4")),
-    Candidate("dora all-linear r16", ("method.name=dora", "method.targets=all-linear", "method.rank=16")),
-    Candidate("mona", ("method.name=mona",)),
-    Candidate("full fine-tuning", ("method.name=full",)),
-)
+FINETUNE = family_candidates(Family("transformer", 12))
+"""The fine-tuning candidates on a 12-block ViT (ViT-S/B, DINOv2-S); by default each backbone gets its family's
+(:func:`visiontune.auto.candidates.family_candidates`)."""
 PROBE = CHEAP[0].name
 IMBALANCE_RATIO = 1.5
 """Largest / smallest class count in the labeled pool from which class-balanced candidates join the selection."""
 BALANCED = (
     Candidate("linear probe, class-balanced", ("method.name=linear", "optim.class_weights=balanced"), cheap=True),
-    Candidate("lora q,v r8, class-balanced", ("method.name=lora", "method.targets=qv", "method.rank=8", "optim.class_weights=balanced")),
+    balanced(FINETUNE[0]),
 )
+"""Class-balanced candidates for imbalanced pools: the probe, and the backbone's first fine-tune (on a ViT, this
+LoRA q,v r8) with a class-balanced loss."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -181,6 +171,7 @@ class Plan:
     backbones: list[str]
     candidates: list[str]
     cheap: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
     imbalance: float = 1.0
     estimates_s: dict[str, float] = field(default_factory=dict)
     unlabeled: str | None = None
@@ -196,6 +187,7 @@ class Plan:
             f"cheap candidates: {', '.join(self.cheap)}",
             f"fine-tuning candidates ({f'pruned by successive halving, factor {REDUCTION_FACTOR}' if self.prune else 'no pruning: every candidate on every fold'}): "
             f"{', '.join(self.candidates)}",
+            *[f"skipped, cannot apply to {self.backbones[0]}: {name} ({why})" for name, why in self.skipped.items()],
             *([f"ExPLoRA: pretraining the best backbone on {self.unlabeled} (at most {100 * EXPLORA_BUDGET_SHARE:.0f} % of "
                "the budget left; its probe must beat the original's beyond the paired interval)"] if self.unlabeled else []),
             "estimated time (this machine, measured forward pass): "
@@ -218,7 +210,7 @@ class AutoSelect:
         budget_s: float | None = None,
         folds: int = 5,
         overrides: list[str] | None = None,
-        candidates: tuple[Candidate, ...] = FINETUNE,
+        candidates: tuple[Candidate, ...] | None = None,
         progress: bool = True,
         steps: int = FINETUNE_STEPS,
         unlabeled: str | None = None,
@@ -237,7 +229,6 @@ class AutoSelect:
                                  "max_in_flight": max_in_flight}
         self.out = Path(out)
         self.budget_s = budget_s
-        self.candidates = candidates
         self.steps = int(steps)
         self.user_overrides = list(overrides or [])
         base = [f"data.dataset={data}", "optim.batch_size=16", "run.measure_speed=false", *self.user_overrides]
@@ -275,16 +266,18 @@ class AutoSelect:
         # Imbalanced classes: class-balanced loss competes as a candidate (probe and one LoRA), judged on the folds
         # like the rest, rather than being switched on by a rule of thumb.
         self.cheap = CHEAP + (BALANCED[:1] if self.imbalance >= IMBALANCE_RATIO else ())
-        if self.imbalance >= IMBALANCE_RATIO:
-            candidates = tuple(candidates) + BALANCED[1:]
-            self.candidates = candidates
+        # Fine-tuning candidates per backbone: the family's own (or the caller's), each checked against it.
+        self._given = None if candidates is None else tuple(candidates)
+        self._fitted: dict[str, tuple[tuple[Candidate, ...], dict[str, str]]] = {}
+        names = list(dict.fromkeys(c.name for b in self.backbones for c in self._fit(b)[0]))
+        self.candidates = self._fit(self.backbones[0])[0]
         from sklearn.model_selection import StratifiedKFold
 
         skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
         self.folds = [(tr, va) for tr, va in skf.split(np.zeros(len(self.pool)), self.pool.labels)]
         self.signature = {
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
-            "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
+            "pool": _fingerprint(self.pool.ids), "candidates": names, "steps": self.steps,
             "rungs": "thirds of a fold",  # successive halving's resource (older selections used whole folds)
         }
         if not self.prune:
@@ -359,7 +352,7 @@ class AutoSelect:
         est["final retrain"] = steps_time
         return Plan(
             len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
-            [c.name for c in self.cheap], self.imbalance, est, self.unlabeled, self.prune,
+            [c.name for c in self.cheap], self._fit(self.backbones[0])[1], self.imbalance, est, self.unlabeled, self.prune,
         )
 
     def _steps_per_epoch(self, n_train: int) -> int:
@@ -378,6 +371,24 @@ class AutoSelect:
 
     def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
         return load_config(None, overrides=self._overrides(backbone, overrides, extra))
+
+    def _fit(self, backbone: str) -> tuple[tuple[Candidate, ...], dict[str, str]]:
+        """The fine-tuning candidates that apply to ``backbone``, and those that do not with the reason why.
+
+        The caller's candidates, or the backbone family's (:mod:`visiontune.auto.candidates`), plus a class-balanced
+        copy of the first on an imbalanced pool; each checked on the meta device as a run would build it. An ExPLoRA
+        backbone has its base's architecture, so its base's answer holds.
+        """
+        base = backbone.removesuffix(EXPLORA_SUFFIX)
+        if base not in self._fitted:
+            cands = self._given
+            if cands is None:
+                cands = family_candidates(backbone_family(self._config(base, CHEAP[0].overrides)))
+            if self.imbalance >= IMBALANCE_RATIO and cands:
+                cands = (*cands, balanced(cands[0]))
+            skipped = {c.name: why for c in cands if (why := why_not(lambda o: self._config(base, o), c))}
+            self._fitted[base] = (tuple(c for c in cands if c.name not in skipped), skipped)
+        return self._fitted[base]
 
     # ------------------------------------------------------------------ stage 2: cheap candidates
     def _cheap_stage(self, keys: list[str] | None = None) -> str:
@@ -561,6 +572,11 @@ class AutoSelect:
 
         study = self._study(backbone)
         state = self.state["finetune"]
+        self.candidates, skipped = self._fit(backbone)
+        for name, why in skipped.items():
+            if name not in state:
+                self._log(f"{name}: skipped, it cannot apply to {backbone} ({why})")
+            state[name] = {"folds": [], "status": "skipped", "why": why}
         fold_times: list[float] = [f["train_s"] for r in state.values() for f in r["folds"]]
         done = sum(len(r["folds"]) for r in state.values())
         bar = tqdm(total=len(self.candidates) * self.k, initial=done, desc="fine-tuning folds", disable=not self.progress,
@@ -745,6 +761,8 @@ class AutoSelect:
         for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
             if not rec["folds"]:
                 row = {"candidate": name, "status": rec["status"], "folds": 0, "eligible": False}
+                if rec["status"] == "skipped":
+                    row["why"] = rec["why"]
                 if "rung" in rec:  # pruned a third of the way into fold 1: what it scored there
                     row["first_rung"] = {k: rec["rung"][k] for k in ("accuracy", "epoch", "epochs")}
                 rows.append(row)

@@ -61,6 +61,8 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "",
         "\n".join(lines),
         "",
+        *[f"Skipped, cannot apply to {record['backbone']}: **{r['candidate']}**: {r['why']}\n" for r in rows
+          if r.get("status") == "skipped"],
         f"**Decision: {record['decision']['candidate']}.** {record['decision']['reason']}.",
         "",
         f"Shipped: `{final['run_dir']}` ({final['method']}{'; ' + final['note'] if final.get('note') else ''}), trained on "
