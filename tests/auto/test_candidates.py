@@ -83,6 +83,8 @@ def test_auto_runs_to_a_decision_on_every_family(tmp_path: Path, backbone: str, 
     # Every other candidate trained at least its first rung on this backbone
     assert all(r["status"] in ("complete", "pruned", "partial (budget)") for n, r in rows.items() if n not in skipped)
     assert json.loads((tmp_path / "auto.json").read_text())["finetune"].keys() == set(expected)
+    # The folds draw no plots (nobody reads them); the shipped model does
+    assert not list((tmp_path / "folds").rglob("*.png")) and (Path(record["final"]["run_dir"]) / "confusion.png").is_file()
 
 
 @pytest.mark.slow

@@ -10,12 +10,12 @@ final run, for the report):
    every fold. The best backbone is the one whose best cheap candidate scores highest.
 3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
    blocks only, Mona, full), made for that backbone's family and depth and checked against it
-   (:mod:`visiontune.auto.candidates`: one that cannot apply is skipped with its reason), run fold by fold on it. Each starts from the probe's head; when an inner
-   validation split carved out of the fold's training part holds at least :data:`MIN_INNER_VAL_PER_CLASS` images
-   per class, it keeps its best epoch on it — epoch 0, the probe head, included — so the fold's held-out part
-   stays untouched by any choice (below that, the fold trains on all its training images and the probe, scored on
-   the same folds, is the fallback). Successive halving in thirds of a fold (Optuna's pruner; see
-   :meth:`AutoSelect._finetune_stage`): every candidate trains the first third of fold 1 and is scored on its
+   (:mod:`visiontune.auto.candidates`: one that cannot apply is skipped with its reason), run fold by fold on
+   it. Each starts from the probe's head; when an inner validation split carved out of the fold's training part
+   holds at least :data:`MIN_INNER_VAL_PER_CLASS` images per class, it keeps its best epoch on it — epoch 0, the
+   probe head, included — so the fold's held-out part stays untouched by any choice (below that, the fold trains
+   on all its training images and the probe, scored on the same folds, is the fallback). Successive halving in
+   thirds of a fold (Optuna's pruner; see :meth:`AutoSelect._finetune_stage`): every candidate trains the first third of fold 1 and is scored on its
    held-out part before any goes further; the pruner, asked best first, lets on only those in the top fraction
    (the cheap candidates' fold-1 scores included), judged again on running fold means after folds 1 and 3.
    An anytime budget (:mod:`visiontune.auto.schedule`): candidates go in order of expected gain per second of a
@@ -69,7 +69,7 @@ from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import make_loader, resolve_device
 from visiontune.sweep.cluster import check_executor
-from visiontune.backbones import build_transform
+from visiontune.backbones import build_transform, shared_backbones
 from visiontune.data import load_records, make_splits
 from visiontune.data.cache import image_dataset
 from visiontune.data.records import ImageRecords
@@ -104,8 +104,8 @@ FINAL_RESERVE = 1.3
 evaluation): the same step count, a larger feature pass for the probe head."""
 STATE_FILE, STUDY_FILE = "auto.json", "search.journal"
 FINISHED = ("complete", "pruned", "skipped")
-"""Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the budget continues when the rerun's budget allows,
-one whose worker died (``failed``) is retried."""
+"""Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the
+budget continues when the rerun's budget allows, one whose worker died (``failed``) is retried."""
 REDUCTION_FACTOR = 3
 THIRDS = 3
 """Optuna steps per fold: the successive-halving resource is a third of a fold, so its rungs (1, 3, 9 with
@@ -642,7 +642,7 @@ class AutoSelect:
                     deadline = None if left is None else self.clock() + left - self._score_s(backbone, splits)
                     # Fold 1 after its first rung continues from the checkpoint that the rung left.
                     resume = j == 0 and "rung" in rec
-                    extra = [f"optim.epochs={epochs}", "run.progress=false", f"run.dir={self.out / 'folds'}",
+                    extra = [f"optim.epochs={epochs}", "run.progress=false", "run.plots=false", f"run.dir={self.out / 'folds'}",
                              f"run.name={_slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
                              *([f"run.threads={runner.threads}"] if runner.threads else [])]
                     runner.submit(cand.name, [*self._overrides(backbone, cand.overrides), *extra], splits,
@@ -951,6 +951,12 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict[str, Any]:
+        """The whole selection (continuing one ``OUT`` holds); the leaderboard record."""
+        # Every fold, checkpoint score and the final retrain of this process build the same backbone: built once.
+        with shared_backbones():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._load_state()
         self._log(self.plan().describe())

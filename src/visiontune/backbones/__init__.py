@@ -8,6 +8,7 @@ from visiontune.backbones import offline as _offline  # noqa: F401  (registers W
 from visiontune.backbones import tiny as _tiny  # noqa: F401  (registers BACKBONES)
 from visiontune.backbones.factory import (
     ANY_TIMM_NOTE, backbone_identity, create_backbone, create_meta_backbone, default_img_size, list_backbones,
+    shared_backbones,
 )
 from visiontune.backbones.offline import DinoV2ImgFocus, EfficientNetLite0
 from visiontune.backbones.tiny import TINY_IMG_SIZE, TinyBackbone
@@ -31,5 +32,6 @@ __all__ = [
     "default_img_size",
     "list_backbones",
     "parse_weights",
+    "shared_backbones",
     "weights_cache_dir",
 ]

@@ -433,7 +433,7 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
     if dist is not None:
         metrics["run"]["processes"] = dist.world
     if writes:
-        finish_run(run_dir, method, model, identity, metrics)
+        finish_run(run_dir, method, model, identity, metrics, plots=cfg.run.plots)
     if cfg.run.progress:
         print(
             f"[visiontune] {method.describe()}: test accuracy {test_metrics['accuracy']:.4f}, weighted F1 "
