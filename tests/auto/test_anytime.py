@@ -35,10 +35,10 @@ def steps_clock(monkeypatch: pytest.MonkeyPatch):
     jobs: list[tuple[str, int | None, float | None, float]] = []
     real_fold = executor.run_fold
 
-    def spy(overrides, splits, deadline, cwd=None, pause_after=None, clock=None):
+    def spy(overrides, splits, deadline, cwd=None, pause_after=None, clock=None, head_features=None):
         name = next(o for o in overrides if o.startswith("run.name=")).removeprefix("run.name=")
         jobs.append((name, pause_after, deadline, clock()))
-        return real_fold(overrides, splits, deadline, cwd, pause_after, clock)
+        return real_fold(overrides, splits, deadline, cwd, pause_after, clock, head_features)
 
     monkeypatch.setattr(executor, "run_fold", spy)
     return (lambda: float(ticks[0])), jobs

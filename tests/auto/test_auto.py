@@ -148,9 +148,9 @@ def test_first_rung_is_a_third_into_fold_one_for_every_candidate_before_any_goes
     jobs: list[tuple[str, int | None]] = []
     real = executor.run_fold
 
-    def spy(overrides, splits, deadline, cwd=None, pause_after=None, clock=time.time):
+    def spy(overrides, splits, deadline, cwd=None, pause_after=None, *rest):
         jobs.append((next(o for o in overrides if o.startswith("run.name=")), pause_after))
-        return real(overrides, splits, deadline, cwd, pause_after, clock)
+        return real(overrides, splits, deadline, cwd, pause_after, *rest)
 
     monkeypatch.setattr(executor, "run_fold", spy)
     sel = _select(tmp_path, candidates=three, steps=30, folds=3)

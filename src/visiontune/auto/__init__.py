@@ -301,6 +301,8 @@ class AutoSelect:
         self._t0 = self.clock()
         self._elapsed_before = 0.0
         self._base_step_s = 0.0
+        # backbone -> its features of every pooled image (this process's cheap stage): the folds' LP-FT heads
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ state
     def _load_state(self) -> None:
@@ -415,6 +417,7 @@ class AutoSelect:
             loader = make_loader(image_dataset(self.pool, tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, 0)
             x, y = extract_features(fast_forward(model), loader, device, None, self.progress, f"features {name}")
             feat_s = self.clock() - t0
+            self._features[name] = (x, y)
             head_numel = sum(p.numel() for p in model.get_classifier().parameters())
             total = sum(p.numel() for p in model.parameters())
             results: dict[str, Any] = {}
@@ -646,7 +649,7 @@ class AutoSelect:
                              f"run.name={_slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
                              *([f"run.threads={runner.threads}"] if runner.threads else [])]
                     runner.submit(cand.name, [*self._overrides(backbone, cand.overrides), *extra], splits,
-                                  deadline, str(Path.cwd()), pause, self.clock)
+                                  deadline, str(Path.cwd()), pause, self.clock, self._head_features(backbone, j, splits))
                 if not runner.busy:
                     if self._judge_first_rung(study, trials, waiting, bar):
                         continue
@@ -687,6 +690,15 @@ class AutoSelect:
                 else:
                     self._save()
         bar.close()
+
+    def _head_features(self, backbone: str, j: int, splits: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cheap stage's features of fold ``j``'s training images, for its fine-tune's LP-FT head: the same
+        images in the same order when the fold has no inner validation split (else the head init computes its own)."""
+        if backbone not in self._features or len(splits["val"]):
+            return None
+        x, y = self._features[backbone]
+        idx = np.sort(self.folds[j][0])
+        return x[idx], y[idx]
 
     def _stopped(self, trial: Any, cand: Candidate, rec: dict[str, Any], out: dict[str, Any], fold: int) -> None:
         """Keep what a fold stopped by the budget showed: its last checkpoint's held-out score, and, when fold 1 had

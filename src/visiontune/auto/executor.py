@@ -31,7 +31,7 @@ from typing import Any
 
 def run_fold(
     overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None, pause_after: int | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time, head_features: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one candidate on one fold; its held-out scores, the optimizer steps it took and its wall time.
 
@@ -43,6 +43,8 @@ def run_fold(
     scored the same way (``row`` is None when the first epoch had not ended): the fold's partial evidence.
     ``steps`` counts this call's optimizer steps, ``job_s`` is this call's own time by ``clock``, and ``curve`` the
     fold's learning curve so far (per epoch: training loss, and validation accuracy where the fold validates).
+    ``head_features``: the backbone's features of the fold's training images, for its LP-FT head
+    (``train(head_features=...)``).
     """
     from visiontune.checkpoint import checkpoint_path, load_checkpoint
     from visiontune.config import load_config
@@ -71,7 +73,7 @@ def run_fold(
                 "curve": _curve(ck["history"]), "job_s": clock() - t0}
 
     try:
-        result = train(cfg, splits=splits, stop=stop, pause_after=pause_after)
+        result = train(cfg, splits=splits, stop=stop, pause_after=pause_after, head_features=head_features)
     except TrainingPaused:
         return partial(True)
     except TrainingStopped:
