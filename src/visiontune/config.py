@@ -90,6 +90,10 @@ class RunConfig:
         "returned as it is)", default=False,
     )
     measure_speed: bool = _help("measure inference latency/throughput after training", default=True)
+    plots: bool = _help(
+        "draw confusion.png and history.png into the run directory (visiontune auto's cross-validation folds skip "
+        "them: seconds of matplotlib per fold that nobody looks at)", default=True,
+    )
     overwrite: bool = _help(
         "delete an existing run directory (once the new run's config and data are checked) and start in an empty one",
         default=False,

@@ -44,10 +44,11 @@ FINISHED_FILES = {
 
 NEUTRAL_KEYS = (
     "run.dir", "run.progress", "run.threads", "run.resume", "run.overwrite", "run.tensorboard", "run.measure_speed",
+    "run.plots",
 )
 """Settings that may differ when a run is resumed or a sweep reuses a finished run: none of them changes
 what is trained or its test scores (where the run folder sits, progress bars, torch CPU threads, the
-resume/overwrite switches, TensorBoard logging, the post-training speed measurement)."""
+resume/overwrite switches, TensorBoard logging, the post-training speed measurement, the plots)."""
 
 
 RUN_KIND = "train"
@@ -178,16 +179,20 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -
         )
 
 
-def finish_run(run_dir: Path, method: Method, model: nn.Module, identity: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Write adapter, plots, report.md and, last, metrics.json into ``run_dir`` (each atomically).
+def finish_run(
+    run_dir: Path, method: Method, model: nn.Module, identity: dict[str, Any], metrics: dict[str, Any], plots: bool = True,
+) -> None:
+    """Write adapter, plots (unless ``plots`` is False), report.md and, last, metrics.json into ``run_dir`` (each
+    atomically).
 
     metrics.json goes last because its presence marks a finished run: a run killed while finishing
     is then unfinished (and resumable), never "finished" with files missing.
     """
     classes = metrics["run"]["classes"]
     save_adapter(run_dir / ADAPTER_FILE, method, model, identity, classes)
-    plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
-    if len(metrics["train"]["history"]) > 1:
+    if plots:
+        plot_confusion(metrics["test"]["confusion"], classes, run_dir / "confusion.png", title=f"{metrics['run']['method']} — test")
+    if plots and len(metrics["train"]["history"]) > 1:
         plot_history(metrics["train"]["history"], run_dir / "history.png")
     write_report(run_dir, metrics)
     write_json_atomic(run_dir / METRICS_FILE, metrics)

@@ -9,16 +9,20 @@ final run, for the report):
    each fold's training part) and the nearest class mean (:mod:`visiontune.methods.prototype`) are scored on
    every fold. The best backbone is the one whose best cheap candidate scores highest.
 3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
-   blocks only, Mona, full) run fold by fold on that backbone. Each starts from the probe's head; when an inner
-   validation split carved out of the fold's training part holds at least :data:`MIN_INNER_VAL_PER_CLASS` images
-   per class, it keeps its best epoch on it — epoch 0, the probe head, included — so the fold's held-out part
-   stays untouched by any choice (below that, the fold trains on all its training images and the probe, scored on
-   the same folds, is the fallback). Successive halving in thirds of a fold (Optuna's pruner; see
-   :meth:`AutoSelect._finetune_stage`): every candidate trains the first third of fold 1 and is scored on its
+   blocks only, Mona, full), made for that backbone's family and depth and checked against it
+   (:mod:`visiontune.auto.candidates`: one that cannot apply is skipped with its reason), run fold by fold on
+   it. Each starts from the probe's head; when an inner validation split carved out of the fold's training part
+   holds at least :data:`MIN_INNER_VAL_PER_CLASS` images per class, it keeps its best epoch on it — epoch 0, the
+   probe head, included — so the fold's held-out part stays untouched by any choice (below that, the fold trains
+   on all its training images and the probe, scored on the same folds, is the fallback). Successive halving in
+   thirds of a fold (Optuna's pruner; see :meth:`AutoSelect._finetune_stage`): every candidate trains the first third of fold 1 and is scored on its
    held-out part before any goes further; the pruner, asked best first, lets on only those in the top fraction
-   (the cheap candidates' fold-1 scores included), judged again on running fold means after folds 1 and 3; the
-   budget stops the stage when the next fold would not fit, and stops a fold that runs long between two
-   optimizer steps (``train(stop=...)``), keeping the final retrain's share.
+   (the cheap candidates' fold-1 scores included), judged again on running fold means after folds 1 and 3.
+   An anytime budget (:mod:`visiontune.auto.schedule`): candidates go in order of expected gain per second of a
+   step (a :class:`~visiontune.auto.schedule.GainPrior`; flat until a learned one ships, so the cheapest first), a
+   job starts whenever one epoch of it fits what is left after the final retrain's reserve (both from measured step
+   times), and the budget stops a running fold between two optimizer steps (``train(stop=...)``), its last
+   checkpoint scored as evidence; the leaderboard says how many of the budget's minutes were used.
    The schedule is a number of optimizer steps (:data:`FINETUNE_STEPS`), epochs follow from the data size, and
    never fewer than ``optim.epochs`` (what ``visiontune train`` gives the same method).
    Folds run one at a time in this process, or side by side as Ray tasks (``executor="ray"``,
@@ -56,14 +60,16 @@ import numpy as np
 import torch
 
 from visiontune.atomic import write_text_atomic
+from visiontune.auto.candidates import Candidate, Family, backbone_family, balanced, family_candidates, why_not
 from visiontune.auto.executor import fold_executor
 from visiontune.auto.report import write_report
+from visiontune.auto.schedule import Clock, FlatPrior, GainPrior, StepTimes, by_priority, used_text
 from visiontune.auto.stats import Estimate, corrected_interval
 from visiontune.config import Config, load_config
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import make_loader, resolve_device
 from visiontune.sweep.cluster import check_executor
-from visiontune.backbones import build_transform
+from visiontune.backbones import build_transform, shared_backbones
 from visiontune.data import load_records, make_splits
 from visiontune.data.cache import image_dataset
 from visiontune.data.records import ImageRecords
@@ -107,9 +113,11 @@ def _is_old_selection(folder: Path) -> bool:
     """A selection folder from before manifests: its auto.json reads back with the selection's signature."""
     state, problem = read_json(folder / STATE_FILE)
     return not problem and isinstance(state, dict) and isinstance(state.get("signature"), dict)
-FINISHED = ("complete", "pruned")
-"""Candidate states a rerun does not continue; one stopped by the budget continues when the rerun's budget allows,
-one whose worker died (``failed``) is retried."""
+
+
+FINISHED = ("complete", "pruned", "skipped")
+"""Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the
+budget continues when the rerun's budget allows, one whose worker died (``failed``) is retried."""
 REDUCTION_FACTOR = 3
 THIRDS = 3
 """Optuna steps per fold: the successive-halving resource is a third of a fold, so its rungs (1, 3, 9 with
@@ -126,34 +134,22 @@ class _PretrainOverBudget(Exception):
     """Raised from the pretraining callback when the projected time no longer fits the budget."""
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One configuration the selection can choose; ``cheap`` ones are fitted on cached features."""
-
-    name: str
-    overrides: tuple[str, ...]
-    cheap: bool = False
-
-
 CHEAP = (
     Candidate("linear probe", ("method.name=linear",), cheap=True),
     Candidate("nearest prototype", ("method.name=prototype",), cheap=True),
 )
-FINETUNE = (
-    # The most common configuration first: when the budget only fits one fine-tune, it is this one.
-    Candidate("lora q,v r8", ("method.name=lora", "method.targets=qv", "method.rank=8")),
-    Candidate("lora all-linear r16 last 4 blocks", ("method.name=lora", "method.targets=all-linear", "method.rank=16", "method.blocks=last:4")),
-    Candidate("dora all-linear r16", ("method.name=dora", "method.targets=all-linear", "method.rank=16")),
-    Candidate("mona", ("method.name=mona",)),
-    Candidate("full fine-tuning", ("method.name=full",)),
-)
+FINETUNE = family_candidates(Family("transformer", 12))
+"""The fine-tuning candidates on a 12-block ViT (ViT-S/B, DINOv2-S); by default each backbone gets its family's
+(:func:`visiontune.auto.candidates.family_candidates`)."""
 PROBE = CHEAP[0].name
 IMBALANCE_RATIO = 1.5
 """Largest / smallest class count in the labeled pool from which class-balanced candidates join the selection."""
 BALANCED = (
     Candidate("linear probe, class-balanced", ("method.name=linear", "optim.class_weights=balanced"), cheap=True),
-    Candidate("lora q,v r8, class-balanced", ("method.name=lora", "method.targets=qv", "method.rank=8", "optim.class_weights=balanced")),
+    balanced(FINETUNE[0]),
 )
+"""Class-balanced candidates for imbalanced pools: the probe, and the backbone's first fine-tune (on a ViT, this
+LoRA q,v r8) with a class-balanced loss."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -200,6 +196,7 @@ class Plan:
     backbones: list[str]
     candidates: list[str]
     cheap: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
     imbalance: float = 1.0
     estimates_s: dict[str, float] = field(default_factory=dict)
     unlabeled: str | None = None
@@ -215,6 +212,7 @@ class Plan:
             f"cheap candidates: {', '.join(self.cheap)}",
             f"fine-tuning candidates ({f'pruned by successive halving, factor {REDUCTION_FACTOR}' if self.prune else 'no pruning: every candidate on every fold'}): "
             f"{', '.join(self.candidates)}",
+            *[f"skipped, cannot apply to {self.backbones[0]}: {name} ({why})" for name, why in self.skipped.items()],
             *([f"ExPLoRA: pretraining the best backbone on {self.unlabeled} (at most {100 * EXPLORA_BUDGET_SHARE:.0f} % of "
                "the budget left; its probe must beat the original's beyond the paired interval)"] if self.unlabeled else []),
             "estimated time (this machine, measured forward pass): "
@@ -237,7 +235,7 @@ class AutoSelect:
         budget_s: float | None = None,
         folds: int = 5,
         overrides: list[str] | None = None,
-        candidates: tuple[Candidate, ...] = FINETUNE,
+        candidates: tuple[Candidate, ...] | None = None,
         progress: bool = True,
         steps: int = FINETUNE_STEPS,
         unlabeled: str | None = None,
@@ -248,7 +246,12 @@ class AutoSelect:
         cpus_per_run: int | None = None,
         gpus_per_run: float | None = None,
         max_in_flight: int | None = None,
+        prior: GainPrior | None = None,
+        clock: Clock | None = None,
     ):
+        """See the module docstring; ``prior`` orders the fine-tuning candidates by expected gain per second
+        (:class:`~visiontune.auto.schedule.FlatPrior` by default: cost alone), ``clock`` is what the budget is
+        measured by (``time.time``; the local executor only for any other)."""
         check_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
                        max_in_flight=max_in_flight)
         budget_s = None if budget_s is None else parse_budget(budget_s)
@@ -260,7 +263,6 @@ class AutoSelect:
                                  "max_in_flight": max_in_flight}
         self.out = Path(out)
         self.budget_s = budget_s
-        self.candidates = candidates
         self.steps = int(steps)
         self.user_overrides = list(overrides or [])
         base = [f"data.dataset={data}", "optim.batch_size=16", "run.measure_speed=false", *self.user_overrides]
@@ -298,16 +300,18 @@ class AutoSelect:
         # Imbalanced classes: class-balanced loss competes as a candidate (probe and one LoRA), judged on the folds
         # like the rest, rather than being switched on by a rule of thumb.
         self.cheap = CHEAP + (BALANCED[:1] if self.imbalance >= IMBALANCE_RATIO else ())
-        if self.imbalance >= IMBALANCE_RATIO:
-            candidates = tuple(candidates) + BALANCED[1:]
-            self.candidates = candidates
+        # Fine-tuning candidates per backbone: the family's own (or the caller's), each checked against it.
+        self._given = None if candidates is None else tuple(candidates)
+        self._fitted: dict[str, tuple[tuple[Candidate, ...], dict[str, str]]] = {}
+        names = list(dict.fromkeys(c.name for b in self.backbones for c in self._fit(b)[0]))
+        self.candidates = self._fit(self.backbones[0])[0]
         from sklearn.model_selection import StratifiedKFold
 
         skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
         self.folds = [(tr, va) for tr, va in skf.split(np.zeros(len(self.pool)), self.pool.labels)]
         self.signature = {
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
-            "pool": _fingerprint(self.pool.ids), "candidates": [c.name for c in candidates], "steps": self.steps,
+            "pool": _fingerprint(self.pool.ids), "candidates": names, "steps": self.steps,
             "rungs": "thirds of a fold",  # successive halving's resource (older selections used whole folds)
         }
         if not self.prune:
@@ -315,10 +319,15 @@ class AutoSelect:
         if unlabeled:
             self.signature.update(unlabeled=str(unlabeled), unlabeled_steps=self.unlabeled_steps)
         self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}
-        self._t0 = time.perf_counter()
+        self.prior: GainPrior = prior or FlatPrior()
+        if clock is not None and executor != "local":
+            raise ConfigError("a clock other than time.time needs executor='local' (Ray workers read time.time)")
+        self.clock: Clock = clock or time.time
+        self._t0 = self.clock()
         self._elapsed_before = 0.0
-        self._fold_estimate_s = 0.0
-        self._test_eval_s = 0.0
+        self._base_step_s = 0.0
+        # backbone -> its features of every pooled image (this process's cheap stage): the folds' LP-FT heads
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ state
     def _load_state(self) -> None:
@@ -346,7 +355,7 @@ class AutoSelect:
         _atomic_json(self.out / STATE_FILE, self.state)
 
     def elapsed(self) -> float:
-        return self._elapsed_before + time.perf_counter() - self._t0
+        return self._elapsed_before + self.clock() - self._t0
 
     def _log(self, text: str) -> None:
         if self.progress:
@@ -368,9 +377,9 @@ class AutoSelect:
                 model(x)
                 times = []
                 for _ in range(3):  # the fastest of three: the least disturbed by whatever else the machine runs
-                    t = time.perf_counter()
+                    t = self.clock()
                     model(x)
-                    times.append(time.perf_counter() - t)
+                    times.append(self.clock() - t)
                 per_img = min(times) / 8
             est[f"features ({name})"] = per_img * n
         epochs = self._epochs(int(fold_train))
@@ -378,13 +387,13 @@ class AutoSelect:
         steps_time = per_img * 3 * self.cfg.optim.batch_size * self._steps_per_epoch(int(fold_train)) * epochs
         # + the probe head's feature pass, the fold's held-out images, the inner validation once per epoch
         est["fine-tuning, one fold"] = steps_time + per_img * (fold_train + n / self.k + inner_val * epochs)
-        self._fold_estimate_s = est["fine-tuning, one fold"]
-        self._test_eval_s = per_img * len(self.test)
+        # A cost-1 candidate's optimizer step, until steps are measured (visiontune.auto.schedule.StepTimes)
+        self._base_step_s = per_img * 3 * self.cfg.optim.batch_size
         est["fine-tuning, every candidate on every fold (no pruning)"] = est["fine-tuning, one fold"] * self.k * len(self.candidates)
         est["final retrain"] = steps_time
         return Plan(
             len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
-            [c.name for c in self.cheap], self.imbalance, est, self.unlabeled, self.prune,
+            [c.name for c in self.cheap], self._fit(self.backbones[0])[1], self.imbalance, est, self.unlabeled, self.prune,
         )
 
     def _steps_per_epoch(self, n_train: int) -> int:
@@ -404,6 +413,24 @@ class AutoSelect:
     def _config(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> Config:
         return load_config(None, overrides=self._overrides(backbone, overrides, extra))
 
+    def _fit(self, backbone: str) -> tuple[tuple[Candidate, ...], dict[str, str]]:
+        """The fine-tuning candidates that apply to ``backbone``, and those that do not with the reason why.
+
+        The caller's candidates, or the backbone family's (:mod:`visiontune.auto.candidates`), plus a class-balanced
+        copy of the first on an imbalanced pool; each checked on the meta device as a run would build it. An ExPLoRA
+        backbone has its base's architecture, so its base's answer holds.
+        """
+        base = backbone.removesuffix(EXPLORA_SUFFIX)
+        if base not in self._fitted:
+            cands = self._given
+            if cands is None:
+                cands = family_candidates(backbone_family(self._config(base, CHEAP[0].overrides)))
+            if self.imbalance >= IMBALANCE_RATIO and cands:
+                cands = (*cands, balanced(cands[0]))
+            skipped = {c.name: why for c in cands if (why := why_not(lambda o: self._config(base, o), c))}
+            self._fitted[base] = (tuple(c for c in cands if c.name not in skipped), skipped)
+        return self._fitted[base]
+
     # ------------------------------------------------------------------ stage 2: cheap candidates
     def _cheap_stage(self, keys: list[str] | None = None) -> str:
         for name in keys or self.backbones:
@@ -412,18 +439,19 @@ class AutoSelect:
             cfg = self._config(name, CHEAP[0].overrides)
             device = resolve_device(cfg.run.device)
             model = build_model(cfg, _method(cfg), len(self.classes)).to(device).eval()
-            t0 = time.perf_counter()
+            t0 = self.clock()
             tf = build_transform(model, cfg.backbone.img_size, train=False)
             loader = make_loader(image_dataset(self.pool, tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, 0)
             x, y = extract_features(fast_forward(model), loader, device, None, self.progress, f"features {name}")
-            feat_s = time.perf_counter() - t0
+            feat_s = self.clock() - t0
+            self._features[name] = (x, y)
             head_numel = sum(p.numel() for p in model.get_classifier().parameters())
             total = sum(p.numel() for p in model.parameters())
             results: dict[str, Any] = {}
             for cand in self.cheap:
                 rows = []
                 for tr, va in self.folds:
-                    t1 = time.perf_counter()
+                    t1 = self.clock()
                     if "method.name=linear" in cand.overrides:
                         head = torch.nn.Linear(x.shape[1], len(self.classes))
                         balanced = "optim.class_weights=balanced" in cand.overrides
@@ -434,7 +462,7 @@ class AutoSelect:
                         w, b = prototype_head(x[tr], y[tr], len(self.classes), 10.0)
                         pred = (x[va].double() @ w.T + b).argmax(1).numpy()
                     row = _scores(y[va].numpy(), pred, self.classes)
-                    row["train_s"] = time.perf_counter() - t1 + feat_s * len(tr) / len(y)
+                    row["train_s"] = self.clock() - t1 + feat_s * len(tr) / len(y)
                     rows.append(row)
                 results[cand.name] = {"folds": rows, "status": "complete", "trainable_pct": 100.0 * head_numel / total}
             self.state["cheap"][name] = {"candidates": results, "feature_s": feat_s}
@@ -586,14 +614,19 @@ class AutoSelect:
 
         study = self._study(backbone)
         state = self.state["finetune"]
-        fold_times: list[float] = [f["train_s"] for r in state.values() for f in r["folds"]]
-        done = sum(len(r["folds"]) for r in state.values())
+        self.candidates, skipped = self._fit(backbone)
+        for name, why in skipped.items():
+            if name not in state:
+                self._log(f"{name}: skipped, it cannot apply to {backbone} ({why})")
+            state[name] = {"folds": [], "status": "skipped", "why": why}
+        done = sum(len(state[c.name]["folds"]) for c in self.candidates if c.name in state)
         bar = tqdm(total=len(self.candidates) * self.k, initial=done, desc="fine-tuning folds", disable=not self.progress,
                    dynamic_ncols=True)
         waiting = [c for c in self.candidates if state.get(c.name, {}).get("status") not in FINISHED]
         trials: dict[str, Any] = {}  # started candidates -> their Optuna trial
         for c in waiting:
             state.setdefault(c.name, {"folds": [], "status": "waiting", "best_epochs": [], "steps_per_epoch": [], "job_s": 0.0})
+        features = self.meta_features(backbone)
 
         def first_rung_due(c: Candidate) -> bool:  # its third of fold 1 is still to train
             return self.prune and not state[c.name]["folds"] and "rung" not in state[c.name]
@@ -606,14 +639,17 @@ class AutoSelect:
             while True:
                 while runner.free:
                     busy = runner.busy
-                    rung_due = [c for c in waiting if first_rung_due(c)]
+                    times = self._step_times()
+                    # Re-ordered at every pick: the step times just measured change the expected cost.
+                    order = by_priority(waiting, self.prior, features, times)
+                    rung_due = [c for c in order if first_rung_due(c)]
                     if rung_due:  # the first rung for everyone before anyone goes further
                         cand = next((c for c in rung_due if c.name not in busy), None)
                     elif any(self._undecided(state[c.name]) for c in waiting):
                         cand = None  # the first rung's judgement waits for every candidate's score there
                     else:
-                        cand = next((c for c in waiting if c.name in trials and c.name not in busy), None)
-                        cand = cand or next((c for c in waiting if c.name not in trials), None)
+                        cand = next((c for c in order if c.name in trials and c.name not in busy), None)
+                        cand = cand or next((c for c in order if c.name not in trials), None)
                     if cand is None:
                         break
                     rec = state[cand.name]
@@ -624,18 +660,23 @@ class AutoSelect:
                     splits = self._fold_splits(j)
                     epochs = self._epochs(len(splits["train"]))
                     pause = self._rung_epoch(epochs) if first_rung_due(cand) else None
-                    # The budget ends the candidate before a fold that would not fit, or inside one that runs long.
-                    share = 1.0 if pause is None else pause / epochs
-                    if self._over_budget(fold_times, [f["train_s"] for f in rec["folds"]], share):
+                    # Anytime: the job starts if one epoch of it fits what the budget leaves after the final
+                    # retrain's reserve, and stops between two steps when that runs out (visiontune.auto.schedule).
+                    left = self._time_left(backbone, cand, j == self.k - 1 and pause is None, times)
+                    need = times.start_needs(cand, self._steps_per_epoch(len(splits["train"])))
+                    if left is not None and (left <= 0 or left < need):
+                        rec["why"] = (f"not started on fold {j + 1}: {max(left, 0.0):.0f} s of the budget left after the "
+                                      f"final retrain's reserve, one epoch needs about {need:.0f} s")
                         self._end(study, trials.pop(cand.name), cand, rec, "budget", bar, waiting)
                         continue
+                    deadline = None if left is None else self.clock() + left - self._score_s(backbone, splits)
                     # Fold 1 after its first rung continues from the checkpoint that the rung left.
                     resume = j == 0 and "rung" in rec
-                    extra = [f"optim.epochs={epochs}", "run.progress=false", f"run.dir={self.out / 'folds'}",
+                    extra = [f"optim.epochs={epochs}", "run.progress=false", "run.plots=false", f"run.dir={self.out / 'folds'}",
                              f"run.name={_slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
                              *([f"run.threads={runner.threads}"] if runner.threads else [])]
                     runner.submit(cand.name, [*self._overrides(backbone, cand.overrides), *extra], splits,
-                                  self._deadline(fold_times), str(Path.cwd()), pause)
+                                  deadline, str(Path.cwd()), pause, self.clock, self._head_features(backbone, j, splits))
                 if not runner.busy:
                     if self._judge_first_rung(study, trials, waiting, bar):
                         continue
@@ -647,11 +688,16 @@ class AutoSelect:
                     rec["why"] = lost
                     self._end(study, trials.pop(name), cand, rec, "failed", bar, waiting)
                     continue
-                if out is None:
+                rec["job_s"] = rec.get("job_s", 0.0) + out["job_s"]
+                rec["steps"] = rec.get("steps", 0) + out["steps"]
+                fold = len(rec["folds"]) + 1
+                rec.setdefault("curves", {})[str(fold)] = {"epochs": out["epochs"], "curve": out["curve"],
+                                                           **({"stopped": True} if out["stopped"] else {})}
+                trial = trials[name]
+                if out["stopped"]:
+                    self._stopped(trial, cand, rec, out, fold)
                     self._end(study, trials.pop(name), cand, rec, "budget", bar, waiting)
                     continue
-                rec["job_s"] = rec.get("job_s", 0.0) + out["job_s"]
-                trial = trials[name]
                 if out["paused"]:
                     rec["rung"] = {**out["row"], "epoch": out["epoch"], "epochs": out["epochs"]}
                     trial.report(out["row"]["accuracy"], 1)
@@ -661,7 +707,7 @@ class AutoSelect:
                 rec["best_epochs"].append(out["best_epoch"])
                 rec["steps_per_epoch"].append(out["steps_per_epoch"])
                 rec["trainable_pct"] = out["trainable_pct"]
-                fold_times.append(out["row"]["train_s"])
+                rec.pop("partial", None)  # a finished fold supersedes an earlier stop's evidence
                 bar.update(1)
                 trial.report(_mean(rec), THIRDS * len(rec["folds"]))
                 if trial.should_prune():
@@ -671,6 +717,46 @@ class AutoSelect:
                 else:
                     self._save()
         bar.close()
+
+    def _head_features(self, backbone: str, j: int, splits: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cheap stage's features of fold ``j``'s training images, for its fine-tune's LP-FT head: the same
+        images in the same order when the fold has no inner validation split (else the head init computes its own)."""
+        if backbone not in self._features or len(splits["val"]):
+            return None
+        x, y = self._features[backbone]
+        idx = np.sort(self.folds[j][0])
+        return x[idx], y[idx]
+
+    def _stopped(self, trial: Any, cand: Candidate, rec: dict[str, Any], out: dict[str, Any], fold: int) -> None:
+        """Keep what a fold stopped by the budget showed: its last checkpoint's held-out score, and, when fold 1 had
+        not reached its first rung, that score as the candidate's first-rung evidence (at the epoch it reached)."""
+        if out["row"] is None:  # stopped inside its first epoch: no checkpoint, no evidence
+            self._log(f"{cand.name}: stopped by the budget inside the first epoch of fold {fold}")
+            return
+        rec["partial"] = {**out["row"], "fold": fold, "epoch": out["epoch"], "epochs": out["epochs"]}
+        if fold == 1 and "rung" not in rec:
+            rec["rung"] = {**out["row"], "epoch": out["epoch"], "epochs": out["epochs"], "stopped": True}
+            trial.report(out["row"]["accuracy"], 1)
+        self._log(f"{cand.name}: stopped by the budget at epoch {out['epoch']} of {out['epochs']} of fold {fold}: "
+                  f"{out['row']['accuracy']:.3f} on its held-out part")
+
+    def meta_features(self, backbone: str) -> dict[str, Any]:
+        """What a :class:`~visiontune.auto.schedule.GainPrior` may condition on: the task's size and the cheap
+        candidates' cross-validated scores on ``backbone`` (computed before any fine-tuning)."""
+        cheap = self.state["cheap"][backbone]["candidates"]
+        family = backbone_family(self._config(backbone.removesuffix(EXPLORA_SUFFIX), CHEAP[0].overrides))
+        return {
+            "backbone": backbone, "family": family.kind, "depth": family.depth, "pool": len(self.pool),
+            "classes": len(self.classes), "shots_per_class": len(self.pool) / len(self.classes),
+            "probe_cv_accuracy": _mean(cheap[PROBE]), "prototype_cv_accuracy": _mean(cheap[CHEAP[1].name]),
+        }
+
+    def _step_times(self) -> StepTimes:
+        """Seconds per optimizer step, measured from every candidate's jobs so far (auto.json keeps them)."""
+        state = self.state["finetune"]
+        measured = {c: (int(state[c.name].get("steps", 0)), float(state[c.name].get("job_s", 0.0)))
+                    for c in self.candidates if c.name in state}
+        return StepTimes(measured, self._base_step_s)
 
     @staticmethod
     def _undecided(rec: dict[str, Any]) -> bool:
@@ -741,26 +827,39 @@ class AutoSelect:
         bar.update(self.k - n)
         self._save()
 
-    def _reserve_s(self, fold_times: list[float]) -> float:
-        """Seconds kept back for the final retrain on every labeled image and the test split's evaluation."""
-        return FINAL_RESERVE * max(fold_times or [self._fold_estimate_s]) + self._test_eval_s
+    def _cheap_final_s(self, backbone: str) -> float:
+        """The final run's passes over the images (the probe's features of the pool, then the test split), measured
+        by the cheap stage's feature pass: the whole final retrain of a cheap candidate, the fixed part of a fine-tune's."""
+        feat_s = float(self.state["cheap"][backbone].get("feature_s", 0.0))
+        return feat_s * (len(self.pool) + len(self.test)) / len(self.pool)
 
-    def _deadline(self, fold_times: list[float]) -> float | None:
-        """When (``time.time()``) a fold's training stops between two steps: once only the final retrain's reserve
-        is left of the budget (``train(stop=...)``)."""
+    def _final_s(self, backbone: str, cand: Candidate, times: StepTimes) -> float:
+        """The final retrain of ``cand`` on every labeled image, from its measured step time: the median best step
+        count of its folds (or, before any, a fold's whole schedule), with :data:`FINAL_RESERVE`'s margin."""
+        rec = self.state["finetune"].get(cand.name, {})
+        if rec.get("best_epochs"):
+            steps = statistics.median(e * s for e, s in zip(rec["best_epochs"], rec["steps_per_epoch"]))
+        else:
+            n = len(self._fold_splits(0)["train"])
+            steps = self._epochs(n) * self._steps_per_epoch(n)
+        return self._cheap_final_s(backbone) + FINAL_RESERVE * steps * times.step_s(cand)
+
+    def _time_left(self, backbone: str, cand: Candidate, completes: bool, times: StepTimes) -> float | None:
+        """Seconds of the budget a job of ``cand`` may use: what is left less the final retrain's reserve, for the
+        dearest candidate that could be shipped after it (a complete one, or ``cand`` if this job ``completes`` it;
+        else the cheap candidates' retrain). None without a budget."""
         if self.budget_s is None:
             return None
-        return time.time() + self.budget_s - self._reserve_s(fold_times) - self.elapsed()
+        state = self.state["finetune"]
+        shippable = [c for c in self.candidates if state.get(c.name, {}).get("status") == "complete" or (completes and c == cand)]
+        reserve = max([self._cheap_final_s(backbone), *(self._final_s(backbone, c, times) for c in shippable)])
+        return self.budget_s - self.elapsed() - reserve
 
-    def _over_budget(self, fold_times: list[float], own: list[float] | None = None, share: float = 1.0) -> bool:
-        """Whether the next fold (as long as this candidate's folds so far, else the dearest fold yet; ``share`` of
-        it for a first-rung third) plus the final retrain would pass the budget. A fold that starts and then runs long is stopped inside by the
-        same reserve (``train(stop=...)``), so the budget holds either way."""
-        if self.budget_s is None:
-            return False
-        # No fold measured yet: the plan's estimate from a timed forward pass (forward + backward ~ 3 forwards).
-        fold = max(own or fold_times or [self._fold_estimate_s])
-        return self.elapsed() + share * fold + self._reserve_s(fold_times) > self.budget_s
+    def _score_s(self, backbone: str, splits: dict[str, Any]) -> float:
+        """Time to score a stopped fold's checkpoint on its held-out part (a model build and one forward pass; taken
+        as two feature passes over those images), kept back from the fold's deadline."""
+        feat_s = float(self.state["cheap"][backbone].get("feature_s", 0.0))
+        return 2 * feat_s * len(splits["test"]) / len(self.pool)
 
     # ------------------------------------------------------------------ stage 4: decision
     def leaderboard(self, backbone: str) -> list[dict[str, Any]]:
@@ -770,11 +869,18 @@ class AutoSelect:
         for name, rec in [*cheap.items(), *self.state["finetune"].items()]:
             if not rec["folds"]:
                 row = {"candidate": name, "status": rec["status"], "folds": 0, "eligible": False}
-                if "rung" in rec:  # pruned a third of the way into fold 1: what it scored there
+                if rec.get("why") and rec["status"] in ("skipped", "budget", "failed"):
+                    row["why"] = rec["why"]
+                if "rung" in rec:  # scored a third of the way into fold 1 (or where the budget stopped it): what it scored
                     row["first_rung"] = {k: rec["rung"][k] for k in ("accuracy", "epoch", "epochs")}
+                if "partial" in rec:
+                    row["partial"] = {k: rec["partial"][k] for k in ("accuracy", "fold", "epoch", "epochs")}
                 rows.append(row)
                 continue
-            rows.append(self._row(name, backbone, rec, probe, rec["status"], rec["status"] == "complete"))
+            row = self._row(name, backbone, rec, probe, rec["status"], rec["status"] == "complete")
+            if "partial" in rec:  # a later fold the budget stopped: its checkpoint's score, not in the fold mean
+                row["partial"] = {k: rec["partial"][k] for k in ("accuracy", "fold", "epoch", "epochs")}
+            rows.append(row)
         # The other backbones' cheap candidates, on the same folds, for reference (not eligible: the backbone is
         # decided before fine-tuning).
         for other, pool in self.state["cheap"].items():
@@ -884,6 +990,12 @@ class AutoSelect:
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict[str, Any]:
+        """The whole selection (continuing one ``OUT`` holds); the leaderboard record."""
+        # Every fold, checkpoint score and the final retrain of this process build the same backbone: built once.
+        with shared_backbones():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         claim_output_folder(self.out, "auto", AUTO_MAKES, _is_old_selection, "--out")
         self._load_state()
         self._log(self.plan().describe())
@@ -901,7 +1013,8 @@ class AutoSelect:
             self._save()
         record = {
             "backbone": backbone, "folds": self.k, "pool": len(self.pool), "test_images": len(self.test),
-            "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "leaderboard": rows, "decision": decision,
+            "budget_s": self.budget_s, "elapsed_s": self.elapsed(), "used": used_text(self.elapsed(), self.budget_s),
+            "leaderboard": rows, "decision": decision,
             # Wall time of every fine-tuning job the search ran (first-rung thirds, folds, resumed folds):
             # what successive halving is there to save.
             "finetune_s": sum(r.get("job_s", 0.0) for r in self.state["finetune"].values()),
@@ -911,6 +1024,7 @@ class AutoSelect:
             record["explora"] = self.state["explora"]
         write_report(self.out, record, self.state, self.classes, PROBE)
         self._save()
+        self._log(record["used"])
         return record
 
 

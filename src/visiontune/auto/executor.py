@@ -24,45 +24,74 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 def run_fold(
     overrides: list[str], splits: dict[str, Any], deadline: float | None, cwd: str | None = None, pause_after: int | None = None,
-) -> dict[str, Any] | None:
-    """Train one candidate on one fold; its held-out scores, or None when ``deadline`` (``time.time()``) stopped it.
+    clock: Callable[[], float] = time.time, head_features: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one candidate on one fold; its held-out scores, the optimizer steps it took and its wall time.
 
     Module level, so that a Ray worker imports it by name. ``splits`` holds the fold's training, inner
     validation and held-out records (``test``). With ``pause_after``, training stops once that epoch is
     checkpointed and the held-out scores are those of the model at that point (``"paused": True``); the same
-    overrides with ``run.resume=true`` continue the fold later. ``job_s`` is this call's own wall time.
+    overrides with ``run.resume=true`` continue the fold later. When ``clock()`` passes ``deadline``, training stops
+    after the optimizer step it is in (``"stopped": True``) and the last epoch's checkpoint, if there is one, is
+    scored the same way (``row`` is None when the first epoch had not ended): the fold's partial evidence.
+    ``steps`` counts this call's optimizer steps, ``job_s`` is this call's own time by ``clock``, and ``curve`` the
+    fold's learning curve so far (per epoch: training loss, and validation accuracy where the fold validates).
+    ``head_features``: the backbone's features of the fold's training images, for its LP-FT head
+    (``train(head_features=...)``).
     """
+    from visiontune.checkpoint import checkpoint_path, load_checkpoint
     from visiontune.config import load_config
     from visiontune.errors import TrainingPaused, TrainingStopped
     from visiontune.train.loop import score_checkpoint, train
 
-    t0 = time.perf_counter()
+    t0 = clock()
     if cwd is not None and os.path.isdir(cwd):
         os.chdir(cwd)  # relative data paths and --out mean what they mean on the driver
     cfg = load_config(None, overrides=overrides)
-    stop = None if deadline is None else (lambda: time.time() > deadline)
+    steps = [0]
+
+    def stop() -> bool:  # asked after every optimizer step: counts them, and ends the fold at the deadline
+        steps[0] += 1
+        return deadline is not None and clock() >= deadline
+
+    def partial(paused: bool) -> dict[str, Any]:
+        run_dir = Path(cfg.run.dir) / cfg.run.name
+        if not checkpoint_path(run_dir).is_file():
+            return {"row": None, "paused": paused, "stopped": not paused, "epoch": 0, "epochs": cfg.optim.epochs,
+                    "steps": steps[0], "curve": [], "job_s": clock() - t0}
+        ck = load_checkpoint(checkpoint_path(run_dir), "train")
+        m = score_checkpoint(cfg, run_dir, splits["test"])
+        return {"row": {k: m[k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}, "paused": paused,
+                "stopped": not paused, "epoch": int(ck["epoch"]), "epochs": cfg.optim.epochs, "steps": steps[0],
+                "curve": _curve(ck["history"]), "job_s": clock() - t0}
+
     try:
-        result = train(cfg, splits=splits, stop=stop, pause_after=pause_after)
-    except TrainingPaused as e:
-        m = score_checkpoint(cfg, e.run_dir, splits["test"])
-        row = {k: m[k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
-        return {"row": row, "paused": True, "epoch": pause_after, "epochs": cfg.optim.epochs, "job_s": time.perf_counter() - t0}
+        result = train(cfg, splits=splits, stop=stop, pause_after=pause_after, head_features=head_features)
+    except TrainingPaused:
+        return partial(True)
     except TrainingStopped:
-        return None
+        return partial(False)
     m = result.metrics
     row = {k: m["test"][k] for k in ("accuracy", "f1_weighted", "f1_macro", "confusion")}
     row["train_s"] = m["train"]["wall_time_s"]
     return {
-        "row": row, "best_epoch": int(m["train"]["best_epoch"]), "paused": False, "job_s": time.perf_counter() - t0,
-        "steps_per_epoch": math.ceil(len(splits["train"]) / cfg.optim.batch_size),
-        "trainable_pct": m["params"]["trainable_pct"],
+        "row": row, "best_epoch": int(m["train"]["best_epoch"]), "paused": False, "stopped": False, "steps": steps[0],
+        "job_s": clock() - t0, "steps_per_epoch": math.ceil(len(splits["train"]) / cfg.optim.batch_size),
+        "trainable_pct": m["params"]["trainable_pct"], "curve": _curve(m["train"]["history"]), "epochs": cfg.optim.epochs,
     }
+
+
+def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The per-epoch numbers of a learning curve that a later look (or a learned prior) can use."""
+    keep = ("epoch", "train_loss", "val_accuracy", "val_loss")
+    return [{k: row[k] for k in keep if k in row} for row in history]
 
 
 class LocalFolds:

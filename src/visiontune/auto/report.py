@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from visiontune.atomic import write_text_atomic
+from visiontune.auto.schedule import used_text
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -29,6 +30,12 @@ def _se(row: dict[str, Any]) -> str:
     return "" if se is None or not math.isfinite(se) or se == 0 else f" ± {100 * se:.1f}"
 
 
+def _used(record: dict[str, Any]) -> str:
+    """'Used 12.3 of 15.0 minutes' of the budget."""
+    text = used_text(record["elapsed_s"], record.get("budget_s"))
+    return text[0].upper() + text[1:]
+
+
 def leaderboard_markdown(record: dict[str, Any]) -> str:
     """The leaderboard table, the decision in words and the final model's held-out test score."""
     rows = sorted(record["leaderboard"], key=lambda r: -(r.get("accuracy") or -1))
@@ -38,15 +45,19 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
     )
     lines = [head]
     for r in rows:
+        stop = r.get("partial")
+        stopped = (f"; stopped by the budget at epoch {stop['epoch']} of {stop['epochs']} of fold {stop['fold']}: "
+                   f"{_pct(stop['accuracy'])} %") if stop and r.get("folds") else ""
         if not r.get("folds"):
             rung = r.get("first_rung")
             where = f"0 (fold 1 at epoch {rung['epoch']} of {rung['epochs']}: {_pct(rung['accuracy'])} %)" if rung else "0"
-            lines.append(f"| {r['candidate']} | {r['status']} | {where} | — | — | — | — | — | — | — | — |")
+            status = r["status"] + (f": {r['why']}" if r["status"] == "budget" and r.get("why") else "")
+            lines.append(f"| {r['candidate']} | {status} | {where} | — | — | — | — | — | — | — | — |")
             continue
         mark = "**" if r["candidate"] == record["decision"]["candidate"] else ""
         trainable = "—" if r.get("trainable_pct") is None else f"{r['trainable_pct']:.2f}"
         lines.append(
-            f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
+            f"| {mark}{r['candidate']}{mark} | {r['status']} | {r['folds']}{stopped} | {_pct(r['accuracy'])} | {_ci(r['accuracy_ci'])} "
             f"| {r['f1_weighted']:.3f} | {r['f1_macro']:.3f} | {_pct(r['vs_probe'], True)}{_se(r)} | {_ci(r['vs_probe_ci'], True)} "
             f"| {r['train_s_per_fold']:.1f} s | {trainable} |"
         )
@@ -56,11 +67,13 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         f"# visiontune auto: {record['backbone']}",
         "",
         f"{record['pool']} labeled images, stratified {record['folds']}-fold cross-validation (the same folds for every "
-        f"candidate); {record['test_images']} test images held out and read once, by the final model. Elapsed "
-        f"{record['elapsed_s'] / 60:.1f} min" + (f" of a {record['budget_s'] / 60:.1f} min budget." if record["budget_s"] else "."),
+        f"candidate); {record['test_images']} test images held out and read once, by the final model. "
+        + _used(record) + ".",
         "",
         "\n".join(lines),
         "",
+        *[f"Skipped, cannot apply to {record['backbone']}: **{r['candidate']}**: {r['why']}\n" for r in rows
+          if r.get("status") == "skipped"],
         f"**Decision: {record['decision']['candidate']}.** {record['decision']['reason']}.",
         "",
         f"Shipped: `{final['run_dir']}` ({final['method']}{'; ' + final['note'] if final.get('note') else ''}), trained on "
@@ -92,7 +105,7 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the most accurate "
         "candidate, unless a candidate with at most half its training time is within one standard error of it (paired); "
         "'pruned' = stopped early by successive "
-        "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3), 'budget' = not run or stopped by the time budget"
+        "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3), 'budget' = not started (too little of the budget left for one epoch) or stopped by it between two optimizer steps, its last checkpoint scored on the fold's held-out part"
         + ("; 'failed' = the worker training one of its folds died (the same command retries it)."
            if any(r.get("status") == "failed" for r in record["leaderboard"]) else "."),
         "",

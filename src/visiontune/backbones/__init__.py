@@ -11,7 +11,7 @@ from visiontune.lazy import lazy_attributes
 # or reading WEIGHT_SOURCES need none of it. The registries import tiny.py / offline.py themselves when first read.
 _EXPORTS = {
     "factory": ("ANY_TIMM_NOTE", "backbone_identity", "create_backbone", "create_meta_backbone", "default_img_size",
-                "describe_backbones", "list_backbones"),
+                "describe_backbones", "list_backbones", "shared_backbones"),
     "offline": ("EFFICIENTNET_LITE", "MOBILENET_V2", "DinoV2ImgFocus", "OrderedStateDictSource"),
     "tiny": ("TINY_IMG_SIZE", "TinyBackbone"),
     "transforms": ("ToRGB", "build_transform", "data_config"),
@@ -39,5 +39,6 @@ __all__ = [
     "describe_backbones",
     "list_backbones",
     "parse_weights",
+    "shared_backbones",
     "weights_cache_dir",
 ]

@@ -11,12 +11,15 @@ the interpolation its weights were fine-tuned with instead, see ``pos_embed_anti
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
+import hashlib
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable, Protocol
 
 import timm
@@ -315,6 +318,46 @@ def create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     """
     if int(num_classes) < 0:
         raise ConfigError(f"num_classes={num_classes} must be >= 0")
+    if _SHARED is None:
+        return _create_backbone(cfg, num_classes)
+    # The torch RNG state is part of the key and restored after a copy: the caller's next random draws (adapter
+    # init) are then those a fresh build would have left, so sharing changes no result.
+    key = (repr(cfg), int(num_classes), hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest())
+    if key not in _SHARED:
+        model = _create_backbone(cfg, num_classes)
+        _SHARED[key] = (copy.deepcopy(model), torch.random.get_rng_state())
+        return model
+    pristine, rng = _SHARED[key]
+    torch.random.set_rng_state(rng)
+    return copy.deepcopy(pristine)
+
+
+_SHARED: dict[tuple[str, int, str], tuple[nn.Module, torch.Tensor]] | None = None
+"""Pristine backbones while :func:`shared_backbones` is active (None: every call builds)."""
+
+
+@contextlib.contextmanager
+def shared_backbones() -> Iterator[None]:
+    """Inside this block, :func:`create_backbone` builds each distinct backbone once and hands out copies.
+
+    ``visiontune auto`` trains and scores many folds of the same backbone in one process; each build ran timm's
+    random init and then read and converted the weight file again (3-4 s of a DINOv2-S fold on a busy 2-core CPU,
+    twice for a first rung: training, then scoring its checkpoint). A copy of the built model costs a fraction of
+    that. One copy per distinct backbone is kept until the block ends; nesting keeps the outer block's.
+    """
+    global _SHARED
+    if _SHARED is not None:
+        yield
+        return
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = None
+
+
+def _create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
+    """:func:`create_backbone` without sharing."""
     arch = _resolve_name(cfg.name)
     weights = _resolve_weights(cfg.weights, arch)
     kwargs: dict[str, Any] = {"drop_path_rate": float(cfg.drop_path)}

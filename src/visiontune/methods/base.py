@@ -129,6 +129,10 @@ class Method:
     default_head_lr: ClassVar[float] = 1e-3
     pretrained: ClassVar[bool] = True
     feature_cache: ClassVar[bool] = False
+    starts_as_backbone: ClassVar[bool] = False
+    """Before training, the method's model computes the pretrained backbone's own features (adapters whose output
+    starts at zero, or nothing added): features taken from the plain backbone may then fit its LP-FT head
+    (``train(head_features=...)``, what ``visiontune auto`` shares across folds)."""
     summary: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig):

@@ -280,6 +280,7 @@ class Full(Method):
     """Every parameter trains, from the pretrained weights."""
 
     config_cls = FullConfig
+    starts_as_backbone = True  # the pretrained weights, nothing added
     # Small body lr keeps pretrained features; the fresh head needs a normal one.
     default_lr = 3e-5
     default_head_lr = 1e-3

@@ -368,6 +368,9 @@ class LoRA(Method):
     default_head_lr = 1e-3
     summary = "low-rank update on chosen layers (q, v, all-linear, ...), head trained"
     use_dora = False
+    # peft starts B at zero: base output + 0. Not DoRA (its magnitude/direction recomputation rounds), nor a
+    # 4-bit base (NF4 weights are not the backbone's).
+    starts_as_backbone = True
     quantized = False
     cfg: LoraConfig
 
@@ -569,6 +572,7 @@ class LoRA(Method):
 class DoRA(LoRA):
     """Weight-decomposed LoRA: trained magnitude x LoRA-updated direction, on a frozen backbone."""
 
+    starts_as_backbone = False
     config_cls = DoraConfig
     summary = "magnitude + low-rank direction update (DoRA), head trained"
     use_dora = True
@@ -578,6 +582,7 @@ class DoRA(LoRA):
 class QLoRA(LoRA):
     """LoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
+    starts_as_backbone = False
     config_cls = QLoraConfig
     summary = "LoRA over a 4-bit NF4 frozen backbone, head trained"
     quantized = True
@@ -587,6 +592,7 @@ class QLoRA(LoRA):
 class QDoRA(LoRA):
     """DoRA over a frozen backbone stored in 4-bit NF4 (bitsandbytes), full-precision head."""
 
+    starts_as_backbone = False
     config_cls = QDoraConfig
     summary = "DoRA over a 4-bit NF4 frozen backbone, head trained"
     use_dora = True

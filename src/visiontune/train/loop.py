@@ -276,6 +276,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def train(
     cfg: Config, splits: dict[str, Any] | None = None, stop: Callable[[], bool] | None = None, pause_after: int | None = None,
+    head_features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RunResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` with ``cfg.method``; evaluate; write the run directory.
 
@@ -290,6 +291,11 @@ def train(
             checkpointed, raising :class:`~visiontune.errors.TrainingPaused`; ``run.resume=true`` continues the same
             schedule (the learning-rate curve is the whole run's), and :func:`score_checkpoint` scores the model as
             it stands (``visiontune auto`` compares candidates a third of the way into a fold this way).
+        head_features: the pretrained backbone's pooled features and labels of ``splits["train"]`` (clean views, in
+            order), already computed by the caller. The LP-FT head (``optim.head_init=probe``) is fitted on them
+            instead of a feature pass when that pass would compute the same: the method starts as the backbone
+            (:attr:`~visiontune.methods.base.Method.starts_as_backbone`), one view, no validation split, fp32
+            (``visiontune auto`` computes every labeled image's features once and shares them with its folds).
 
     An existing run directory is used only as :func:`prepare_run_dir` allows (resume a checkpoint of
     the same configuration, replace with ``run.overwrite=true``, ...); a resumed run that is already
@@ -300,7 +306,7 @@ def train(
         ``labels.json``, ``adapter.safetensors``, plots and ``checkpoint/``).
     """
     with torch_threads(cfg.run.threads):  # run.threads for this run; the caller's thread count afterwards
-        return _train(cfg, splits, stop, pause_after)
+        return _train(cfg, splits, stop, pause_after, head_features)
 
 
 def score_checkpoint(cfg: Config, run_dir: str | Path, records: Any, progress: bool = False) -> dict[str, Any]:
@@ -327,7 +333,10 @@ def score_checkpoint(cfg: Config, run_dir: str | Path, records: Any, progress: b
     return evaluate_loader(fast_forward(method.merge(model)), loader, device, classes, amp, progress)
 
 
-def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] | None, pause_after: int | None = None) -> RunResult:
+def _train(
+    cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] | None, pause_after: int | None = None,
+    head_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> RunResult:
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
     # Under torchrun / accelerate launch: join the process group; process 0 alone prints and writes.
     dist = distributed.setup(cfg.run.device, cfg.run.parallel)
@@ -391,7 +400,7 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
         else:
             history, best_epoch, loop_info = _fit_loop(
                 method, model, splits, cfg, device, amp, train_tf, val_loader, run_dir, tb, begin.checkpoint, split, start,
-                stop, pause_after,
+                stop, pause_after, head_features,
             )
             train_info.update(loop_info)
     if isinstance(model, FSDPModule):  # merging, the test pass and saving read whole parameters: a plain copy
@@ -442,7 +451,7 @@ def _train(cfg: Config, splits: dict[str, Any] | None, stop: Callable[[], bool] 
     if dist is not None:
         metrics["run"]["processes"] = dist.world
     if writes:
-        finish_run(run_dir, method, model, identity, metrics)
+        finish_run(run_dir, method, model, identity, metrics, plots=cfg.run.plots)
     if cfg.run.progress:
         print(
             f"[visiontune] {method.describe()}: test accuracy {test_metrics['accuracy']:.4f}, weighted F1 "
@@ -519,6 +528,7 @@ def _fit_loop(
     amp: torch.dtype | None, train_tf: Any, val_loader: DataLoader | None, run_dir: Path,
     tb: ScalarLogger | None = None, resume: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
     started: float | None = None, stop: Callable[[], bool] | None = None, pause_after: int | None = None,
+    head_features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
     """Gradient training of the trainable parameters, with per-epoch validation, best-epoch selection and resume.
 
@@ -538,7 +548,8 @@ def _fit_loop(
     started = time.perf_counter() if started is None else started
     earlier_wall, segments = 0.0, 1
     if cfg.optim.head_init == "probe" and method.pretrained and not resuming:
-        info = _probe_head_init(model, splits, cfg, device, amp, train_tf, val_loader)
+        shared = head_features if method.starts_as_backbone else None
+        info = _probe_head_init(model, splits, cfg, device, amp, train_tf, val_loader, shared)
     if resume is not None:
         info = dict(resume.get("head_init") or info)  # how the first segment started the head
     head_init = dict(info)
@@ -682,21 +693,30 @@ def _unsharded(model: nn.Module, method: Method, build: Callable[[], nn.Module])
 
 def _probe_head_init(
     model: nn.Module, splits: dict[str, Any], cfg: Config, device: torch.device, amp: torch.dtype | None,
-    train_tf: Any, val_loader: DataLoader | None,
+    train_tf: Any, val_loader: DataLoader | None, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """LP-FT: fit the head as a linear probe on the (frozen) starting features.
 
     Fine-tuning then starts from a good head instead of spending its few-shot budget, and its large
     early gradients, on a random one, which distorts pretrained features (Kumar et al., ICLR 2022).
     With ``optim.head_init_views`` > 1 the probe also sees augmented views of each training image, as the
-    fine-tuning that follows does.
+    fine-tuning that follows does. ``shared``: the starting features of the training images, computed by the
+    caller; used instead of a feature pass when there is nothing else to compute (one view, no validation split).
     """
 
     t0 = time.perf_counter()
     tf = build_transform(model, cfg.backbone.img_size, train=False)
     fast = fast_forward(model)
     views = cfg.optim.head_init_views if cfg.data.augment else 1  # without augmentation every view is the clean one
-    train = _view_features(fast, splits["train"], cfg, device, amp, tf, train_tf, views, "probe head init")
+    # The caller's features are fp32 clean views: they stand in for this pass only where it computes the same.
+    reuse = (shared is not None and views == 1 and val_loader is None and amp is None
+             and len(shared[1]) == len(splits["train"]))
+    if reuse:
+        x, y = shared
+        train = (x, y, np.arange(len(y)))
+    else:
+        train = _view_features(fast, splits["train"], cfg, device, amp, tf, train_tf, views, "probe head init")
     val = extract_features(fast, val_loader, device, amp) if val_loader is not None else None
     info = fit_probe_head(classifier_of(model), train, val, balanced=cfg.optim.class_weights == "balanced")
-    return {"head_init": "probe", "head_init_c": info["c"], "head_init_views": views, "head_init_time_s": time.perf_counter() - t0}
+    return {"head_init": "probe", "head_init_c": info["c"], "head_init_views": views, "head_init_time_s": time.perf_counter() - t0,
+            "head_init_features": "shared" if reuse else "computed"}

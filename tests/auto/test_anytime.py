@@ -1,0 +1,124 @@
+"""The anytime budget of ``visiontune auto`` (issue 28, part 4), on a clock that counts optimizer steps: one step is
+one second, so the test asserts the decisions (order, start, stop, evidence, time used), never the machine's speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import visiontune.auto.executor as executor
+from visiontune.auto import PROBE, AutoSelect, Candidate
+from visiontune.auto.schedule import FlatPrior, StepTimes, by_priority, used_text
+from visiontune.train import loop as train_loop
+
+TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3", "optim.epochs=2"]
+# 20 training images per fold at batch 16: 2 steps an epoch; 12 steps: 6 epochs a fold, the first rung after epoch 2
+A = Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4"), cost=1.0)
+B = Candidate("lora q,v r2 last block", ("method.name=lora", "method.targets=qv", "method.rank=2", "method.blocks=last:1"),
+              cost=0.5)
+C = Candidate("full fine-tuning", ("method.name=full",), cost=2.0)
+
+
+@pytest.fixture
+def steps_clock(monkeypatch: pytest.MonkeyPatch):
+    """A clock that reads the optimizer steps taken so far (nothing else moves it), and the fold jobs started:
+    (candidate run name, pause epoch, deadline, clock at the start)."""
+    ticks = [0]
+    real_step = train_loop.optimizer_step
+
+    def counting(*args, **kwargs):
+        ticks[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "optimizer_step", counting)
+    jobs: list[tuple[str, int | None, float | None, float]] = []
+    real_fold = executor.run_fold
+
+    def spy(overrides, splits, deadline, cwd=None, pause_after=None, clock=None, head_features=None):
+        name = next(o for o in overrides if o.startswith("run.name=")).removeprefix("run.name=")
+        jobs.append((name, pause_after, deadline, clock()))
+        return real_fold(overrides, splits, deadline, cwd, pause_after, clock, head_features)
+
+    monkeypatch.setattr(executor, "run_fold", spy)
+    return (lambda: float(ticks[0])), jobs
+
+
+def _select(out: Path, clock, budget: float, **kw) -> AutoSelect:
+    return AutoSelect("digits", out, overrides=TINY, progress=False, folds=2, steps=12, budget_s=budget, clock=clock,
+                      candidates=(A, B, C), **kw)
+
+
+def test_cheapest_first_each_started_while_an_epoch_fits_and_estimates_follow_measured_steps(tmp_path, steps_clock) -> None:
+    clock, jobs = steps_clock
+    sel = _select(tmp_path, clock, 10)
+    record = sel.run()
+    state = sel.state["finetune"]
+    # Flat prior: the cheapest step first (B, then A), each a first rung of 4 steps (2 epochs)
+    assert [(n, p) for n, p, _, _ in jobs[:2]] == [("lora-q-v-r2-last-block-fold1", 2), ("lora-q-v-r4-fold1", 2)]
+    assert state[B.name]["steps"] == 4 and state[A.name]["steps"] == 4
+    times = sel._step_times()
+    assert times.step_s(B) == 1.0 and times.step_s(A) == 1.0  # measured: one tick a step
+    # C was not measured: its cost (2) times the measured scale (median of 1/0.5 and 1/1) = 3 s a step, 6 an epoch,
+    # and 2 s were left at t=8: not started, and the leaderboard says why
+    assert times.step_s(C) == 3.0
+    assert all(not n.startswith("full") for n, *_ in jobs)
+    assert state[C.name]["status"] == "budget" and "2 s of the budget left" in state[C.name]["why"]
+    assert "one epoch needs about 6 s" in state[C.name]["why"]
+    went_on = [n for n in (A.name, B.name) if state[n]["rung"].get("promoted")]
+    if went_on:  # the promoted one continued fold 1 with what was left, and the budget stopped it between steps
+        assert jobs[2][0].endswith("-fold1") and jobs[2][1] is None and jobs[2][2:] == (10.0, 8.0)
+        assert state[went_on[0]]["status"] == "budget" and state[went_on[0]]["partial"]["epoch"] == 2
+    else:
+        assert len(jobs) == 2
+    assert record["elapsed_s"] <= 10.0 and record["used"] == used_text(record["elapsed_s"], 10.0)
+    assert record["decision"]["candidate"] == PROBE  # no fine-tune finished its folds
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert f"Used {record['elapsed_s'] / 60:.1f} of 0.2 minutes" in md and "not started on fold 1" in md
+
+
+def test_the_budget_stops_a_fold_between_steps_and_its_checkpoint_is_the_evidence(tmp_path, steps_clock) -> None:
+    # Nothing measured yet, so the first rung starts (any of it may fit); the budget of 3 steps ends it after step 3,
+    # inside epoch 2: epoch 1's checkpoint is scored on fold 1's held-out part and stands as its first-rung score.
+    clock, jobs = steps_clock
+    sel = _select(tmp_path, clock, 3)
+    record = sel.run()
+    state = sel.state["finetune"]
+    assert [(n, p, d) for n, p, d, _ in jobs] == [("lora-q-v-r2-last-block-fold1", 2, 3.0)]
+    rec = state[B.name]
+    assert rec["status"] == "budget" and rec["steps"] == 3
+    assert rec["rung"]["stopped"] and rec["rung"]["epoch"] == 1 and rec["partial"]["epoch"] == 1
+    assert 0.0 <= rec["rung"]["accuracy"] <= 1.0 and [p["epoch"] for p in rec["curves"]["1"]["curve"]] == [1]
+    assert all(state[c.name]["status"] == "budget" and "not started" in state[c.name]["why"] for c in (A, C))
+    assert record["elapsed_s"] == 3.0
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    assert rows[B.name]["first_rung"]["epoch"] == 1 and rows[B.name]["partial"]["fold"] == 1
+
+
+class _Prefers:
+    """A prior that expects ten times the gain from one candidate."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def expected_gain(self, candidate: Candidate, features: dict) -> float:
+        assert {"pool", "classes", "shots_per_class", "probe_cv_accuracy", "family"} <= set(features)
+        return 10.0 if candidate.name == self.name else 1.0
+
+
+def test_a_prior_orders_the_candidates_by_expected_gain_per_second(tmp_path, steps_clock) -> None:
+    clock, jobs = steps_clock
+    sel = _select(tmp_path, clock, 8, prior=_Prefers(C.name))
+    record = sel.run()
+    # C: 10 / 2 beats B: 1 / 0.5; then B (its estimate scaled by C's measured steps) before A
+    assert [n for n, *_ in jobs] == ["full-fine-tuning-fold1", "lora-q-v-r2-last-block-fold1"]
+    assert jobs[1][2:] == (8.0, 4.0)  # B starts at t=4 with 4 s left: stopped after its 4th step, before epoch 2 ended
+    assert sel.state["finetune"][B.name]["rung"]["epoch"] == 1 and record["elapsed_s"] == 8.0
+
+
+def test_step_times_scale_unmeasured_candidates_by_the_measured_ones() -> None:
+    times = StepTimes({A: (4, 8.0)}, base_step_s=0.1)
+    assert times.step_s(A) == 2.0 and times.step_s(B) == 1.0 and times.step_s(C) == 4.0
+    assert StepTimes({}, base_step_s=0.1).step_s(C) == pytest.approx(0.2)  # before any: the plan's forward pass
+    order = by_priority([A, C, B], FlatPrior(), {}, StepTimes({}, 0.0))
+    assert order == [B, A, C]  # nothing measured, a clock at zero: relative cost decides
