@@ -103,3 +103,49 @@ def test_config_reference_covers_every_key_and_method_option():
         for f in dataclasses.fields(METHODS.get(name).config_cls):
             if f.name not in base:
                 assert f"`method.{f.name}`" in text, (name, f.name)
+
+
+# ----------------------------------------------------------------------------- measured figures (benchmarks/figures.py)
+
+
+def _figures_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("visiontune_docs_figures", ROOT / "benchmarks" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+FIGURES = _figures_module()
+
+
+def test_every_quoted_figure_is_its_source_value():
+    """A figure marked in a page (``<!--fig:ID-->text<!--/fig-->``) reads what its result file gives."""
+    values = FIGURES.values()
+    quoted = [(page.relative_to(ROOT), m.group(1), m.group(2))
+              for page in FIGURES.pages() for m in FIGURES.MARKER.finditer(page.read_text())]
+    assert len(quoted) >= 10 and {fid for _, fid, _ in quoted} == set(FIGURES.FIGURES)  # each defined figure is used
+    wrong = [f"{page}: {fid} reads {text!r}, its source gives {values.get(fid, 'nothing: unknown figure')!r}"
+             for page, fid, text in quoted if values.get(fid) != text]
+    assert not wrong, "\n".join(wrong) + "\nfix: python benchmarks/figures.py --write (after checking the source)"
+
+
+def test_a_changed_source_changes_what_the_pages_must_read():
+    page = "probe <!--fig:fmnist50.probe-->76.7<!--/fig-->% and <!--fig:bench.total-->15.6 min<!--/fig-->"
+    values = {**FIGURES.values(), "fmnist50.probe": "75.0"}
+    assert FIGURES.render(page, values) == page.replace(">76.7<", ">75.0<")
+    assert FIGURES.render(page, values, keep_markers=False) == "probe 75.0% and 15.6 min"
+    with pytest.raises(KeyError):
+        FIGURES.render("<!--fig:no.such-->1<!--/fig-->", values)
+
+
+def test_the_figures_page_names_command_machine_and_date_of_every_source():
+    text = FIGURES.figures_page(FIGURES.values())
+    for src in {fig.source for fig in FIGURES.FIGURES.values()}:
+        section = text.split(f"## `{src.path}`")[1].split("\n## ")[0]
+        assert f"Command: `{src.command}`" in section and "Machine: AMD EPYC" in section
+        assert re.search(r"Date: \d{4}-\d\d-\d\d", section), section
+    assert "| `fmnist50.margin` | +5.5 ± 1.8 |" in text and "`docs/how-to/methods.md`" in text

@@ -1,0 +1,249 @@
+"""The measured figures that the README and the documentation quote, each computed from the result file that a
+benchmark command wrote. This module is the one place where a quoted figure is defined.
+
+A page marks a quoted figure as ``<!--fig:ID-->82.2 ± 0.4<!--/fig-->`` (the comments are invisible when the page
+is rendered, on GitHub too). Three things keep the pages true:
+
+* the site build (``docs/hooks.py``) puts the value computed here between the markers, and the generated
+  *Measured figures* page lists every figure with its source file, command, machine and date;
+* ``tests/test_docs.py`` fails when the text between a page's markers is not the computed value, or names
+  an unknown figure;
+* ``python benchmarks/figures.py --write`` rewrites the marked text of every page from the sources (after a
+  new benchmark run), and ``python benchmarks/figures.py`` prints the table.
+
+Nothing here is measured: each figure is arithmetic on a committed result file (a mean, a ratio, a range).
+The date of a source is the date of the last commit that changed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", re.S)
+"""A marked figure in a page: its id, then the text the page shows."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A result file a benchmark command wrote, and how to describe where it came from."""
+
+    path: str
+    command: str
+    machine: str
+
+    def read(self) -> Any:
+        text = (ROOT / self.path).read_text()
+        return list(csv.DictReader(text.splitlines())) if self.path.endswith(".csv") else json.loads(text)
+
+    def date(self) -> str:
+        """The date of the last commit that changed the file (``unknown`` outside a git checkout)."""
+        try:
+            out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", self.path], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        return out.stdout.strip() or "unknown"
+
+
+def _bench_machine(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, torch {m['torch']}"
+
+
+BENCH = Source("benchmarks/RESULTS.json", "make bench (python benchmarks/bench_peer.py)", "")
+FMNIST50 = Source(
+    "benchmarks/results/fashion-mnist-50/results.csv", "visiontune sweep configs/sweeps/fashion-mnist-50.yaml --quiet",
+    "AMD EPYC, 2 cores (benchmarks/results/fashion-mnist-50/README.md)",
+)
+
+
+# ----------------------------------------------------------------------------- make bench (RESULTS.json)
+
+
+def _sides(result: dict[str, Any], gradient_only: bool = False) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(project, peer) of every method of the bench, or of the gradient methods only (not the linear probe)."""
+    return [(m["project"], m["peer"]) for name, m in result["methods"].items() if not (gradient_only and name == "linear")]
+
+
+def _range(values: list[float], digits: int = 2) -> str:
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}x"
+
+
+def _bench_total(r: dict[str, Any]) -> str:
+    return f"{r['total_s'] / 60:.1f} min"
+
+
+def _bench_linear_e2e(r: dict[str, Any]) -> str:
+    lin = r["methods"]["linear"]
+    return f"{lin['peer']['e2e_s'] / lin['project']['e2e_s']:.2f}x"
+
+
+def _bench_linear_points(r: dict[str, Any]) -> str:
+    lin = r["methods"]["linear"]
+    return f"{100 * (lin['project']['accuracy'] - lin['peer']['accuracy']):+.1f} points"
+
+
+def _bench_linear_vs_loop(r: dict[str, Any]) -> str:
+    lin = r["methods"]["linear"]
+    return f"{lin['loop']['train_s'] / lin['project']['train_s']:.0f}x"
+
+
+def _bench_peak(r: dict[str, Any]) -> str:
+    return _range([p["peak_mb"] / q["peak_mb"] for p, q in _sides(r)])
+
+
+def _bench_merged_eval(r: dict[str, Any]) -> str:
+    # Methods that merge for evaluation: a merge time was measured.
+    return _range([p["eval_ips"] / q["eval_ips"] for p, q in _sides(r) if p["merge_s"] > 0.001])
+
+
+def _bench_train(r: dict[str, Any]) -> str:
+    return _range([p["train_ips"] / q["train_ips"] for p, q in _sides(r, gradient_only=True)])
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST 50/class sweep (results.csv)
+
+
+def _accuracies(rows: list[dict[str, str]], method: str) -> list[float]:
+    return [100 * float(row["test_accuracy"]) for row in rows if row["method"] == method]
+
+
+def _mean_sd(rows: list[dict[str, str]], method: str) -> str:
+    acc = _accuracies(rows, method)
+    return f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}"
+
+
+def _fmnist_probe(rows: list[dict[str, str]]) -> str:
+    return f"{statistics.mean(_accuracies(rows, 'linear')):.1f}"
+
+
+def _standard_error(acc: list[float], n_test: int) -> float:
+    """Standard error (points) of a mean accuracy: binomial over the test images, plus the seeds' spread."""
+    p = statistics.mean(acc) / 100
+    seeds = statistics.stdev(acc) / math.sqrt(len(acc)) if len(acc) > 1 else 0.0
+    return math.hypot(100 * math.sqrt(p * (1 - p) / n_test), seeds)
+
+
+def _fmnist_margin(rows: list[dict[str, str]], n_test: int = 1000) -> str:
+    lora, probe = _accuracies(rows, "lora"), _accuracies(rows, "linear")
+    margin = statistics.mean(lora) - statistics.mean(probe)
+    return f"{margin:+.1f} ± {math.hypot(_standard_error(lora, n_test), _standard_error(probe, n_test)):.1f}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One quoted figure: what it is, its source and how it is computed from the source's content."""
+
+    what: str
+    source: Source
+    compute: Callable[[Any], str]
+
+
+FIGURES: dict[str, Figure] = {
+    "bench.total": Figure("duration of the latest `make bench`", BENCH, _bench_total),
+    "bench.linear-e2e": Figure("linear probe end to end, peer time / project time", BENCH, _bench_linear_e2e),
+    "bench.linear-points": Figure("linear probe test accuracy, project minus peer", BENCH, _bench_linear_points),
+    "bench.linear-vs-loop": Figure("linear probe training time: head trained by gradient / the project's probe", BENCH,
+                                   _bench_linear_vs_loop),
+    "bench.peak": Figure("peak memory, project / peer, range over the methods", BENCH, _bench_peak),
+    "bench.merged-eval": Figure("evaluation img/s, project (merged) / peer (unmerged), range over the merging methods",
+                                BENCH, _bench_merged_eval),
+    "bench.train": Figure("training img/s, project / peer, range over the gradient methods", BENCH, _bench_train),
+    "fmnist50.probe": Figure("linear probe test accuracy (%), mean over 3 seeds", FMNIST50, _fmnist_probe),
+    "fmnist50.lora": Figure("LoRA q,v r8 test accuracy (%), mean ± SD over 3 seeds", FMNIST50,
+                            lambda rows: _mean_sd(rows, "lora")),
+    "fmnist50.dora": Figure("DoRA q,v r8 test accuracy (%), mean ± SD over 3 seeds", FMNIST50,
+                            lambda rows: _mean_sd(rows, "dora")),
+    "fmnist50.margin": Figure("LoRA minus the probe (points) ± one standard error (binomial over 1,000 test images, "
+                              "plus the seeds' spread)", FMNIST50, _fmnist_margin),
+}
+"""Every figure a page may quote, by id."""
+
+
+def values() -> dict[str, str]:
+    """The text of every figure, computed from its source now."""
+    cache: dict[str, Any] = {}
+    out = {}
+    for fid, fig in FIGURES.items():
+        if fig.source.path not in cache:
+            cache[fig.source.path] = fig.source.read()
+        out[fid] = fig.compute(cache[fig.source.path])
+    return out
+
+
+def pages() -> list[Path]:
+    """The pages that may quote figures: the README and every Markdown file of the documentation."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def render(text: str, figures: dict[str, str], keep_markers: bool = True) -> str:
+    """``text`` with each marked figure's text replaced by its value (markers kept, or dropped for the site).
+
+    Raises:
+        KeyError: a marker names a figure that :data:`FIGURES` does not define.
+    """
+
+    def one(m: re.Match) -> str:
+        value = figures[m.group(1)]
+        return f"<!--fig:{m.group(1)}-->{value}<!--/fig-->" if keep_markers else value
+
+    return MARKER.sub(one, text)
+
+
+def figures_page(figures: dict[str, str]) -> str:
+    """The generated *Measured figures* page: every figure, its value, where it is quoted and where it comes from."""
+    quoted: dict[str, list[str]] = {}
+    for page in pages():
+        for fid in dict.fromkeys(m.group(1) for m in MARKER.finditer(page.read_text())):
+            quoted.setdefault(fid, []).append(str(page.relative_to(ROOT)))
+    lines = [
+        "# Measured figures", "",
+        "Every measured figure the README and these pages quote, computed from the result file its benchmark command "
+        "wrote (`benchmarks/figures.py`); the pages show these values, and a test fails when a page's text differs.",
+        "",
+    ]
+    sources = list(dict.fromkeys(fig.source for fig in FIGURES.values()))
+    for src in sources:
+        machine = src.machine or _bench_machine(src.read())
+        lines += [f"## `{src.path}`", "", f"Command: `{src.command}`  ", f"Machine: {machine}  ",
+                  f"Date: {src.date()} (last commit of the file)", "",
+                  "| figure | value | what | quoted in |", "|:--|:--|:--|:--|"]
+        for fid, fig in FIGURES.items():
+            if fig.source == src:
+                where = ", ".join(f"`{p}`" for p in quoted.get(fid, [])) or "nowhere"
+                lines.append(f"| `{fid}` | {figures[fid]} | {fig.what} | {where} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the marked figures of every page from the sources")
+    args = parser.parse_args(argv)
+    figures = values()
+    if not args.write:
+        for fid, value in figures.items():
+            print(f"{fid:24} {value:16} {FIGURES[fid].source.path}")
+        return 0
+    for page in pages():
+        text = page.read_text()
+        new = render(text, figures)
+        if new != text:
+            page.write_text(new)
+            print(f"rewrote {page.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
