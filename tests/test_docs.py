@@ -1,6 +1,7 @@
 """The documentation says what the code does: every ``visiontune ...`` command shown in the README and the docs
-site parses with the real parser (options and ``key=value`` overrides in any order, as users type them), and the
-generated reference covers every command and every configuration key."""
+site parses with the real parser (options and ``key=value`` overrides in any order, as users type them), the cheap
+ones (list, doctor, train, predict, eval) run as shown on a tiny model, the generated reference covers every command
+and every configuration key, and every marked figure is the value its result file gives (benchmarks/figures.py)."""
 
 from __future__ import annotations
 
