@@ -34,6 +34,15 @@ MARKER = re.compile(r"<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", re.S)
 """A marked figure in a page: its id, then the text the page shows."""
 
 
+def _demo_table(text: str) -> list[dict[str, str]]:
+    """The rows of the README's demo table (written by ``make demo``, held to a fresh demo by ``make demo-check``)."""
+    from visiontune.demo import readme_block
+
+    lines = [line for line in readme_block(text)[0].splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip().strip("*") for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
 @dataclass(frozen=True)
 class Source:
     """A result file a benchmark command wrote, and how to describe where it came from."""
@@ -41,16 +50,22 @@ class Source:
     path: str
     command: str
     machine: str
+    changed: str = ""
+    """A regex of the lines that hold the results, when the file holds other text too: its date is then the last
+    commit that changed such a line (``git log -G``)."""
 
     def read(self) -> Any:
         text = (ROOT / self.path).read_text()
-        return list(csv.DictReader(text.splitlines())) if self.path.endswith(".csv") else json.loads(text)
+        if self.path.endswith(".csv"):
+            return list(csv.DictReader(text.splitlines()))
+        return _demo_table(text) if self.path == "README.md" else json.loads(text)
 
     def date(self) -> str:
-        """The date of the last commit that changed the file (``unknown`` outside a git checkout)."""
+        """The date of the last commit that changed the results (``unknown`` outside a git checkout)."""
+        pick = [f"-G{self.changed}"] if self.changed else []
         try:
-            out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", self.path], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30)
+            out = subprocess.run(["git", "log", "-1", "--format=%cs", *pick, "--", self.path], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return "unknown"
         return out.stdout.strip() or "unknown"
@@ -66,6 +81,69 @@ FMNIST50 = Source(
     "benchmarks/results/fashion-mnist-50/results.csv", "visiontune sweep configs/sweeps/fashion-mnist-50.yaml --quiet",
     "AMD EPYC, 2 cores (benchmarks/results/fashion-mnist-50/README.md)",
 )
+
+
+DEMO = Source("README.md", "make demo (python -m visiontune.demo run.progress=false); the table between the "
+              "demo-table markers", "AMD EPYC, 2 cores, AVX-512 (the demo-machine line of the table)",
+              changed=r"^\| (linear|lora|full|scratch) \| \w+ \| (offline|none) \|")
+SWEEP_ELPV = Source(
+    "benchmarks/results/dinov2-elpv-cpu-sweep/results.csv", "visiontune sweep configs/sweeps/dinov2-elpv-cpu.yaml --quiet",
+    "AMD EPYC, 2 cores (docs/how-to/sweeps.md)",
+)
+SWEEP_FMNIST50 = Source(
+    "benchmarks/results/dinov2-fmnist50-cpu/results.csv", "visiontune sweep configs/sweeps/dinov2-fmnist50-cpu.yaml --quiet",
+    "AMD EPYC, 2 cores (docs/how-to/sweeps.md)",
+)
+_AUTO_MACHINE = "Intel Xeon (AVX-512 BF16/VNNI, AMX), 2 cores (docs/tutorials/choose-a-method.md)"
+AUTO_ELPV = Source(
+    "benchmarks/results/auto-elpv/leaderboard.json",
+    "visiontune auto elpv data.train_per_class=20 data.test_per_class=100 backbone.weights=offline backbone.img_size=112 "
+    "--budget 20m --out runs/auto/elpv112-final", _AUTO_MACHINE,
+)
+AUTO_FMNIST10 = Source(
+    "benchmarks/results/auto-fmnist10/leaderboard.json",
+    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
+    "backbone.img_size=112 --budget 30m --out runs/auto/fmnist10-final", _AUTO_MACHINE,
+)
+AUTO_FMNIST50 = Source(
+    "benchmarks/results/auto-fmnist50/leaderboard.json",
+    "visiontune auto fashion-mnist data.train_per_class=50 data.test_per_class=100 backbone.weights=offline "
+    "backbone.img_size=112 --out runs/auto/fmnist50-final", _AUTO_MACHINE,
+)
+
+
+# ----------------------------------------------------------------------------- the demo table (README.md)
+
+
+def _demo_accuracy(rows: list[dict[str, str]], method: str, backbone: str | None = None) -> list[float]:
+    return [float(r["test accuracy (%)"]) for r in rows if r["method"] == method and backbone in (None, r["backbone"])]
+
+
+def _points_range(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f} points"
+
+
+def _demo_probe_over_scratch(rows: list[dict[str, str]]) -> str:
+    probe = _demo_accuracy(rows, "linear")[0]
+    return _points_range([probe - a for a in _demo_accuracy(rows, "scratch")])
+
+
+def _demo_finetune_under_probe(rows: list[dict[str, str]]) -> str:
+    probe = _demo_accuracy(rows, "linear")[0]
+    return _points_range([probe - a for m in ("lora", "full") for a in _demo_accuracy(rows, m)])
+
+
+# ----------------------------------------------------------------------------- visiontune auto (leaderboard.json)
+
+
+def _auto_accuracy(board: dict[str, Any]) -> str:
+    return f"{100 * board['final']['test']['accuracy']:.1f} %"
+
+
+def _auto_time(board: dict[str, Any]) -> str:
+    used = board["elapsed_s"] / 60
+    budget = board.get("budget_s")
+    return f"{used:.1f} of {budget / 60:.0f} min" if budget else f"{used:.1f} min, no budget"
 
 
 # ----------------------------------------------------------------------------- make bench (RESULTS.json)
@@ -135,10 +213,27 @@ def _standard_error(acc: list[float], n_test: int) -> float:
     return math.hypot(100 * math.sqrt(p * (1 - p) / n_test), seeds)
 
 
+def _margin(better: list[float], probe: list[float], n_test: int) -> str:
+    margin = statistics.mean(better) - statistics.mean(probe)
+    return f"{margin:+.1f} ± {math.hypot(_standard_error(better, n_test), _standard_error(probe, n_test)):.1f}"
+
+
 def _fmnist_margin(rows: list[dict[str, str]], n_test: int = 1000) -> str:
-    lora, probe = _accuracies(rows, "lora"), _accuracies(rows, "linear")
-    margin = statistics.mean(lora) - statistics.mean(probe)
-    return f"{margin:+.1f} ± {math.hypot(_standard_error(lora, n_test), _standard_error(probe, n_test)):.1f}"
+    return _margin(_accuracies(rows, "lora"), _accuracies(rows, "linear"), n_test)
+
+
+def _best(rows: list[dict[str, str]]) -> list[float]:
+    """The best single run's test accuracy (points) of a one-seed sweep."""
+    return [max(100 * float(r["test_accuracy"]) for r in rows)]
+
+
+def _sweep_margin(n_test: int) -> Callable[[list[dict[str, str]]], str]:
+    """The best run over the linear probe ± one standard error, with ``n_test`` test images (the sweep's data section)."""
+    return lambda rows: _margin(_best(rows), _accuracies(rows, "linear"), n_test)
+
+
+def _one(value: Callable[[list[dict[str, str]]], list[float]]) -> Callable[[list[dict[str, str]]], str]:
+    return lambda rows: f"{statistics.mean(value(rows)):.1f}"
 
 
 @dataclass(frozen=True)
@@ -168,6 +263,27 @@ FIGURES: dict[str, Figure] = {
     "fmnist50.margin": Figure("LoRA minus the probe (points) ± one standard error (binomial over 1,000 test images, "
                               "plus the seeds' spread)", FMNIST50, _fmnist_margin),
 }
+FIGURES.update({
+    "demo.probe-over-scratch": Figure("linear probe minus training from scratch (ResNet-18, ViT-S), points", DEMO,
+                                      _demo_probe_over_scratch),
+    "demo.finetune-under-probe": Figure("linear probe minus LoRA and minus full fine-tuning, points", DEMO,
+                                        _demo_finetune_under_probe),
+    "sweep-elpv.probe": Figure("linear probe test accuracy (%)", SWEEP_ELPV, _one(lambda rows: _accuracies(rows, "linear"))),
+    "sweep-elpv.best": Figure("best run's test accuracy (%)", SWEEP_ELPV, _one(_best)),
+    # elpv, test_per_class 50 x 4 classes (configs/sweeps/dinov2-elpv-cpu.yaml)
+    "sweep-elpv.margin": Figure("best run minus the probe ± one standard error (binomial over 200 test images)",
+                                SWEEP_ELPV, _sweep_margin(200)),
+    "sweep-fmnist50.probe": Figure("linear probe test accuracy (%)", SWEEP_FMNIST50,
+                                   _one(lambda rows: _accuracies(rows, "linear"))),
+    "sweep-fmnist50.best": Figure("best run's test accuracy (%)", SWEEP_FMNIST50, _one(_best)),
+    # fashion-mnist, test_per_class 100 x 10 classes (configs/sweeps/dinov2-fmnist50-cpu.yaml)
+    "sweep-fmnist50.margin": Figure("best run minus the probe ± one standard error (binomial over 1,000 test images)",
+                                    SWEEP_FMNIST50, _sweep_margin(1000)),
+    **{f"{name}.accuracy": Figure("the chosen model's test accuracy", src, _auto_accuracy)
+       for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
+    **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
+       for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
+})
 """Every figure a page may quote, by id."""
 
 
@@ -217,7 +333,7 @@ def figures_page(figures: dict[str, str]) -> str:
     for src in sources:
         machine = src.machine or _bench_machine(src.read())
         lines += [f"## `{src.path}`", "", f"Command: `{src.command}`  ", f"Machine: {machine}  ",
-                  f"Date: {src.date()} (last commit of the file)", "",
+                  f"Date: {src.date()} (the last commit that changed the results)", "",
                   "| figure | value | what | quoted in |", "|:--|:--|:--|:--|"]
         for fid, fig in FIGURES.items():
             if fig.source == src:
