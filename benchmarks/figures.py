@@ -110,6 +110,17 @@ AUTO_FMNIST50 = Source(
     "visiontune auto fashion-mnist data.train_per_class=50 data.test_per_class=100 backbone.weights=offline "
     "backbone.img_size=112 --out runs/auto/fmnist50-final", _AUTO_MACHINE,
 )
+HEAD_INIT = Source(
+    "benchmarks/results/head-init-views/results.json",
+    "python benchmarks/head_init_views.py --runs /tmp/lpft/study --out benchmarks/results/head-init-views",
+    "Intel Xeon, 2 cores, AVX-512 BF16/VNNI, AMX (benchmarks/results/head-init-views/results.md)",
+)
+
+EXPLORA = Source(
+    "benchmarks/results/explora-elpv/results.json",
+    "python benchmarks/explora_elpv.py --pretrain-run runs/pretrain/explora-elpv --probe-config configs/demo.yaml "
+    "--out benchmarks/results/explora-elpv", "a shared 2-core CPU (docs/how-to/explora.md)",
+)
 
 
 # ----------------------------------------------------------------------------- the demo table (README.md)
@@ -144,6 +155,34 @@ def _auto_time(board: dict[str, Any]) -> str:
     used = board["elapsed_s"] / 60
     budget = board.get("budget_s")
     return f"{used:.1f} of {budget / 60:.0f} min" if budget else f"{used:.1f} min, no budget"
+
+
+# ----------------------------------------------------------------------------- optim.head_init_views (results.json)
+
+
+def _paired(key: str) -> Callable[[dict[str, Any]], str]:
+    """Mean paired difference ± its standard error, points, with a typographic minus as the page writes it."""
+
+    def value(result: dict[str, Any]) -> str:
+        s = result["summary"][key]
+        return f"{s['mean_diff']:+.1f} ± {s['se']:.1f}".replace("-", "\u2212")
+
+    return value
+
+
+# ----------------------------------------------------------------------------- ExPLoRA on ELPV (results.json)
+
+
+def _probe(name: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{100 * r['probes'][name]['probe_accuracy']:.1f}%"
+
+
+def _student_minus_original(measure: Callable[[dict[str, Any]], float]) -> Callable[[dict[str, Any]], str]:
+    def value(r: dict[str, Any]) -> str:
+        p = r["probes"]
+        return f"{100 * (measure(p['explora (student)']) - measure(p['original'])):+.1f}".replace("-", "\u2212")
+
+    return value
 
 
 # ----------------------------------------------------------------------------- make bench (RESULTS.json)
@@ -279,6 +318,20 @@ FIGURES.update({
     # fashion-mnist, test_per_class 100 x 10 classes (configs/sweeps/dinov2-fmnist50-cpu.yaml)
     "sweep-fmnist50.margin": Figure("best run minus the probe ± one standard error (binomial over 1,000 test images)",
                                     SWEEP_FMNIST50, _sweep_margin(1000)),
+    "head-init.elpv": Figure("LoRA with optim.head_init_views=4 minus =1 on ELPV, mean ± SE over 3 draws, points",
+                             HEAD_INIT, _paired("elpv lora")),
+    "head-init.fmnist10": Figure("the same on Fashion-MNIST 10/class", HEAD_INIT, _paired("fashion-mnist lora")),
+    "explora.time": Figure("pretraining wall time", EXPLORA,
+                           lambda r: f"{r['pretraining']['training']['wall_time_s'] / 60:.1f} min"),
+    "explora.original": Figure("linear probe on the original backbone (C by CV)", EXPLORA, _probe("original")),
+    "explora.teacher": Figure("linear probe on the ExPLoRA teacher", EXPLORA, _probe("explora (teacher)")),
+    "explora.student": Figure("linear probe on the ExPLoRA student", EXPLORA, _probe("explora (student)")),
+    "explora.cka": Figure("student's CKA with the original (test features)", EXPLORA,
+                          lambda r: f"{r['probes']['explora (student)']['cka_vs_original_test']:.2f}"),
+    "explora.knn": Figure("student minus original, kNN (k=10) accuracy, points", EXPLORA,
+                          _student_minus_original(lambda p: p["knn10_accuracy"])),
+    "explora.probe-peak": Figure("student minus original, probe accuracy at its best C, points", EXPLORA,
+                                 _student_minus_original(lambda p: max(p["probe_accuracy_by_c"].values()))),
     **{f"{name}.accuracy": Figure("the chosen model's test accuracy", src, _auto_accuracy)
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)

@@ -147,7 +147,7 @@ def test_the_figures_page_names_command_machine_and_date_of_every_source():
     text = FIGURES.figures_page(FIGURES.values())
     for src in {fig.source for fig in FIGURES.FIGURES.values()}:
         section = text.split(f"## `{src.path}`")[1].split("\n## ")[0]
-        assert f"Command: `{src.command}`" in section and re.search(r"Machine: (AMD EPYC|Intel Xeon)", section), section
+        assert f"Command: `{src.command}`" in section and re.search(r"Machine: \S", section), section
         assert re.search(r"Date: \d{4}-\d\d-\d\d", section), section
     assert "| `fmnist50.margin` | +5.5 ± 1.8 |" in text and "`docs/how-to/methods.md`" in text
 
