@@ -121,6 +121,20 @@ EXPLORA = Source(
     "python benchmarks/explora_elpv.py --pretrain-run runs/pretrain/explora-elpv --probe-config configs/demo.yaml "
     "--out benchmarks/results/explora-elpv", "a shared 2-core CPU (docs/how-to/explora.md)",
 )
+AUTO_FMNIST10_RAY = Source(
+    "benchmarks/results/auto-fmnist10-ray/leaderboard.json",
+    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
+    "backbone.img_size=112 --budget 30m --out runs/auto/fmnist10-ray-final --executor ray --cpus-per-run 1",
+    _AUTO_MACHINE,
+)
+PRECISION = Source(
+    "benchmarks/results/precision-amx.json", "python benchmarks/bench_precision.py runs/demo/lora --rounds 5 --threads 2",
+    "Intel Xeon, 2 cores, AVX-512 BF16/VNNI, AMX (the file's machine record)",
+)
+STREAM = Source(
+    "benchmarks/results/stream-eval.json", "python benchmarks/bench_stream_eval.py --images 20000 --workers 2",
+    "AMD EPYC, 2 cores, busy (docs/tutorials/scale-out.md)",
+)
 
 
 # ----------------------------------------------------------------------------- the demo table (README.md)
@@ -181,6 +195,23 @@ def _student_minus_original(measure: Callable[[dict[str, Any]], float]) -> Calla
     def value(r: dict[str, Any]) -> str:
         p = r["probes"]
         return f"{100 * (measure(p['explora (student)']) - measure(p['original'])):+.1f}".replace("-", "\u2212")
+
+    return value
+
+
+# ----------------------------------------------------------------------------- bf16 inference, streamed evaluation
+
+
+def _eval_img_s(r: dict[str, Any], precision: str) -> float:
+    return r["img_s"][f"eval {precision}"]
+
+
+def _stream_img_s(command: str) -> Callable[[dict[str, Any]], str]:
+    """img/s of ``command`` over the largest folder of the streaming benchmark."""
+
+    def value(r: dict[str, Any]) -> str:
+        row = max((row for row in r["rows"] if row["command"] == command), key=lambda row: row["images"])
+        return f"{row['img_per_s']:.0f} img/s"
 
     return value
 
@@ -332,6 +363,18 @@ FIGURES.update({
                           _student_minus_original(lambda p: p["knn10_accuracy"])),
     "explora.probe-peak": Figure("student minus original, probe accuracy at its best C, points", EXPLORA,
                                  _student_minus_original(lambda p: max(p["probe_accuracy_by_c"].values()))),
+    "auto-fmnist10-ray.accuracy": Figure("the chosen model's test accuracy (Ray executor)", AUTO_FMNIST10_RAY,
+                                         _auto_accuracy),
+    "auto-fmnist10-ray.minutes": Figure("selection time (Ray executor)", AUTO_FMNIST10_RAY,
+                                        lambda b: f"{b['elapsed_s'] / 60:.1f} min"),
+    "auto-fmnist10.minutes": Figure("selection time (one process)", AUTO_FMNIST10, lambda b: f"{b['elapsed_s'] / 60:.1f} min"),
+    "bf16.speedup": Figure("evaluation img/s, bf16 autocast / fp32", PRECISION,
+                           lambda r: f"{_eval_img_s(r, 'bf16') / _eval_img_s(r, 'fp32'):.2f}x"),
+    "bf16.img-s": Figure("evaluation img/s, bf16 vs fp32", PRECISION,
+                         lambda r: f"{_eval_img_s(r, 'bf16'):.1f} vs {_eval_img_s(r, 'fp32'):.1f} img/s"),
+    "bf16.unchanged": Figure("test predictions unchanged by bf16", PRECISION, lambda r: f"{100 * r['test_agreement']:.1f} %"),
+    "stream.eval": Figure("visiontune eval, 20,000 PNGs, end to end", STREAM, _stream_img_s("eval")),
+    "stream.predict": Figure("visiontune predict, 20,000 PNGs, end to end", STREAM, _stream_img_s("predict")),
     **{f"{name}.accuracy": Figure("the chosen model's test accuracy", src, _auto_accuracy)
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
