@@ -234,3 +234,19 @@ def test_cheap_documented_command_runs_on_a_tiny_model(where, args, tiny_world, 
         assert code == 2 and expected in err.getvalue(), f"{where}\n{err.getvalue()[-2000:]}"
     else:
         assert code == 0, f"{where}\n{out.getvalue()[-1000:]}\n{err.getvalue()[-2000:]}"
+
+
+@pytest.mark.slow
+def test_the_estimate_shown_in_the_docs_is_what_the_command_prints(monkeypatch):
+    """The 7B recipe's memory estimate in the scale-out tutorial is the command's output (it is computed, not measured,
+    so it must match to the last digit)."""
+    from visiontune.cli import main
+
+    page = (ROOT / "docs" / "tutorials" / "scale-out.md").read_text()
+    block = re.search(r"```\n\$ (visiontune estimate [^\n]+)\n(.*?)```", page, re.S)
+    assert block, "the estimate example is gone from docs/tutorials/scale-out.md"
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(shlex.split(block.group(1))[1:]) == 0
+    assert out.getvalue().strip() == block.group(2).strip()
