@@ -12,7 +12,7 @@ is rendered, on GitHub too). Three things keep the pages true:
   new benchmark run), and ``python benchmarks/figures.py`` prints the table.
 
 Nothing here is measured: each figure is arithmetic on a committed result file (a mean, a ratio, a range).
-The date of a source is the date of the last commit that changed it.
+The date of a source is the one it records, else that of the last commit that changed its results.
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ class Source:
         return _demo_table(text) if self.path == "README.md" else json.loads(text)
 
     def date(self) -> str:
-        """The date of the last commit that changed the results (``unknown`` outside a git checkout)."""
+        """The date the result file records, else of the last commit that changed the results (``unknown`` outside a
+        git checkout)."""
+        content = self.read()
+        if isinstance(content, dict) and isinstance(content.get("date"), str):
+            return content["date"]
         pick = [f"-G{self.changed}"] if self.changed else []
         try:
             out = subprocess.run(["git", "log", "-1", "--format=%cs", *pick, "--", self.path], cwd=ROOT,
@@ -135,6 +139,8 @@ STREAM = Source(
     "benchmarks/results/stream-eval.json", "python benchmarks/bench_stream_eval.py --images 20000 --workers 2",
     "AMD EPYC, 2 cores, busy (docs/tutorials/scale-out.md)",
 )
+STARTUP = Source("benchmarks/results/startup.json", "python benchmarks/bench_startup.py --runs 5",
+                 "AMD EPYC, 2 cores, AVX-512 (the file's machine record)")
 
 
 # ----------------------------------------------------------------------------- the demo table (README.md)
@@ -214,6 +220,13 @@ def _stream_img_s(command: str) -> Callable[[dict[str, Any]], str]:
         return f"{row['img_per_s']:.0f} img/s"
 
     return value
+
+
+# ----------------------------------------------------------------------------- start-up (startup.json)
+
+
+def _startup_cpu(name: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r['commands'][name]['cpu_s_median']:.2f} s"
 
 
 # ----------------------------------------------------------------------------- make bench (RESULTS.json)
@@ -375,6 +388,16 @@ FIGURES.update({
     "bf16.unchanged": Figure("test predictions unchanged by bf16", PRECISION, lambda r: f"{100 * r['test_agreement']:.1f} %"),
     "stream.eval": Figure("visiontune eval, 20,000 PNGs, end to end", STREAM, _stream_img_s("eval")),
     "stream.predict": Figure("visiontune predict, 20,000 PNGs, end to end", STREAM, _stream_img_s("predict")),
+    **{f"startup.{key}": Figure(f"CPU seconds of `visiontune {name}`, median of the runs", STARTUP, _startup_cpu(name))
+       for key, name in (("help", "--help"), ("list", "list methods"), ("doctor", "doctor --offline"),
+                         ("predict", "predict (tiny LoRA run)"))},
+    "startup.load": Figure("1-minute load average when the start-up measurement began", STARTUP,
+                           lambda r: f"{r['load_before']:.1f}"),
+    "startup.wall-list": Figure("wall seconds of `visiontune list methods`, median of the runs", STARTUP,
+                                lambda r: f"{r['commands']['list methods']['wall_s_median']:.1f} s"),
+    "startup.predict-imports": Figure("what the predict process imported of peft / bitsandbytes", STARTUP,
+                                      lambda r: "neither" if r["commands"]["predict (tiny LoRA run)"]["imported"] == "[]"
+                                      else r["commands"]["predict (tiny LoRA run)"]["imported"]),
     **{f"{name}.accuracy": Figure("the chosen model's test accuracy", src, _auto_accuracy)
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
@@ -429,7 +452,7 @@ def figures_page(figures: dict[str, str]) -> str:
     for src in sources:
         machine = src.machine or _bench_machine(src.read())
         lines += [f"## `{src.path}`", "", f"Command: `{src.command}`  ", f"Machine: {machine}  ",
-                  f"Date: {src.date()} (the last commit that changed the results)", "",
+                  f"Date: {src.date()}", "",
                   "| figure | value | what | quoted in |", "|:--|:--|:--|:--|"]
         for fid, fig in FIGURES.items():
             if fig.source == src:
