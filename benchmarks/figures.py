@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", re.S)
-"""A marked figure in a page: its id, then the text the page shows."""
+MARKER = re.compile(r"(?<!`)<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", re.S)
+"""A marked figure in a page: its id, then the text the page shows (not one shown as code: a backtick before it)."""
 
 
 def _demo_table(text: str) -> list[dict[str, str]]:

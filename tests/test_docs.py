@@ -141,6 +141,8 @@ def test_a_changed_source_changes_what_the_pages_must_read():
     assert FIGURES.render(page, values, keep_markers=False) == "probe 75.0% and 15.6 min"
     with pytest.raises(KeyError):
         FIGURES.render("<!--fig:no.such-->1<!--/fig-->", values)
+    shown_as_code = "write `<!--fig:ID-->text<!--/fig-->` in the page"  # an example of the syntax, not a figure
+    assert FIGURES.render(shown_as_code, values) == shown_as_code
 
 
 def test_the_figures_page_names_command_machine_and_date_of_every_source():
