@@ -23,7 +23,8 @@ from visiontune.extras import EXTRAS, extra_of, missing_message
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = sorted({m for modules in EXTRAS.values() for m in modules})
-HEAVY = ("torch", "timm", "peft", "bitsandbytes", "onnx", "onnxruntime", "fastapi", "ray", "tensorboard")
+HEAVY = ("torch", "timm", "peft", "bitsandbytes", "onnx", "onnxruntime", "fastapi", "ray", "tensorboard",
+         "torch.distributed.fsdp", "torch.distributed.tensor")  # the last two: ~2 s of a 2-core start, FSDP runs only
 
 
 def _run(code: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

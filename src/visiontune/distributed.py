@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,9 +54,6 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
@@ -136,6 +134,9 @@ class Dist:
             blocks: submodules run one after another (transformer blocks): one all-gather each, so only one
                 block's full parameters are held at a time.
         """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         for p in model.parameters():  # FSDP2 shards contiguous tensors only; channels-last weights are not
             p.data = p.data.contiguous()
         mesh = init_device_mesh(self.device.type, (self.world,))
@@ -385,9 +386,39 @@ def in_order(results: Iterable[T]) -> Iterator[T]:
 # ----------------------------------------------------------------------------- FSDP: full tensors in, full tensors out
 
 
+def _loaded(module: str, name: str) -> type | None:
+    """Class ``name`` of ``module`` if that module is imported already, else None.
+
+    A DTensor or an FSDP-sharded module exists only once ``torch.distributed.tensor`` / ``torch.distributed.fsdp``
+    has been imported (by :meth:`Dist.shard`), so the checks below ask ``sys.modules`` instead of importing them:
+    that import costs ~2 s on a 2-core CPU, and every command that loads a method (``visiontune list methods``,
+    ``predict``) would pay it.
+    """
+    return getattr(sys.modules.get(module), name, None)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a sharded DTensor (without importing ``torch.distributed.tensor``)."""
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def is_fsdp(model: Any) -> bool:
+    """Whether ``model`` was sharded with FSDP2's ``fully_shard`` (without importing ``torch.distributed.fsdp``)."""
+    cls = _loaded("torch.distributed.fsdp", "FSDPModule")
+    return cls is not None and isinstance(model, cls)
+
+
+def _distribute_like(src: torch.Tensor, dst: Any) -> Any:
+    """``src`` (the whole value) as a DTensor sharded like ``dst``: this process's slice, no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor's whole value (an all-gather: every process calls it, in the same order); else ``t``."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def full_state(state: Any) -> Any:
@@ -395,7 +426,7 @@ def full_state(state: Any) -> Any:
 
     Without DTensors it is returned as it is; with them every process must call it (same structure, same order).
     """
-    if isinstance(state, DTensor):
+    if is_dtensor(state):
         return state.full_tensor().cpu()
     if isinstance(state, dict):
         return {k: full_state(v) for k, v in state.items()}
@@ -407,8 +438,8 @@ def full_state(state: Any) -> Any:
 def copy_full(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy the whole value ``src`` into ``dst`` (a sharded DTensor: this process's shard of ``src``), in place."""
     src = src.to(dtype=dst.dtype, device=dst.device)
-    if isinstance(dst, DTensor):  # every process holds all of src: each slices its own shard, no communication
-        src = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+    if is_dtensor(dst):  # every process holds all of src: each slices its own shard, no communication
+        src = _distribute_like(src, dst)
     dst.copy_(src)
 
 
@@ -421,12 +452,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if not isinstance(p, DTensor):
+            if not is_dtensor(p):
                 continue
             moments = optimizer.state.get(p, {})
             for k, v in moments.items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    moments[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                if torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape:
+                    moments[k] = _distribute_like(v, p)
 
 
 def without_grad(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -435,7 +466,7 @@ def without_grad(model: nn.Module) -> contextlib.AbstractContextManager:
     FSDP keeps the buffers it all-gathers parameters into from one forward to the next: allocated under
     inference mode they would be inference tensors, which the next training step may not write into.
     """
-    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+    return torch.no_grad() if is_fsdp(model) else torch.inference_mode()
 
 
 @contextlib.contextmanager
@@ -447,7 +478,7 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     """
     if sync:
         yield
-    elif isinstance(model, FSDPModule):
+    elif is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield

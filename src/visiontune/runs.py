@@ -205,10 +205,15 @@ def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
     freshly initialised adapter matrices) identical when a run is rebuilt for evaluation or serving,
     which only saves the trained parameters.
     """
+    return method.apply(build_backbone(cfg, num_classes))
+
+
+def build_backbone(cfg: Config, num_classes: int) -> nn.Module:
+    """The run's backbone with a zeroed head, before the method is applied (torch RNG seeded from ``run.seed``)."""
     torch.manual_seed(cfg.run.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes)
     zero_head(model)
-    return method.apply(model)
+    return model
 
 
 def zero_head(model: nn.Module) -> None:
@@ -237,10 +242,17 @@ class LoadedRun:
     transform: Callable[[Any], torch.Tensor]
     identity: dict[str, Any]
     run_dir: Path
+    merged: bool = False
+    """Whether ``model`` has the adapters folded in (False also when the method has nothing to fold)."""
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> LoadedRun:
     """Rebuild the backbone, re-apply the method and load the adapter of a finished run.
+
+    With ``merge``, a method that can build its merged model straight from the saved tensors does so
+    (:meth:`~visiontune.methods.base.Method.load_merged`: LoRA/DoRA fold ``B A`` into the weights without
+    building peft's layers, so predicting with a LoRA run imports neither peft nor, for LoRA/DoRA,
+    bitsandbytes); otherwise the method is applied, the adapter loaded and :meth:`~Method.merge` called.
 
     Args:
         run_dir: a run directory written by :func:`visiontune.train`.
@@ -259,10 +271,16 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
     identity = backbone_identity(cfg.backbone)
     check_identity(meta.get("backbone_identity", {}), identity, str(run_dir / ADAPTER_FILE))
     method: Method = METHODS.get(cfg.method.name)(cfg.method)
-    model = build_model(cfg, method, len(classes))
-    method.load_trainable_state_dict(model, state)
-    model = model.to(device).eval()
-    if merge:
-        model = method.merge(model)
+    model = method.load_merged(build_backbone(cfg, len(classes)), state) if merge else None
+    merged = model is not None
+    if model is not None:
+        model = model.to(device).eval()
+    else:
+        model = build_model(cfg, method, len(classes))
+        method.load_trainable_state_dict(model, state)
+        model = model.to(device).eval()
+        if merge:
+            unmerged, model = model, method.merge(model)
+            merged = model is not unmerged  # Method.merge returns the model itself when there is nothing to fold
     transform = build_transform(model, cfg.backbone.img_size, train=False)
-    return LoadedRun(model, cfg, classes, method, transform, identity, run_dir)
+    return LoadedRun(model, cfg, classes, method, transform, identity, run_dir, merged)

@@ -129,3 +129,62 @@ def test_predict_and_eval_take_the_precision(adapter_runs: dict[str, Path], imag
     with pytest.raises(SystemExit):
         main(["eval", run, "--precision", "fp16"])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+_BLOCK_PEFT = """
+import importlib.abc, json, sys
+
+BLOCKED = ("peft", "bitsandbytes")
+tried = []
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            tried.append(name)
+            raise ImportError(f"{name} is blocked by the test")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+"""
+_REPORT = """
+print(json.dumps({"code": code, "tried": tried, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+"""
+
+
+@pytest.mark.parametrize("run", ["colors", "big"])
+def test_predict_imports_no_peft_or_bitsandbytes(run: str, adapter_runs: dict[str, Path], runs_helper: ModuleType,
+                                                 tmp_path: Path) -> None:
+    """``visiontune predict`` of a LoRA run (merged for inference) and of a linear probe, in a fresh interpreter where
+    importing peft or bitsandbytes raises: the merged model is built from the saved tensors, so neither is asked for."""
+    import subprocess
+    import sys
+
+    runs_helper.noisy_image(runs_helper.COLORS["red"], 7).save(tmp_path / "red.png")
+    main = "from visiontune.cli import main\ncode = main(sys.argv[1:])\n"
+    out = subprocess.run([sys.executable, "-c", _BLOCK_PEFT + main + _REPORT, "predict", str(adapter_runs[run]), str(tmp_path / "red.png"),
+                          "--format", "json", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report == {"code": 0, "tried": [], "loaded": []}
+    (row,) = json.loads("\n".join(lines[:-1]))
+    assert row["predictions"] and "error" not in row
+    if run == "colors":
+        assert row["predictions"][0]["label"] == "red"
+
+
+def test_serving_a_linear_probe_imports_no_peft_or_bitsandbytes(adapter_runs: dict[str, Path]) -> None:
+    """The service's host and app for a run with nothing to merge load neither package. (LoRA tasks in the host stay
+    unmerged, so that every task shares one backbone (:mod:`visiontune.multi`): they need peft's layers.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastapi", reason="the service needs the serve extra")
+    serve = ("from visiontune.multi import AdapterHost\nfrom visiontune.serve.app import create_app\n"
+             "app = create_app(AdapterHost.from_runs({'big': sys.argv[1]}))\ncode = 0\n")
+    out = subprocess.run([sys.executable, "-c", _BLOCK_PEFT + serve + _REPORT, str(adapter_runs["big"])],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"code": 0, "tried": [], "loaded": []}

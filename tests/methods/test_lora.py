@@ -191,6 +191,50 @@ def test_merge_matches_unmerged(method_name: str, backbone: str, targets: list[s
     assert all(p.requires_grad for p in model.get_classifier().parameters())
 
 
+@pytest.mark.parametrize(
+    "method_name, backbone, targets",
+    [
+        *[(m, "test_vit_reg", ["all-linear"]) for m in ALL],
+        ("lora", "test_swin", ["qv"]),
+        ("qdora", "test_swin", ["attn"]),
+        ("lora", "test_resnet", ["conv"]),
+        ("dora", "test_resnet", ["conv"]),
+    ],
+)
+def test_load_merged_without_peft_equals_peft_merge(method_name: str, backbone: str, targets: list[str]) -> None:
+    """The merged model built from the saved tensors alone (what predict/eval/export load) is peft's merge."""
+    method = _method(method_name, targets=targets)
+    model = method.apply(_model(backbone)).eval()
+    _perturb(model)
+    state = method.trainable_state_dict(model)
+    x = _x()
+    fresh = _method(method_name, targets=targets)
+    fast = fresh.load_merged(_model(backbone), state)
+    assert fast is not None
+    with torch.no_grad():
+        expected = method.merge(model)
+        assert (fast.eval()(x) - expected(x)).abs().max().item() < MERGE_TOL
+    assert list(fast.state_dict()) == list(expected.state_dict())
+    assert not lora_layers(fast) and not any(p.requires_grad for p in fast.parameters())
+    assert fresh.targeted == method.targeted and fresh.report()["adapted_modules"] == len(method.targeted)
+
+
+def test_load_merged_leaves_tensors_it_does_not_fit_to_the_checked_path(tmp_path: Path, weights_file: Path) -> None:
+    """Another rank, a missing or an extra tensor: no merged model (None), and load_run still names the problem."""
+    model = _method("lora", targets=["q"], rank=4).apply(_model())
+    state = _method("lora", targets=["q"], rank=4).trainable_state_dict(model)
+    assert _method("lora", targets=["q"], rank=8).load_merged(_model(), state) is None
+    assert _method("lora", targets=["qv"], rank=4).load_merged(_model(), state) is None
+    assert _method("lora", targets=["q"], rank=4).load_merged(_model(), {**state, "blocks.0.extra": state["head.bias"]}) is None
+    assert _method("lora", targets=["q"], rank=4).load_merged(_model(), state) is not None
+
+    _write_run(tmp_path / "run", "lora", weights_file, ["a", "b", "c"], seed=3, targets="q", rank=4)
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    (tmp_path / "run" / "config.yaml").write_text(cfg.replace("rank: 4", "rank: 8"))
+    with pytest.raises(WeightsError, match="shape mismatch .*lora_A"):
+        load_run(tmp_path / "run", merge=True)
+
+
 def test_merged_vit_has_the_original_timm_layout() -> None:
     method = _method("dora", targets=["all-linear"])
     model = method.apply(_model("test_vit_reg"))

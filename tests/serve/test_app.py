@@ -212,8 +212,10 @@ def test_cli_serve_onnxruntime_backend_and_int8(
     colors, tone = exported_runs["colors"], exported_runs["tone"]
     with monkeypatch.context() as m:
         m.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append({"app": self.config.app}))
-        assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}", "--backend", "onnxruntime"]) == 0
-        assert main(["serve", "--adapter", f"colors={colors}", "--int8"]) == 0  # --int8 alone means onnxruntime
+        # --port 0: any free port, so another process on the default 8000 (a shared machine) cannot fail the test
+        assert main(["serve", "--adapter", f"colors={colors}", "--adapter", f"tone={tone / 'export'}", "--backend", "onnxruntime",
+                     "--port", "0"]) == 0
+        assert main(["serve", "--adapter", f"colors={colors}", "--int8", "--port", "0"]) == 0  # --int8 alone: onnxruntime
     out = capsys.readouterr().out
     assert "backend onnxruntime)" in out and "backend onnxruntime INT8)" in out
     fp32_app, int8_app = calls[0]["app"], calls[1]["app"]

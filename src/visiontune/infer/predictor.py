@@ -173,13 +173,10 @@ class Predictor:
             ConfigError: not a run directory. WeightsError: the adapter does not fit its backbone.
         """
         dev = resolve_device(device)
-        run = load_run(run_dir, device=str(dev), merge=False)
-        model = run.method.merge(run.model) if merge else run.model
-        # Method.merge returns the model itself when there is nothing to fold (linear, full, Mona).
-        merged = merge and model is not run.model
+        run = load_run(run_dir, device=str(dev), merge=merge)
         return cls(
-            model.eval(), run.classes, run.transform, device=dev, top_k=top_k, batch_size=batch_size,
-            amp=inference_dtype(precision, run.config.optim.precision, dev), merged=merged, run_dir=run.run_dir,
+            run.model.eval(), run.classes, run.transform, device=dev, top_k=top_k, batch_size=batch_size,
+            amp=inference_dtype(precision, run.config.optim.precision, dev), merged=run.merged, run_dir=run.run_dir,
             method=run.config.method.name,
             limits=ImageLimits(
                 int(run.config.data.max_pixels if max_pixels is None else max_pixels),

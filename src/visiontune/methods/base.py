@@ -280,6 +280,17 @@ class Method:
         """Return a model for fast inference (adapters folded in where the method allows). Default: as is."""
         return model
 
+    def load_merged(self, backbone: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | None:
+        """The merged inference model of a saved run, built from ``state`` on a fresh ``backbone`` without
+        :meth:`apply`, or None: the caller then applies, loads (:meth:`load_trainable_state_dict`) and merges.
+
+        For methods whose training structure needs a heavy package that the merged model does not (LoRA's peft
+        layers), so that predicting with, evaluating or exporting a run does not import it. Whatever the saved
+        tensors do not fit exactly must give None, never an error: the ordinary path then reports it.
+        ``backbone`` may be changed even when None is returned. Default: None.
+        """
+        return None
+
     def describe(self) -> str:
         """Short human description used in reports, e.g. ``lora r8 qv``."""
         return self.name

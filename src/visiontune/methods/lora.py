@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from visiontune.config import MethodConfig
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods.base import Method, classifier_of, freeze, register_method, shared_copy, tensors_bytes
 from visiontune.methods.qkv import fuse_qkv, split_qkv
 from visiontune.methods.targets import PRESETS, block_spec_problems, resolve_targets, target_problems
@@ -356,6 +356,36 @@ def _private_module(model: nn.Module, name: str) -> None:
     setattr(parent, attr, copy.deepcopy(getattr(parent, attr)))
 
 
+def _merged_weight(
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None, scaling: float = 1.0,
+) -> torch.Tensor | None:
+    """The weight of ``layer`` with a LoRA update folded in (DoRA's when ``magnitude`` is given), computed as
+    peft's ``merge(safe_merge=True)`` does, or None for a layer or tensors it does not handle.
+
+    ``a`` is lora_A's weight (``[r, in]``, a conv's ``[r, in, kh, kw]``), ``b`` lora_B's (``[out, r]``, a conv's
+    ``[out, r, 1, 1]``); the update is ``scaling * B A`` contracted over ``r``, peft's delta for a Linear and
+    for an ungrouped conv (its 1x1 product, or the conv of A's transpose with B for larger kernels).
+    """
+    if type(layer) is nn.Linear:
+        pass
+    elif type(layer) is nn.Conv2d and layer.groups == 1 and b.dim() == 4 and b.shape[2:] == (1, 1):
+        b = b.flatten(1)
+    else:
+        return None
+    w = layer.weight
+    if a.shape[1:] != w.shape[1:] or b.shape != (w.shape[0], a.shape[0]) or not w.is_floating_point():
+        return None
+    delta = torch.einsum("or,r...->o...", b.to(w.dtype), a.to(w.dtype)) * scaling
+    out = w + delta
+    if magnitude is None:
+        return out
+    if magnitude.numel() != w.shape[0]:
+        return None
+    norm = out.flatten(1).norm(p=2, dim=1)  # per output row (conv: channel) of the unmerged W + s B A
+    factor = magnitude.reshape(-1).to(w.dtype) / norm
+    return factor.view(-1, *[1] * (w.dim() - 1)) * out
+
+
 # ----------------------------------------------------------------------------- methods
 
 
@@ -474,19 +504,24 @@ class LoRA(Method):
         Returns:
             The same timm model object, with peft LoRA/DoRA layers injected in place.
         """
-        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        self.prepare_backbone(model, quantize=quantize)
-        names = resolve_targets(model, list(self.cfg.targets), self.cfg.blocks, model_name)
+        names = self._prepare_and_resolve(model, quantize)
         freeze(model)
         self._inject(model, names)
         for p in classifier_of(model).parameters():
             p.requires_grad_(True)
+        return model
+
+    def _prepare_and_resolve(self, model: nn.Module, quantize: bool = True) -> list[str]:
+        """:meth:`prepare_backbone`, then the names of the modules that get adapters (recorded for :meth:`report`)."""
+        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        self.prepare_backbone(model, quantize=quantize)
+        names = resolve_targets(model, list(self.cfg.targets), self.cfg.blocks, model_name)
         self.targeted = names
         self._report.update(
             adapted_modules=len(names), rank=self.cfg.rank, alpha=self.alpha, scaling=self.alpha / self.cfg.rank,
             dora=self.use_dora, targets=list(self.cfg.targets), blocks=self.cfg.blocks,
         )
-        return model
+        return names
 
     def apply_on_meta(self, model: nn.Module) -> list[str]:
         """Everything :meth:`apply` does on a meta-device backbone except 4-bit quantization.
@@ -552,6 +587,45 @@ class LoRA(Method):
         for p, flag in flags:
             p.requires_grad_(flag)
         return out.train(model.training)
+
+    def load_merged(self, backbone: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | None:
+        """:meth:`merge`'s result built from a saved adapter without peft: ``W + (alpha/r) B A`` written into each
+        adapted layer (DoRA: then each output row scaled to its trained magnitude, ``m / ||W + (alpha/r) B A||``,
+        the norm of the unmerged weight as peft takes it), q/k/v fused again.
+
+        The backbone gets the same surgery as in :meth:`apply` (qkv split; for q-methods NF4 quantization with
+        bitsandbytes, then dequantized to float32 as :meth:`merge` does), so the weights the update is added to
+        are the ones the adapter was trained on. Only plain Linears and ungrouped convs with exactly the
+        tensors :meth:`apply` would create are merged here; anything else gives None (peft's path then loads
+        the file and names what does not fit).
+        """
+        names = self._prepare_and_resolve(backbone)
+        if getattr(backbone, "is_loaded_in_4bit", False):
+            dequantize_linears(backbone)
+        parts = ("lora_A", "lora_B", "lora_magnitude_vector") if self.use_dora else ("lora_A", "lora_B")
+        adapters = {n: [state.get(f"{n}.{part}.{ADAPTER}.weight") for part in parts] for n in names}
+        rest = {k: v for k, v in state.items() if ".lora_" not in k}
+        if len(rest) + len(parts) * len(names) != len(state) or any(t is None for ts in adapters.values() for t in ts):
+            return None
+        freeze(backbone)
+        for p in classifier_of(backbone).parameters():
+            p.requires_grad_(True)
+        try:
+            self.load_trainable_state_dict(backbone, rest)  # the head and BatchNorm statistics
+        except WeightsError:
+            return None
+        scaling = self.alpha / self.cfg.rank
+        with torch.no_grad():
+            for name, tensors in adapters.items():
+                layer = backbone.get_submodule(name)
+                a, b, *magnitude = tensors
+                # The rank must be the config's: the scale alpha/r comes from it, and peft would refuse another.
+                merged = _merged_weight(layer, a, b, magnitude[0] if magnitude else None, scaling)
+                if merged is None or a.shape[0] != self.cfg.rank:
+                    return None
+                layer.weight.copy_(merged)
+        fuse_qkv(backbone)
+        return backbone.requires_grad_(False)
 
     def report(self) -> dict[str, Any]:
         """Facts for metrics.json: adapted modules, rank/alpha/scale, qkv split count, quantization memory."""

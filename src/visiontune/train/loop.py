@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -403,7 +402,7 @@ def _train(
                 stop, pause_after, head_features,
             )
             train_info.update(loop_info)
-    if isinstance(model, FSDPModule):  # merging, the test pass and saving read whole parameters: a plain copy
+    if distributed.is_fsdp(model):  # merging, the test pass and saving read whole parameters: a plain copy
         model = _unsharded(model, method, lambda: _build(cfg, method, len(classes), device)[0])
     # A resumed run reports its whole training time: the earlier segments' (from the checkpoint) plus this one's.
     wall = time.perf_counter() - start + train_info.pop("earlier_wall_time_s", 0.0)
