@@ -95,8 +95,8 @@ def test_the_budget_stops_a_fold_between_steps_and_its_checkpoint_is_the_evidenc
     assert rows[B.name]["first_rung"]["epoch"] == 1 and rows[B.name]["partial"]["fold"] == 1
 
 
-class _Prefers:
-    """A prior that expects ten times the gain from one candidate."""
+class _Prefers(FlatPrior):
+    """A prior that expects ten times the gain from one candidate (flat in the decision)."""
 
     def __init__(self, name: str):
         self.name = name
