@@ -115,6 +115,28 @@ def feature_vector(meta: dict[str, Any], features: Iterable[tuple[str, str]] = F
 # ----------------------------------------------------------------------------- fitting (benchmarks/meta/fit_prior.py)
 
 
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """The meta-benchmark table: one JSON object per line (blank lines skipped).
+
+    Raises:
+        ConfigError: a line that is not a JSON object, or one without ``dataset``, ``backbone``, ``meta`` and ``test``.
+    """
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path} line {n} is not JSON ({e})") from e
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), t) for k, t in
+                                                (("dataset", str), ("backbone", str), ("meta", dict), ("test", dict))):
+            raise ConfigError(f"{path} line {n} lacks dataset/backbone (strings) or meta/test (objects)")
+        rows.append(row)
+    return rows
+
+
+
 def _default_model() -> Any:
     from sklearn.linear_model import BayesianRidge
 
@@ -182,10 +204,13 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
             xs = np.stack([x for _, x in sel])
             ys = np.array([r["test"][kind] - r["test"]["probe"] for r, _ in sel], dtype=float)
             models.setdefault(g, {})[kind] = _fit_one(xs, ys, datasets)
-    all_x = np.stack([x for _, x in usable]) if usable else np.zeros((0, len(features)))
-    center = all_x.mean(0) if len(all_x) else np.zeros(len(features))
-    scale = all_x.std(0) if len(all_x) else np.ones(len(features))
-    scale[scale <= 0] = 1.0
+    from sklearn.preprocessing import StandardScaler
+
+    # The nearest-task distance's scale: over every task (a constant feature gets scale 1, as StandardScaler does)
+    center, scale = np.zeros(len(features)), np.ones(len(features))
+    if usable:
+        scaler = StandardScaler().fit(np.stack([x for _, x in usable]))
+        center, scale = scaler.mean_, scaler.scale_
     tasks = [{"task": str(r.get("task", "")), "dataset": str(r["dataset"]), "backbone": str(r["backbone"]),
               "x": [round(float(v), 5) for v in x],
               "gain": {k: round(float(r["test"][k] - r["test"]["probe"]), 5) for k in KINDS
@@ -333,6 +358,14 @@ def resolve_prior(spec: str | None) -> Any:
 # ----------------------------------------------------------------------------- the prior
 
 
+def _key(features: dict[str, Any]) -> str | None:
+    """The task's backbone key: ``backbone_key`` when the features carry one (the meta-benchmark's own rows), else
+    from the backbone's name and image size."""
+    given = features.get("backbone_key")
+    return str(given) if given else backbone_key(str(features.get("backbone", "")), features.get("img_size"))
+
+
+
 @dataclass(frozen=True)
 class _Model:
     intercept: float
@@ -359,7 +392,7 @@ class MetaPrior:
         }
 
     def _group(self, features: dict[str, Any], kind: str) -> str | None:
-        key = backbone_key(str(features.get("backbone", "")), features.get("img_size"))
+        key = _key(features)
         for g in (key, f"family {features.get('family')}", "pooled"):
             if g and kind in self.models.get(g, {}):
                 return g
@@ -398,7 +431,7 @@ class MetaPrior:
         known = [i for i, v in enumerate(x) if v is not None]
         if not known or not self.data["tasks"]:
             return []
-        key = backbone_key(str(features.get("backbone", "")), features.get("img_size"))
+        key = _key(features)
         tasks = [t for t in self.data["tasks"] if t["backbone"] == key] or self.data["tasks"]
         q = np.array([x[i] for i in known], dtype=float)
         out = []
@@ -417,4 +450,4 @@ class MetaPrior:
 
 
 __all__ = ["FEATURES", "KINDS", "MetaPrior", "backbone_key", "candidate_kind", "default_prior", "feature_vector",
-           "fit_prior", "load_prior", "lodo_residuals", "resolve_prior", "validate_prior"]
+           "fit_prior", "load_prior", "lodo_residuals", "read_table", "resolve_prior", "validate_prior"]
