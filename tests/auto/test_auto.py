@@ -26,6 +26,7 @@ ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv
 
 def _select(out: Path, **kw) -> AutoSelect:
     kw.setdefault("candidates", ONE_FINETUNE)
+    kw.setdefault("prior", FlatPrior())  # decisions from the folds alone, whatever prior ships
     kw.setdefault("steps", 2)
     kw.setdefault("folds", 2)
     return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)

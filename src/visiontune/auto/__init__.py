@@ -106,6 +106,8 @@ MIN_INNER_VAL_PER_CLASS = 10
 this many images per class; below it the choice is noise (16 inner images for 10 classes picked best epochs 1, 16,
 3 and 11 on four folds of Fashion-MNIST 10/class), so the fold trains its full step count on every training image of
 the fold and the fallback to the probe happens between candidates: the probe is scored on the same folds."""
+GRAY_TOLERANCE = 8
+"""Largest difference between an image's colour bands (0-255) that still counts as gray (JPEG noise)."""
 FINAL_RESERVE = 1.3
 """The final retrain on every labeled image is budgeted as this many of the dearest fold (plus the test split's
 evaluation): the same step count, a larger feature pass for the probe head."""
@@ -206,6 +208,7 @@ class Plan:
     estimates_s: dict[str, float] = field(default_factory=dict)
     unlabeled: str | None = None
     prune: bool = True
+    decision: str = ""
 
     def describe(self) -> str:
         lines = [
@@ -220,6 +223,7 @@ class Plan:
             *[f"skipped, cannot apply to {self.backbones[0]}: {name} ({why})" for name, why in self.skipped.items()],
             *([f"ExPLoRA: pretraining the best backbone on {self.unlabeled} (at most {100 * EXPLORA_BUDGET_SHARE:.0f} % of "
                "the budget left; its probe must beat the original's beyond the paired interval)"] if self.unlabeled else []),
+            *([self.decision] if self.decision else []),
             "estimated time (this machine, measured forward pass): "
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items()),
         ]
@@ -406,7 +410,16 @@ class AutoSelect:
         return Plan(
             len(self.pool), len(self.test), self.classes, self.k, self.backbones, [c.name for c in self.candidates],
             [c.name for c in self.cheap], self._fit(self.backbones[0])[1], self.imbalance, est, self.unlabeled, self.prune,
+            self._decision_text(),
         )
+
+    def _decision_text(self) -> str:
+        """The plan's line on the decision: the prior and the cost margin."""
+        about = self.prior.describe({})
+        prior = "flat (the folds alone)" if about["name"] == "flat" else (
+            f"{about['name']}, learned on {len(about.get('provenance', {}).get('datasets') or [])} datasets ({about.get('file')})")
+        return (f"decision: highest posterior expected accuracy; prior on each fine-tune's gain: {prior}; cost margin "
+                f"{self.cost_margin:g} points for a fine-tune")
 
     def _steps_per_epoch(self, n_train: int) -> int:
         """Optimizer steps of one epoch over ``n_train`` images at ``optim.batch_size`` (the last batch partial)."""
@@ -470,11 +483,9 @@ class AutoSelect:
                         fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None, balanced=balanced)
                         with torch.no_grad():
                             logits = head(x[va])
-                            train_pred = head(x[tr]).argmax(1).numpy()
                         pred = logits.argmax(1).numpy()
-                        # The prior's meta-features: the probe's held-out log-loss and its training accuracy
-                        probe_extra = {"logloss": _logloss(y[va].numpy(), logits, len(self.classes)),
-                                       "train_accuracy": float((train_pred == y[tr].numpy()).mean())}
+                        # a meta-feature of the prior: the probe's held-out log-loss
+                        probe_extra = {"logloss": _logloss(y[va].numpy(), logits, len(self.classes))}
                     else:
                         w, b = prototype_head(x[tr], y[tr], len(self.classes), 10.0)
                         pred = (x[va].double() @ w.T + b).argmax(1).numpy()
@@ -483,7 +494,8 @@ class AutoSelect:
                     row["train_s"] = self.clock() - t1 + feat_s * len(tr) / len(y)
                     rows.append(row)
                 results[cand.name] = {"folds": rows, "status": "complete", "trainable_pct": 100.0 * head_numel / total}
-            self.state["cheap"][name] = {"candidates": results, "feature_s": feat_s}
+            self.state["cheap"][name] = {"candidates": results, "feature_s": feat_s,
+                                         "probe_train_accuracy": _probe_train_accuracy(x, y, len(self.classes))}
             self._save()
             best = max(results.values(), key=lambda r: np.mean([f["accuracy"] for f in r["folds"]]))
             self._log(f"{name}: probe {_mean(results[PROBE]):.3f}, prototype {_mean(results[CHEAP[1].name]):.3f} (fold means)")
@@ -773,7 +785,7 @@ class AutoSelect:
             values = [f[key] for f in probe if key in f]
             return float(np.mean(values)) if len(values) == len(probe) and values else None
 
-        cv, train_acc = _mean(cheap[PROBE]), fold_mean("train_accuracy")
+        cv, train_acc = _mean(cheap[PROBE]), self.state["cheap"][backbone].get("probe_train_accuracy")
         return {
             # an ExPLoRA backbone ("... + ExPLoRA") has no meta-benchmark key: the prior falls back to its family
             "backbone": backbone,
@@ -786,21 +798,21 @@ class AutoSelect:
             **self._image_meta(),
         }
 
-    def _image_meta(self, sample: int = 32) -> dict[str, Any]:
-        """``gray`` (every sampled image gray, stored so or as equal RGB bands) and ``image_px_median`` (the median
-        shorter side in pixels) from up to ``sample`` pooled images (a fixed random sample)."""
+    def _image_meta(self, sample: int = 20) -> dict[str, Any]:
+        """``gray`` and ``image_px_median`` as the meta-benchmark measures them, on ``sample`` pooled images evenly
+        spaced: gray when no pixel's bands differ by more than :data:`GRAY_TOLERANCE` (JPEG noise) in any of them; the
+        median of sqrt(width x height)."""
         if self._data_meta is None:
             from visiontune.data.cache import decode_compact
 
-            rng = np.random.default_rng(0)
-            idx = rng.choice(len(self.pool), size=min(sample, len(self.pool)), replace=False)
             gray, sides = True, []
-            for i in idx:
+            for i in range(0, len(self.pool), max(1, len(self.pool) // sample)):
                 img = decode_compact(self.pool.items[i], self.pool.ids[i], self.cfg.data.image_limits())
-                sides.append(min(img.size))
+                sides.append(math.sqrt(img.size[0] * img.size[1]))
                 if gray and img.mode != "L":
-                    a = np.asarray(img.convert("RGB"))
-                    gray = bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+                    a = np.asarray(img.convert("RGB"), dtype=np.int16)
+                    gray = bool(np.abs(a[..., 0] - a[..., 1]).max() <= GRAY_TOLERANCE
+                                and np.abs(a[..., 1] - a[..., 2]).max() <= GRAY_TOLERANCE)
             self._data_meta = {"gray": gray, "image_px_median": float(np.median(sides))}
         return self._data_meta
 
@@ -1104,6 +1116,15 @@ def _signature_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str
         elif old.get(key) != new.get(key):
             out.append(f"{key}: {old.get(key)!r} in the stored selection, {new.get(key)!r} now")
     return out
+
+
+def _probe_train_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
+    """Training accuracy of the probe fitted on every pooled image (a meta-feature of the prior: with the CV accuracy,
+    how far the probe overfits)."""
+    head = torch.nn.Linear(x.shape[1], n_classes)
+    fit_probe_head(head, (x, y, np.arange(len(y))), None)
+    with torch.no_grad():
+        return float((head(x).argmax(1) == y).double().mean())
 
 
 def _logloss(y: np.ndarray, logits: torch.Tensor, n_classes: int) -> float:
