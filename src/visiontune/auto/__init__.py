@@ -778,7 +778,8 @@ class AutoSelect:
         predates a feature leaves it None (the prior imputes it and widens)."""
         cheap = self.state["cheap"][backbone]["candidates"]
         base = backbone.removesuffix(EXPLORA_SUFFIX)
-        family = backbone_family(self._config(base, CHEAP[0].overrides))
+        cfg = self._config(base, CHEAP[0].overrides)  # with the backbone's own overrides (its input size)
+        family = backbone_family(cfg)
         probe = cheap[PROBE]["folds"]
 
         def fold_mean(key: str) -> float | None:
@@ -789,7 +790,7 @@ class AutoSelect:
         return {
             # an ExPLoRA backbone ("... + ExPLoRA") has no meta-benchmark key: the prior falls back to its family
             "backbone": backbone,
-            "img_size": self.cfg.backbone.img_size, "family": family.kind, "depth": family.depth, "pool": len(self.pool),
+            "img_size": cfg.backbone.img_size, "family": family.kind, "depth": family.depth, "pool": len(self.pool),
             "classes": len(self.classes), "shots_per_class": len(self.pool) / len(self.classes),
             "probe_cv_accuracy": cv, "prototype_cv_accuracy": _mean(cheap[CHEAP[1].name]),
             "probe_cv_logloss": fold_mean("logloss"), "probe_train_accuracy": train_acc,
