@@ -7,7 +7,9 @@ final run, for the report):
    for every candidate so that differences are paired.
 2. **Cheap first.** Per backbone, features are computed once per image; the linear probe (C chosen by CV inside
    each fold's training part) and the nearest class mean (:mod:`visiontune.methods.prototype`) are scored on
-   every fold. The best backbone is the one whose best cheap candidate scores highest.
+   every fold. The best backbone is the one whose best cheap candidate scores highest. The backbones are those
+   given (``--backbone``), else ``backbone.name``; with ``backbone.weights=offline`` and none named, the offline
+   pair chosen by measurement (:data:`visiontune.backbones.offline.OFFLINE_AUTO_BACKBONES`).
 3. **Escalate while it can pay.** Fine-tuning candidates (LoRA/DoRA ranks and targets, adapters on the last
    blocks only, Mona, full), made for that backbone's family and depth and checked against it
    (:mod:`visiontune.auto.candidates`: one that cannot apply is skipped with its reason), run fold by fold on
@@ -233,6 +235,22 @@ class Plan:
 # ----------------------------------------------------------------------------- the selection
 
 
+def offline_default_backbones(cfg: Config, overrides: list[str]) -> dict[str, list[str]] | None:
+    """The backbones ``auto`` compares when the user names none and asks for ``backbone.weights=offline``.
+
+    :data:`visiontune.backbones.offline.OFFLINE_AUTO_BACKBONES`, each with its measured input size unless
+    ``backbone.img_size`` is given. None when a backbone is named (``--backbone`` or ``backbone.name=``) or the
+    weights are anything but plain ``offline`` (``offline:<source>`` names one architecture's file).
+    """
+    if cfg.backbone.weights != "offline" or any(o.split("=", 1)[0].strip() == "backbone.name" for o in overrides):
+        return None
+    from visiontune.backbones.offline import OFFLINE_AUTO_BACKBONES
+
+    sized = any(o.split("=", 1)[0].strip() == "backbone.img_size" for o in overrides)
+    return {name: ([] if sized or size is None else [f"backbone.img_size={size}"])
+            for name, size in OFFLINE_AUTO_BACKBONES}
+
+
 class AutoSelect:
     """One selection run; see the module docstring. ``run()`` returns the leaderboard record."""
 
@@ -287,9 +305,12 @@ class AutoSelect:
         # `run.progress=false` among the overrides silences the selection's own bars and its final retrain, as
         # `--quiet` does (the final run is given `run.progress` explicitly, so the override must not be lost).
         self.progress = bool(progress and cfg.run.progress)
-        self.backbones = list(backbones or [cfg.backbone.name])
-        # backbone key -> the overrides that select it (an ExPLoRA backbone adds its weights file)
-        self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}"] for b in self.backbones}
+        defaults = None if backbones else offline_default_backbones(cfg, self.user_overrides)
+        self.backbones = list(backbones or (list(defaults) if defaults else [cfg.backbone.name]))
+        # backbone key -> the overrides that select it (an ExPLoRA backbone adds its weights file; an offline default
+        # its measured input size)
+        self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}", *(defaults or {}).get(b, [])]
+                                               for b in self.backbones}
         self.unlabeled = unlabeled
         self.prune = bool(prune)
         self.unlabeled_steps = int(unlabeled_steps)
@@ -331,6 +352,8 @@ class AutoSelect:
         }
         if not self.prune:
             self.signature["prune"] = False
+        if defaults:  # the offline defaults' input sizes are part of what the selection compares
+            self.signature["variants"] = {b: self.variants[b] for b in self.backbones}
         if unlabeled:
             self.signature.update(unlabeled=str(unlabeled), unlabeled_steps=self.unlabeled_steps)
         self.state: dict[str, Any] = {"signature": self.signature, "elapsed_s": 0.0, "cheap": {}, "finetune": {}}

@@ -246,3 +246,16 @@ MOBILENET_V2 = OrderedStateDictSource(
 DINOV2_IMGFOCUS = DinoV2ImgFocus()
 for _source in (DINOV2_IMGFOCUS, *EFFICIENTNET_LITE.values(), MOBILENET_V2):
     WEIGHT_SOURCES.register(_source.name, _source, help=_source.description)
+
+
+OFFLINE_AUTO_BACKBONES: tuple[tuple[str, int | None], ...] = (
+    ("tf_efficientnet_lite0", None),
+    ("vit_small_patch14_dinov2", 112),
+)
+"""What ``visiontune auto DATA backbone.weights=offline`` compares when no backbone is named: (timm name, input
+size; None = the pretrained default). Chosen by measurement (``benchmarks/offline_backbones.py``; the figures and
+the reasoning are in ``benchmarks/results/offline-backbones/README.md``): no offline backbone wins everywhere. The
+ImageNet CNNs lead on colour photos with few labels, the saliency-tuned DINOv2 at 112 px on grayscale solar cells
+and with more labels on some photo sets, so ``auto`` probes both on its folds and fine-tunes the one they favour.
+EfficientNet-Lite0 stands for the CNNs (Lite1, Lite2 and MobileNetV2 are not clearly better on average and cost
+more per image or lose on the grayscale set); DINOv2 runs at 112 px, a quarter of the cost of 224 px."""
