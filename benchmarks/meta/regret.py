@@ -50,6 +50,12 @@ def _features(row: dict[str, Any]) -> dict[str, Any]:
     return {**row["meta"], "backbone_key": row["backbone"], "family": row.get("backbone_family")}
 
 
+def _seconds(row: dict[str, Any]) -> dict[str, float]:
+    """Seconds per method (ties go to the cheaper); empty when the row does not say."""
+    secs = row.get("seconds")
+    return {k: float(v) for k, v in secs.items() if isinstance(v, (int, float))} if isinstance(secs, dict) else {}
+
+
 def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
     folds = row["folds"]
     k = len(folds["probe"])
@@ -58,12 +64,12 @@ def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
     for m in folds:
         gain = FLAT if prior is None or m in CHEAP else prior.gain(Candidate(m, OVERRIDES[m]), features)
         posts[m] = posterior([a - b for a, b in zip(folds[m], folds["probe"])], 1.0 / k, gain)
-    return choose(posts, "probe", {m for m in posts if m not in CHEAP}, margin, row.get("seconds"))[0]
+    return choose(posts, "probe", {m for m in posts if m not in CHEAP}, margin, _seconds(row))[0]
 
 
 def _one_se(row: dict[str, Any]) -> str:
     """The rule ``auto`` used before the posterior (paired, corrected, one standard error, 'cheaper' = half the time)."""
-    folds, secs = row["folds"], row.get("seconds", {})
+    folds, secs = row["folds"], _seconds(row)
     k = len(folds["probe"])
 
     def cost(m: str) -> float:
