@@ -144,3 +144,17 @@ def test_prior_option_resolves(tmp_path: Path, meta_table) -> None:
     assert isinstance(resolve_prior(str(path)), MetaPrior)
     with pytest.raises(ConfigError, match="neither"):
         resolve_prior(str(tmp_path / "absent.json"))
+
+
+def test_auto_dry_run_names_the_prior_it_was_given(tmp_path: Path, meta_table, capsys) -> None:
+    from visiontune.cli import main
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(fit_prior(meta_table(), provenance={"left_out": ["set9"]})))
+    tiny = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3"]
+    assert main(["auto", "digits", *tiny, "--dry-run", "--prior", str(path), "--cost-margin", "1.5",
+                 "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert f"meta, learned on 6 datasets ({path})" in out and "cost margin 1.5 points" in out
+    assert main(["auto", "digits", *tiny, "--dry-run", "--prior", "flat", "--out", str(tmp_path / "y")]) == 0
+    assert "flat (the folds alone)" in capsys.readouterr().out
