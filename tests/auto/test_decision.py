@@ -99,3 +99,23 @@ def test_cli_refuses_a_bad_cost_margin_before_any_work(capsys) -> None:
 
     code = main(["auto", "digits", "backbone.name=test_vit", "backbone.weights=none", "--dry-run", "--cost-margin", "inf"])
     assert code == 2 and "--cost-margin 'inf'" in capsys.readouterr().err
+
+
+def test_narrow_prior_and_narrow_evidence_far_apart_match_direct_integration() -> None:
+    # 50 folds, the prior 20 t scales away from the folds: the grid's mean and P(better) match scipy's quad over the line
+    from scipy.integrate import quad
+
+    d = np.array([-0.10 + 0.05, -0.10 - 0.05] * 25)
+    loc, scale, dof = correlated_t(d, 1 / 50)
+    prior = PriorGain(0.10, scale)
+
+    def density(x: float) -> float:
+        return stats.t.pdf(x, dof, loc, scale) * stats.norm.pdf(x, prior.mean, prior.sd)
+
+    points = [loc, 0.0, prior.mean]
+    z = quad(density, -1, 1, points=points, limit=500)[0]
+    mean = quad(lambda x: x * density(x), -1, 1, points=points, limit=500)[0] / z
+    p = posterior(d, 1 / 50, prior)
+    assert p.mean == pytest.approx(mean, abs=1e-4)
+    assert p.p_better == pytest.approx(quad(density, 0, 1, points=[prior.mean], limit=500)[0] / z, abs=1e-3)
+    assert loc < p.mean < prior.mean

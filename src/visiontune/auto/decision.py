@@ -11,8 +11,8 @@ and scale sqrt((1/k + ρ/(1-ρ)) s²) — the Nadeau-Bengio corrected variance t
 al.'s result).
 
 **How the two are combined: numerically, on a grid.** The posterior density is the t density times the normal
-prior's, normalized by the trapezoid rule over a grid that covers ±10 prior sd and, densely, ±10 t scales around
-d̄. Not the normal approximation with the t's variance: with 3 folds or fewer that variance is infinite (2 degrees of
+prior's, normalized by the trapezoid rule over a grid dense within ±10 prior sd of the prior mean and ±10 t scales of d̄,
+and even over the span between. Not the normal approximation with the t's variance: with 3 folds or fewer that variance is infinite (2 degrees of
 freedom or fewer), and with 4-5 it is 2-3 times the squared scale, which would hand the decision to the prior;
 the grid keeps the t's heavy tails, and a few thousand density evaluations cost nothing beside a fold.
 
@@ -123,10 +123,12 @@ def posterior(diffs: list[float] | np.ndarray, rho: float, prior: PriorGain = FL
         sd = scale * math.sqrt(dof / (dof - 2)) if dof > 2 else math.inf
         return Posterior(loc, sd, float(dist.sf(0)), float(dist.cdf(rope) - dist.cdf(-rope)), 0.0, k, loc, scale, prior)
     m0, s0 = prior.mean, prior.sd
-    wide = np.linspace(m0 - 10 * s0, m0 + 10 * s0, GRID)
-    dense = np.linspace(loc - 10 * scale, loc + 10 * scale, GRID)
-    grid = np.union1d(wide, dense[(dense > wide[0]) & (dense < wide[-1])])
-    grid = np.union1d(grid, [0.0, -rope, rope])
+    # Dense around the prior and around the folds' location, and evenly over the whole span between them (where
+    # the posterior lies when both are narrow and far apart).
+    low, high = min(m0 - 10 * s0, loc - 10 * scale), max(m0 + 10 * s0, loc + 10 * scale)
+    grid = np.unique(np.concatenate([np.linspace(m0 - 10 * s0, m0 + 10 * s0, GRID),
+                                     np.linspace(loc - 10 * scale, loc + 10 * scale, GRID),
+                                     np.linspace(low, high, GRID), [0.0, -rope, rope]]))
     logp = stats.t.logpdf(grid, dof, loc, scale) + stats.norm.logpdf(grid, m0, s0)
     p = np.exp(logp - logp.max())
     p /= trapezoid(p, grid)
