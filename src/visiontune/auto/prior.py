@@ -136,7 +136,6 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-
 def _default_model() -> Any:
     from sklearn.linear_model import BayesianRidge
 
