@@ -55,6 +55,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_auto(args: argparse.Namespace) -> int:
     from visiontune.auto import AutoSelect, parse_budget
+    from visiontune.auto.prior import resolve_prior
 
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
     sel = AutoSelect(
@@ -62,6 +63,7 @@ def _cmd_auto(args: argparse.Namespace) -> int:
         overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
         executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight,
+        prior=resolve_prior(args.prior), cost_margin=args.cost_margin, rope=args.rope,
         **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
     if args.dry_run:
@@ -397,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlabeled images of the same domain (folder, CSV or built-in name): ExPLoRA pretraining "
                          "becomes a candidate backbone when the budget allows (the test split is left out)")
     au.add_argument("--unlabeled-steps", type=int, default=None, help="ExPLoRA optimizer steps (batch 16; default 200)")
+    au.add_argument("--cost-margin", default="0", metavar="POINTS",
+                    help="accuracy points a fine-tune's posterior expected gain must add over the probe's to be chosen "
+                         "(its training and serving cost; default 0; finite, >= 0)")
+    au.add_argument("--prior", default="meta", metavar="meta|flat|FILE",
+                    help="prior on each fine-tune's gain over the probe: meta (default: the one learned on the "
+                         "meta-benchmark that ships with visiontune; flat if none ships), flat (the folds alone), or a "
+                         "prior JSON file from benchmarks/meta/fit_prior.py")
+    au.add_argument("--rope", default="1", metavar="POINTS",
+                    help="half-width in accuracy points of 'practically equivalent' in the report (default 1)")
     au.add_argument("--no-prune", action="store_true",
                     help="train every fine-tuning candidate on every fold (no successive halving; slower, for comparison)")
     _ray_args(au, "fold", "local: one fold at a time in this process (default)")

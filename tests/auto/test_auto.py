@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 import visiontune.data.cache as data_cache
 from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, _slug, parse_budget
+from visiontune.auto.schedule import FlatPrior, PriorGain
 from visiontune.auto.stats import corrected_interval
 from visiontune.errors import ConfigError
 
@@ -24,6 +26,7 @@ ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv
 
 def _select(out: Path, **kw) -> AutoSelect:
     kw.setdefault("candidates", ONE_FINETUNE)
+    kw.setdefault("prior", FlatPrior())  # decisions from the folds alone, whatever prior ships
     kw.setdefault("steps", 2)
     kw.setdefault("folds", 2)
     return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)
@@ -176,13 +179,15 @@ def test_first_rung_is_a_third_into_fold_one_for_every_candidate_before_any_goes
     assert "fold 1 at epoch" in (tmp_path / "leaderboard.md").read_text() or len(went_on) == len(three)
 
 
-def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, float]) -> dict:
+def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, float], backbone: str = "test_vit") -> dict:
     def folds(acc, t):
         return [{"accuracy": a, "f1_weighted": a, "f1_macro": a, "train_s": t, "confusion": [[1]]} for a in acc]
 
     return {
-        "cheap": {"bb": {"candidates": {
+        "cheap": {backbone: {"candidates": {
             PROBE: {"folds": folds(probe, times[PROBE]), "status": "complete", "trainable_pct": 0.01},
+            CHEAP[1].name: {"folds": folds(list(np.array(probe) - 0.05), times[PROBE]), "status": "complete",
+                            "trainable_pct": 0.01},
         }}},
         "finetune": {k: {"folds": folds(v, times[k]), "status": "complete", "trainable_pct": 1.0} for k, v in fine.items()},
     }
@@ -213,28 +218,71 @@ def test_run_progress_false_in_the_overrides_silences_the_selection_like_quiet(t
     assert "features" not in err and "it/s" not in err
 
 
+class _Believes(FlatPrior):
+    """A prior that believes one thing of every fine-tune."""
+
+    def __init__(self, gain: PriorGain):
+        self.belief = gain
+
+    def gain(self, candidate: Candidate, features: dict) -> PriorGain:
+        return self.belief
+
+
+NOISE = np.array([0.06, -0.05, 0.04, -0.03, 0.05])  # +1.4 points, standard error 3.4: a tie by the one-SE rule
+LOSS = np.array([-0.02, 0.01, -0.03, 0.0, -0.01])  # -1.0 points, standard error 1.1
+
+
 @pytest.mark.parametrize(
-    "gain, chosen", [
-        (np.array([0.06, -0.05, 0.04, -0.03, 0.05]), PROBE),
-        (np.array([0.10, 0.11, 0.09, 0.10, 0.12]), "lora"),
-        # +5 points, one standard error 2.8: beyond one SE although the 95 % interval (-2.7 to +12.7) holds zero
-        (np.array([0.10, 0.00, 0.08, 0.02, 0.05]), "lora"),
+    "gain, belief, margin, chosen", [
+        (NOISE, None, 0.0, "lora"),  # a flat prior: the data alone, the best fold mean (the one-SE rule kept the probe)
+        (NOISE, None, 1.5, PROBE),  # +1.4 points do not pay a cost margin of 1.5
+        (LOSS, None, 0.0, PROBE),
+        (np.array([0.10, 0.00, 0.08, 0.02, 0.05]), None, 3.0, "lora"),  # +5 points pay a margin of 3
+        (LOSS, PriorGain(0.08, 0.02), 0.0, "lora"),  # other datasets expect +8 ± 2 points: a small loss is noise
+        (NOISE, PriorGain(-0.05, 0.01), 0.0, PROBE),  # ...or expect -5 ± 1: a noisy gain does not convince
     ]
 )
-def test_decision_prefers_the_cheaper_candidate_unless_the_gain_is_clear(tmp_path: Path, gain, chosen) -> None:
-    sel = _select(tmp_path, folds=2)
+def test_decision_takes_the_highest_posterior_expected_accuracy_less_the_cost_margin(tmp_path: Path, gain, belief, margin,
+                                                                                      chosen) -> None:
+    prior = FlatPrior() if belief is None else _Believes(belief)
+    sel = _select(tmp_path, folds=2, prior=prior, cost_margin=margin)
     sel.k = 5
+    lora = ONE_FINETUNE[0].name
     probe = [0.60, 0.62, 0.58, 0.61, 0.59]
-    sel.state = _state({"lora": list(np.array(probe) + gain)}, probe, {PROBE: 1.0, "lora": 50.0})
-    rows = sel.leaderboard("bb")
+    sel.state = _state({lora: list(np.array(probe) + gain)}, probe, {PROBE: 1.0, lora: 50.0})
+    rows = sel.leaderboard("test_vit")
     decision = sel.decide(rows)
-    assert decision["candidate"] == chosen
-    if chosen == PROBE:
-        assert "within one standard error of zero" in decision["reason"] and "cheaper" in decision["reason"]
-    else:
-        assert "by more than one standard error" in decision["reason"]
-        row = next(r for r in rows if r["candidate"] == "lora")
-        assert row["vs_probe"] - row["vs_probe_se"] > 0
+    assert decision["candidate"] == (lora if chosen == "lora" else chosen)
+    assert "posterior expected accuracy" in decision["reason"] and decision["cost_margin"] == margin
+    row = next(r for r in rows if r["candidate"] == lora)["gain"]
+    assert row["data_mean"] == pytest.approx(gain.mean())
+    assert (row["prior_share"] == 0) == (belief is None) and row["prior"]["source"] == "flat"
+    assert 0 <= row["p_better"] <= 1 and 0 <= row["p_equivalent"] <= 1
+    assert next(r for r in rows if r["candidate"] == PROBE)["gain"]["mean"] == 0
+
+
+def test_a_selection_reports_the_posterior_the_prior_and_its_nearest_tasks(tmp_path: Path, meta_table) -> None:
+    from visiontune.auto.prior import MetaPrior, fit_prior
+
+    prior = MetaPrior(fit_prior(meta_table()), "synthetic")
+    sel = _select(tmp_path, prior=prior, cost_margin=0.5, prune=False)
+    record = sel.run()
+    features = sel.meta_features("test_vit")
+    assert all(math.isfinite(features[k]) for k in ("probe_cv_logloss", "probe_train_accuracy", "probe_gap", "prototype_gap"))
+    assert isinstance(features["gray"], bool) and features["image_px_median"] > 0
+    rows = {r["candidate"]: r for r in record["leaderboard"]}
+    lora = rows[ONE_FINETUNE[0].name]["gain"]
+    assert lora["prior"]["source"] == "family transformer" and lora["prior"]["kind"] == "lora"
+    assert "shots_per_class" in lora["prior"]["outside"]  # 4 labels per class; the synthetic table has 5 to 20
+    assert 0 < lora["prior_share"] < 1 and lora["data_share"] == pytest.approx(1 - lora["prior_share"])
+    assert rows[CHEAP[1].name]["gain"]["prior"]["source"] == "flat"  # cheap candidates: the folds alone
+    assert record["prior"]["name"] == "meta" and len(record["prior"]["nearest"]) == 3
+    assert record["decision"]["cost_margin"] == 0.5
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "Posterior gain over the linear probe" in md and "Nearest meta-benchmark tasks" in md
+    assert "outside the range the prior was fitted on" in md and "cost margin of 0.5 points" in md
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert saved["leaderboard"] == json.loads(json.dumps(record["leaderboard"], default=float))
 
 
 def test_corrected_interval_is_wider_than_the_naive_one() -> None:

@@ -36,6 +36,62 @@ def _used(record: dict[str, Any]) -> str:
     return text[0].upper() + text[1:]
 
 
+def _pm(mean: float | None, sd: float | None) -> str:
+    """'+3.1 ± 2.0' points, '+3.1' without a finite sd, '—' without a mean."""
+    if mean is None:
+        return "—"
+    return f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def posterior_markdown(record: dict[str, Any]) -> list[str]:
+    """The decision's table (each eligible candidate's posterior gain over the probe) and the prior's provenance,
+    outside-range note and nearest meta-benchmark tasks."""
+    rows = [r for r in record["leaderboard"] if r.get("gain")]
+    if not rows:
+        return []
+    decision = record["decision"]
+    rope = decision.get("rope", 1.0)
+    lines = [
+        f"| candidate | prior gain (points, source) | fold gain (t location ± scale) | posterior gain | P(better) "
+        f"| P(within ±{rope:g}) | from prior / data | expected accuracy (%) |",
+        "|:---|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["gain"]["utility"]):
+        g, p = r["gain"], r["gain"]["prior"]
+        prior = "flat" if p["mean"] is None else f"{_pm(p['mean'], p['sd'])} ({p['source']}" + (
+            f"; outside its range: {', '.join(p['outside'])}" if p["outside"] else "") + (
+            f"; missing: {', '.join(p['missing'])}" if p["missing"] else "") + ")"
+        data = "—" if g["data_mean"] is None else _pm(g["data_mean"], g["data_scale"])
+        share = f"{100 * g['prior_share']:.0f} / {100 * g['data_share']:.0f} %"
+        mark = "**" if r["candidate"] == decision["candidate"] else ""
+        if r["candidate"] == record.get("probe"):
+            lines.append(f"| {mark}{r['candidate']}{mark} | — (the reference) | — | 0 | — | — | — | {_pct(g['expected_accuracy'])} |")
+            continue
+        lines.append(f"| {mark}{r['candidate']}{mark} | {prior} | {data} | {_pm(g['mean'], g['sd'])} | {g['p_better']:.2f} "
+                     f"| {g['p_equivalent']:.2f} | {share} | {_pct(g['expected_accuracy'])} |")
+    out = ["", "Posterior gain over the linear probe (points): the prior combined with the paired folds by the Bayesian "
+           "correlated t-test (Benavoli et al. 2017); chosen: the highest expected accuracy"
+           + (f" less the cost margin of {decision['cost_margin']:g} points for a fine-tune" if decision.get("cost_margin")
+              else " (cost margin 0)") + ".", "", *lines, ""]
+    prior = record.get("prior") or {}
+    if prior.get("name") == "meta":
+        prov = prior.get("provenance", {})
+        out.append(f"Prior: learned on the meta-benchmark ({len(prov.get('datasets') or [])} datasets, "
+                   f"{prov.get('rows_used', '?')} tasks; {prov.get('date', 'undated')}, code {prov.get('code', '?')}"
+                   + (f"; left out: {', '.join(prov['left_out'])}" if prov.get("left_out") else "") + f"; `{prior.get('file')}`).")
+        if any(r["gain"]["prior"]["outside"] for r in rows):
+            out.append("This task lies outside the range the prior was fitted on (features named above): its sd is "
+                       "widened there, so the folds weigh more.")
+        near = prior.get("nearest") or []
+        if near:
+            out.append("Nearest meta-benchmark tasks (standardized meta-features): " + "; ".join(
+                f"{t['task']} ({t['backbone']}, distance {t['distance']:.1f}: "
+                + ", ".join(f"{k} {100 * v:+.1f}" for k, v in t["gain"].items()) + ")" for t in near) + ".")
+    else:
+        out.append("Prior: flat (no learned prior; the folds alone decide).")
+    return [*out, ""]
+
+
 def leaderboard_markdown(record: dict[str, Any]) -> str:
     """The leaderboard table, the decision in words and the final model's held-out test score."""
     rows = sorted(record["leaderboard"], key=lambda r: -(r.get("accuracy") or -1))
@@ -74,6 +130,7 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "",
         *[f"Skipped, cannot apply to {record['backbone']}: **{r['candidate']}**: {r['why']}\n" for r in rows
           if r.get("status") == "skipped"],
+        *posterior_markdown(record),
         f"**Decision: {record['decision']['candidate']}.** {record['decision']['reason']}.",
         "",
         f"Shipped: `{final['run_dir']}` ({final['method']}{'; ' + final['note'] if final.get('note') else ''}), trained on "
@@ -102,8 +159,9 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         )
     parts += [
         "",
-        "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the most accurate "
-        "candidate, unless a candidate with at most half its training time is within one standard error of it (paired); "
+        "Intervals and standard errors: corrected resampled t (Nadeau & Bengio 2003) over folds. Rule: the highest "
+        "posterior expected accuracy (probe's fold mean + posterior gain), less the cost margin for a fine-tune; a fold "
+        "the budget stopped is not in the fold mean; "
         "'pruned' = stopped early by successive "
         "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3), 'budget' = not started (too little of the budget left for one epoch) or stopped by it between two optimizer steps, its last checkpoint scored on the fold's held-out part"
         + ("; 'failed' = the worker training one of its folds died (the same command retries it)."

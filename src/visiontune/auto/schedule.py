@@ -6,9 +6,10 @@ ICLR 2024, whose acquisition divides a candidate's expected gain by its predicte
 learning curves):
 
 * **Order.** Candidates not yet started are taken in order of expected gain per second of an optimizer step
-  (:func:`priority`). The expected gain comes from a :class:`GainPrior`; until a prior learned on other datasets ships,
-  :class:`FlatPrior` expects the same gain from every candidate, so the order is the cheapest step first (ties: the
-  family's list order, the most common configuration first).
+  (:func:`priority`). The expected gain comes from a :class:`GainPrior`: the prior learned on the meta-benchmark
+  (:mod:`visiontune.auto.prior`) where one ships, else :class:`FlatPrior`, which expects the same gain from every
+  candidate, so the order is the cheapest step first (ties: the family's list order, the most common configuration
+  first).
 * **Start.** A job (a first rung, a fold, the rest of a fold) starts whenever the budget left, less the final
   retrain's reserve, holds one epoch of it by the current estimate (:meth:`StepTimes.start_needs`): an epoch is the
   least that leaves a checkpoint to score, so less than that buys no evidence.
@@ -27,8 +28,10 @@ the machine's speed. Written by hand: no scheduler library plans a wall-clock bu
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from visiontune.auto.candidates import Candidate
@@ -37,26 +40,65 @@ Clock = Callable[[], float]
 """Seconds, monotonic over a selection; :func:`time.time` unless a test counts something else."""
 
 
+@dataclass(frozen=True)
+class PriorGain:
+    """What a prior believes of one candidate's accuracy gain over the linear probe, before its folds: a normal
+    N(``mean``, ``sd``²) in accuracy fractions; ``sd`` infinite is a flat prior (no knowledge: the data alone decides).
+
+    ``source`` says which fitted model answered (a backbone key such as ``dinov2-112``, ``family transformer``,
+    ``pooled``) or ``flat``; ``outside`` names the task's meta-features outside the range the model was fitted on
+    (``sd`` is already widened for them) and ``missing`` the ones the task could not provide (imputed, ``sd`` widened).
+    """
+
+    mean: float = 0.0
+    sd: float = math.inf
+    source: str = "flat"
+    kind: str | None = None
+    outside: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    @property
+    def flat(self) -> bool:
+        return not math.isfinite(self.sd)
+
+
 class GainPrior(Protocol):
     """What is expected of a fine-tuning candidate before its folds say: the seam for a prior learned on other
-    datasets (meta-features in, expected accuracy gain over the linear probe out)."""
+    datasets (meta-features in, accuracy gain over the linear probe out). :class:`FlatPrior` knows nothing;
+    :class:`visiontune.auto.prior.MetaPrior` is learned from the meta-benchmark."""
 
     def expected_gain(self, candidate: Candidate, features: dict[str, Any]) -> float:
-        """Expected accuracy gain of ``candidate`` over the linear probe (any positive scale; only ratios order).
+        """A positive score of what ``candidate`` may gain over the linear probe (only ratios order candidates).
 
         Args:
             candidate: the fine-tuning candidate.
             features: the task's meta-features (:meth:`visiontune.auto.AutoSelect.meta_features`: pool size, classes,
-                shots per class, backbone and family, the probe's cross-validated accuracy).
+                shots per class, backbone and family, the probe's cross-validated accuracy and log-loss, ...).
         """
+        ...
+
+    def gain(self, candidate: Candidate, features: dict[str, Any]) -> PriorGain:
+        """The prior on ``candidate``'s accuracy gain over the probe (what the decision combines with the folds)."""
+        ...
+
+    def describe(self, features: dict[str, Any]) -> dict[str, Any]:
+        """What the report says of the prior for this task: its name and provenance, the nearest tasks it was
+        fitted on (``nearest``, possibly empty)."""
         ...
 
 
 class FlatPrior:
-    """No knowledge of other datasets: every fine-tune is expected to gain alike, so cost alone orders them."""
+    """No knowledge of other datasets: every fine-tune is expected to gain alike, so cost alone orders them, and the
+    decision reads the folds alone."""
 
     def expected_gain(self, candidate: Candidate, features: dict[str, Any]) -> float:
         return 1.0
+
+    def gain(self, candidate: Candidate, features: dict[str, Any]) -> PriorGain:
+        return PriorGain()
+
+    def describe(self, features: dict[str, Any]) -> dict[str, Any]:
+        return {"name": "flat", "nearest": []}
 
 
 class StepTimes:
@@ -109,4 +151,4 @@ def used_text(elapsed_s: float, budget_s: float | None) -> str:
     return f"used {elapsed_s / 60:.1f} of {budget_s / 60:.1f} minutes"
 
 
-__all__ = ["Clock", "FlatPrior", "GainPrior", "StepTimes", "by_priority", "priority", "used_text"]
+__all__ = ["Clock", "FlatPrior", "GainPrior", "PriorGain", "StepTimes", "by_priority", "priority", "used_text"]

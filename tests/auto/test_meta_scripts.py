@@ -1,0 +1,70 @@
+"""``benchmarks/meta/fit_prior.py`` and ``benchmarks/meta/regret.py`` on a tiny synthetic meta-benchmark table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visiontune.auto.prior import load_prior
+
+META = Path(__file__).resolve().parents[2] / "benchmarks" / "meta"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"visiontune_meta_{name}", META / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_fit_prior_writes_a_valid_prior_leaving_datasets_out(tmp_path: Path, meta_table, capsys) -> None:
+    fit = _script("fit_prior")
+    table = _write(meta_table(datasets=4, tasks=3), tmp_path / "tasks.jsonl")
+    out = tmp_path / "prior.json"
+    assert fit.main(["--table", str(table), "--out", str(out), "--leave-out", "set1"]) == 0
+    prior = load_prior(out)
+    prov = prior.data["provenance"]
+    assert prov["left_out"] == ["set1"] and "set1" not in prov["datasets"] and len(prov["datasets"]) == 3
+    assert prov["table_sha256"] and prov["date"] and prov["code"] and "--leave-out set1" in prov["command"]
+    assert "LODO sd" in capsys.readouterr().out
+    assert fit.main(["--table", str(table), "--out", str(out), "--leave-out", "nope"]) == 2
+
+
+def test_regret_is_leave_one_dataset_out_and_says_what_it_cannot_judge(meta_table, monkeypatch) -> None:
+    regret = _script("regret")
+    rows = meta_table(datasets=3, tasks=3)
+    fitted_on: list[set[str]] = []
+    real_fit = regret.fit_prior
+
+    def spy(table_rows):
+        fitted_on.append({r["dataset"] for r in table_rows})
+        return real_fit(table_rows)
+
+    monkeypatch.setattr(regret, "fit_prior", spy)
+    result = regret.evaluate(rows)
+    assert fitted_on == [{"set1", "set2"}, {"set0", "set2"}, {"set0", "set1"}]  # never the held-out dataset
+    probe = result["regrets"]["always probe"][5]
+    r5 = [r for r in rows if r["shots"] == 5]
+    assert probe == pytest.approx([100 * (max(v for k, v in r["test"].items()) - r["test"]["probe"])
+                                   for d in ("set0", "set1", "set2") for r in r5 if r["dataset"] == d])
+    text = regret.markdown(result, "python benchmarks/meta/regret.py", 0.0)
+    assert "| argmax CV | n/a (no fold scores)" in text and "| meta-prior Bayes | n/a (no fold scores)" in text
+    assert "`python benchmarks/meta/regret.py`" in text
+
+    monkeypatch.setattr(regret, "fit_prior", real_fit)
+    folds = regret.evaluate(meta_table(datasets=3, tasks=3, fold_scores=True))
+    for rule in regret.RULES:
+        values = folds["regrets"][rule][10]
+        assert values and min(values) >= 0 and np.isfinite(values).all(), rule
+    assert "n/a" not in regret.markdown(folds, "x", 0.0)
