@@ -12,7 +12,7 @@ from visiontune.config import load_config
 from visiontune.data import ImageDataset, load_records, make_splits
 from visiontune.errors import ConfigError
 from visiontune.eval.metrics import compute_metrics
-from visiontune.infer.files import check_table_path, write_table
+from visiontune.infer.files import EVAL_HEADER, check_table_path, write_table
 from visiontune.infer.backends import load_export, resolve_backend
 from visiontune.infer.predictor import _cpu_only, _export_precision
 from visiontune.runs import load_run
@@ -94,7 +94,7 @@ def evaluate_run(
     extra["processes"] = 1 if dist is None else dist.world
     if predictions is not None and distributed.is_main():
         score = torch.softmax(logits, 1).gather(1, pred[:, None])[:, 0]
-        write_table(predictions, ["file", "label", "predicted", "score"],
+        write_table(predictions, EVAL_HEADER,
                     ((test.ids[i], classes[int(labels[i])], classes[int(pred[i])], f"{float(score[i]):.6f}")
                      for i in range(len(test))))
     return {**metrics, **extra}
