@@ -54,6 +54,9 @@ def evaluate_run(
         check_table_path(predictions)  # before any work
     if workers < 0:
         raise ConfigError(f"workers={workers} must be >= 0 (0 decodes in the main process)")
+    if batch_size is not None and batch_size < 1:  # 0 used to mean the run's default, silently
+        raise ConfigError(f"--batch-size {batch_size} is invalid; use an integer >= 1, or leave it out for the run's "
+                          "optim.eval_batch_size")
 
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
