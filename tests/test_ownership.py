@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,13 +177,15 @@ def test_auto_out_refuses_a_folder_holding_a_run_it_did_not_make(tiny_overrides,
 
     out = tmp_path / "runs"
     vt.train(vt.load_config(None, [*tiny_overrides, *FAST, "method.name=linear", "run.name=model"]))
-    thesis = plant(out)
-    before = tree(out)
     sel = AutoSelect("digits", out, overrides=[o for o in tiny_overrides if not o.startswith("run.dir")],
                      progress=False, folds=2)
-    with pytest.raises(ConfigError, match=r"--out .*runs.* is not a visiontune auto folder.*choose a new or empty folder"):
-        sel.run()
-    assert tree(out) == before and thesis.read_text() == THESIS
+    for _ in ("the run alone", "the run and a thesis.tex"):
+        before = tree(out)
+        with pytest.raises(ConfigError, match=r"--out .*runs.* is not a visiontune auto folder.*choose a new or empty folder"):
+            sel.run()
+        assert tree(out) == before
+        thesis = plant(out)
+    assert thesis.read_text() == THESIS
 
 
 # ----------------------------------------------------------------------------- sweep dir: (finding 4)
@@ -237,6 +240,27 @@ def test_export_out_never_replaces_a_file_it_did_not_make(run_copy, capsys):
     assert not [p for p in (run_copy / "export").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_failed_export_leaves_the_previous_export_as_it_was(run_copy, monkeypatch, capsys):
+    """Minor list: export wrote model.onnx in place, so a failed or killed export left a broken model under the
+    export's name; and a killed export's staged model (full-size) is removed by the next export."""
+    from visiontune.infer import export as export_mod
+
+    assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 0
+    export = run_copy / "export"
+    before = tree(export)
+    dead = 2**22 + 12345  # above the usual pid_max: no such process
+    (export / f".model.onnx.{dead}-0123abcd.tmp").write_bytes(b"\0" * 1000)
+
+    def half_written(kind, model, example, out, opset):
+        Path(out).write_bytes(b"half an onnx model")
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(export_mod, "_export_with", half_written)
+    assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 2
+    assert "killed mid-export" in capsys.readouterr().err
+    assert tree(export) == before
+
+
 def test_a_refused_int8_reexport_keeps_the_int8_model_kept_earlier(run_copy, monkeypatch):
     """Finding 10: a refused INT8 re-export deleted the INT8 model kept with --warn-only, and left its JSON."""
     pytest.importorskip("onnxscript", reason="the dynamo exporter is the default")
@@ -279,3 +303,177 @@ def test_predictions_never_replace_a_file_visiontune_did_not_write(adapter_runs,
     for _ in range(2):  # the second run replaces the first one's table
         assert main(["predict", run, str(img), "--output", str(ours), "--device", "cpu"]) == 0
     assert ours.read_text().startswith("file,label_1,score_1") and thesis.read_text() == THESIS
+
+
+# ----------------------------------------------------------------------------- done when: thesis.tex everywhere
+#
+# One visiontune-made folder of each kind (a train run with an export, a pretraining run, a sweep, an auto selection,
+# a comparison) is made once; each case below copies one, plants a thesis.tex in it and in every folder under it,
+# then runs one command with one combination of flags that writes there. The command either works or is refused
+# in one line with the folder exactly as it was; either way every thesis.tex reads back unchanged.
+
+TRAIN_TINY = ["data.dataset=digits", "backbone.name=test_vit", "backbone.weights=none", "backbone.img_size=32",
+              "optim.batch_size=16", "run.progress=false", "run.measure_speed=false", *FAST, "method.name=linear"]
+AUTO_TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class=4", "data.test_per_class=3",
+             "optim.epochs=2", "run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """Folders visiontune made, one of each kind, to copy: run (with export/ and tensorboard/), pretrain, sweep,
+    auto, compare."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev/onnx extras")
+    from visiontune.auto import AutoSelect, Candidate
+
+    root = tmp_path_factory.mktemp("made")
+    assert main(["train", *TRAIN_TINY, f"run.dir={root}", "run.name=run", "run.tensorboard=true"]) == 0
+    assert main(["export", str(root / "run"), "--exporter", "legacy", "--no-check"]) == 0
+    assert main(["pretrain", *PRETRAIN_TINY, f"run.dir={root}", "run.name=pretrain"]) == 0
+    spec = root / "sweep.yaml"
+    base: dict[str, dict] = {}
+    for key, value in (o.split("=", 1) for o in TRAIN_TINY):
+        section, name = key.split(".")
+        base.setdefault(section, {})[name] = yaml.safe_load(value)
+    spec.write_text(yaml.safe_dump({"base": base, "dir": str(root / "sweep"), "runs": [{"method.name": "linear"}]}))
+    assert main(["sweep", str(spec), "--quiet"]) == 0
+    lora = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
+    AutoSelect("digits", root / "auto", overrides=AUTO_TINY, progress=False, candidates=lora, steps=2, folds=2).run()
+    assert main(["compare", str(root / "run"), "--out", str(root / "compare")]) == 0
+    return {"root": root, "spec": spec, "lora": lora}  # type: ignore[dict-item]
+
+
+def plant_everywhere(folder: Path) -> list[Path]:
+    """A thesis.tex in ``folder`` and in every (not hidden) folder under it."""
+    folders = [folder, *sorted(p for p in folder.rglob("*") if p.is_dir() and not p.name.startswith("."))]
+    return [plant(f) for f in folders]
+
+
+def survives(folder: Path, command, capsys: pytest.CaptureFixture[str], refused: bool) -> None:
+    """Plant thesis.tex everywhere in ``folder``, run ``command()`` (an exit code); a refusal (2) is one line and
+    changes nothing there, a success (0) keeps every thesis.tex."""
+    planted = plant_everywhere(folder)
+    before = tree(folder)
+    code = command()
+    if refused:
+        assert code == 2
+        _one_line_error(capsys)
+        assert tree(folder) == before
+    else:
+        assert code == 0, capsys.readouterr().err[-2000:]
+    assert [p.read_text() for p in planted] == [THESIS] * len(planted)
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".visiontune-trash-")]
+    capsys.readouterr()
+
+
+def _prepare(made: dict[str, Path], tmp_path: Path, kind: str, state: str) -> Path:
+    """``tmp_path/kind`` as ``state`` says: a copy of visiontune's folder of that kind ("visiontune's..."), a copy of
+    the train run ("a train run ..."), or the user's folder (empty: the thesis.tex will be all it holds)."""
+    folder = tmp_path / kind
+    if state.startswith("visiontune's"):
+        shutil.copytree(made["root"] / kind, folder, symlinks=True)
+    elif state.startswith("a train run"):
+        shutil.copytree(made["root"] / "run", folder / "model" if kind == "auto" else folder, symlinks=True)
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+RUN_FLAGS = [[], ["run.resume=true"], ["run.overwrite=true"], ["run.resume=true", "run.overwrite=true"],
+             ["run.overwrite=true", "run.tensorboard=true"]]
+
+
+@pytest.mark.parametrize("flags", RUN_FLAGS, ids=lambda f: " ".join(f) or "no flag")
+@pytest.mark.parametrize("state", ["visiontune's", "the user's"])
+def test_thesis_survives_train_in_its_run_dir(made, tmp_path, capsys, state, flags):
+    run = _prepare(made, tmp_path, "run", state)
+    # A finished run is replaced or resumed only when asked, and not when asked both (they contradict each other).
+    refused = state == "the user's" or not flags or {"run.resume=true", "run.overwrite=true"} <= set(flags)
+    survives(run, lambda: main(["train", *TRAIN_TINY, f"run.dir={tmp_path}", "run.name=run", *flags]), capsys, refused)
+
+
+@pytest.mark.parametrize("flags", RUN_FLAGS[:4], ids=lambda f: " ".join(f) or "no flag")
+@pytest.mark.parametrize("state", ["visiontune's", "the user's", "a train run"])
+def test_thesis_survives_pretrain_in_its_run_dir(made, tmp_path, capsys, state, flags):
+    run = _prepare(made, tmp_path, "pretrain", state)
+    refused = state != "visiontune's" or not flags or len(flags) == 2
+    survives(run, lambda: main(["pretrain", *PRETRAIN_TINY, f"run.dir={tmp_path}", "run.name=pretrain", *flags]),
+             capsys, refused)
+
+
+@pytest.mark.parametrize("how", [[], ["--report"], ["--status"], ["--dry-run"]], ids=lambda f: " ".join(f) or "run")
+@pytest.mark.parametrize("state", ["visiontune's", "the user's", "a train run"])
+def test_thesis_survives_sweep_in_its_dir(made, tmp_path, capsys, state, how):
+    folder = _prepare(made, tmp_path, "sweep", state)
+    spec = yaml.safe_load(made["spec"].read_text())
+    spec["dir"] = str(folder)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    writes = not how or how == ["--report"]
+    survives(folder, lambda: main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet", *how]), capsys,
+             refused=writes and state != "visiontune's")
+
+
+@pytest.mark.parametrize("state", ["visiontune's", "visiontune's, final retrain redone", "the user's",
+                                   "a train run at OUT/model"])
+def test_thesis_survives_auto_in_its_out_folder(made, tmp_path, capsys, state):
+    from visiontune.auto import AutoSelect
+
+    out = _prepare(made, tmp_path, "auto", state)
+    if "redone" in state:  # the final retrain into out/model (run.overwrite=true) runs again
+        state_file = out / "auto.json"
+        stored = json.loads(state_file.read_text())
+        del stored["final"]
+        state_file.write_text(json.dumps(stored))
+
+    def command() -> int:
+        try:
+            AutoSelect("digits", out, overrides=AUTO_TINY, progress=False, candidates=made["lora"], steps=2, folds=2).run()
+        except ConfigError as e:
+            print(f"visiontune: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    survives(out, command, capsys, refused=not state.startswith("visiontune's"))
+    if state.startswith("visiontune's"):
+        assert (out / "model" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("flags", [[], ["--int8", "--calibration", "8"], ["--out", "{folder}/mine.onnx"],
+                                   ["--out", "{folder}/export/metrics.onnx"]], ids=lambda f: " ".join(f) or "default")
+@pytest.mark.parametrize("state", ["exported before", "never exported"])
+def test_thesis_survives_export_in_its_target_folder(made, tmp_path, capsys, state, flags):
+    run = _prepare(made, tmp_path, "run", "visiontune's")
+    if state == "never exported":
+        shutil.rmtree(run / "export")
+        (run / "export").mkdir()
+    (run / "export" / "metrics.json").write_text('{"mine": 1}')  # the user's file of a name an export could take
+    argv = ["export", str(run), "--exporter", "legacy", "--no-check", *(f.format(folder=run) for f in flags)]
+    survives(run, lambda: main(argv), capsys, refused="export/metrics.onnx" in " ".join(argv))
+    assert (run / "export" / "metrics.json").read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("command", ["predict --output", "eval --predictions"])
+@pytest.mark.parametrize("target", ["new.csv", "visiontune's.csv", "the user's.csv", "the user's file,label.csv"])
+def test_thesis_survives_a_predictions_file_in_its_folder(made, tmp_path, capsys, command, target):
+    """Predictions replace only a table visiontune wrote; a user's CSV, even one beginning ``file,label``, stays."""
+    run = made["root"] / "run"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(image)
+    csv = folder / target
+    users = {"the user's.csv": "student,grade\nada,A\n", "the user's file,label.csv": "file,label\nimg1.png,cat\n"}
+    if target in users:
+        csv.write_text(users[target])
+    elif target == "visiontune's.csv":
+        assert main(["predict", str(run), str(image), "--output", str(csv)]) == 0
+    argv = (["predict", str(run), str(image), "--output", str(csv)] if command.startswith("predict")
+            else ["eval", str(run), "--predictions", str(csv), "--quiet"])
+    survives(folder, lambda: main(argv), capsys, refused=target in users)
+    if target in users:
+        assert csv.read_text() == users[target]
+
+
+@pytest.mark.parametrize("state", ["visiontune's", "the user's"])
+def test_thesis_survives_compare_in_its_out_folder(made, tmp_path, capsys, state):
+    out = _prepare(made, tmp_path, "compare", state)
+    survives(out, lambda: main(["compare", str(made["root"] / "run"), "--out", str(out)]), capsys,
+             refused=state == "the user's")

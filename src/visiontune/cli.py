@@ -170,6 +170,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from visiontune.infer import pipeline
     from visiontune.infer.files import check_table_path, collect_images, format_results
 
+    if args.workers < 0:  # was taken as 1 silently
+        raise ConfigError(f"--workers {args.workers} is invalid; use a number of image decoding threads >= 0 (0 or 1: one)")
     # Under torchrun / accelerate launch: each process its device (LOCAL_RANK's GPU with --device cuda).
     dist = distributed.setup(args.device)
     predictor = pipeline(args.run_dir, device=str(dist.device) if dist is not None else args.device, top_k=args.top_k,
@@ -335,6 +337,10 @@ class _Parser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        """A usage mistake is one line on stderr like every other error (argparse prints its usage block first)."""
+        self.exit(2, f"visiontune: error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _needs(extra: str, what: str) -> str:

@@ -10,6 +10,7 @@ short timeout, so the report takes a few seconds and never waits on a network th
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from visiontune import __version__
+from visiontune.errors import ConfigError
 from visiontune.extras import EXTRAS, WHAT_NEEDS, install_hint, installed_extras
 from visiontune.registry import WEIGHT_SOURCES
 from visiontune.runtime import cpu_info
@@ -163,6 +165,8 @@ def disk(runs_dir: str | Path) -> dict[str, Any]:
 
 def diagnose(runs_dir: str | Path = "runs", check_hub: bool = True, hub_timeout_s: float = 1.5) -> Report:
     """Build the report (see the module docstring); ``check_hub=False`` makes no network connection."""
+    if not (math.isfinite(hub_timeout_s) and hub_timeout_s > 0):  # nan: a socket traceback; inf: wait forever
+        raise ConfigError(f"--hub-timeout {hub_timeout_s!r} is invalid; use a number of seconds above zero, e.g. 1.5")
     missing = installed_extras()
     extras = {extra: {"installed": not missing[extra], "missing": missing[extra], "enables": WHAT_NEEDS[extra],
                       "install": install_hint(extra)} for extra in EXTRAS}

@@ -12,7 +12,7 @@ from visiontune.config import load_config
 from visiontune.data import ImageDataset, load_records, make_splits
 from visiontune.errors import ConfigError
 from visiontune.eval.metrics import compute_metrics
-from visiontune.infer.files import check_table_path, write_table
+from visiontune.infer.files import EVAL_HEADER, check_table_path, write_table
 from visiontune.infer.backends import load_export, resolve_backend
 from visiontune.infer.predictor import _cpu_only, _export_precision
 from visiontune.runs import load_run
@@ -54,6 +54,9 @@ def evaluate_run(
         check_table_path(predictions)  # before any work
     if workers < 0:
         raise ConfigError(f"workers={workers} must be >= 0 (0 decodes in the main process)")
+    if batch_size is not None and batch_size < 1:  # 0 used to mean the run's default, silently
+        raise ConfigError(f"--batch-size {batch_size} is invalid; use an integer >= 1, or leave it out for the run's "
+                          "optim.eval_batch_size")
 
     if resolve_backend(backend, run_dir, int8) == "onnxruntime":
         _cpu_only(device)
@@ -94,7 +97,7 @@ def evaluate_run(
     extra["processes"] = 1 if dist is None else dist.world
     if predictions is not None and distributed.is_main():
         score = torch.softmax(logits, 1).gather(1, pred[:, None])[:, 0]
-        write_table(predictions, ["file", "label", "predicted", "score"],
+        write_table(predictions, EVAL_HEADER,
                     ((test.ids[i], classes[int(labels[i])], classes[int(pred[i])], f"{float(score[i]):.6f}")
                      for i in range(len(test))))
     return {**metrics, **extra}

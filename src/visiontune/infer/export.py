@@ -55,6 +55,8 @@ from visiontune.runs import ADAPTER_FILE
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
+MIN_OPSET = 7
+"""The oldest ONNX opset torch exports to (below it, --opset 0 exported opset 18 with a logged traceback)."""
 
 
 DEFAULT_MAX_DROP = 1.0
@@ -314,6 +316,8 @@ def export_run(
         raise ConfigError(f"calibration={calibration!r} is invalid; use a number of training images >= 1 "
                           f"(default {DEFAULT_CALIBRATION})")
     check_smoothing(smoothing)  # before the fp32 export, not after it
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ConfigError(f"--opset {opset!r} is invalid; use an ONNX opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     if not (math.isfinite(max_drop) and max_drop >= 0):
         raise ConfigError(f"max_drop={max_drop!r} is invalid; use points of accuracy >= 0 (default {DEFAULT_MAX_DROP})")
     keep = check_keep_patterns(keep_fp32)

@@ -26,8 +26,8 @@ TABLE_SUFFIXES = (".csv",)
 """What ``predict --output`` / ``eval --predictions`` write. Parquet needs pyarrow, which is not in this build's lock."""
 
 
-PREDICTIONS_HEADER_START = "file,label"
-"""How every predictions table visiontune writes begins (``predict``'s and ``eval``'s layouts)."""
+EVAL_HEADER = ["file", "label", "predicted", "score"]
+"""``eval --predictions``' columns; ``predict --output`` writes :func:`prediction_header`'s."""
 
 
 def check_table_path(path: str | os.PathLike) -> Path:
@@ -48,7 +48,7 @@ def check_table_path(path: str | os.PathLike) -> Path:
     if p.exists() or p.is_symlink():
         if not _is_predictions_table(p):
             raise ConfigError(f"{str(p)!r} exists and is not a visiontune predictions file (its first line is not "
-                              f"'{PREDICTIONS_HEADER_START},...'); choose another file name (nothing was changed)")
+                              "the header predict or eval writes); choose another file name (nothing was changed)")
     # Process 0 alone writes the table (under a launcher), so it alone tries the folder: the others write nothing.
     return check_writable(p, "the predictions file") if is_main() else p
 
@@ -58,9 +58,13 @@ def _is_predictions_table(path: Path) -> bool:
         return False
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return f.readline(256).startswith(PREDICTIONS_HEADER_START)
+            first = f.readline(4096).rstrip("\r\n")
     except (OSError, UnicodeDecodeError):
         return False
+    # The whole header, not its start: a user's own "file,label" table (a common layout) is not ours.
+    columns = first.split(",")
+    top_k = (len(columns) - 2) // 2
+    return columns == EVAL_HEADER or (top_k >= 1 and columns == prediction_header(top_k))
 
 
 def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> int:

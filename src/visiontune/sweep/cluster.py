@@ -51,6 +51,9 @@ def check_executor(executor: str, **ray_options: Any) -> None:
             if value is not None:
                 raise ConfigError(f"{name}={value!r} applies to the Ray executor only; add --executor ray, or drop it")
     else:
+        cpus = ray_options.get("cpus_per_run")
+        if cpus is not None and cpus < 1:  # refused here, not after a Ray instance was started
+            raise ConfigError(f"--cpus-per-run {cpus} must be >= 1")
         gpus = ray_options.get("gpus_per_run")
         if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
             raise ConfigError(f"--gpus-per-run {gpus!r} is invalid; use a number of GPUs >= 0 (fractions share one)")

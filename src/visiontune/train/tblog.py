@@ -50,8 +50,14 @@ class ScalarLogger:
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        record_made(log_dir)  # the event files are not written atomically: list the folder in the run's manifest
+        log_dir = Path(log_dir)
+        before = set(log_dir.iterdir()) if log_dir.is_dir() else set()
         self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer.flush()  # the event file exists from here on
+        # The event files are not written atomically: each is listed in the run's manifest as it is made (a file, not
+        # the folder, so a file of the user's in tensorboard/ survives run.overwrite=true).
+        for made in sorted(set(log_dir.iterdir()) - before):
+            record_made(made)
 
     @property
     def enabled(self) -> bool:
