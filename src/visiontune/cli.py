@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("auto", help="choose the adaptation method for your data by cross-validation and ship that model")
     au.add_argument("data", help="anything data.dataset accepts: a built-in name, an image folder or a CSV manifest")
     au.add_argument("overrides", nargs="*", help="dotted overrides for every candidate, e.g. data.train_per_class=20")
-    au.add_argument("--backbone", action="append", default=None, help="backbone to consider (repeat for more; default backbone.name, and with backbone.weights=offline the measured offline pair: EfficientNet-Lite0 and DINOv2-S at 112 px)")
+    au.add_argument("--backbone", action="append", default=None, help="backbone to consider (repeat for more; default backbone.name, and with backbone.weights=offline the measured offline pair: MobileNetV2 and DINOv2-S at 112 px)")
     au.add_argument("--budget", default=None, help="time budget, e.g. 20m, 1.5h, 900s (default: none)")
     au.add_argument("--folds", type=int, default=5, help="cross-validation folds (fewer when a class is smaller)")
     au.add_argument("--out", default=None, help="selection folder (default runs/auto/<data name>)")
