@@ -258,6 +258,6 @@ the reasoning are in ``benchmarks/results/offline-backbones/README.md``): no off
 ImageNet CNNs lead on colour photos with few labels, the saliency-tuned DINOv2 at 112 px on grayscale solar cells
 and with more labels on some photo sets, so ``auto`` probes both on its folds and fine-tunes the one they favour.
 MobileNetV2 stands for the CNNs: on the five datasets it had the highest probe means of the four (EfficientNet-
-Lite0/1/2 within about 2 points, not significantly worse: one seed, 30 test images per class), LoRA scored at least
-Lite0's where both ran, and it is the cheapest per image (0.30 GMACs at 224 px against Lite0's 0.38). DINOv2 runs
+Lite0/1/2 within about 2 points, not significantly worse: one seed, 30 test images per class), LoRA matched Lite0's on
+the colour sets and trailed it on ELPV (where DINOv2 leads both), and it is the cheapest per image (0.30 GMACs at 224 px against Lite0's 0.38). DINOv2 runs
 at 112 px, a quarter of the cost of 224 px."""
