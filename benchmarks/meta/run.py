@@ -54,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from visiontune.auto.candidates import backbone_family, family_candidates
-from visiontune.auto.folds import cheap_logits, fold_count, fold_epochs, stratified_folds
+from visiontune.auto.folds import FINETUNE_STEPS, cheap_logits, fold_count, fold_epochs, stratified_folds
 from visiontune.config import load_config
 from visiontune.data.records import ImageRecords
 from visiontune.data.sources import load_records
@@ -338,14 +338,15 @@ class Harness:
                     for seed in self.args.seeds:
                         out.append(Unit(name, d.classes, shots, seed, b, CHEAP))
                         for m in self.args.methods:
-                            if seed in self.args.finetune_seeds and shots in self.args.finetune_shots:
+                            if seed in (self.args.finetune_seeds or self.args.seeds) and \
+                                    shots in (self.args.finetune_shots or self.args.shots):
                                 out.append(Unit(name, d.classes, shots, seed, b, m))
         return schedule(out, self.args.backbones, self.args.seeds)
 
-    @staticmethod
-    def defaults(d: Dataset) -> Any:
-        """The project's default config for ``d`` (its run seed and epochs are what ``auto`` starts from)."""
-        return load_config(None, overrides=[f"data.dataset={d.spec}"])
+    def defaults(self, d: Dataset) -> Any:
+        """The project's default config for ``d`` with ``--overrides`` (its run seed and epochs are what ``auto``
+        starts from)."""
+        return load_config(None, overrides=[f"data.dataset={d.spec}", *self.args.overrides])
 
     def backbone_family(self, label: str) -> Any:
         if label not in self.family:
@@ -402,8 +403,8 @@ class Harness:
         run_name = f"{u.task}-{u.backbone}-{u.method}".replace("/", "-")
         overrides = [
             f"data.dataset={d.spec}", f"optim.batch_size={BATCH}", "run.measure_speed=false", *b.overrides(), *cand.overrides,
-            f"optim.epochs={fold_epochs(len(tr), BATCH, self.defaults(d).optim.epochs)}", "run.progress=false",
-            "run.plots=false", f"run.dir={self.args.runs}", f"run.name={run_name}", "run.overwrite=true",
+            *self.args.overrides, f"optim.epochs={fold_epochs(len(tr), BATCH, self.defaults(d).optim.epochs, self.args.steps)}",
+            "run.progress=false", "run.plots=false", f"run.dir={self.args.runs}", f"run.name={run_name}", "run.overwrite=true",
             f"run.threads={self.args.threads}",
         ]
         return finetune_unit, (overrides, d.records.subset(tr), d.records.subset(d.test), (x, y), self.args.threads)
@@ -422,6 +423,9 @@ class Harness:
             row["features_s"] = self.feature_rate[(u.backbone, u.dataset)] * (len(tr) + len(d.test))
         else:
             row["candidate"] = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[u.method]].name
+            row["steps"] = self.args.steps
+            if self.args.overrides:
+                row["overrides"] = list(self.args.overrides)
         return row
 
 
@@ -595,13 +599,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="fine-tunes (none: cheap part only)")
     r.add_argument("--shots", nargs="+", type=int, default=DEFAULT_SHOTS)
     r.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
-    r.add_argument("--finetune-shots", nargs="+", type=int, default=DEFAULT_SHOTS, help="shot levels that get fine-tunes")
-    r.add_argument("--finetune-seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds that get fine-tunes")
+    r.add_argument("--finetune-shots", nargs="+", type=int, default=None, help="shot levels that get fine-tunes (all)")
+    r.add_argument("--finetune-seeds", nargs="+", type=int, default=None, help="seeds that get fine-tunes (all)")
     r.add_argument("--test-per-class", type=int, default=30)
     r.add_argument("--pool-per-class", type=int, default=50)
     r.add_argument("--max-classes", type=int, default=10)
     r.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Ray CPUs (0: in this process)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per unit")
+    r.add_argument("--steps", type=int, default=FINETUNE_STEPS, help="a fine-tune's optimizer steps (auto's schedule)")
+    r.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every fine-tune (tests only: the table uses the project defaults)")
     r.add_argument("--limit", type=int, default=None, help="run at most this many units")
     r.add_argument("--collect-every", type=int, default=10, help="re-collect after this many units")
     r.add_argument("--cache", type=Path, default=Path("runs/meta/features"))
