@@ -87,6 +87,8 @@ _CANDIDATE_INDEX = {"lora": 0, "lora_lastk": 1, "dora": 2}
 CHEAP = "cheap"
 DEFAULT_SHOTS = [2, 5, 10, 20, 50]
 DEFAULT_SEEDS = [0, 1, 2]
+CORE_SHOTS = (5, 10, 20)
+"""The shot levels fine-tuned first (the issue's regret table is at 5, 10 and 20 per class)."""
 PROBE = ("method.name=linear",)
 PROTOTYPE = ("method.name=prototype",)
 AUTO_FOLDS = 5
@@ -191,19 +193,22 @@ def task_name(dataset: str, classes: int, shots: int, seed: int) -> str:
 def _finetune_rank(u: Unit, backbones: list[str], seeds: list[int]) -> tuple:
     """Fine-tunes by what the prior needs most: the first backbone, the first seed, shots 5/10/20 with LoRA and
     last-k LoRA; then DoRA; then shots 2 and 50; then the next seeds; then the next backbones."""
-    core = u.shots in (5, 10, 20)
+    core = u.shots in CORE_SHOTS
     return (backbones.index(u.backbone), seeds.index(u.seed), 0 if core else 1, 1 if u.method == "dora" else 0,
             (5, 10, 20, 2, 50).index(u.shots) if u.shots in (5, 10, 20, 2, 50) else u.shots, METHODS.index(u.method), u.dataset)
 
 
 def schedule(units: list[Unit], backbones: list[str], seeds: list[int]) -> list[Unit]:
-    """The order units run in when CPU is short. The cheap units of the first backbone and seed first (the
-    fine-tunes of those tasks need their features, and they are the core of the table); then fine-tunes
-    (:func:`_finetune_rank`) and the other cheap units (by seed, then backbone) alternately, one of each: a cheap
-    unit costs a fraction of a fine-tune, so every task gets its probe row long before the fine-tunes are done."""
-    first = [u for u in units if u.method == CHEAP and u.backbone == backbones[0] and u.seed == seeds[0]]
+    """The order units run in when CPU is short. The cheap units of the first backbone and seed at 5, 10 and 20
+    shots first (the first fine-tunes' tasks: their features are computed then); then fine-tunes
+    (:func:`_finetune_rank`) and the other cheap units (by seed, then backbone, then shots) alternately, one of each:
+    a cheap unit costs a fraction of a fine-tune, so every task gets its probe row long before the fine-tunes are
+    done."""
+    first = [u for u in units if u.method == CHEAP and u.backbone == backbones[0] and u.seed == seeds[0]
+             and u.shots in CORE_SHOTS]
     cheap = sorted((u for u in units if u.method == CHEAP and u not in first),
-                   key=lambda u: (seeds.index(u.seed), backbones.index(u.backbone), u.shots, u.dataset))
+                   key=lambda u: (seeds.index(u.seed), backbones.index(u.backbone), u.shots not in CORE_SHOTS, u.shots,
+                                  u.dataset))
     tunes = sorted((u for u in units if u.method != CHEAP), key=lambda u: _finetune_rank(u, backbones, seeds))
     first.sort(key=lambda u: (u.shots, u.dataset))
     mixed = [u for pair in zip(tunes, cheap) for u in pair]
