@@ -467,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
             import ray
         except ImportError as e:  # pragma: no cover - ray is a dependency of the project's sweeps
             raise SystemExit("--workers N needs ray (pip install 'visiontune[ray]'), or --workers 0") from e
+        # Ray makes its workers 15 nicer than the driver; they keep the driver's niceness (`nice -n 10 ... run`)
+        # instead, so that the units are not starved by the driver's own feature extraction on a shared machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=512 * 1024 * 1024)
         remote = {fn: ray.remote(num_cpus=args.threads, max_retries=0)(fn) for fn in (cheap_unit, finetune_unit)}
@@ -582,8 +585,15 @@ def render(rows: list[dict], units: list[dict]) -> str:
                     f"{m} {100 * np.mean(g):+.1f} mean, {100 * np.median(g):+.1f} median, better on {sum(x > 0 for x in g)} "
                     f"of {len(g)}" for m, g in gains.items() if g)]
             lines.append("")
+    lines += ["## Datasets", "", "Full provenance (label derivation, selection rules, notes): "
+              "[`benchmarks/datasets/DATASETS.md`](../../datasets/DATASETS.md).", "",
+              "| dataset | family | classes (in the tasks) | source | licence |", "|---|---|---|---|---|"]
+    for name in sorted({r["dataset"] for r in rows}):
+        d = bd.DATASETS[name]
+        k = next(r["classes"] for r in rows if r["dataset"] == name)
+        lines.append(f"| {name} | {d.family} | {k} | {bd._md_cell(bd.source_text(d))} | {bd._md_cell(d.licence)} |")
     machines = sorted({u["machine"] for u in units})
-    lines += ["Machines: " + "; ".join(machines), f"Python {platform.python_version()}.", ""]
+    lines += ["", "Machines: " + "; ".join(machines), f"Python {platform.python_version()}.", ""]
     return "\n".join(lines)
 
 
