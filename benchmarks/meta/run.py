@@ -229,7 +229,7 @@ def _logloss(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def cheap_unit(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, classes: int, run_seed: int) -> dict:
     """Probe and prototype on one task's features: test accuracies, auto's fold scores and meta-features."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x, y, xt, yt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(xt), torch.from_numpy(yt)
     k = fold_count(AUTO_FOLDS, y.numpy())
     folds: dict[str, list[float]] = {"probe": [], "prototype": []}
@@ -249,7 +249,7 @@ def cheap_unit(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, cla
             "probe_gap": train_acc - cv["probe"], "prototype_cv_accuracy": cv["prototype"],
             "prototype_gap": cv["prototype"] - cv["probe"], "folds_k": k}
     return {"test": test, "folds": folds, "fold_logloss": {"probe": logloss}, "meta": meta,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def finetune_unit(overrides: list[str], train_recs: ImageRecords, test_recs: ImageRecords, head: tuple[np.ndarray, np.ndarray],
@@ -258,7 +258,7 @@ def finetune_unit(overrides: list[str], train_recs: ImageRecords, test_recs: Ima
     from visiontune.train.loop import train
 
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = load_config(None, overrides=overrides)
     empty = train_recs.subset(np.array([], dtype=np.int64))
     result = train(cfg, splits={"train": train_recs, "val": empty, "test": test_recs},
@@ -267,7 +267,7 @@ def finetune_unit(overrides: list[str], train_recs: ImageRecords, test_recs: Ima
     shutil.rmtree(result.run_dir, ignore_errors=True)  # the adapter is not kept: only its score matters here
     return {"test": float(m["test"]["accuracy"]), "n_test": int(m["test"]["num_samples"]), "epochs": cfg.optim.epochs,
             "train_s": float(m["train"]["wall_time_s"]), "trainable_pct": float(m["params"]["trainable_pct"]),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -557,13 +557,15 @@ def render(rows: list[dict], units: list[dict]) -> str:
     for b in sorted({r["backbone"] for r in rows}):
         sel = [r for r in rows if r["backbone"] == b]
         lines.append(f"| {b} | {len(sel)} | " + " | ".join(str(sum(m in r["test"] for r in sel)) for m in methods) + " |")
-    by_kind: dict[str, float] = defaultdict(float)
+    wall: dict[str, float] = defaultdict(float)
     for u in units:
-        by_kind[u["method"]] += u["seconds"] * u.get("threads", 1) + u.get("features_s", 0.0)
-    total = sum(by_kind.values())
-    lines += ["", f"CPU time in the units: {total / 3600:.2f} CPU-hours (" +
-              ", ".join(f"{k} {v / 3600:.2f}" for k, v in sorted(by_kind.items())) +
-              "; features counted per task at their measured rate, so shared images count once per task).", ""]
+        wall[u["method"]] += u["seconds"] * u.get("threads", 1)
+    cpu = [u["cpu_s"] for u in units if "cpu_s" in u]
+    lines += ["", "Unit time, wall seconds x torch threads: " + ", ".join(
+        f"{k} {v / 3600:.2f} h over {sum(u['method'] == k for u in units)} units" for k, v in sorted(wall.items())) +
+        (f"; process CPU time measured on {len(cpu)} units: {sum(cpu) / 3600:.2f} h" if cpu else "") +
+        ". Feature extraction is not in these (see `benchmarks/meta/README.md`); on a shared machine wall time "
+        "overstates the CPU a unit got.", ""]
     for b in sorted({r["backbone"] for r in rows}):
         for shots in sorted({r["shots"] for r in rows if r["backbone"] == b}):
             sel = [r for r in rows if r["backbone"] == b and r["shots"] == shots]
