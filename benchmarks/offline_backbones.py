@@ -93,12 +93,13 @@ class _BB:
         self.drop_path, self.grad_checkpointing = 0.0, False
 
 
-def _machine() -> str:
+def _machine(threads: int | None = None) -> str:
+    """CPU model, its widest vector ISA, the torch threads (``threads``, else this process's) and torch's version."""
     from visiontune.infer.backends import cpu_info
 
     info = cpu_info()
     isa = "AVX-512" if "avx512f" in info["isa"] else "AVX2" if "avx2" in info["isa"] else "no AVX2"
-    return f"{info['cpu']} ({isa}), {info['torch_threads']} threads, torch {info['torch']}"
+    return f"{info['cpu']} ({isa}), {threads or info['torch_threads']} threads, torch {info['torch']}"
 
 
 def _splits(records, shots: int, test: int, seed: int):

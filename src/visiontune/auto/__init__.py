@@ -70,6 +70,9 @@ from visiontune.auto.candidates import Candidate, Family, backbone_family, balan
 from visiontune.auto.decision import ROPE_POINTS, Posterior, check_points, choose, posterior
 from visiontune.auto.executor import fold_executor
 from visiontune.auto.prior import default_prior
+from visiontune.auto.folds import (
+    FINETUNE_STEPS, cheap_logits, fold_count, fold_epochs, steps_per_epoch, stratified_folds,
+)
 from visiontune.auto.report import write_report
 from visiontune.auto.schedule import Clock, GainPrior, PriorGain, StepTimes, by_priority, used_text
 from visiontune.auto.stats import Estimate, corrected_interval
@@ -82,26 +85,14 @@ from visiontune.data import load_records, make_splits
 from visiontune.data.cache import image_dataset
 from visiontune.data.records import ImageRecords
 from visiontune.eval.metrics import compute_metrics
-from visiontune.methods.baselines import fit_probe_head
-from visiontune.methods.prototype import prototype_head
 from visiontune.pretrain import load_pretrain_config, pretrain
+from visiontune.methods.baselines import fit_probe_head
 from visiontune.registry import METHODS
 from visiontune.rundir import claim_output_folder, read_json
 from visiontune.runs import build_model
 from visiontune.train.loop import extract_features, train
 from visiontune.train.speed import fast_forward
 
-FINETUNE_STEPS = 120
-"""Optimizer steps per fine-tuning run (batch 16) on small data: about 90-120 steps is where a hand-written
-timm + peft loop stopped underfitting on 10-20 labels per class, while 10 epochs at batch 32 (~20 steps) underfit.
-It only lengthens a fold's schedule: a fold never trains fewer epochs than ``optim.epochs`` (the ``train``
-default, 10), so that more data never means less training than ``visiontune train`` gives the same method (with
-120 steps alone, 400 training images got 5 epochs, and the chosen LoRA scored 1.8 points under the same LoRA
-trained with the defaults on Fashion-MNIST 50/class; underfitting, not overfitting, is the risk the DINOv3 study
-found)."""
-MIN_EPOCHS, MAX_EPOCHS = 2, 60
-"""``MIN_EPOCHS``: the first rung needs an epoch before the last; ``MAX_EPOCHS`` caps the step count's epochs on
-tiny data (never ``optim.epochs``, which the user set)."""
 INNER_VAL_FRACTION = 0.2
 MIN_INNER_VAL_PER_CLASS = 10
 """A fold's fine-tuning keeps its best epoch on an inner validation split only when that split would hold at least
@@ -331,7 +322,7 @@ class AutoSelect:
                 f"a class has {smallest} labeled image(s); cross-validation needs at least 2 per class "
                 "(add images or raise data.train_per_class)"
             )
-        self.k = max(2, min(int(folds), smallest))
+        self.k = fold_count(folds, self.pool.labels)
         self.imbalance = float(counts.max() / smallest)
         # Imbalanced classes: class-balanced loss competes as a candidate (probe and one LoRA), judged on the folds
         # like the rest, rather than being switched on by a rule of thumb.
@@ -341,10 +332,7 @@ class AutoSelect:
         self._fitted: dict[str, tuple[tuple[Candidate, ...], dict[str, str]]] = {}
         names = list(dict.fromkeys(c.name for b in self.backbones for c in self._fit(b)[0]))
         self.candidates = self._fit(self.backbones[0])[0]
-        from sklearn.model_selection import StratifiedKFold
-
-        skf = StratifiedKFold(n_splits=self.k, shuffle=True, random_state=cfg.run.seed)
-        self.folds = [(tr, va) for tr, va in skf.split(np.zeros(len(self.pool)), self.pool.labels)]
+        self.folds = stratified_folds(self.pool.labels, self.k, cfg.run.seed)
         self.signature = {
             "data": data, "backbones": self.backbones, "overrides": self.user_overrides, "folds": self.k,
             "pool": _fingerprint(self.pool.ids), "candidates": names, "steps": self.steps,
@@ -446,13 +434,12 @@ class AutoSelect:
 
     def _steps_per_epoch(self, n_train: int) -> int:
         """Optimizer steps of one epoch over ``n_train`` images at ``optim.batch_size`` (the last batch partial)."""
-        return max(1, math.ceil(n_train / self.cfg.optim.batch_size))
+        return steps_per_epoch(n_train, self.cfg.optim.batch_size)
 
     def _epochs(self, n_train: int) -> int:
         """A fold's epochs: enough for :data:`FINETUNE_STEPS` steps of ``optim.batch_size`` (16 unless the user set
-        it; at most ``MAX_EPOCHS``), and never fewer than ``optim.epochs``."""
-        per_epoch = self._steps_per_epoch(n_train)
-        return int(max(MIN_EPOCHS, self.cfg.optim.epochs, min(MAX_EPOCHS, math.ceil(self.steps / per_epoch))))
+        it; at most :data:`~visiontune.auto.folds.MAX_EPOCHS`), and never fewer than ``optim.epochs``."""
+        return fold_epochs(n_train, self.cfg.optim.batch_size, self.cfg.optim.epochs, self.steps)
 
     def _overrides(self, backbone: str, overrides: tuple[str, ...], extra: list[str] | None = None) -> list[str]:
         chosen = self.variants.get(backbone, [f"backbone.name={backbone}"])
@@ -500,20 +487,10 @@ class AutoSelect:
                 rows = []
                 for tr, va in self.folds:
                     t1 = self.clock()
-                    if "method.name=linear" in cand.overrides:
-                        head = torch.nn.Linear(x.shape[1], len(self.classes))
-                        balanced = "optim.class_weights=balanced" in cand.overrides
-                        fit_probe_head(head, (x[tr], y[tr], np.arange(len(tr))), None, balanced=balanced)
-                        with torch.no_grad():
-                            logits = head(x[va])
-                        pred = logits.argmax(1).numpy()
-                        # a meta-feature of the prior: the probe's held-out log-loss
-                        probe_extra = {"logloss": _logloss(y[va].numpy(), logits, len(self.classes))}
-                    else:
-                        w, b = prototype_head(x[tr], y[tr], len(self.classes), 10.0)
-                        pred = (x[va].double() @ w.T + b).argmax(1).numpy()
-                        probe_extra = {}
-                    row = {**_scores(y[va].numpy(), pred, self.classes), **probe_extra}
+                    logits = cheap_logits(cand.overrides, x[tr], y[tr], x[va], len(self.classes))
+                    row = _scores(y[va].numpy(), logits.argmax(1).numpy(), self.classes)
+                    if "method.name=linear" in cand.overrides:  # a meta-feature of the prior: the probe's held-out log-loss
+                        row["logloss"] = _logloss(y[va].numpy(), logits, len(self.classes))
                     row["train_s"] = self.clock() - t1 + feat_s * len(tr) / len(y)
                     rows.append(row)
                 results[cand.name] = {"folds": rows, "status": "complete", "trainable_pct": 100.0 * head_numel / total}
