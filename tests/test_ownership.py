@@ -348,9 +348,10 @@ def plant_everywhere(folder: Path) -> list[Path]:
     return [plant(f) for f in folders]
 
 
-def survives(folder: Path, command, capsys: pytest.CaptureFixture[str], refused: bool) -> None:
+def survives(folder: Path, command, capsys: pytest.CaptureFixture[str], refused: bool) -> list[Path]:
     """Plant thesis.tex everywhere in ``folder``, run ``command()`` (an exit code); a refusal (2) is one line and
-    changes nothing there, a success (0) keeps every thesis.tex."""
+    changes nothing there, a success (0) keeps every thesis.tex. Returns the planted files (for the caller's own
+    checks)."""
     planted = plant_everywhere(folder)
     before = tree(folder)
     code = command()
@@ -363,6 +364,7 @@ def survives(folder: Path, command, capsys: pytest.CaptureFixture[str], refused:
     assert [p.read_text() for p in planted] == [THESIS] * len(planted)
     assert not [p for p in folder.rglob("*") if p.name.startswith(".visiontune-trash-")]
     capsys.readouterr()
+    return planted
 
 
 def _prepare(made: dict[str, Path], tmp_path: Path, kind: str, state: str) -> Path:
@@ -387,7 +389,10 @@ def test_thesis_survives_train_in_its_run_dir(made, tmp_path, capsys, state, fla
     run = _prepare(made, tmp_path, "run", state)
     # A finished run is replaced or resumed only when asked, and not when asked both (they contradict each other).
     refused = state == "the user's" or not flags or {"run.resume=true", "run.overwrite=true"} <= set(flags)
-    survives(run, lambda: main(["train", *TRAIN_TINY, f"run.dir={tmp_path}", "run.name=run", *flags]), capsys, refused)
+    kept = survives(run, lambda: main(["train", *TRAIN_TINY, f"run.dir={tmp_path}", "run.name=run", *flags]), capsys,
+                    refused)
+    assert (run / "thesis.tex").read_text() == THESIS and len(kept) >= 1
+    assert (run / "metrics.json").is_file() == (state == "visiontune's")  # a finished run stays or is made again
 
 
 @pytest.mark.parametrize("flags", RUN_FLAGS[:4], ids=lambda f: " ".join(f) or "no flag")
@@ -395,8 +400,9 @@ def test_thesis_survives_train_in_its_run_dir(made, tmp_path, capsys, state, fla
 def test_thesis_survives_pretrain_in_its_run_dir(made, tmp_path, capsys, state, flags):
     run = _prepare(made, tmp_path, "pretrain", state)
     refused = state != "visiontune's" or not flags or len(flags) == 2
-    survives(run, lambda: main(["pretrain", *PRETRAIN_TINY, f"run.dir={tmp_path}", "run.name=pretrain", *flags]),
-             capsys, refused)
+    kept = survives(run, lambda: main(["pretrain", *PRETRAIN_TINY, f"run.dir={tmp_path}", "run.name=pretrain", *flags]),
+                    capsys, refused)
+    assert (run / "thesis.tex").read_text() == THESIS and len(kept) >= 1
 
 
 @pytest.mark.parametrize("how", [[], ["--report"], ["--status"], ["--dry-run"]], ids=lambda f: " ".join(f) or "run")
@@ -407,8 +413,11 @@ def test_thesis_survives_sweep_in_its_dir(made, tmp_path, capsys, state, how):
     spec["dir"] = str(folder)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     writes = not how or how == ["--report"]
-    survives(folder, lambda: main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet", *how]), capsys,
-             refused=writes and state != "visiontune's")
+    refused = writes and state != "visiontune's"
+    kept = survives(folder, lambda: main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet", *how]), capsys, refused)
+    assert (folder / "thesis.tex").read_text() == THESIS and len(kept) >= 1
+    if writes and not refused:
+        assert (folder / "report.md").is_file()  # the sweep did write its own report beside the user's file
 
 
 @pytest.mark.parametrize("state", ["visiontune's", "visiontune's, final retrain redone", "the user's",
@@ -475,5 +484,7 @@ def test_thesis_survives_a_predictions_file_in_its_folder(made, tmp_path, capsys
 @pytest.mark.parametrize("state", ["visiontune's", "the user's"])
 def test_thesis_survives_compare_in_its_out_folder(made, tmp_path, capsys, state):
     out = _prepare(made, tmp_path, "compare", state)
-    survives(out, lambda: main(["compare", str(made["root"] / "run"), "--out", str(out)]), capsys,
-             refused=state == "the user's")
+    kept = survives(out, lambda: main(["compare", str(made["root"] / "run"), "--out", str(out)]), capsys,
+                    refused=state == "the user's")
+    assert (out / "thesis.tex").read_text() == THESIS and len(kept) >= 1
+    assert (out / "comparison.md").is_file() == (state == "visiontune's")
