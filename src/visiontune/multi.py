@@ -153,7 +153,7 @@ class AdapterHost(TaskHost):
                 # run.seed and builds the backbone (head size included) before drawing any other torch number.
                 torch.manual_seed(cfg.run.seed)
             backbone = create_backbone(cfg.backbone, num_classes=len(classes))
-        transform = build_transform(backbone, cfg.backbone.img_size, train=False)
+        transform = build_transform(backbone, train=False)  # the backbone records backbone.img_size
         host = cls(backbone, identity, device=device, transform=transform, precision=precision)
         if identity.get("weights") == "none":
             host.random_init = (cfg.run.seed, len(classes))

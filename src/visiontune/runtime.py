@@ -160,7 +160,7 @@ def optimizer_step(
 ) -> None:
     """One optimizer step after accumulated backward passes: unscale (fp16), clip, step, zero, schedule.
 
-    The single- and multi-process training loops both end an accumulation group with it.
+    The training loop (:func:`visiontune.train.loop.train_one_epoch`) ends every accumulation group with it.
     """
     if scaler:
         scaler.unscale_(optimizer)
