@@ -66,7 +66,7 @@ def test_ray_folds_run_side_by_side_and_score_like_one_process(local_ray, tmp_pa
     assert facts["executor"] == "ray" and facts["in_flight"] == 2 and facts["cpus_per_run"] == 1
     assert "executor" not in json.loads((tmp_path / "local" / "auto.json").read_text())
     for name in (c.name for c in TWO):
-        ra, rb = (here.state["finetune"][name], there.state["finetune"][name])
+        ra, rb = (here.record.state["finetune"][name], there.record.state["finetune"][name])
         assert rb["status"] == "complete" and len(rb["folds"]) == 2
         assert [f["confusion"] for f in ra["folds"]] == [f["confusion"] for f in rb["folds"]]
         assert ra["best_epochs"] == rb["best_epochs"]
