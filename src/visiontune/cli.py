@@ -3,6 +3,12 @@
 Parsing imports nothing heavy (``visiontune --help`` loads no torch); each command imports the modules it
 runs when it runs, so a command whose optional package is missing fails alone, with the ``pip install``
 line that fixes it (:mod:`visiontune.extras`), and the others work on the base install.
+
+Why one module of about 600 lines: it is the table of commands, and nothing else. Each command is a short
+``_cmd_<name>`` (parse -> config -> one library call) plus its subparser in :func:`build_parser`, which the
+generated command-line reference (:mod:`visiontune.reference`) and the every-``--help``-without-extras test read
+whole; split per command, the parser would sit in fourteen files with no logic gained. Anything that computes
+belongs in the library below (how to add a command: ``docs/architecture.md``).
 """
 
 from __future__ import annotations

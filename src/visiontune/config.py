@@ -10,6 +10,11 @@ dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` fo
 imports no method: methods register themselves when :mod:`visiontune.methods` is imported, which
 ``import visiontune`` (the root package, run before any of its submodules) does, and validation looks
 the name up in :data:`~visiontune.registry.METHODS` when it runs.
+
+Why one module over 500 lines: the sections' dataclasses and the code that reads them (dotted overrides, type
+coercion that reports every problem at once, YAML load/dump) change together -- a field's annotation is valid only
+if :func:`_coerce` handles its type -- and nearly every module imports it; a method's options already live with the
+method (:class:`MethodConfig` subclasses), the data splits' checks with the data.
 """
 
 from __future__ import annotations
