@@ -217,3 +217,43 @@ def test_imports_are_read_from_functions_and_relative_forms() -> None:
     assert ("visiontune.train.loop", ) in {(t,) for t, _ in imports_of(PACKAGE)}
     assert layer_of("visiontune.methods.base") == layer_of("visiontune.methods")
     assert layer_of(PACKAGE) == len(LAYERS) - 1
+
+
+def graph_numbers() -> dict[str, int]:
+    """The measured import graph: modules, edges, levels (the longest import chain, counted in modules), cycles and
+    upward imports; and the same at the level of packages (every subpackage and top-level module one node, as the
+    architecture page's layer picture draws them)."""
+    from functools import cache
+
+    graph = import_graph()
+
+    def top(module: str) -> str:
+        rel = module.removeprefix(PACKAGE).removeprefix(".")
+        return rel.split(".")[0] or PACKAGE
+
+    packages: dict[str, set[str]] = defaultdict(set)
+    for module, targets in graph.items():
+        packages[top(module)] |= {top(t) for t in targets if top(t) != top(module)}
+
+    def levels(g: dict[str, set[str]]) -> int:
+        if import_cycles(g):  # no longest chain through a loop
+            return -1
+
+        @cache
+        def depth(node: str) -> int:
+            return 1 + max((depth(t) for t in g.get(node, ())), default=0)
+
+        return max(depth(n) for n in g)
+
+    return {
+        "modules": len(MODULES), "edges": sum(len(t) for t in graph.values()), "levels": levels(graph),
+        "cycles": len(import_cycles(graph)),
+        "upward imports": sum(layer_of(t) > layer_of(m) for m in MODULES for t, _ in imports_of(m)),
+        "packages": len(packages), "package edges": sum(len(t) for t in packages.values()),
+        "package levels": levels(packages),
+    }
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the numbers the architecture page quotes
+    for key, value in graph_numbers().items():
+        print(f"{key}: {value}")

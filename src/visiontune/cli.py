@@ -3,6 +3,12 @@
 Parsing imports nothing heavy (``visiontune --help`` loads no torch); each command imports the modules it
 runs when it runs, so a command whose optional package is missing fails alone, with the ``pip install``
 line that fixes it (:mod:`visiontune.extras`), and the others work on the base install.
+
+Why one module of about 600 lines: it is the table of commands, and nothing else. Each command is a short
+``_cmd_<name>`` (parse -> config -> one library call) plus its subparser in :func:`build_parser`, which the
+generated command-line reference (:mod:`visiontune.reference`) and the every-``--help``-without-extras test read
+whole; split per command, the parser would sit in fourteen files with no logic gained. Anything that computes
+belongs in the library below (how to add a command: ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -54,18 +60,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
-    from visiontune.auto import AutoSelect, parse_budget
+    from visiontune.auto import AutoSelect, AutoSettings
     from visiontune.auto.prior import resolve_prior
 
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
-    sel = AutoSelect(
-        args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
-        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
-        executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
-        gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight,
-        prior=resolve_prior(args.prior), cost_margin=args.cost_margin, rope=args.rope,
+    settings = AutoSettings(
+        budget_s=args.budget, folds=args.folds, progress=not args.quiet, unlabeled=args.unlabeled,
+        prune=not args.no_prune, executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight, cost_margin=args.cost_margin, rope=args.rope,
         **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
+    sel = AutoSelect(args.data, out, settings, backbones=args.backbone, overrides=args.overrides,
+                     prior=resolve_prior(args.prior))
     if args.dry_run:
         print(sel.plan().describe())
         return 0

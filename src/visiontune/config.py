@@ -11,9 +11,12 @@ imports no method: methods register themselves when :mod:`visiontune.methods` is
 ``import visiontune`` (the root package, run before any of its submodules) does, and validation looks
 the name up in :data:`~visiontune.registry.METHODS` when it runs.
 
-Why this module is longer than ~500 lines: every section's dataclass (their help texts are the reference
-documentation), the checks the sections share with pretraining's config (:func:`run_section_problems`,
-:func:`optim_section_problems`) and the loader that validates them all at once belong to one vocabulary.
+Why this module is longer than ~500 lines: the sections' dataclasses (their help texts are the reference
+documentation) and the code that reads them (dotted overrides, type coercion that reports every problem at once,
+YAML load/dump) change together -- a field's annotation is valid only if :func:`_coerce` handles its type --, the
+checks the sections share with pretraining's config (:func:`run_section_problems`, :func:`optim_section_problems`)
+belong to the same vocabulary, and nearly every module imports it; a method's options already live with the method
+(:class:`MethodConfig` subclasses), the data splits' checks with the data.
 """
 
 from __future__ import annotations

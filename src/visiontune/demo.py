@@ -28,7 +28,7 @@ from typing import Any
 
 import visiontune as vt
 from visiontune.atomic import write_text_atomic
-from visiontune.auto import AutoSelect, parse_budget
+from visiontune.auto import AutoSelect, AutoSettings
 from visiontune.registry import METHODS
 from visiontune.eval import compare_table, plot_comparison
 
@@ -110,8 +110,8 @@ def run_auto(extra: list[str], budget: str) -> dict[str, Any]:
     ]
     out = Path(cfg.run.dir) / "auto"
     print(f"\n[demo] === visiontune auto {cfg.data.dataset} --budget {budget} --out {out} ===")
-    record = AutoSelect(cfg.data.dataset, out, budget_s=parse_budget(budget), overrides=overrides,
-                        progress=cfg.run.progress).run()
+    record = AutoSelect(cfg.data.dataset, out, AutoSettings(budget_s=budget, progress=cfg.run.progress),
+                        overrides=overrides).run()
     print(f"\n[demo] auto chose: {record['decision']['candidate']}. {record['decision']['reason']}.")
     print(f"[demo] leaderboard: {out / 'leaderboard.md'}  model: {record['final']['run_dir']}")
     return record
