@@ -13,6 +13,7 @@ import importlib.util
 EXTRAS: dict[str, tuple[str, ...]] = {
     "quant": ("bitsandbytes",),
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
+    "openvino": ("openvino", "nncf"),
     "serve": ("fastapi", "uvicorn", "python_multipart"),
     "cluster": ("ray",),
     "multispectral": ("tifffile",),
@@ -25,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 WHAT_NEEDS: dict[str, str] = {
     "quant": "QLoRA/QDoRA (method.name=qlora|qdora)",
     "onnx": "visiontune export, --backend onnxruntime, INT8",
+    "openvino": "visiontune export --format openvino, --backend openvino, INT8 by NNCF",
     "serve": "visiontune serve (HTTP service and web page)",
     "cluster": "--executor ray (sweep, auto)",
     "multispectral": ".tif arrays for visiontune pretrain",
