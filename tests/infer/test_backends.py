@@ -97,10 +97,10 @@ def test_backend_errors_name_the_fix(exported_runs: dict[str, Path], adapter_run
     run = exported_runs["colors"]
     for args in (["predict", str(run), "x.png", "--backend", "openvino"], ["eval", str(run), "--backend", "openvino"]):
         assert main(args) == 2  # another backend's export is not there: the command that makes it is named
-        assert "has no fp32 openvino export" in capsys.readouterr().err
+        assert "has no fp32 OpenVINO export" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"--int8 runs an INT8 export and needs a backend that has one \(onnxruntime"):
         resolve_backend("torch", run, int8=True)
-    with pytest.raises(ConfigError, match="is a onnx export, which the torch backend cannot run; use --backend onnxruntime"):
+    with pytest.raises(ConfigError, match="is an ONNX export, which the torch backend cannot run; use --backend onnxruntime"):
         resolve_backend("torch", run / "export")
     with pytest.raises(ConfigError, match="--backend='tensorrt' is not a known inference backend"):
         resolve_backend("tensorrt", run)

@@ -89,9 +89,9 @@ def test_predict_and_eval_on_openvino_agree_with_pytorch(ov_run: Path, runs_help
     int8 = vt.pipeline(str(ov_run), backend="openvino", int8=True, top_k=1)
     assert int8.info["precision"] == "int8" and int8.model.path.name == "openvino_model.int8.xml"
     assert [g[0]["label"] for g in int8(images)] == [r[0]["label"] for r in ref]
-    torch_m = vt.evaluate(str(ov_run), progress=False)
+    torch_m = vt.evaluate(str(ov_run))
     for kwargs in ({"backend": "openvino"}, {"backend": "openvino", "int8": True}):
-        m = vt.evaluate(str(ov_run), progress=False, **kwargs)
+        m = vt.evaluate(str(ov_run), **kwargs)
         assert m["backend"] == "openvino" and m["num_samples"] == torch_m["num_samples"]
         assert abs(m["accuracy"] - torch_m["accuracy"]) * 100 <= 1.0  # the export's guard
     assert main(["eval", str(folder / "openvino_model.int8.xml"), "--json", "--quiet"]) == 0
@@ -104,11 +104,11 @@ def test_openvino_errors_name_the_fix(ov_run: Path, adapter_runs: dict[str, Path
     assert "--keep-fp32 does not apply to --format openvino" in capsys.readouterr().err
     assert main(["export", str(ov_run), "--format", "openvino", "--opset", "17"]) == 2
     assert "--opset does not apply to --format openvino" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"has no INT8 openvino export .* visiontune export .* --format openvino --int8"):
+    with pytest.raises(ConfigError, match=r"has no INT8 OpenVINO export .* visiontune export .* --format openvino --int8"):
         vt.pipeline(str(adapter_runs["big"]), backend="openvino", int8=True)
-    with pytest.raises(ConfigError, match="is a openvino export, which the onnxruntime backend cannot run"):
+    with pytest.raises(ConfigError, match="is an OpenVINO export, which the onnxruntime backend cannot run"):
         resolve_backend("onnxruntime", ov_run / "export" / "openvino_model.xml")
-    with pytest.raises(ConfigError, match="is a openvino export, which the torch backend cannot run; use --backend openvino"):
+    with pytest.raises(ConfigError, match="is an OpenVINO export, which the torch backend cannot run; use --backend openvino"):
         resolve_backend("torch", ov_run / "export" / "openvino_model.json")
     with pytest.raises(ConfigError, match="runs on the CPU here"):
         vt.pipeline(str(ov_run), backend="openvino", device="cuda")
@@ -149,6 +149,6 @@ def test_real_dinov2_openvino_fp32_equals_and_int8_passes_the_guard(tmp_path: Pa
     fp32 = vt.pipeline(str(run_dir), top_k=2, backend="openvino")(images)
     assert [[p["label"] for p in g] for g in fp32] == [[p["label"] for p in r] for r in ref]
     assert np.allclose([[p["score"] for p in g] for g in fp32], [[p["score"] for p in r] for r in ref], atol=1e-4)
-    m = vt.evaluate(str(run_dir), backend="openvino", int8=True, progress=False)
+    m = vt.evaluate(str(run_dir), backend="openvino", int8=True)
     assert m["backend"] == "openvino" and m["precision"] == "int8"
-    assert abs(m["accuracy"] - vt.evaluate(str(run_dir), progress=False)["accuracy"]) * 100 <= 1.0
+    assert abs(m["accuracy"] - vt.evaluate(str(run_dir))["accuracy"]) * 100 <= 1.0

@@ -174,6 +174,8 @@ class ExportBackend(InferenceBackend):
     """A backend that runs models written by ``visiontune export --format FORMAT``: the file names, the reader,
     and the writer (``convert``, ``quantize``) ``visiontune export`` calls."""
 
+    title: ClassVar[str] = ""
+    """How messages name the format (``ONNX``, ``OpenVINO``)."""
     files: ClassVar[tuple[str, str]] = ("", "")
     """The fp32 and INT8 model file names in an export folder; each has its ``.json`` metadata beside it."""
     convert_modules: ClassVar[tuple[str, ...]] = ()
@@ -313,10 +315,10 @@ def resolve_backend(backend: str | None, path: str | Path, int8: bool = False) -
     b = get_backend(str(backend))
     b.require()
     if not b.exports and found is not None:
-        raise ConfigError(f"{str(path)!r} is a {found.format} export, which the {b.name} backend cannot run; use "
+        raise ConfigError(f"{str(path)!r} is an {found.title} export, which the {b.name} backend cannot run; use "
                           f"--backend {found.name} (or the run directory it came from with --backend {b.name})")
     if b.exports and found is not None and found is not b:
-        raise ConfigError(f"{str(path)!r} is a {found.format} export, which the {b.name} backend cannot run; use "
+        raise ConfigError(f"{str(path)!r} is an {found.title} export, which the {b.name} backend cannot run; use "
                           f"--backend {found.name}, or export the run with --format {b.format}")
     if int8 and "int8" not in b.precisions:
         can = [x.name for x in all_backends() if "int8" in x.precisions]
@@ -385,7 +387,7 @@ def find_export(path: str | Path, int8: bool = False, backend: ExportBackend | N
         model = folder / want
         if not model.is_file():
             if is_run:
-                raise ConfigError(f"run {str(p)!r} has no {'INT8' if int8 else 'fp32'} {backend.format} export ({model} is "
+                raise ConfigError(f"run {str(p)!r} has no {'INT8' if int8 else 'fp32'} {backend.title} export ({model} is "
                                   f"missing); make it with: visiontune export {p}{flag}")
             raise ConfigError(f"{str(p)!r} holds no {want}; pass a run directory, an export folder written by "
                               f"`visiontune export` or a {backend.suffix()} file, or make the export with: "

@@ -113,6 +113,7 @@ class OnnxRuntimeBackend(ExportBackend):
 
     name = "onnxruntime"
     format = "onnx"
+    title = "ONNX"
     extra = "onnx"
     modules = ("onnxruntime",)
     convert_modules = ("onnx",)

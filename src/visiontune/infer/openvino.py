@@ -101,6 +101,7 @@ class OpenVINOBackend(ExportBackend):
 
     name = "openvino"
     format = "openvino"
+    title = "OpenVINO"
     extra = "openvino"
     modules = ("openvino",)
     files = (FP32_FILE, INT8_FILE)
