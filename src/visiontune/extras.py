@@ -13,12 +13,12 @@ import importlib.util
 EXTRAS: dict[str, tuple[str, ...]] = {
     "quant": ("bitsandbytes",),
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
-    "openvino": ("openvino", "nncf"),
     "serve": ("fastapi", "uvicorn", "python_multipart"),
     "cluster": ("ray",),
     "multispectral": ("tifffile",),
     "tensorboard": ("tensorboard",),
     "offline": ("onnx",),
+    "openvino": ("openvino", "nncf"),
 }
 """Extra -> the top-level modules its packages install (what ``import`` names, not the PyPI name).
 ``[serve]`` also installs httpx and playwright, for the service's own tests only."""
@@ -26,12 +26,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 WHAT_NEEDS: dict[str, str] = {
     "quant": "QLoRA/QDoRA (method.name=qlora|qdora)",
     "onnx": "visiontune export, --backend onnxruntime, INT8",
-    "openvino": "visiontune export --format openvino, --backend openvino, INT8 by NNCF",
     "serve": "visiontune serve (HTTP service and web page)",
     "cluster": "--executor ray (sweep, auto)",
     "multispectral": ".tif arrays for visiontune pretrain",
     "tensorboard": "run.tensorboard=true",
     "offline": "backbone.weights=offline for the DINOv2-S weights (read from an ONNX file)",
+    "openvino": "visiontune export --format openvino, --backend openvino, INT8 by NNCF",
 }
 """Extra -> what it enables, in the words of the command line."""
 
