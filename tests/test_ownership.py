@@ -243,7 +243,7 @@ def test_export_out_never_replaces_a_file_it_did_not_make(run_copy, capsys):
 def test_a_failed_export_leaves_the_previous_export_as_it_was(run_copy, monkeypatch, capsys):
     """Minor list: export wrote model.onnx in place, so a failed or killed export left a broken model under the
     export's name; and a killed export's staged model (full-size) is removed by the next export."""
-    from visiontune.infer import export as export_mod
+    from visiontune.infer import onnxruntime as onnx_mod
 
     assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 0
     export = run_copy / "export"
@@ -255,7 +255,7 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(run_copy, monkeypa
         Path(out).write_bytes(b"half an onnx model")
         raise RuntimeError("killed mid-export")
 
-    monkeypatch.setattr(export_mod, "_export_with", half_written)
+    monkeypatch.setattr(onnx_mod, "_export_with", half_written)
     assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 2
     assert "killed mid-export" in capsys.readouterr().err
     assert tree(export) == before

@@ -24,6 +24,7 @@ import visiontune as vt
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.extras import install_hint, missing_message
 from visiontune.precisions import HOST_PRECISIONS, INFERENCE_PRECISIONS
+from visiontune.registry import INFERENCE_PLUGINS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -313,10 +314,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--int8``, the same for predict, eval, serve."""
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
-                   help="auto (default): torch for a run directory, onnxruntime for an export; onnxruntime on a run "
-                        "directory uses its export/ (visiontune export); openvino is not supported in this build")
-    p.add_argument("--int8", action="store_true", help="use the INT8 export (model.int8.onnx; onnxruntime)")
+    p.add_argument("--backend", choices=["auto", *(name for name, _, _ in INFERENCE_PLUGINS)], default="auto",
+                   help="auto (default): torch for a run directory, the export's own backend for an export; an export "
+                        "backend on a run directory uses its export/ (visiontune export --format FORMAT)")
+    p.add_argument("--int8", action="store_true", help="use the INT8 export (export backends)")
 
 
 def _precision_arg(p: argparse.ArgumentParser) -> None:
@@ -506,33 +507,41 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
-    ex = sub.add_parser("export", help="export a run's merged model (ONNX, optionally INT8) with labels and preprocessing",
-                        description="Export a run's merged model (ONNX, optionally INT8) with labels and preprocessing. "
+    ex = sub.add_parser("export", help="export a run's merged model (ONNX or another format, optionally INT8) with labels "
+                                       "and preprocessing",
+                        description="Export a run's merged model (ONNX, or another export backend's format such as "
+                                    "OpenVINO IR; optionally INT8) with labels and preprocessing. "
                                     + _needs("onnx", "Export"))
     ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                    help="onnx (openvino is not supported in this build: it says so)")
-    ex.add_argument("--out", default=None, help="output .onnx path (default <run_dir>/export/model.onnx)")
-    ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
-                    help="torch.export-based (needs onnxscript) or the legacy tracer; auto tries them in that order")
-    ex.add_argument("--opset", type=int, default=18)
+    formats = [fmt for _, fmt, _ in INFERENCE_PLUGINS if fmt]
+    ex.add_argument("--format", choices=formats, default=formats[0],
+                    help=f"{formats[0]} (default) or another export backend's format: {', '.join(formats[1:])} (each needs "
+                         "its extra, e.g. pip install 'visiontune[openvino]')")
+    ex.add_argument("--out", default=None, help="output model path (default <run_dir>/export/ and the format's file name: "
+                                                "model.onnx, openvino_model.xml ...)")
+    ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default=None,
+                    help="ONNX: torch.export-based (needs onnxscript) or the legacy tracer; auto (default) tries them in "
+                         "that order")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     ex.add_argument("--no-check", action="store_true",
-                    help="skip the onnxruntime vs PyTorch comparison and the test-split accuracy measurement")
+                    help="skip the export vs PyTorch comparison and the test-split accuracy measurement")
     ex.add_argument("--int8", action="store_true",
-                    help="also write model.int8.onnx: static INT8 quantization calibrated on the run's training images")
+                    help="also write an INT8 model (model.int8.onnx, openvino_model.int8.xml ...): post-training static "
+                         "quantization calibrated on the run's training images")
     ex.add_argument("--calibration", type=int, default=None, metavar="N",
                     help="calibration images from the training split (default 128, or all when fewer)")
     ex.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                     help="refuse the INT8 model when it loses more accuracy or weighted F1 than this on the test split (default 1)")
     ex.add_argument("--warn-only", action="store_true", help="keep an INT8 model past --max-drop, with a warning")
     ex.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
-                    help="comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")
+                    help="ONNX: comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")
     ex.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
-                    help="SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
+                    help="ONNX: SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
     ex.set_defaults(func=_cmd_export)
 
-    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, ONNX fp32/INT8)",
-                        description="Latency/throughput on every installed backend (torch merged/unmerged, ONNX fp32/INT8). "
+    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, exports fp32/INT8)",
+                        description="Latency/throughput on every installed backend (torch merged/unmerged, each export "
+                                    "backend's fp32/INT8). "
                                     + _needs("onnx", "The ONNX backends"))
     bi.add_argument("run_dir")
     bi.add_argument("--batch-sizes", default="1,32", help="comma-separated; 1 is the latency")
@@ -540,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement when --iters is not given")
     bi.add_argument("--device", default="cpu")
     bi.add_argument("--backends", default="all",
-                    help="comma-separated: torch, onnxruntime (default all installed; openvino is not in this build)")
-    bi.add_argument("--export", default=None, help="folder with model.onnx / model.int8.onnx (default <run>/export, "
-                                                   "else exported for the benchmark)")
+                    help=f"comma-separated: {', '.join(name for name, _, _ in INFERENCE_PLUGINS)} (default: all installed)")
+    bi.add_argument("--export", default=None, help="folder with the exports (default <run>/export, else exported for "
+                                                   "the benchmark)")
     bi.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds; medians over them (default 1)")
     bi.add_argument("--bf16", action="store_true",
                     help="also time the PyTorch model under bf16 autocast (what --precision bf16 runs)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -55,14 +54,9 @@ def machine() -> dict[str, Any]:
     """What decides which float kernels run: CPU model and vector extensions, torch version and threads."""
     import torch
 
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        text = cpuinfo.read_text(errors="replace")
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(found.group(1).split()) if found else set()
+    from visiontune.runtime import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     return {
         "cpu": model, "isa": [f for f in _ISA_FLAGS if f in flags], "torch": torch.__version__.split("+")[0],
         "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
