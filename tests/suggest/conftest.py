@@ -1,43 +1,37 @@
-"""Fixtures of the suggest tests: a folder of small images in three well-separated colour groups."""
+"""Fixtures of the suggest tests: a folder of small images in three well-separated colour groups, a tiny backbone."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
-import numpy as np
 import pytest
-from PIL import Image
 
 TINY_BACKBONE = ["backbone.name=test_vit", "backbone.weights=none", "backbone.img_size=32"]
-COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
 
-def make_images(folder: Path, per_colour: int, seed: int = 0, sub: bool = False) -> dict[str, str]:
-    """``per_colour`` noisy 24x24 PNGs per colour under ``folder`` (one sub-folder per colour when ``sub``); path -> colour."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, rgb in COLOURS.items():
-        target = folder / name if sub else folder
-        target.mkdir(parents=True, exist_ok=True)
-        for i in range(per_colour):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 12, (24, 24, 3)), 0, 255).astype(np.uint8)
-            p = target / f"{name}_{seed}_{i:03d}.png"
-            Image.fromarray(arr).save(p)
-            out[str(p.resolve())] = name
-    return out
+def load_images_helper() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("visiontune_test_suggest_images", Path(__file__).parent / "_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IMAGES = load_images_helper()
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """30 unlabeled images (10 per colour), flat, and the hidden colour of each."""
     folder = tmp_path / "pool"
-    return folder, make_images(folder, 10)
+    return folder, IMAGES.make_images(folder, 10)
 
 
 @pytest.fixture
 def image_maker():
-    """:func:`make_images`, for tests that need more folders."""
-    return make_images
+    """:func:`_images.make_images`, for tests that need more folders."""
+    return IMAGES.make_images
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ manifest ``visiontune train data.dataset=picks.csv`` reads.
 Written with FastAPI (the ``serve`` extra), imported when the page is served.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (``fastapi.Request``, imported
+# when the app is made) at definition time.
 from pathlib import Path
 from typing import Any
 

@@ -84,6 +84,8 @@ def read_picks(path: Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The rows of a picks CSV and its sidecar (``{}`` when absent)."""
     import json
 
+    if not Path(path).is_file():
+        raise DataError(f"{str(path)!r} does not exist; pass the CSV `visiontune suggest --out` wrote")
     if not is_picks_csv(path):
         raise DataError(f"{str(path)!r} is not a picks file written by `visiontune suggest` (header {','.join(HEADER)})")
     with open(path, newline="", encoding="utf-8") as f:
