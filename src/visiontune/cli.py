@@ -335,8 +335,8 @@ def _suggest_parsers(sub: Any) -> None:
     sg.add_argument("unlabeled_dir", metavar="UNLABELED_DIR", help="folder of images to choose from (recursive)")
     sg.add_argument("--budget", type=int, required=True, help="how many images to pick")
     sg.add_argument("--strategy", choices=list(STRATEGIES), default="auto",
-                    help="auto (default): typiclust at few labels per class, margin beyond (the switch point measured "
-                         "in benchmarks/suggest); random is the baseline")
+                    help="auto (default): margin once a model exists and the round ends above 10 labels per class, "
+                         "else the best measured cold-start rule (random: TypiClust only tied it in benchmarks/suggest)")
     src = sg.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, metavar="RUN_DIR", help="a trained run: its features and classifier")
     src.add_argument("--labeled", default=None, metavar="DATA",

@@ -12,8 +12,8 @@ model exists, budget, seed) to ``budget`` pool indices, each with the reason a p
 * ``probcover``: ProbCover (Yehuda et al., "Active Learning Through a Covering Lens", NeurIPS 2022,
   https://arxiv.org/abs/2205.11320). Points are L2-normalised; a ball of radius ``delta`` around each point
   covers its neighbours; greedily pick the point covering the most not-yet-covered points (labeled images cover
-  theirs from the start). ``delta`` is the largest radius whose balls stay 95 % pure for a k-means clustering
-  into the number of classes (the authors' purity rule), searched on a grid.
+  theirs from the start; ties go to a seeded random point). ``delta`` is the largest radius whose balls stay 95 %
+  pure for a k-means clustering into the number of classes (the authors' purity rule), searched on a 0.01 grid.
 * ``margin`` / ``entropy``: uncertainty sampling on a model's class probabilities (the linear probe fitted on
   the labeled images' features, or a trained run): smallest top-1 minus top-2 probability, or highest entropy.
 * ``auto``: a coverage method while few labels exist per class, then margin: the switch point
@@ -40,13 +40,19 @@ TYPICALITY_K = 20
 """Neighbours in the typicality (the authors' value)."""
 PURITY = 0.95
 """ProbCover's purity threshold for choosing delta."""
+DELTAS = np.round(np.arange(0.01, 1.001, 0.01), 2)
+"""ProbCover's candidate radii on L2-normalised features (a fine grid: on small pools the pure radius is small)."""
 
 AUTO_SWITCH_PER_CLASS = 10.0
 """``auto`` uses :data:`AUTO_COVERAGE` until this many labels per class exist after the round, margin beyond.
 
-Measured in ``benchmarks/suggest/README.md`` (see the table there for how it was chosen)."""
-AUTO_COVERAGE = "typiclust"
-"""The coverage rule ``auto`` uses below the switch point (the better one in the simulation)."""
+Taken from the simulation (``benchmarks/suggest/results/auto_choice.json``, rule in ``benchmarks/suggest/analyze.py``):
+averaged over 6 datasets, margin trailed the best cold-start rule at 5 and 10 labels per class (-4.0 and -0.5 points)
+and led it from 20 on (+0.1, +2.0, +2.6 points at 20, 30, 50)."""
+AUTO_COVERAGE = "random"
+"""The rule ``auto`` uses below the switch point: the best measured there. In the simulation TypiClust tied a random
+draw (49.0 vs 49.2 % mean accuracy over 2-10 labels per class, 6 datasets) and ProbCover trailed both, so ``auto``
+falls back to random picks on a cold start; ``--strategy typiclust`` / ``probcover`` remain available."""
 
 STRATEGIES = ("auto", "random", "typiclust", "probcover", "margin", "entropy")
 
@@ -134,8 +140,8 @@ def probcover_delta(x: np.ndarray, n_classes: int, seed: int) -> float:
 
     assign = _fit_kmeans(x, max(2, n_classes), seed)
     nn = NearestNeighbors().fit(x)
-    best = 0.05
-    for delta in np.arange(0.05, 1.01, 0.05):
+    best = float(DELTAS[0])
+    for delta in DELTAS:
         graph = nn.radius_neighbors_graph(x, radius=float(delta), mode="connectivity").tocoo()
         impure = np.zeros(len(x), dtype=bool)
         np.logical_or.at(impure, graph.row, assign[graph.row] != assign[graph.col])
@@ -164,6 +170,7 @@ def probcover(pool: np.ndarray, labeled: np.ndarray, budget: int, seed: int, n_c
     gain = gain.astype(np.int64)
     graph_t = graph.T.tocsr()  # column view: who covers point j
     rng = np.random.default_rng(seed)
+    order = rng.permutation(len(xp))  # ties go to a seeded random point, not to the first file (folders are sorted)
     picks: list[Pick] = []
     while len(picks) < budget:
         g = np.where(taken, -1, gain)
@@ -173,7 +180,7 @@ def probcover(pool: np.ndarray, labeled: np.ndarray, budget: int, seed: int, n_c
                 taken[i] = True
                 picks.append(Pick(int(i), f"pool fully covered at radius {delta:.2f}; random fill", 0.0))
             break
-        i = int(np.argmax(g))
+        i = int(order[np.argmax(g[order])])
         new = graph.indices[graph.indptr[i]:graph.indptr[i + 1]]
         new = new[~covered[new]]
         picks.append(Pick(i, f"covers {len(new)} not-yet-covered images within radius {delta:.2f}", float(len(new))))
