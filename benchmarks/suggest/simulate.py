@@ -4,16 +4,20 @@ For each dataset (features from ``benchmarks/suggest/features.py``: offline DINO
 a fixed test split of ``--test-per-class`` images per class is held out (seed 0) and the rest is the unlabeled
 pool, its labels hidden. Starting from 0 labels, each round asks a strategy of :mod:`visiontune.suggest.strategies`
 (the same ``select`` the command runs) for the images that bring the labeled set to K labels per class on average
-(K in ``--per-class``), reveals their labels, fits the linear probe exactly as ``method.name=linear`` does
-(``fit_probe_head``: standardised features, L2 logistic regression, C by grouped CV) and records its test accuracy.
+(K in ``--per-class``), reveals their labels, fits the linear probe as ``method.name=linear`` does (``fit_probe_head``:
+standardised features, L2 logistic regression; C by grouped CV, or fixed with ``--probe-c``: the committed results
+use ``--probe-c 0.1``, the C the CV chose at 20 and 50 labels/class in a pilot, because the CV made every round
+~20x dearer on the shared 2-core CPU) and records its test accuracy.
 Uncertainty strategies (margin, entropy) have no model before the first labels: their first round is a random draw.
 
 Usage (repo root)::
 
     python benchmarks/suggest/simulate.py --cache runs/suggest/features --out benchmarks/suggest/results \\
         --datasets neu_steel6 flowers5 pbc_blood8 aid_aerial10 dtd10 isic_skin7 --seeds 0 1 2 \\
-        --strategies random typiclust probcover margin
-    python benchmarks/suggest/simulate.py ... --strategies auto --auto-switch 10 --auto-coverage typiclust
+        --strategies random typiclust probcover margin --probe-c 0.1
+    python benchmarks/suggest/analyze.py --choose      # -> results/auto_choice.json (coverage rule, switch point)
+    python benchmarks/suggest/simulate.py ... --strategies auto --auto-switch 10 --auto-coverage random --probe-c 0.1
+    python benchmarks/suggest/analyze.py               # -> results/table.md, criterion.md, curves.png
 
 Rows go to ``--out/rounds.jsonl`` (one per dataset x strategy x seed x round; a finished (dataset, strategy,
 seed) is skipped when the script runs again).
