@@ -84,3 +84,13 @@ def test_bad_input_is_named() -> None:
         st.select("random", x, 161, 0)
     with pytest.raises(ConfigError, match="needs a model"):
         st.select("margin", x, 3, 0)
+
+
+def test_probcover_ties_do_not_fall_to_the_first_files(monkeypatch) -> None:
+    """With a radius under every neighbour distance each ball covers only its centre: all gains tie. Ties went to the
+    lowest index, i.e. the first files of the sorted folder, one class; they now go to a seeded random point."""
+    x, y = blobs(spread=0.5)
+    monkeypatch.setattr(st, "DELTAS", np.array([0.001]))
+    picks = st.probcover(x, np.zeros((0, x.shape[1])), 8, seed=0, n_classes=4)
+    assert len(set(y[[p.index for p in picks]].tolist())) > 1
+    assert [p.index for p in picks] == [p.index for p in st.probcover(x, np.zeros((0, 8)), 8, seed=0, n_classes=4)]
