@@ -174,3 +174,21 @@ def test_cli_writes_picks_and_reports_errors_on_one_line(pool, tiny_backbone, tm
     capsys.readouterr()
     assert main(["suggest", str(folder), "--budget", "-2", "--out", str(out), *tiny_backbone]) == 2
     assert "--budget -2 must be a whole number" in capsys.readouterr().err
+
+
+def test_with_a_trained_run_margin_uses_its_classifier_and_labels(pool, tiny_overrides, tmp_path):
+    import visiontune as vt
+
+    result = vt.train(vt.load_config(None, overrides=[*tiny_overrides, "method.name=linear", "run.name=r"]))
+    folder, _ = pool
+    r = suggest(folder, 5, out=tmp_path / "run.csv", strategy="auto", run=result.run_dir, cache=tmp_path / "c",
+                progress=False)
+    labels = [str(c) for c in range(10)]  # digits
+    assert r.classes == labels and r.rule == st.AUTO_COVERAGE  # 5 picks over 10 classes: under the switch point
+    m = suggest(folder, 5, out=tmp_path / "m.csv", strategy="margin", run=result.run_dir, cache=tmp_path / "c",
+                progress=False)
+    for p in m.picks:
+        words = p["reason"].split()
+        assert words[0] == "margin" and words[3] in labels and words[5] in labels
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["run"] == str(result.run_dir) and meta["classes"] == labels
