@@ -132,7 +132,8 @@ def contact_sheet(path: Path, images: Sequence[str], captions: Sequence[str]) ->
     draw = ImageDraw.Draw(sheet)
     for k, (img_path, cap) in enumerate(shown):
         img = load_image(img_path)
-        img.thumbnail((THUMB, THUMB))
+        scale = THUMB / max(img.size)  # small images are enlarged too, so a 32 px pick is visible
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
         x, y = (k % cols) * THUMB, (k // cols) * (THUMB + cap_h)
         sheet.paste(img, (x + (THUMB - img.width) // 2, y + (THUMB - img.height) // 2))
         text = f"{k + 1}. {short_reason(cap)}"
