@@ -80,7 +80,7 @@ def run_one(d: dict, strategy: str, seed: int, per_class: list[int]) -> list[dic
             continue
         unl = np.setdiff1d(pool, labeled)
         name = strategy
-        if strategy in ("margin", "entropy") and head is None:
+        if strategy in ("margin", "entropy", "badge") and head is None:
             name = "random"  # no model before the first labels
         t0 = time.perf_counter()
         probs = None if head is None else (lambda h=head, u=unl: (predict(h, x[u]), d["classes"]))

@@ -94,3 +94,13 @@ def test_probcover_ties_do_not_fall_to_the_first_files(monkeypatch) -> None:
     picks = st.probcover(x, np.zeros((0, x.shape[1])), 8, seed=0, n_classes=4)
     assert len(set(y[[p.index for p in picks]].tolist())) > 1
     assert [p.index for p in picks] == [p.index for p in st.probcover(x, np.zeros((0, 8)), 8, seed=0, n_classes=4)]
+
+
+def test_badge_starts_at_the_largest_gradient_and_spreads_over_the_blobs() -> None:
+    x, y = blobs(n_per=30, k=4)
+    probs = np.full((len(x), 4), 0.25)  # equally unsure everywhere: diversity decides
+    probs[7] = [0.1, 0.1, 0.1, 0.7]  # one confident image: the smallest gradient, not a first pick
+    flat = st.badge(x, probs, ["a", "b", "c", "d"], 4, seed=0)
+    assert sorted(y[[p.index for p in flat]].tolist()) == [0, 1, 2, 3]  # one per blob, none twice from a blob
+    assert flat[0].score == max(p.score for p in flat)
+    assert all(p.reason.startswith("uncertain and unlike earlier picks") for p in flat)

@@ -16,6 +16,11 @@ model exists, budget, seed) to ``budget`` pool indices, each with the reason a p
   pure for a k-means clustering into the number of classes (the authors' purity rule), searched on a 0.01 grid.
 * ``margin`` / ``entropy``: uncertainty sampling on a model's class probabilities (the linear probe fitted on
   the labeled images' features, or a trained run): smallest top-1 minus top-2 probability, or highest entropy.
+* ``badge``: BADGE (Ash et al., "Deep Batch Active Learning by Diverse, Uncertain Gradient Lower Bounds", ICLR 2020,
+  https://arxiv.org/abs/1906.03671): k-means++ seeding on the last layer's gradient embeddings
+  ``(p - onehot(argmax p)) x features``, so picks are uncertain and unlike each other. The distances use the
+  embedding's outer-product form (``<g_i, g_j> = <r_i, r_j> <x_i, x_j>``), never building the N x (C D) matrix;
+  ``x`` is the pooled feature vector (the probe standardises it first; the raw features are used here).
 * ``auto``: a coverage method while few labels exist per class, then margin: the switch point
   :data:`AUTO_SWITCH_PER_CLASS` and which coverage rule comes from the simulation in ``benchmarks/suggest``.
 
@@ -54,7 +59,7 @@ AUTO_COVERAGE = "random"
 draw (49.0 vs 49.2 % mean accuracy over 2-10 labels per class, 6 datasets) and ProbCover trailed both, so ``auto``
 falls back to random picks on a cold start; ``--strategy typiclust`` / ``probcover`` remain available."""
 
-STRATEGIES = ("auto", "random", "typiclust", "probcover", "margin", "entropy")
+STRATEGIES = ("auto", "random", "typiclust", "probcover", "margin", "entropy", "badge")
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,34 @@ def uncertainty(probs: np.ndarray, classes: Sequence[str], budget: int, kind: st
     return out
 
 
+def badge(pool: np.ndarray, probs: np.ndarray, classes: Sequence[str], budget: int, seed: int) -> list[Pick]:
+    """BADGE's picks: k-means++ seeding on gradient embeddings (see the module docstring)."""
+    x = np.asarray(pool, np.float32)
+    p = np.asarray(probs, np.float64)
+    rows = np.arange(len(p))
+    pred = p.argmax(1)
+    r = p.copy()
+    r[rows, pred] -= 1.0
+    rn, xn = (r * r).sum(1), (x.astype(np.float64) ** 2).sum(1)
+    norm = rn * xn
+
+    def dist2(c: int) -> np.ndarray:
+        return np.maximum(norm + norm[c] - 2.0 * (r @ r[c]) * (x @ x[c]).astype(np.float64), 0.0)
+
+    rng = np.random.default_rng(seed)
+    c = int(np.argmax(norm))  # the authors' first centre: the largest gradient
+    chosen = [c]
+    d2 = dist2(c)
+    while len(chosen) < budget:
+        d2[chosen] = 0.0
+        total = d2.sum()
+        c = int(rng.choice(len(d2), p=d2 / total)) if total > 0 else int(rng.choice(np.setdiff1d(rows, chosen)))
+        chosen.append(c)
+        d2 = np.minimum(d2, dist2(c))
+    return [Pick(i, f"uncertain and unlike earlier picks (gradient norm {np.sqrt(norm[i]):.3g}; predicted "
+                    f"{classes[pred[i]]} at {p[i, pred[i]]:.2f})", float(np.sqrt(norm[i]))) for i in chosen]
+
+
 def auto_choice(n_labeled: int, n_classes: int, budget: int, has_model: bool) -> str:
     """The rule ``auto`` applies this round: coverage below the measured switch point, margin above it."""
     if not has_model or n_classes < 2:
@@ -249,4 +282,6 @@ def select(strategy: str, pool: np.ndarray, budget: int, seed: int, labeled: np.
         raise ConfigError(f"--strategy {strategy} needs a model to be uncertain about: pass --labeled DATA (a probe "
                           "is fitted on it) or --run RUN_DIR; with no labels at all use typiclust, probcover or auto")
     p, classes = probs()
+    if strategy == "badge":
+        return badge(pool, p, classes, budget, seed)
     return uncertainty(p, classes, budget, strategy)
