@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=30)
     p.add_argument("--auto-switch", type=float, default=None, help="override AUTO_SWITCH_PER_CLASS (labels per class)")
     p.add_argument("--auto-coverage", default=None, help="override AUTO_COVERAGE")
+    p.add_argument("--auto-uncertainty", default=None, help="override AUTO_UNCERTAINTY")
     p.add_argument("--probe-c", type=float, default=None, help="fix the probe's C (default: grouped CV, as the product)")
     p.add_argument("--label", default=None, help="strategy name written to the rows (default: the strategy)")
     args = p.parse_args()
@@ -120,6 +121,8 @@ def main() -> None:
         st.AUTO_SWITCH_PER_CLASS = args.auto_switch
     if args.auto_coverage is not None:
         st.AUTO_COVERAGE = args.auto_coverage
+    if args.auto_uncertainty is not None:
+        st.AUTO_UNCERTAINTY = args.auto_uncertainty
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "rounds.jsonl"

@@ -73,7 +73,7 @@ def test_auto_switches_at_the_measured_point() -> None:
     n = st.AUTO_SWITCH_PER_CLASS
     assert st.auto_choice(0, 0, 10, has_model=False) == st.AUTO_COVERAGE
     assert st.auto_choice(int(n * 5) - 5, 5, 5, has_model=True) == st.AUTO_COVERAGE  # exactly n per class after
-    assert st.auto_choice(int(n * 5), 5, 5, has_model=True) == "margin"
+    assert st.auto_choice(int(n * 5), 5, 5, has_model=True) == st.AUTO_UNCERTAINTY
 
 
 def test_bad_input_is_named() -> None:

@@ -21,8 +21,8 @@ model exists, budget, seed) to ``budget`` pool indices, each with the reason a p
   ``(p - onehot(argmax p)) x features``, so picks are uncertain and unlike each other. The distances use the
   embedding's outer-product form (``<g_i, g_j> = <r_i, r_j> <x_i, x_j>``), never building the N x (C D) matrix;
   ``x`` is the pooled feature vector (the probe standardises it first; the raw features are used here).
-* ``auto``: a coverage method while few labels exist per class, then margin: the switch point
-  :data:`AUTO_SWITCH_PER_CLASS` and which coverage rule comes from the simulation in ``benchmarks/suggest``.
+* ``auto``: a cold-start rule while few labels exist per class, then a model-based one: the switch point
+  :data:`AUTO_SWITCH_PER_CLASS` and both rules come from the simulation in ``benchmarks/suggest``.
 
 Clustering and neighbour search are scikit-learn's (``MiniBatchKMeans`` / ``KMeans``, ``NearestNeighbors``);
 only the selection rules above are written here, since no maintained library implements them.
@@ -49,11 +49,16 @@ DELTAS = np.round(np.arange(0.01, 1.001, 0.01), 2)
 """ProbCover's candidate radii on L2-normalised features (a fine grid: on small pools the pure radius is small)."""
 
 AUTO_SWITCH_PER_CLASS = 10.0
-"""``auto`` uses :data:`AUTO_COVERAGE` until this many labels per class exist after the round, margin beyond.
+"""``auto`` uses :data:`AUTO_COVERAGE` until this many labels per class exist after the round,
+:data:`AUTO_UNCERTAINTY` beyond.
 
-Taken from the simulation (``benchmarks/suggest/results/auto_choice.json``, rule in ``benchmarks/suggest/analyze.py``):
-averaged over 6 datasets, margin trailed the best cold-start rule at 5 and 10 labels per class (-4.0 and -0.5 points)
-and led it from 20 on (+0.1, +2.0, +2.6 points at 20, 30, 50)."""
+Taken from the simulation (``benchmarks/suggest``): averaged over 6 datasets, margin trailed a random draw at 5 and 10
+labels per class (-4.0, -0.5 points) and led from 20 on (+0.1, +2.0, +2.6 at 20, 30, 50). Of the two compositions
+simulated, random-then-margin above 10/class reached random's accuracy at N labels per class with 0.97 N (N = 20) and
+0.72 N (N = 50); random-then-BADGE above 5/class (what the per-strategy curves suggested: BADGE led margin over
+20-50/class on average) with 1.00 N and 0.79 N, so ``auto`` is the former: the best measured."""
+AUTO_UNCERTAINTY = "margin"
+"""The model-based rule ``auto`` uses above the switch point (see :data:`AUTO_SWITCH_PER_CLASS`)."""
 AUTO_COVERAGE = "random"
 """The rule ``auto`` uses below the switch point: the best measured there. In the simulation TypiClust tied a random
 draw (49.0 vs 49.2 % mean accuracy over 2-10 labels per class, 6 datasets) and ProbCover trailed both, so ``auto``
@@ -247,10 +252,11 @@ def badge(pool: np.ndarray, probs: np.ndarray, classes: Sequence[str], budget: i
 
 
 def auto_choice(n_labeled: int, n_classes: int, budget: int, has_model: bool) -> str:
-    """The rule ``auto`` applies this round: coverage below the measured switch point, margin above it."""
+    """The rule ``auto`` applies this round: :data:`AUTO_COVERAGE` below the measured switch point,
+    :data:`AUTO_UNCERTAINTY` above it."""
     if not has_model or n_classes < 2:
         return AUTO_COVERAGE
-    return "margin" if (n_labeled + budget) / n_classes > AUTO_SWITCH_PER_CLASS else AUTO_COVERAGE
+    return AUTO_UNCERTAINTY if (n_labeled + budget) / n_classes > AUTO_SWITCH_PER_CLASS else AUTO_COVERAGE
 
 
 def select(strategy: str, pool: np.ndarray, budget: int, seed: int, labeled: np.ndarray | None = None,
