@@ -32,7 +32,8 @@ cycle check keeps the order one way):
    which the loop needs to resume and to finish, so it lives with the loop), the meta-device check, the memory ``estimate`` (built on the meta-device backbone and the methods).
 6. ``infer``, ``multi``, ``serve``: predictor, export and evaluation of finished runs, the adapter
    host, the HTTP app.
-7. ``auto``, ``sweep``: method selection and grids, built from whole runs.
+7. ``auto``, ``sweep``, ``suggest``: method selection and grids, built from whole runs; which images to label next
+   (it reads finished runs through ``infer``/``runs`` and fits the probe of ``methods``).
 8. ``cli`` (and ``__main__``, ``python -m visiontune``), ``doctor`` (the machine report), ``reference`` (the docs'
    generated reference pages), ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
 """
@@ -56,7 +57,7 @@ LAYERS: list[list[str]] = [
     ["methods"],
     ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check", "estimate"],
     ["infer", "multi", "serve"],
-    ["auto", "sweep"],
+    ["auto", "sweep", "suggest"],
     ["cli", "__main__", "doctor", "reference", "demo", ""],
 ]
 

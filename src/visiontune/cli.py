@@ -312,6 +312,59 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from visiontune.suggest import suggest
+
+    r = suggest(args.unlabeled_dir, args.budget, out=args.out, strategy=args.strategy, run=args.run, labeled=args.labeled,
+                overrides=args.overrides, seed=args.seed, cache=args.cache, batch_size=args.batch_size,
+                progress=not args.quiet)
+    print(json.dumps({"picks": str(r.csv), "contact_sheet": str(r.sheet), "strategy": r.strategy, "rule": r.rule,
+                      "pool": r.pool, "budget": len(r.picks),
+                      "next": f"visiontune label {r.csv}  (then: visiontune train data.dataset={r.csv})"}))
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from visiontune.suggest.label import serve_labels
+
+    serve_labels(args.picks, host=args.host, port=args.port)
+    return 0
+
+
+def _suggest_parsers(sub: Any) -> None:
+    """``suggest`` (which images to label next) and ``label`` (the page that labels them)."""
+    from visiontune.suggest.strategies import STRATEGIES
+
+    sg = sub.add_parser("suggest", help="which unlabeled images to label next (active learning), with the reason per image",
+                        description="Pick the unlabeled images whose labels would help most: coverage of the pool on a "
+                                    "cold start, the model's uncertainty once labels exist. Writes a manifest CSV with an "
+                                    "empty label column, its .json and a contact sheet .png.")
+    sg.add_argument("unlabeled_dir", metavar="UNLABELED_DIR", help="folder of images to choose from (recursive)")
+    sg.add_argument("--budget", type=int, required=True, help="how many images to pick")
+    sg.add_argument("--strategy", choices=list(STRATEGIES), default="auto",
+                    help="auto (default): margin once a model exists and the round ends above 10 labels per class, "
+                         "else the best measured cold-start rule (random: TypiClust only tied it in benchmarks/suggest)")
+    src = sg.add_mutually_exclusive_group()
+    src.add_argument("--run", default=None, metavar="RUN_DIR", help="a trained run: its features and classifier")
+    src.add_argument("--labeled", default=None, metavar="DATA",
+                     help="labeled images (folder or CSV manifest): the labeled set; a linear probe is fitted on them")
+    sg.add_argument("--out", default="picks.csv", help="the picks CSV (default picks.csv); .json and .png beside it")
+    sg.add_argument("--seed", type=int, default=0)
+    sg.add_argument("--cache", default=None, help="feature store folder (default ~/.cache/visiontune/features)")
+    sg.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    sg.add_argument("--quiet", action="store_true", help="no progress bars")
+    sg.add_argument("overrides", nargs="*", help="backbone.* settings, e.g. backbone.weights=offline backbone.img_size=112")
+    sg.set_defaults(func=_cmd_suggest)
+
+    lb = sub.add_parser("label", help="label the picks of `suggest` in the browser (keyboard, undo, saved as you go)",
+                        description="Serve the labeling page of a picks CSV on this machine. "
+                                    + _needs("serve", "The page"))
+    lb.add_argument("picks", help="the CSV `visiontune suggest` wrote")
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.add_argument("--port", type=int, default=8765)
+    lb.set_defaults(func=_cmd_label)
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--int8``, the same for predict, eval, serve."""
     p.add_argument("--backend", choices=["auto", *(name for name, _, _ in INFERENCE_PLUGINS)], default="auto",
@@ -557,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the PyTorch model under bf16 autocast (what --precision bf16 runs)")
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
+    _suggest_parsers(sub)
     return p
 
 
