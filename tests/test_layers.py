@@ -10,9 +10,10 @@ as an edge: a package's ``__init__`` importing its own submodules is what packag
 Layers, lowest first; a module may import from its own layer or any lower one (within a layer the
 cycle check keeps the order one way):
 
-0. ``errors``, ``registry``, ``atomic``, ``quiet``, ``lazy``, ``extras``, ``precisions``: exceptions, name ->
+0. ``errors``, ``registry``, ``atomic``, ``quiet``, ``lazy``, ``extras``, ``precisions``, ``version``: exceptions, name ->
    factory registries, atomic file writes, third-party log filters, names imported on first use, the optional
-   extras and their install hints, the inference precisions (what the command line offers without torch).
+   extras and their install hints, the inference precisions (what the command line offers without torch), the
+   package version.
 1. ``runtime``: device, autocast, seeding, data loaders, what train, eval, infer and serve share.
 2. ``data``, ``backbones``: image folders, manifests, splits, the decoded-image cache; timm factory,
    weight sources, transforms, tiny test models.
@@ -50,7 +51,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "visiontune"
 
 LAYERS: list[list[str]] = [
-    ["errors", "registry", "atomic", "quiet", "lazy", "extras", "precisions"],
+    ["errors", "registry", "atomic", "quiet", "lazy", "extras", "precisions", "version"],
     ["runtime"],
     ["data", "backbones"],
     ["config", "distributed"],

@@ -40,7 +40,7 @@ __getattr__ = lazy_attributes(__name__, {
     "PretrainConfig": "visiontune.pretrain.config", "load_pretrain_config": "visiontune.pretrain.config",
 })
 
-__version__ = "0.1.0"
+from visiontune.version import __version__  # noqa: E402
 
 
 def train(cfg: Config) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from visiontune import __version__
+from visiontune.version import __version__
 from visiontune.errors import ConfigError
 from visiontune.extras import EXTRAS, WHAT_NEEDS, install_hint, installed_extras
 from visiontune.registry import WEIGHT_SOURCES
