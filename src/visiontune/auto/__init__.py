@@ -89,7 +89,7 @@ from visiontune.pretrain import load_pretrain_config, pretrain
 from visiontune.methods.baselines import fit_probe_head
 from visiontune.registry import METHODS
 from visiontune.rundir import claim_output_folder, read_json
-from visiontune.runs import build_model
+from visiontune.runs import build_model, with_band_statistics
 from visiontune.train.loop import extract_features, train
 from visiontune.train.speed import fast_forward
 
@@ -307,12 +307,17 @@ class AutoSelect:
         self.unlabeled_steps = int(unlabeled_steps)
         if self.unlabeled_steps < 1:
             raise ConfigError(f"--unlabeled-steps={unlabeled_steps} must be >= 1")
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits(), channels=cfg.data.channels)
         splits = make_splits(records, cfg.data)
         # The selection sees the training (and validation) images only; the test split goes to the final run.
         pool_idx = np.concatenate([np.arange(len(splits["train"])), len(splits["train"]) + np.arange(len(splits["val"]))])
         self.pool = _concat(splits["train"], splits["val"]) if len(splits["val"]) else splits["train"]
         assert len(self.pool) == len(pool_idx)
+        # Multi-band data: one set of per-band statistics, of the labeled pool, for every fold and the final run.
+        resolved = with_band_statistics(cfg, self.pool).data
+        if resolved.band_mean != cfg.data.band_mean or resolved.band_std != cfg.data.band_std:
+            self.base_overrides = base = [*base, f"data.band_mean={resolved.band_mean}", f"data.band_std={resolved.band_std}"]
+            self.cfg = cfg = load_config(None, overrides=base)
         self.test = splits["test"]
         self.classes = list(self.pool.classes)
         counts = np.bincount(self.pool.labels, minlength=len(self.classes))
@@ -399,7 +404,7 @@ class AutoSelect:
             cfg = self._config(name, CHEAP[0].overrides)
             model = build_model(cfg, _method(cfg), len(self.classes)).eval()
             size = cfg.backbone.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-            x = torch.randn(8, 3, size, size)
+            x = torch.randn(8, cfg.data.input_bands(), size, size)
             with torch.no_grad():
                 model(x)
                 times = []
@@ -1156,7 +1161,7 @@ def _fingerprint(ids: list[str]) -> str:
 def _concat(a: Any, b: Any) -> Any:
     return ImageRecords(
         items=[*a.items, *b.items], labels=np.concatenate([a.labels, b.labels]), ids=[*a.ids, *b.ids],
-        classes=list(a.classes), source=a.source,
+        classes=list(a.classes), source=a.source, channels=a.channels,
     )
 
 

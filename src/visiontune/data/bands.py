@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visiontune.data.images import DEFAULT_LIMITS, MAX_LISTED, ImageLimits
+from visiontune.data.images import DEFAULT_LIMITS, MAX_LISTED, ImageDataset, ImageLimits, decode_image
 from visiontune.errors import DataError
 
 ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")
@@ -395,9 +395,27 @@ def decode_for(transform: Any, item: Any, name: str | None = None, limits: Image
     """
     if isinstance(transform, BandTransform):
         return transform.decode(item, name, limits)
-    from visiontune.data.images import decode_image
-
     return decode_image(item, name, limits)
+
+
+def input_channels(preprocessing: Any) -> int | None:
+    """Channels a model input has under an export's ``preprocessing`` record: 3 for photos, the bands fed for
+    multi-band data; None when its ``bands`` entry is malformed."""
+    bands = preprocessing.get("bands") if isinstance(preprocessing, dict) else None
+    if bands is None:
+        return 3
+    try:
+        spec = BandSpec.from_dict(bands)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = (spec.channels >= 1 and len(spec.mean) == len(spec.std) == spec.channels and all(s > 0 for s in spec.std)
+          and (spec.bands is None or all(0 <= b < spec.channels for b in spec.bands)))
+    return spec.in_chans if ok else None
+
+
+def transform_channels(transform: Any) -> int | None:
+    """The file band count a transform reads (None: photos)."""
+    return transform.spec.channels if isinstance(transform, BandTransform) else None
 
 
 def blank_input(transform: Any) -> Any:
@@ -434,3 +452,11 @@ class BandDataset(torch.utils.data.Dataset):
             if self.arrays is not None:
                 self.arrays[index] = a
         return self.transform(torch.from_numpy(a.astype(np.float32, copy=False))), int(r.labels[index])
+
+
+def records_dataset(records: Any, transform: Any, limits: ImageLimits | None = None) -> torch.utils.data.Dataset:
+    """A read-once dataset over ``records``: :class:`~visiontune.data.ImageDataset` for photos, an uncached
+    :class:`BandDataset` for multi-band arrays (evaluation, export checks)."""
+    if records.channels is None:
+        return ImageDataset(records, transform, limits)
+    return BandDataset(records, transform, False, limits)

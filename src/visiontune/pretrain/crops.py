@@ -77,7 +77,7 @@ def heldout_identities(run_config: str) -> tuple[set[str], str]:
         (identities, a one-line description for the lineage record).
     """
     cfg = load_config(run_config)
-    records = load_records(cfg.data.dataset, root=cfg.data.root)
+    records = load_records(cfg.data.dataset, root=cfg.data.root, channels=cfg.data.channels)
     splits = make_splits(records, cfg.data)
     held = {_identity(it, i) for s in ("val", "test") for it, i in zip(splits[s].items, splits[s].ids)}
     return held, f"val+test of {run_config} ({cfg.data.dataset}, seed {cfg.data.seed}: {len(held)} images)"

@@ -49,7 +49,9 @@ from visiontune.methods.targets import find_blocks
 from visiontune.rundir import (
     RunDirState, claim_run_dir, clear_run_dir, read_json, read_yaml_mapping, refuse_changes, refuse_reuse,
 )
-from visiontune.runs import METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run
+from visiontune.runs import (
+    METRICS_FILE, build_model, config_changes, finish_run, finished_run_changes, inspect_run, with_band_statistics,
+)
 from visiontune.train.cache import build_prefix_cache
 from visiontune.train.speed import channels_last_if_convnet, fast_forward, maybe_compile
 
@@ -350,8 +352,9 @@ def _train(
     amp = autocast_dtype(cfg.optim.precision, device)
 
     if splits is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits(), channels=cfg.data.channels)
         splits = make_splits(records, cfg.data)
+    cfg = with_band_statistics(cfg, splits["train"])  # multi-band: per-band mean/std of the training split, kept in config.yaml
     classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
@@ -424,7 +427,7 @@ def _train(
     speed = None
     if cfg.run.measure_speed and writes:
         size = eval_tf_size(model, cfg.backbone.img_size)
-        speed = measure_speed(infer_model, (3, size, size), batch_size=min(32, ebs), device=str(device))
+        speed = measure_speed(infer_model, (cfg.data.input_bands(), size, size), batch_size=min(32, ebs), device=str(device))
 
     metrics = {
         "run": {
