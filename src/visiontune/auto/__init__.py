@@ -89,6 +89,7 @@ from visiontune.pretrain import load_pretrain_config, pretrain
 from visiontune.methods.baselines import fit_probe_head
 from visiontune.registry import METHODS
 from visiontune.rundir import claim_output_folder, read_json
+from visiontune.data.bands import read_bands
 from visiontune.runs import build_model, with_band_statistics
 from visiontune.train.loop import extract_features, train
 from visiontune.train.speed import fast_forward
@@ -813,6 +814,11 @@ class AutoSelect:
 
             gray, sides = True, []
             for i in range(0, len(self.pool), max(1, len(self.pool) // sample)):
+                if self.pool.channels is not None:  # multi-band arrays: never gray; their size from the array
+                    h, w = read_bands(self.pool.items[i], self.pool.channels, self.pool.ids[i], self.cfg.data.image_limits()).shape[1:]
+                    gray = False
+                    sides.append(math.sqrt(h * w))
+                    continue
                 img = decode_compact(self.pool.items[i], self.pool.ids[i], self.cfg.data.image_limits())
                 sides.append(math.sqrt(img.size[0] * img.size[1]))
                 if gray and img.mode != "L":

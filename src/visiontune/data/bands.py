@@ -107,13 +107,11 @@ def _header(item: Any, channels: int, name: str) -> tuple[tuple[int, ...], np.dt
     kind = _kind(item)
     if kind == "npy":
         src = _open(item)
-        if isinstance(src, str):
-            a = np.load(src, mmap_mode="r", allow_pickle=False)
-            return tuple(a.shape), a.dtype
-        version = np.lib.format.read_magic(src)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(src)  # the header only; nothing unpickled
-        return tuple(shape), dtype
+        with open(src, "rb") if isinstance(src, str) else src as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)  # the header only; nothing unpickled
+        return tuple(shape), np.dtype(dtype)
     if kind == "tif":
         with _tifffile().TiffFile(_open(item)) as tif:
             if _pages_are_bands(tif, channels):
@@ -175,7 +173,7 @@ def read_bands(item: Any, channels: int, name: str | None = None, limits: ImageL
         except DataError:
             raise
         except Exception as exc:  # numpy / tifffile raise many types for corrupt files
-            raise DataError(f"cannot read {label}: {type(exc).__name__}: {exc}. Fix: re-export the file.") from exc
+            raise DataError(f"cannot read {label}: {type(exc).__name__}: {str(exc).rstrip('.')}. Fix: re-export the file.") from exc
         if tuple(a.shape) != tuple(shape):
             raise DataError(f"{label}: the data has shape {a.shape} but its header says {shape}; re-export the file")
     if axis == -1:

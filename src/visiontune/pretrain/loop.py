@@ -106,8 +106,9 @@ class PretrainResult:
 
     def overrides(self) -> list[str]:
         """The fine-tuning overrides that select this backbone."""
+        chans = int(self.lineage["backbone"].get("in_chans", 3))
         return [f"backbone.name={self.lineage['backbone']['name']}", f"backbone.weights={self.backbone}",
-                f"backbone.img_size={self.lineage['backbone']['img_size']}"]
+                f"backbone.img_size={self.lineage['backbone']['img_size']}", *([f"data.channels={chans}"] if chans != 3 else [])]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -682,7 +683,8 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
             "head_params": sum(p.numel() for p in heads.parameters() if p.requires_grad),
         },
         "config": cfg.to_dict(),
-        "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}",
+        "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}"
+               + (f" data.channels={channels}" if channels is not None else ""),
     }
     write_json_atomic(run_dir / "history.json", history, indent=None)
     if history and cfg.run.plot:
