@@ -236,7 +236,9 @@ def test_documented_sequence_pretrain_then_train_then_serve(tmp_path, capsys):
     assert identity["sha256"] == lineage["backbone"]["sha256"]
     from safetensors.torch import load_file
 
-    loaded = vt.load_run(run, merge=False).model
+    from visiontune.runs import load_run
+
+    loaded = load_run(run, merge=False).model
     assert torch.equal(loaded.patch_embed.proj.weight, load_file(backbone)["patch_embed.proj.weight"])
     from fastapi.testclient import TestClient
 
@@ -247,8 +249,14 @@ def test_documented_sequence_pretrain_then_train_then_serve(tmp_path, capsys):
         data = (labeled / "class2" / "0.npy").read_bytes()
         r = client.post("/v1/predict", files={"image": ("0.npy", data, "application/octet-stream")})
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in {"class0", "class1", "class2"}
-    # without data.channels the 13-band weights do not fit an RGB model, and the error says why
-    with pytest.raises(Exception, match="patch_embed.proj.weight"):
+    # 13-band weights on an RGB selection, or array folders read as photos: errors that say the fix
+    from visiontune.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="has a 13-band first layer.*set data.channels=13 \\(without data.bands\\)"):
+        vt.train(vt.load_config(None, [f"data.dataset={labeled}", f"data.channels={BANDS}", "data.bands=[3,2,1]",
+                                       "backbone.name=test_vit", f"backbone.weights={backbone}", "run.progress=false",
+                                       f"run.dir={tmp_path / 'runs'}"]))
+    with pytest.raises(DataError, match="set data.channels to their band count"):
         vt.train(vt.load_config(None, [f"data.dataset={labeled}", "backbone.name=test_vit", f"backbone.weights={backbone}",
                                        "run.progress=false", f"run.dir={tmp_path / 'runs'}"]))
 

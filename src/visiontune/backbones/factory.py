@@ -419,8 +419,8 @@ def _input_init(cfg: BackboneSpec, arch: _Arch, weights: _Weights) -> str:
         WeightsError: a weight file whose first layer has neither 3 nor ``in_chans`` input bands.
     """
     in_chans = int(getattr(cfg, "in_chans", None) or 3)
-    if in_chans == 3:
-        return ""
+    if in_chans == 3 and not (weights.path is not None and weights.path.name.endswith(".safetensors")):
+        return ""  # an RGB model; other files are checked by the load itself (reading them here costs a full load)
     if weights.spec.kind == "none":
         return "random (backbone.weights=none)"
     if weights.spec.kind == "file" and weights.path is not None:
@@ -428,14 +428,14 @@ def _input_init(cfg: BackboneSpec, arch: _Arch, weights: _Weights) -> str:
         first = first[0] if isinstance(first, (list, tuple)) and first else first
         bands = _file_input_bands(weights.path, f"{first}.weight") if first else None
         if bands == in_chans:
-            return NATIVE_INIT
+            return NATIVE_INIT if in_chans != 3 else ""
         if bands not in (None, 3):
             raise WeightsError(
                 f"backbone.weights={str(weights.path)!r} has a {bands}-band first layer ({first}) but the data gives "
-                f"{in_chans} bands; set data.channels (and data.bands) to the {bands} bands these weights were "
-                "pretrained on"
+                f"{in_chans} bands; set data.channels={bands} (without data.bands) for the {bands}-band arrays these "
+                "weights were pretrained on"
             )
-    return describe_init(in_chans, getattr(cfg, "rgb_bands", None))
+    return describe_init(in_chans, getattr(cfg, "rgb_bands", None)) if in_chans != 3 else ""
 
 
 def _finish(model: nn.Module, cfg: BackboneSpec) -> nn.Module:

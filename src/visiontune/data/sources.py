@@ -148,7 +148,8 @@ def load_folder(
     if empty:
         raise DataError(
             f"image folder {path}: class folder(s) without {'images' if channels is None else 'arrays'}: "
-            f"{', '.join(empty)}. Fix: add files ({'/'.join(e.lstrip('.') for e in extensions)}) or remove the folder."
+            f"{', '.join(empty)}. Fix: add files ({'/'.join(e.lstrip('.') for e in extensions)}) or remove the folder"
+            + ("; for multi-band .npy/.tif arrays set data.channels to their band count." if channels is None else ".")
         )
     records = ImageRecords(
         items=items, labels=np.array(labels, dtype=np.int64), ids=ids, classes=class_names,
