@@ -3,7 +3,6 @@ statistics, band selection, the N-band transform, and the widened first layer of
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
