@@ -400,16 +400,18 @@ def _chans(in_chans: int) -> dict[str, int]:
 
 def _file_input_bands(path: Path, key: str) -> int | None:
     """Input channels of the first-layer weight ``key`` in a weight file (None when it has no such key)."""
-    if path.name.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return int(f.get_slice(key).get_shape()[1]) if key in f.keys() else None
     try:
-        state = timm.models.load_state_dict(str(path), weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by the load itself
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                shape = f.get_slice(key).get_shape() if key in f.keys() else None
+        else:
+            state = timm.models.load_state_dict(str(path), weights_only=True)
+            shape = list(state[key].shape) if key in state else None
+    except Exception:  # noqa: BLE001 - an unreadable file is reported, with its fix, by the load itself
         return None
-    return int(state[key].shape[1]) if key in state and state[key].ndim == 4 else None
+    return int(shape[1]) if shape is not None and len(shape) == 4 else None
 
 
 def _input_init(cfg: BackboneSpec, arch: _Arch, weights: _Weights) -> str:
