@@ -111,16 +111,16 @@ def main() -> int:
         assert cli(pretrain) == 0
     pretrain_s = time.perf_counter() - t0
     inputs = {
-        "RGB only (data.bands=[0,1,2])": ["backbone.weights=offline", "data.bands=[0,1,2]"],
-        "13 bands, widened patch embedding": ["backbone.weights=offline", "backbone.rgb_bands=[0,1,2]"],
-        "13 bands, ExPLoRA-pretrained": [f"backbone.weights={backbone}"],
+        "RGB only (data.bands=[0,1,2])": ("rgb", ["backbone.weights=offline", "data.bands=[0,1,2]"]),
+        "13 bands, widened patch embedding": ("widened", ["backbone.weights=offline", "backbone.rgb_bands=[0,1,2]"]),
+        "13 bands, ExPLoRA-pretrained": ("explora", [f"backbone.weights={backbone}"]),
     }
     methods = {"linear probe": ["method.name=linear"],
                "LoRA r8 q,v": ["method.name=lora", "method.rank=8", f"optim.epochs={args.lora_epochs}", "optim.batch_size=16"]}
     rows = []
-    for inp, extra in inputs.items():
+    for inp, (key, extra) in inputs.items():
         for meth, mextra in methods.items():
-            name = f"{inp.split(' (')[0].split(',')[0].replace(' ', '-').lower()}-{meth.split()[0].lower()}"
+            name = f"{key}-{meth.split()[0].lower()}"
             argv = ["train", *common, *extra, *mextra, f"run.name={name}", "run.overwrite=true"]
             metrics, secs = run(argv)
             rows.append({"input": inp, "method": meth, "accuracy": metrics["test"]["accuracy"],
