@@ -29,7 +29,7 @@ lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) $(PIP_TOOLS)
 	$(BIN)/pip-compile -q --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
-	  --extra dev --extra docs --extra quant --extra onnx --extra serve --extra multispectral --extra tensorboard --extra cluster \
+	  --extra dev --extra docs --extra quant --extra onnx --extra openvino --extra serve --extra multispectral --extra tensorboard --extra cluster \
 	  -o $(LOCK) pyproject.toml requirements/torch.in
 
 install: $(STAMP)

@@ -32,7 +32,7 @@ def _argv(tmp: Path) -> list[str]:
     # 2 tasks: digits cut to 3 classes (the class-subset path), 2 and 3 shots per class, seed 0, on a tiny random ViT
     # (2 blocks: the last-blocks LoRA adapts 1); fine-tunes of 2 optimizer steps x 2 epochs, in this process.
     return ["run", "--datasets", "digits", "--backbones", "tiny-vit", "--shots", "2", "3", "--seeds", "0",
-            "--methods", "lora", "lora_lastk", "--test-per-class", "3", "--pool-per-class", "4", "--max-classes", "3",
+            "--methods", "lora", "lora_lastk", "--fold-methods", "lora", "--finetune-folds", "2", "--test-per-class", "3", "--pool-per-class", "4", "--max-classes", "3",
             "--steps", "2", "--overrides", "optim.epochs=2", "--workers", "0",
             "--out", str(tmp / "out"), "--cache", str(tmp / "cache"), "--runs", str(tmp / "runs")]
 
@@ -53,7 +53,9 @@ def test_harness_end_to_end_schema_and_resume(meta, tmp_path: Path) -> None:
         assert len(r["folds"]["probe"]) == len(r["folds"]["prototype"]) == k
         assert r["meta"]["probe_cv_accuracy"] == pytest.approx(np.mean(r["folds"]["probe"]))
         assert r["meta"]["probe_gap"] == pytest.approx(r["meta"]["probe_train_accuracy"] - r["meta"]["probe_cv_accuracy"])
-        assert {"features", "cheap", "lora", "lora_lastk"} <= set(r["seconds"])
+        assert {"features", "cheap", "lora", "lora_lastk", "lora_per_fold"} <= set(r["seconds"])
+        # The fold unit fine-tuned LoRA on the task's first 2 folds: a score per fold, in [0, 1].
+        assert len(r["folds"]["lora"]) == 2 and all(0.0 <= v <= 1.0 for v in r["folds"]["lora"])
         assert "torch" in r["machine"] and r["code"]
     assert (out / "README.md").read_text().startswith("# Meta-benchmark results")
     # Every feature is cached once per image; the run directories of the fine-tunes are not kept.
@@ -61,7 +63,9 @@ def test_harness_end_to_end_schema_and_resume(meta, tmp_path: Path) -> None:
     assert not any((tmp_path / "runs").glob("*/adapter.safetensors"))
 
     units = (out / "units.jsonl").read_text()
-    assert len(units.splitlines()) == 6  # 2 tasks x (cheap + 2 fine-tunes)
+    assert len(units.splitlines()) == 8  # 2 tasks x (cheap + 2 fine-tunes + 1 fold unit)
+    fold_units = [json.loads(line) for line in units.splitlines() if json.loads(line)["method"] == "lora_folds"]
+    assert [u["folds_k"] for u in fold_units] == [2, 3] and all(u["fold_n"] == [3, 3] for u in fold_units)
     assert meta.main(_argv(tmp_path)) == 0
     assert (out / "units.jsonl").read_text() == units  # a rerun adds nothing
     assert meta.main(["collect", "--out", str(out)]) == 0
@@ -93,3 +97,7 @@ def test_schedule_runs_the_core_first(meta) -> None:
     tunes = [u for u in order if u.method != "cheap"]
     assert (tunes[0].backbone, tunes[0].seed, tunes[0].shots, tunes[0].method) == ("dinov2-112", 0, 10, "lora")
     assert tunes[-1].backbone == "lite0-224"
+    folds = meta.schedule(units + [U(ds, 5, 10, 0, "dinov2-112", "lora_folds") for ds in ("a", "b")],
+                          ["dinov2-112", "lite0-224"], [0, 1])
+    tunes = [(u.dataset, u.method) for u in folds if u.method != "cheap"][:4]
+    assert tunes == [("a", "lora"), ("a", "lora_folds"), ("b", "lora"), ("b", "lora_folds")]  # a task at a time

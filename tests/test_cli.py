@@ -87,6 +87,9 @@ BAD_INPUTS = {
                (["/nonexistent/run", "--max-drop", "nan"], "max_drop=nan")],
     "bench-infer": [(["/nonexistent/run"], "/nonexistent/run"), (["/nonexistent/run", "--min-time", "nan"], "--min-time nan"),
                     (["/nonexistent/run", "--rounds", "0"], "rounds=0")],
+    "suggest": [(["/nonexistent/pics", "--budget", "5"], "/nonexistent/pics"), (["/nonexistent/pics", "--budget", "0"], "--budget 0"),
+                (["/nonexistent/pics", "--budget", "five"], "five")],
+    "label": [(["/nonexistent/picks.csv"], "/nonexistent/picks.csv"), (["{file}"], "not a picks file")],
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from visiontune.auto import AutoSelect, parse_budget
+from visiontune.auto import AutoSelect, AutoSettings, parse_budget
 from visiontune.cli import main
 from visiontune.errors import ConfigError
 
@@ -97,9 +97,9 @@ def test_ray_gpus_per_run_must_be_a_finite_number():
 
 def test_auto_select_refuses_a_nan_budget_and_zero_folds_from_python(tmp_path):
     with pytest.raises(ConfigError, match="--budget"):
-        AutoSelect("digits", tmp_path / "a", budget_s=float("nan"))
+        AutoSettings(budget_s=float("nan"))
     with pytest.raises(ConfigError, match="--folds 0"):
-        AutoSelect("digits", tmp_path / "a", folds=0)
+        AutoSettings(folds=0)
 
 
 # ----------------------------------------------------------------------------- finding 9: output paths up front
@@ -272,9 +272,10 @@ def test_auto_resume_accepts_reordered_overrides_and_names_changed_ones(tiny_ove
     """Minor list: `auto` refused a resume whose overrides were only reordered, saying "overrides differ" only."""
     base = [o for o in tiny_overrides if not o.startswith("run.dir")]
     out = tmp_path / "sel"
-    first = AutoSelect("digits", out, overrides=[*base, "optim.lr=0.01", "optim.weight_decay=0.1"], progress=False)
-    first._save()
-    AutoSelect("digits", out, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.01"], progress=False)._load_state()
-    changed = AutoSelect("digits", out, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.02"], progress=False)
+    quiet = AutoSettings(progress=False)
+    first = AutoSelect("digits", out, quiet, overrides=[*base, "optim.lr=0.01", "optim.weight_decay=0.1"])
+    first.record.save()
+    AutoSelect("digits", out, quiet, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.01"]).record.load()
+    changed = AutoSelect("digits", out, quiet, overrides=[*base, "optim.weight_decay=0.1", "optim.lr=0.02"])
     with pytest.raises(ConfigError, match=r"override optim.lr: 0.01 in the stored selection, 0.02 now"):
-        changed._load_state()
+        changed.record.load()

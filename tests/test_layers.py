@@ -32,7 +32,8 @@ cycle check keeps the order one way):
    which the loop needs to resume and to finish, so it lives with the loop), the meta-device check, the memory ``estimate`` (built on the meta-device backbone and the methods).
 6. ``infer``, ``multi``, ``serve``: predictor, export and evaluation of finished runs, the adapter
    host, the HTTP app.
-7. ``auto``, ``sweep``: method selection and grids, built from whole runs.
+7. ``auto``, ``sweep``, ``suggest``: method selection and grids, built from whole runs; which images to label next
+   (it reads finished runs through ``infer``/``runs`` and fits the probe of ``methods``).
 8. ``cli`` (and ``__main__``, ``python -m visiontune``), ``doctor`` (the machine report), ``reference`` (the docs'
    generated reference pages), ``demo`` and the root package ``visiontune`` (its public functions wrap everything below).
 """
@@ -56,7 +57,7 @@ LAYERS: list[list[str]] = [
     ["methods"],
     ["train", "eval", "pretrain", "checkpoint", "rundir", "runs", "check", "estimate"],
     ["infer", "multi", "serve"],
-    ["auto", "sweep"],
+    ["auto", "sweep", "suggest"],
     ["cli", "__main__", "doctor", "reference", "demo", ""],
 ]
 
@@ -217,3 +218,43 @@ def test_imports_are_read_from_functions_and_relative_forms() -> None:
     assert ("visiontune.train.loop", ) in {(t,) for t, _ in imports_of(PACKAGE)}
     assert layer_of("visiontune.methods.base") == layer_of("visiontune.methods")
     assert layer_of(PACKAGE) == len(LAYERS) - 1
+
+
+def graph_numbers() -> dict[str, int]:
+    """The measured import graph: modules, edges, levels (the longest import chain, counted in modules), cycles and
+    upward imports; and the same at the level of packages (every subpackage and top-level module one node, as the
+    architecture page's layer picture draws them)."""
+    from functools import cache
+
+    graph = import_graph()
+
+    def top(module: str) -> str:
+        rel = module.removeprefix(PACKAGE).removeprefix(".")
+        return rel.split(".")[0] or PACKAGE
+
+    packages: dict[str, set[str]] = defaultdict(set)
+    for module, targets in graph.items():
+        packages[top(module)] |= {top(t) for t in targets if top(t) != top(module)}
+
+    def levels(g: dict[str, set[str]]) -> int:
+        if import_cycles(g):  # no longest chain through a loop
+            return -1
+
+        @cache
+        def depth(node: str) -> int:
+            return 1 + max((depth(t) for t in g.get(node, ())), default=0)
+
+        return max(depth(n) for n in g)
+
+    return {
+        "modules": len(MODULES), "edges": sum(len(t) for t in graph.values()), "levels": levels(graph),
+        "cycles": len(import_cycles(graph)),
+        "upward imports": sum(layer_of(t) > layer_of(m) for m in MODULES for t, _ in imports_of(m)),
+        "packages": len(packages), "package edges": sum(len(t) for t in packages.values()),
+        "package levels": levels(packages),
+    }
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the numbers the architecture page quotes
+    for key, value in graph_numbers().items():
+        print(f"{key}: {value}")

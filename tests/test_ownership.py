@@ -173,12 +173,12 @@ def test_stale_temp_files_of_killed_writers_are_cleaned_on_start(tiny_overrides,
 
 def test_auto_out_refuses_a_folder_holding_a_run_it_did_not_make(tiny_overrides, tmp_path):
     """Finding 3: `auto --out DIR` replaced an existing run at DIR/model with its final retrain."""
-    from visiontune.auto import AutoSelect
+    from visiontune.auto import AutoSelect, AutoSettings
 
     out = tmp_path / "runs"
     vt.train(vt.load_config(None, [*tiny_overrides, *FAST, "method.name=linear", "run.name=model"]))
-    sel = AutoSelect("digits", out, overrides=[o for o in tiny_overrides if not o.startswith("run.dir")],
-                     progress=False, folds=2)
+    sel = AutoSelect("digits", out, AutoSettings(progress=False, folds=2),
+                     overrides=[o for o in tiny_overrides if not o.startswith("run.dir")])
     for _ in ("the run alone", "the run and a thesis.tex"):
         before = tree(out)
         with pytest.raises(ConfigError, match=r"--out .*runs.* is not a visiontune auto folder.*choose a new or empty folder"):
@@ -243,7 +243,7 @@ def test_export_out_never_replaces_a_file_it_did_not_make(run_copy, capsys):
 def test_a_failed_export_leaves_the_previous_export_as_it_was(run_copy, monkeypatch, capsys):
     """Minor list: export wrote model.onnx in place, so a failed or killed export left a broken model under the
     export's name; and a killed export's staged model (full-size) is removed by the next export."""
-    from visiontune.infer import export as export_mod
+    from visiontune.infer import onnxruntime as onnx_mod
 
     assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 0
     export = run_copy / "export"
@@ -255,7 +255,7 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(run_copy, monkeypa
         Path(out).write_bytes(b"half an onnx model")
         raise RuntimeError("killed mid-export")
 
-    monkeypatch.setattr(export_mod, "_export_with", half_written)
+    monkeypatch.setattr(onnx_mod, "_export_with", half_written)
     assert main(["export", str(run_copy), "--exporter", "legacy", "--no-check"]) == 2
     assert "killed mid-export" in capsys.readouterr().err
     assert tree(export) == before
@@ -323,7 +323,7 @@ def made(tmp_path_factory) -> dict[str, Path]:
     """Folders visiontune made, one of each kind, to copy: run (with export/ and tensorboard/), pretrain, sweep,
     auto, compare."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev/onnx extras")
-    from visiontune.auto import AutoSelect, Candidate
+    from visiontune.auto import AutoSelect, AutoSettings, Candidate
 
     root = tmp_path_factory.mktemp("made")
     assert main(["train", *TRAIN_TINY, f"run.dir={root}", "run.name=run", "run.tensorboard=true"]) == 0
@@ -337,7 +337,8 @@ def made(tmp_path_factory) -> dict[str, Path]:
     spec.write_text(yaml.safe_dump({"base": base, "dir": str(root / "sweep"), "runs": [{"method.name": "linear"}]}))
     assert main(["sweep", str(spec), "--quiet"]) == 0
     lora = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
-    AutoSelect("digits", root / "auto", overrides=AUTO_TINY, progress=False, candidates=lora, steps=2, folds=2).run()
+    AutoSelect("digits", root / "auto", AutoSettings(progress=False, candidates=lora, steps=2, folds=2),
+               overrides=AUTO_TINY).run()
     assert main(["compare", str(root / "run"), "--out", str(root / "compare")]) == 0
     return {"root": root, "spec": spec, "lora": lora}  # type: ignore[dict-item]
 
@@ -423,7 +424,7 @@ def test_thesis_survives_sweep_in_its_dir(made, tmp_path, capsys, state, how):
 @pytest.mark.parametrize("state", ["visiontune's", "visiontune's, final retrain redone", "the user's",
                                    "a train run at OUT/model"])
 def test_thesis_survives_auto_in_its_out_folder(made, tmp_path, capsys, state):
-    from visiontune.auto import AutoSelect
+    from visiontune.auto import AutoSelect, AutoSettings
 
     out = _prepare(made, tmp_path, "auto", state)
     if "redone" in state:  # the final retrain into out/model (run.overwrite=true) runs again
@@ -434,7 +435,8 @@ def test_thesis_survives_auto_in_its_out_folder(made, tmp_path, capsys, state):
 
     def command() -> int:
         try:
-            AutoSelect("digits", out, overrides=AUTO_TINY, progress=False, candidates=made["lora"], steps=2, folds=2).run()
+            AutoSelect("digits", out, AutoSettings(progress=False, candidates=made["lora"], steps=2, folds=2),
+                       overrides=AUTO_TINY).run()
         except ConfigError as e:
             print(f"visiontune: error: {e}", file=sys.stderr)
             return 2

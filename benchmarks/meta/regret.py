@@ -13,7 +13,8 @@ chose, in points (0: it chose the best). Rules:
   cross-validated gap to the probe, which the cheap stage measures) or the fine-tune with the highest prior mean gain
   less the cost margin;
 * with the folds of fine-tunes (only tasks whose row holds ``folds`` for at least one fine-tune kind; otherwise
-  "n/a (no fold scores)"), over the methods with fold scores: ``argmax CV`` (best fold mean), ``one-SE rule`` (the
+  "n/a (no fold scores)"), over the methods with fold scores, all cut to the folds the fine-tunes ran (the
+  meta-benchmark's fold units fine-tune a task's first folds, as ``auto`` under a short budget sees only those): ``argmax CV`` (best fold mean), ``one-SE rule`` (the
   rule ``auto`` used before the posterior: best mean unless a method with at most half its seconds is within one
   corrected standard error, paired), ``flat-prior Bayes`` and ``meta-prior Bayes`` (:mod:`visiontune.auto.decision`
   with a flat and the learned prior).
@@ -56,9 +57,14 @@ def _seconds(row: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in secs.items() if isinstance(v, (int, float))} if isinstance(secs, dict) else {}
 
 
+def _k(row: dict[str, Any]) -> int:
+    """The task's fold count (its folds' held-out share is 1/k however many of them were fine-tuned)."""
+    return int(row["meta"].get("folds_k") or len(row["folds"]["probe"]))
+
+
 def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
     folds = row["folds"]
-    k = len(folds["probe"])
+    k = _k(row)
     features = _features(row)
     posts = {}
     for m in folds:
@@ -70,7 +76,7 @@ def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
 def _one_se(row: dict[str, Any]) -> str:
     """The rule ``auto`` used before the posterior (paired, corrected, one standard error, 'cheaper' = half the time)."""
     folds, secs = row["folds"], _seconds(row)
-    k = len(folds["probe"])
+    k = _k(row)
 
     def cost(m: str) -> float:
         return float(secs.get(m, 0.0 if m in CHEAP else 1.0))
@@ -90,14 +96,16 @@ def _prior_only(row: dict[str, Any], prior: MetaPrior, margin: float) -> str:
     return max(score, key=lambda m: score[m])
 
 
-def _fold_ready(row: dict[str, Any]) -> bool:
-    """The row holds fold scores of the probe and at least one fine-tune, all over the same folds, and test
-    accuracies of every method with folds."""
+def _fold_ready(row: dict[str, Any]) -> dict[str, list[float]] | None:
+    """The fold scores the rules compare, or None: the probe's and at least one fine-tune's, every method with a
+    test accuracy, cut to the folds every one of them ran (a fold unit fine-tunes the task's first folds only; the
+    cheap unit scored all k), at least two."""
     folds = row.get("folds") or {}
-    usable = {m: v for m, v in folds.items() if (m in CHEAP or m in KINDS) and m in row["test"]}
-    k = len(folds.get("probe") or [])
-    return (k >= 2 and "probe" in usable and any(m in KINDS for m in usable)
-            and all(len(v) == k for v in usable.values()))
+    usable = {m: v for m, v in folds.items() if (m in CHEAP or m in KINDS) and m in row["test"] and v}
+    if "probe" not in usable or not any(m in KINDS for m in usable):
+        return None
+    n = min(len(v) for v in usable.values())
+    return {m: list(v[:n]) for m, v in usable.items()} if n >= 2 else None
 
 
 def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, ...] = SHOTS) -> dict[str, Any]:
@@ -119,9 +127,10 @@ def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, 
             best = max(test.values())
             chosen = {"always probe": "probe", "always default LoRA": "lora" if "lora" in test else None,
                       "prior only": _prior_only(row, prior, margin)}
-            if _fold_ready(row):
+            folds = _fold_ready(row)
+            if folds is not None:
                 with_folds[s] += 1
-                ready = {**row, "folds": {m: v for m, v in row["folds"].items() if m in test}}
+                ready = {**row, "folds": folds}
                 chosen.update({"argmax CV": max(ready["folds"], key=lambda m: np.mean(ready["folds"][m])),
                                "one-SE rule": _one_se(ready), "flat-prior Bayes": _bayes(ready, None, margin),
                                "meta-prior Bayes": _bayes(ready, prior, margin)})

@@ -12,6 +12,10 @@ script rebuilds, offline and resumably. See ``benchmarks/meta/README.md`` for th
 * **Cheap unit** (every task and backbone): test accuracy of the linear probe and the nearest prototype fitted on
   the task's shots, and what ``auto`` sees before it fine-tunes (:mod:`visiontune.auto.folds`: the same stratified
   folds, probe and prototype): fold accuracies and the meta-features.
+* **Fold unit** (task x backbone x ``METHOD_folds``, ``--fold-methods``): the same fine-tune on the training part of
+  each of the task's first ``--finetune-folds`` folds (the folds the cheap unit scored the probe on, each fold's
+  epochs by the same rule), scored on the fold's held-out part: the evidence ``auto``'s decision rules read
+  (``benchmarks/meta/regret.py`` compares the rules on it, the probe's scores cut to the same folds).
 * **Fine-tune unit** (task x backbone x method): ``visiontune.train`` on the task's shots with the candidate of the
   backbone's family (:func:`visiontune.auto.candidates.family_candidates`: ``lora`` = its first, ``lora_lastk`` its
   last-blocks LoRA, ``dora`` its DoRA), in the regime of ``auto``'s fold / final retrain with project defaults:
@@ -84,6 +88,9 @@ DEFAULT_BACKBONES = ["dinov2-112", "lite0-224"]
 METHODS = ("lora", "lora_lastk", "dora")
 """Fine-tune keys -> the index of the candidate in the backbone family's list (family_candidates order)."""
 _CANDIDATE_INDEX = {"lora": 0, "lora_lastk": 1, "dora": 2}
+FOLDS_SUFFIX = "_folds"
+"""A fold unit's method: ``lora_folds`` = the ``lora`` candidate fine-tuned on the first ``--finetune-folds`` of the
+task's folds (auto's folds, the ones the cheap unit scored the probe on), its accuracy on each fold's held-out part."""
 CHEAP = "cheap"
 DEFAULT_SHOTS = [2, 5, 10, 20, 50]
 DEFAULT_SEEDS = [0, 1, 2]
@@ -192,10 +199,13 @@ def task_name(dataset: str, classes: int, shots: int, seed: int) -> str:
 
 def _finetune_rank(u: Unit, backbones: list[str], seeds: list[int]) -> tuple:
     """Fine-tunes by what the prior needs most: the first backbone, the first seed, shots 5/10/20 with LoRA and
-    last-k LoRA; then DoRA; then shots 2 and 50; then the next seeds; then the next backbones."""
+    last-k LoRA; then DoRA; then shots 2 and 50; then the next seeds; then the next backbones. A task's fold unit
+    follows its test unit, so that tasks are completed one at a time."""
     core = u.shots in CORE_SHOTS
-    return (backbones.index(u.backbone), seeds.index(u.seed), 0 if core else 1, 1 if u.method == "dora" else 0,
-            (5, 10, 20, 2, 50).index(u.shots) if u.shots in (5, 10, 20, 2, 50) else u.shots, METHODS.index(u.method), u.dataset)
+    base = u.method.removesuffix(FOLDS_SUFFIX)
+    return (backbones.index(u.backbone), seeds.index(u.seed), 0 if core else 1, 1 if base == "dora" else 0,
+            (5, 10, 20, 2, 50).index(u.shots) if u.shots in (5, 10, 20, 2, 50) else u.shots, METHODS.index(base),
+            u.dataset, u.method != base)
 
 
 def schedule(units: list[Unit], backbones: list[str], seeds: list[int]) -> list[Unit]:
@@ -267,6 +277,15 @@ def finetune_unit(overrides: list[str], train_recs: ImageRecords, test_recs: Ima
     shutil.rmtree(result.run_dir, ignore_errors=True)  # the adapter is not kept: only its score matters here
     return {"test": float(m["test"]["accuracy"]), "n_test": int(m["test"]["num_samples"]), "epochs": cfg.optim.epochs,
             "train_s": float(m["train"]["wall_time_s"]), "trainable_pct": float(m["params"]["trainable_pct"]),
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def fold_unit(jobs: list[tuple], threads: int) -> dict:
+    """A fine-tune on each of a task's first folds (``jobs``: :func:`finetune_unit`'s arguments per fold, the
+    fold's held-out images as its test set): the fold accuracies ``auto`` would see (runs in a Ray worker)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    runs = [finetune_unit(*job, threads) for job in jobs]
+    return {"folds": [r["test"] for r in runs], "fold_n": [r["n_test"] for r in runs], "epochs": [r["epochs"] for r in runs],
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
@@ -342,10 +361,10 @@ class Harness:
                         continue  # the data does not allow it (README: what was not run)
                     for seed in self.args.seeds:
                         out.append(Unit(name, d.classes, shots, seed, b, CHEAP))
-                        for m in self.args.methods:
-                            if seed in (self.args.finetune_seeds or self.args.seeds) and \
-                                    shots in (self.args.finetune_shots or self.args.shots):
-                                out.append(Unit(name, d.classes, shots, seed, b, m))
+                        if seed in (self.args.finetune_seeds or self.args.seeds) and \
+                                shots in (self.args.finetune_shots or self.args.shots):
+                            out.extend(Unit(name, d.classes, shots, seed, b, m) for m in self.args.methods)
+                            out.extend(Unit(name, d.classes, shots, seed, b, m + FOLDS_SUFFIX) for m in self.args.fold_methods)
         return schedule(out, self.args.backbones, self.args.seeds)
 
     def defaults(self, d: Dataset) -> Any:
@@ -403,16 +422,27 @@ class Harness:
         d, tr, (x, y, xt, yt) = self.arrays(u)
         if u.method == CHEAP:
             return cheap_unit, (x, y, xt, yt, d.classes, self.defaults(d).run.seed)
+        base = u.method.removesuffix(FOLDS_SUFFIX)
+        if base == u.method:
+            return finetune_unit, (*self._finetune(u, d, tr, d.test, (x, y)), self.args.threads)
+        folds = stratified_folds(y, fold_count(AUTO_FOLDS, y), self.defaults(d).run.seed)[: self.args.finetune_folds]
+        jobs = [self._finetune(u, d, tr[a], tr[b], (x[a], y[a]), f"-fold{j + 1}") for j, (a, b) in enumerate(folds)]
+        return fold_unit, (jobs, self.args.threads)
+
+    def _finetune(self, u: Unit, d: Dataset, train: np.ndarray, test: np.ndarray, head: tuple[np.ndarray, np.ndarray],
+                  suffix: str = "") -> tuple:
+        """:func:`finetune_unit`'s arguments (but the threads) for ``u``'s candidate trained on the images ``train``
+        of ``d`` (its LP-FT head from their features ``head``) and scored on the images ``test``."""
         b = BACKBONES[u.backbone]
-        cand = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[u.method]]
-        run_name = f"{u.task}-{u.backbone}-{u.method}".replace("/", "-")
+        cand = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[u.method.removesuffix(FOLDS_SUFFIX)]]
+        run_name = f"{u.task}-{u.backbone}-{u.method}{suffix}".replace("/", "-")
         overrides = [
             f"data.dataset={d.spec}", f"optim.batch_size={BATCH}", "run.measure_speed=false", *b.overrides(), *cand.overrides,
-            *self.args.overrides, f"optim.epochs={fold_epochs(len(tr), BATCH, self.defaults(d).optim.epochs, self.args.steps)}",
+            *self.args.overrides, f"optim.epochs={fold_epochs(len(train), BATCH, self.defaults(d).optim.epochs, self.args.steps)}",
             "run.progress=false", "run.plots=false", f"run.dir={self.args.runs}", f"run.name={run_name}", "run.overwrite=true",
             f"run.threads={self.args.threads}",
         ]
-        return finetune_unit, (overrides, d.records.subset(tr), d.records.subset(d.test), (x, y), self.args.threads)
+        return overrides, d.records.subset(train), d.records.subset(test), head
 
     def describe(self, u: Unit) -> dict:
         """The fields of a unit's row that do not depend on its result."""
@@ -427,7 +457,10 @@ class Harness:
             row["image_px_median"] = float(statistics.median(_image_px(it) for it in sub.items))
             row["features_s"] = self.feature_rate[(u.backbone, u.dataset)] * (len(tr) + len(d.test))
         else:
-            row["candidate"] = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[u.method]].name
+            base = u.method.removesuffix(FOLDS_SUFFIX)
+            row["candidate"] = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[base]].name
+            if base != u.method:
+                row["folds_k"] = fold_count(AUTO_FOLDS, d.records.labels[tr])
             row["steps"] = self.args.steps
             if self.args.overrides:
                 row["overrides"] = list(self.args.overrides)
@@ -454,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
         finished += 1
         bar.update(1)
         if u.method != CHEAP:
-            bar.write(f"{u.task} {u.backbone} {u.method}: {100 * result['test']:.1f} % ({result['seconds']:.0f} s)")
+            score = result["test"] if "test" in result else float(np.mean(result["folds"]))
+            bar.write(f"{u.task} {u.backbone} {u.method}: {100 * score:.1f} % ({result['seconds']:.0f} s)")
         if finished % args.collect_every == 0:
             collect(out)
 
@@ -472,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=512 * 1024 * 1024)
-        remote = {fn: ray.remote(num_cpus=args.threads, max_retries=0)(fn) for fn in (cheap_unit, finetune_unit)}
+        remote = {fn: ray.remote(num_cpus=args.threads, max_retries=0)(fn) for fn in (cheap_unit, finetune_unit, fold_unit)}
         in_flight: dict[Any, Unit] = {}
         pending = list(todo)
         slots = max(1, args.workers // args.threads)
@@ -521,6 +555,10 @@ def merge_rows(units: Iterable[dict]) -> list[dict]:
             r["test"].update(u["test"])
             r["seconds"].update(features=round(u["features_s"], 2), cheap=round(u["seconds"], 2))
             r["machine"], r["code"] = u["machine"], u["code"]
+        elif u["method"].endswith(FOLDS_SUFFIX):
+            base = u["method"].removesuffix(FOLDS_SUFFIX)
+            r["folds"][base] = u["folds"]  # the task's first folds only (regret.py cuts the probe's to match)
+            r["seconds"][f"{base}_per_fold"] = round(u["seconds"] / len(u["folds"]), 2)
         else:
             r["test"][u["method"]] = u["test"]
             r["seconds"][u["method"]] = round(u["seconds"], 2)
@@ -614,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--datasets", nargs="+", default=list(bd.DATASETS), choices=sorted(bd.DATASETS))
     r.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, choices=sorted(BACKBONES))
     r.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="fine-tunes (none: cheap part only)")
+    r.add_argument("--fold-methods", nargs="*", default=["lora"], choices=METHODS,
+                   help="fine-tunes that also get fold units (none: test accuracies only)")
+    r.add_argument("--finetune-folds", type=int, default=2,
+                   help="how many of a task's folds a fold unit fine-tunes (the first ones)")
     r.add_argument("--shots", nargs="+", type=int, default=DEFAULT_SHOTS)
     r.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
     r.add_argument("--finetune-shots", nargs="+", type=int, default=None, help="shot levels that get fine-tunes (all)")

@@ -60,7 +60,7 @@ def pretrain(cfg: PretrainConfig) -> Any:
 def evaluate(
     run_dir: str, data: str | None = None, device: str = "cpu", backend: str | None = None, int8: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a finished run (or its ONNX export); see :func:`visiontune.infer.evaluate.evaluate_run`."""
+    """Evaluate a finished run (or its export, any backend); see :func:`visiontune.infer.evaluate.evaluate_run`."""
     from visiontune.infer.evaluate import evaluate_run
 
     return evaluate_run(run_dir, data=data, device=device, backend=backend, int8=int8)

@@ -22,7 +22,7 @@ import json
 from typing import Any
 
 from visiontune.errors import ConfigError
-from visiontune.backbones import create_meta_backbone, default_img_size
+from visiontune.backbones import create_meta_backbone, default_img_size, input_size
 from visiontune.registry import METHODS
 
 DRY_RUN_CLASSES = 2
@@ -76,7 +76,7 @@ def check_config(cfg: Any, num_classes: int = DRY_RUN_CLASSES) -> list[str]:
         if _meta_limitation(e):
             raise MetaDeviceLimit(f"{type(e).__name__}: {_first_line(e)}") from e
         raise
-    size = int(cfg.backbone.img_size or (model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1])
+    size = input_size(model, cfg.backbone.img_size)
     x = torch.empty(2, cfg.data.input_bands(), size, size, device="meta")
     try:
         with torch.no_grad():

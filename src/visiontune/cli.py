@@ -3,6 +3,12 @@
 Parsing imports nothing heavy (``visiontune --help`` loads no torch); each command imports the modules it
 runs when it runs, so a command whose optional package is missing fails alone, with the ``pip install``
 line that fixes it (:mod:`visiontune.extras`), and the others work on the base install.
+
+Why one module of about 600 lines: it is the table of commands, and nothing else. Each command is a short
+``_cmd_<name>`` (parse -> config -> one library call) plus its subparser in :func:`build_parser`, which the
+generated command-line reference (:mod:`visiontune.reference`) and the every-``--help``-without-extras test read
+whole; split per command, the parser would sit in fourteen files with no logic gained. Anything that computes
+belongs in the library below (how to add a command: ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import visiontune as vt
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.extras import install_hint, missing_message
 from visiontune.precisions import HOST_PRECISIONS, INFERENCE_PRECISIONS
+from visiontune.registry import INFERENCE_PLUGINS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -54,18 +61,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
-    from visiontune.auto import AutoSelect, parse_budget
+    from visiontune.auto import AutoSelect, AutoSettings
     from visiontune.auto.prior import resolve_prior
 
     out = args.out or f"runs/auto/{_slug_data(args.data)}"
-    sel = AutoSelect(
-        args.data, out, backbones=args.backbone, budget_s=parse_budget(args.budget), folds=args.folds,
-        overrides=args.overrides, progress=not args.quiet, unlabeled=args.unlabeled, prune=not args.no_prune,
-        executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
-        gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight,
-        prior=resolve_prior(args.prior), cost_margin=args.cost_margin, rope=args.rope,
+    settings = AutoSettings(
+        budget_s=args.budget, folds=args.folds, progress=not args.quiet, unlabeled=args.unlabeled,
+        prune=not args.no_prune, executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight, cost_margin=args.cost_margin, rope=args.rope,
         **({"unlabeled_steps": args.unlabeled_steps} if args.unlabeled_steps is not None else {}),
     )
+    sel = AutoSelect(args.data, out, settings, backbones=args.backbone, overrides=args.overrides,
+                     prior=resolve_prior(args.prior))
     if args.dry_run:
         print(sel.plan().describe())
         return 0
@@ -307,12 +314,65 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from visiontune.suggest import suggest
+
+    r = suggest(args.unlabeled_dir, args.budget, out=args.out, strategy=args.strategy, run=args.run, labeled=args.labeled,
+                overrides=args.overrides, seed=args.seed, cache=args.cache, batch_size=args.batch_size,
+                progress=not args.quiet)
+    print(json.dumps({"picks": str(r.csv), "contact_sheet": str(r.sheet), "strategy": r.strategy, "rule": r.rule,
+                      "pool": r.pool, "budget": len(r.picks),
+                      "next": f"visiontune label {r.csv}  (then: visiontune train data.dataset={r.csv})"}))
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from visiontune.suggest.label import serve_labels
+
+    serve_labels(args.picks, host=args.host, port=args.port)
+    return 0
+
+
+def _suggest_parsers(sub: Any) -> None:
+    """``suggest`` (which images to label next) and ``label`` (the page that labels them)."""
+    from visiontune.suggest.strategies import STRATEGIES
+
+    sg = sub.add_parser("suggest", help="which unlabeled images to label next (active learning), with the reason per image",
+                        description="Pick the unlabeled images whose labels would help most: coverage of the pool on a "
+                                    "cold start, the model's uncertainty once labels exist. Writes a manifest CSV with an "
+                                    "empty label column, its .json and a contact sheet .png.")
+    sg.add_argument("unlabeled_dir", metavar="UNLABELED_DIR", help="folder of images to choose from (recursive)")
+    sg.add_argument("--budget", type=int, required=True, help="how many images to pick")
+    sg.add_argument("--strategy", choices=list(STRATEGIES), default="auto",
+                    help="auto (default): margin once a model exists and the round ends above 10 labels per class, "
+                         "else the best measured cold-start rule (random: TypiClust only tied it in benchmarks/suggest)")
+    src = sg.add_mutually_exclusive_group()
+    src.add_argument("--run", default=None, metavar="RUN_DIR", help="a trained run: its features and classifier")
+    src.add_argument("--labeled", default=None, metavar="DATA",
+                     help="labeled images (folder or CSV manifest): the labeled set; a linear probe is fitted on them")
+    sg.add_argument("--out", default="picks.csv", help="the picks CSV (default picks.csv); .json and .png beside it")
+    sg.add_argument("--seed", type=int, default=0)
+    sg.add_argument("--cache", default=None, help="feature store folder (default ~/.cache/visiontune/features)")
+    sg.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    sg.add_argument("--quiet", action="store_true", help="no progress bars")
+    sg.add_argument("overrides", nargs="*", help="backbone.* settings, e.g. backbone.weights=offline backbone.img_size=112")
+    sg.set_defaults(func=_cmd_suggest)
+
+    lb = sub.add_parser("label", help="label the picks of `suggest` in the browser (keyboard, undo, saved as you go)",
+                        description="Serve the labeling page of a picks CSV on this machine. "
+                                    + _needs("serve", "The page"))
+    lb.add_argument("picks", help="the CSV `visiontune suggest` wrote")
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.add_argument("--port", type=int, default=8765)
+    lb.set_defaults(func=_cmd_label)
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--int8``, the same for predict, eval, serve."""
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
-                   help="auto (default): torch for a run directory, onnxruntime for an export; onnxruntime on a run "
-                        "directory uses its export/ (visiontune export); openvino is not supported in this build")
-    p.add_argument("--int8", action="store_true", help="use the INT8 export (model.int8.onnx; onnxruntime)")
+    p.add_argument("--backend", choices=["auto", *(name for name, _, _ in INFERENCE_PLUGINS)], default="auto",
+                   help="auto (default): torch for a run directory, the export's own backend for an export; an export "
+                        "backend on a run directory uses its export/ (visiontune export --format FORMAT)")
+    p.add_argument("--int8", action="store_true", help="use the INT8 export (export backends)")
 
 
 def _precision_arg(p: argparse.ArgumentParser) -> None:
@@ -502,33 +562,41 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
-    ex = sub.add_parser("export", help="export a run's merged model (ONNX, optionally INT8) with labels and preprocessing",
-                        description="Export a run's merged model (ONNX, optionally INT8) with labels and preprocessing. "
+    ex = sub.add_parser("export", help="export a run's merged model (ONNX or another format, optionally INT8) with labels "
+                                       "and preprocessing",
+                        description="Export a run's merged model (ONNX, or another export backend's format such as "
+                                    "OpenVINO IR; optionally INT8) with labels and preprocessing. "
                                     + _needs("onnx", "Export"))
     ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                    help="onnx (openvino is not supported in this build: it says so)")
-    ex.add_argument("--out", default=None, help="output .onnx path (default <run_dir>/export/model.onnx)")
-    ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
-                    help="torch.export-based (needs onnxscript) or the legacy tracer; auto tries them in that order")
-    ex.add_argument("--opset", type=int, default=18)
+    formats = [fmt for _, fmt, _ in INFERENCE_PLUGINS if fmt]
+    ex.add_argument("--format", choices=formats, default=formats[0],
+                    help=f"{formats[0]} (default) or another export backend's format: {', '.join(formats[1:])} (each needs "
+                         "its extra, e.g. pip install 'visiontune[openvino]')")
+    ex.add_argument("--out", default=None, help="output model path (default <run_dir>/export/ and the format's file name: "
+                                                "model.onnx, openvino_model.xml ...)")
+    ex.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default=None,
+                    help="ONNX: torch.export-based (needs onnxscript) or the legacy tracer; auto (default) tries them in "
+                         "that order")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     ex.add_argument("--no-check", action="store_true",
-                    help="skip the onnxruntime vs PyTorch comparison and the test-split accuracy measurement")
+                    help="skip the export vs PyTorch comparison and the test-split accuracy measurement")
     ex.add_argument("--int8", action="store_true",
-                    help="also write model.int8.onnx: static INT8 quantization calibrated on the run's training images")
+                    help="also write an INT8 model (model.int8.onnx, openvino_model.int8.xml ...): post-training static "
+                         "quantization calibrated on the run's training images")
     ex.add_argument("--calibration", type=int, default=None, metavar="N",
                     help="calibration images from the training split (default 128, or all when fewer)")
     ex.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                     help="refuse the INT8 model when it loses more accuracy or weighted F1 than this on the test split (default 1)")
     ex.add_argument("--warn-only", action="store_true", help="keep an INT8 model past --max-drop, with a warning")
     ex.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
-                    help="comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")
+                    help="ONNX: comma-separated module paths (* wildcards) kept fp32 in the INT8 model, e.g. '*.mlp.fc2,head'")
     ex.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
-                    help="SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
+                    help="ONNX: SmoothQuant strength in [0, 1) for INT8 (default: try 0, 0.5, 0.8 and keep the best)")
     ex.set_defaults(func=_cmd_export)
 
-    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, ONNX fp32/INT8)",
-                        description="Latency/throughput on every installed backend (torch merged/unmerged, ONNX fp32/INT8). "
+    bi = sub.add_parser("bench-infer", help="latency/throughput on every backend (torch merged/unmerged, exports fp32/INT8)",
+                        description="Latency/throughput on every installed backend (torch merged/unmerged, each export "
+                                    "backend's fp32/INT8). "
                                     + _needs("onnx", "The ONNX backends"))
     bi.add_argument("run_dir")
     bi.add_argument("--batch-sizes", default="1,32", help="comma-separated; 1 is the latency")
@@ -536,14 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement when --iters is not given")
     bi.add_argument("--device", default="cpu")
     bi.add_argument("--backends", default="all",
-                    help="comma-separated: torch, onnxruntime (default all installed; openvino is not in this build)")
-    bi.add_argument("--export", default=None, help="folder with model.onnx / model.int8.onnx (default <run>/export, "
-                                                   "else exported for the benchmark)")
+                    help=f"comma-separated: {', '.join(name for name, _, _ in INFERENCE_PLUGINS)} (default: all installed)")
+    bi.add_argument("--export", default=None, help="folder with the exports (default <run>/export, else exported for "
+                                                   "the benchmark)")
     bi.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds; medians over them (default 1)")
     bi.add_argument("--bf16", action="store_true",
                     help="also time the PyTorch model under bf16 autocast (what --precision bf16 runs)")
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=_cmd_bench_infer)
+    _suggest_parsers(sub)
     return p
 
 

@@ -10,6 +10,13 @@ dataclass (a :class:`MethodConfig` subclass) holds its options (e.g. ``rank`` fo
 imports no method: methods register themselves when :mod:`visiontune.methods` is imported, which
 ``import visiontune`` (the root package, run before any of its submodules) does, and validation looks
 the name up in :data:`~visiontune.registry.METHODS` when it runs.
+
+Why this module is longer than ~500 lines: the sections' dataclasses (their help texts are the reference
+documentation) and the code that reads them (dotted overrides, type coercion that reports every problem at once,
+YAML load/dump) change together -- a field's annotation is valid only if :func:`_coerce` handles its type --, the
+checks the sections share with pretraining's config (:func:`run_section_problems`, :func:`optim_section_problems`)
+belong to the same vocabulary, and nearly every module imports it; a method's options already live with the method
+(:class:`MethodConfig` subclasses), the data splits' checks with the data.
 """
 
 from __future__ import annotations
@@ -71,6 +78,29 @@ def run_section_problems(run: Any) -> list[str]:
         out.append("run.resume=true and run.overwrite=true contradict each other (resume continues the run in "
                    "run.name, overwrite deletes it); keep one")
     out.extend(run_name_problems(run.name))
+    return out
+
+
+def optim_section_problems(optim: Any, counts: tuple[str, ...], lr_default: str) -> list[str]:
+    """The checks every ``optim`` section shares (training and pretraining): counts, learning rates, weight decay,
+    the final learning-rate ratio and gradient clipping.
+
+    Args:
+        optim: the section (``lr``, ``head_lr``, ``weight_decay``, ``min_lr_ratio``, ``clip_grad`` and ``counts``).
+        counts: the settings that count something (epochs, steps, batch sizes): each must be >= 1.
+        lr_default: what ``lr`` / ``head_lr`` = null means, for the message.
+    """
+    out = [f"optim.{key}={getattr(optim, key)} must be >= 1" for key in counts if getattr(optim, key) < 1]
+    for key in ("lr", "head_lr"):
+        v = getattr(optim, key)
+        if v is not None and v <= 0:
+            out.append(f"optim.{key}={v} must be > 0 (or null for {lr_default})")
+    if optim.weight_decay < 0:
+        out.append(f"optim.weight_decay={optim.weight_decay} must be >= 0")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        out.append(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1]")
+    if optim.clip_grad is not None and optim.clip_grad <= 0:
+        out.append(f"optim.clip_grad={optim.clip_grad} must be > 0 (or null to disable)")
     return out
 
 
@@ -271,24 +301,12 @@ class OptimConfig:
     )
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "head_init_views"):
-            if getattr(self, key) < 1:
-                out.append(f"optim.{key}={getattr(self, key)} must be >= 1")
-        for key in ("lr", "head_lr"):
-            v = getattr(self, key)
-            if v is not None and v <= 0:
-                out.append(f"optim.{key}={v} must be > 0 (or null for the method default)")
-        if self.weight_decay < 0:
-            out.append(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        out = optim_section_problems(self, ("epochs", "batch_size", "grad_accum", "eval_batch_size", "head_init_views"),
+                                     "the method default")
         if self.warmup_epochs < 0:
             out.append(f"optim.warmup_epochs={self.warmup_epochs} must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            out.append(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
             out.append(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            out.append(f"optim.clip_grad={self.clip_grad} must be > 0 (or null to disable)")
         return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import visiontune as vt
 from visiontune.atomic import write_text_atomic
-from visiontune.auto import AutoSelect, parse_budget
+from visiontune.auto import AutoSelect, AutoSettings
 from visiontune.registry import METHODS
 from visiontune.eval import compare_table, plot_comparison
 
@@ -55,14 +54,9 @@ def machine() -> dict[str, Any]:
     """What decides which float kernels run: CPU model and vector extensions, torch version and threads."""
     import torch
 
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        text = cpuinfo.read_text(errors="replace")
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(found.group(1).split()) if found else set()
+    from visiontune.runtime import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     return {
         "cpu": model, "isa": [f for f in _ISA_FLAGS if f in flags], "torch": torch.__version__.split("+")[0],
         "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
@@ -110,8 +104,8 @@ def run_auto(extra: list[str], budget: str) -> dict[str, Any]:
     ]
     out = Path(cfg.run.dir) / "auto"
     print(f"\n[demo] === visiontune auto {cfg.data.dataset} --budget {budget} --out {out} ===")
-    record = AutoSelect(cfg.data.dataset, out, budget_s=parse_budget(budget), overrides=overrides,
-                        progress=cfg.run.progress).run()
+    record = AutoSelect(cfg.data.dataset, out, AutoSettings(budget_s=budget, progress=cfg.run.progress),
+                        overrides=overrides).run()
     print(f"\n[demo] auto chose: {record['decision']['candidate']}. {record['decision']['reason']}.")
     print(f"[demo] leaderboard: {out / 'leaderboard.md'}  model: {record['final']['run_dir']}")
     return record

@@ -14,7 +14,7 @@ What accelerate's own data-loader preparation does not give, written here by han
   ``ceil(B / N)`` images, the last batch split as evenly as possible. A process whose share is
   short gets zero-weight copies of an image of that batch (so every process runs the same number of
   forward/backward passes, which DDP needs), and each process's loss is its share of the *global*
-  batch's mean (:func:`train_one_epoch_sharded`), so after DDP's gradient average the step equals the
+  batch's mean (:class:`visiontune.train.strategy.DataParallel`), so after DDP's gradient average the step equals the
   one-process step up to float rounding. accelerate's ``even_batches`` instead pads with duplicate
   images that count in the loss, and ``split_batches`` requires B divisible by N.
 * **Every evaluation image exactly once.** Evaluation loaders are split into N contiguous, unpadded
@@ -39,6 +39,11 @@ Whatever is saved goes through :func:`full_tensor` / :func:`full_state` (all-gat
 loaded back through :func:`copy_full` / :func:`load_optimizer_state`, so checkpoints and adapter files
 are the one-process format: the optimizer's state stays keyed by parameter position, as
 ``optimizer.state_dict()`` writes it, where torch's ``get_optimizer_state_dict`` would key it by name.
+
+The training loop itself is not here: :func:`visiontune.train.loop.train_one_epoch` is the one loop of one
+process and many, and :mod:`visiontune.train.strategy` holds what differs. Why this module is longer than ~500
+lines: every helper in it reads the one process-wide context (:func:`current`, which tests replace) or works on
+what that context shards; one module keeps that state and its readers together.
 """
 
 from __future__ import annotations
@@ -47,19 +52,16 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from visiontune.config import Config
-from visiontune.errors import ConfigError, TrainingStopped
-from visiontune.runtime import optimizer_step, train_mode
+from visiontune.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -588,65 +590,3 @@ def shard_train(loader: DataLoader, seed: int, rank_seed: int) -> DataLoader:
     )
     out.order_generator = sampler.generator
     return out
-
-
-def train_one_epoch_sharded(
-    model: nn.Module,
-    loader: ShardedTrainLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    cfg: Config,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    desc: str = "train",
-    class_weight: torch.Tensor | None = None,
-    stop: Callable[[], bool] | None = None,
-) -> dict[str, float]:
-    """:func:`visiontune.train.loop.train_one_epoch` for a DDP-wrapped or FSDP-sharded ``model`` and a :func:`shard_train` loader.
-
-    Same accumulation (the last group scaled by its real length), clipping, schedule and loss value as
-    one process over the same global batches: each process's loss is the sum of its weighted
-    per-image losses divided by the *global* batch's weight total (one small all-reduce per
-    micro-batch) times N, which DDP's (or FSDP's) gradient average divides back out. Gradients are
-    synchronised only on the micro-batch that ends an accumulation group (:func:`gradient_sync`). A non-finite loss on
-    any process stops every process with the same error.
-    """
-    dist = _CURRENT
-    assert dist is not None
-    train_mode(model)
-    accum = cfg.optim.grad_accum
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler(device.type) if cfg.optim.precision == "fp16" else None
-    total, count = 0.0, 0.0
-    optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.run.progress and dist.main), dynamic_ncols=True)
-    for i, (x, y, w) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        w = torch.as_tensor(w, dtype=torch.float32, device=device)
-        step = (i + 1) % accum == 0 or i + 1 == n_batches
-        with gradient_sync(model, step):
-            with autocast():
-                logits = model(x)
-            cw = None if class_weight is None else class_weight.to(device)
-            per = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing, weight=cw, reduction="none")
-            # F.cross_entropy's mean divides by the summed class weights of the batch (the count without them).
-            den_local = (w * (cw[y] if cw is not None else 1.0)).sum()
-            num_local = (w * per).sum()
-            num, den, real = dist.sum([float(num_local.detach()), float(den_local), float(w.sum())])
-            if not (torch.isfinite(torch.tensor(num)) and den > 0):
-                raise FloatingPointError(
-                    f"training loss became {num / den if den else float('nan')} at batch {i}; lower optim.lr "
-                    f"(now {optimizer.param_groups[0]['lr']:.2e}) or use optim.precision=fp32"
-                )
-            group = min(accum, n_batches - (i // accum) * accum)
-            scaled = num_local * dist.world / den / group
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        total += num / den * real
-        count += real
-        if step:
-            optimizer_step(optimizer, scheduler, scaler, trainable, cfg.optim.clip_grad)
-            # Every process asks; any one answering True stops all of them after the same step.
-            if stop is not None and dist.sum([float(bool(stop()))])[0] > 0:
-                raise TrainingStopped(f"training stopped by the caller at batch {i + 1} of {n_batches} ({desc})")
-    return {"train_loss": total / max(1.0, count), "lr": optimizer.param_groups[0]["lr"]}

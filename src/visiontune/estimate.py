@@ -47,6 +47,10 @@ of the reuse model with the saved tensors as counted plus 30 MiB (:data:`LIVE_CA
 estimate vs measured).
 
 Written by hand: no library estimates training memory for timm models with these adapters.
+
+Why one module over 500 lines: the accounting (weights, gradients, optimizer, peak) and the saved-tensor trace it
+rests on are one model of memory, calibrated together (the constants of :data:`CPU_CALIBRATION` were fitted to this
+trace's counts), and a sixth of the length is this docstring, which states the model and its error.
 """
 
 from __future__ import annotations
@@ -63,9 +67,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
-from visiontune.backbones import create_meta_backbone, default_img_size
+from visiontune.backbones import create_meta_backbone, default_img_size, input_size
 from visiontune.methods.base import classifier_of
-from visiontune.methods.lora import nf4_blocksize
+from visiontune.methods.nf4 import nf4_blocksize
 from visiontune.registry import METHODS
 from visiontune.train.speed import fast_forward
 
@@ -459,8 +463,7 @@ def estimate_memory(
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
     grads = float(sum(p.numel() * 4 for p in trainable))  # fp32 parameters, fp32 gradients
-    size = int(cfg.backbone.img_size or default_img_size(cfg.backbone.name) or
-               (model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1])
+    size = input_size(model, cfg.backbone.img_size or default_img_size(cfg.backbone.name))
     calib = calibration or (CUDA_CALIBRATION if kind == "cuda" else CPU_CALIBRATION)
     batch = cfg.optim.batch_size
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "multispectral": ("tifffile",),
     "tensorboard": ("tensorboard",),
     "offline": ("onnx",),
+    "openvino": ("openvino", "nncf"),
 }
 """Extra -> the top-level modules its packages install (what ``import`` names, not the PyPI name).
 ``[serve]`` also installs httpx and playwright, for the service's own tests only."""
@@ -30,6 +31,7 @@ WHAT_NEEDS: dict[str, str] = {
     "multispectral": ".tif arrays for visiontune pretrain",
     "tensorboard": "run.tensorboard=true",
     "offline": "backbone.weights=offline for the DINOv2-S weights (read from an ONNX file)",
+    "openvino": "visiontune export --format openvino, --backend openvino, INT8 by NNCF",
 }
 """Extra -> what it enables, in the words of the command line."""
 

@@ -157,7 +157,7 @@ class AdapterHost(TaskHost):
                 torch.manual_seed(cfg.run.seed)
             backbone = create_backbone(cfg.backbone, num_classes=len(classes))
         set_band_preprocessing(backbone, cfg.data.band_spec())
-        transform = build_transform(backbone, cfg.backbone.img_size, train=False)
+        transform = build_transform(backbone, train=False)  # the backbone records backbone.img_size
         host = cls(backbone, identity, device=device, transform=transform, precision=precision)
         host.band_spec = cfg.data.band_spec()
         if identity.get("weights") == "none":

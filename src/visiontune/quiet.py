@@ -4,7 +4,7 @@ bitsandbytes (0.49-0.50) logs at import time, on CPUs with AVX-512 BF16 and with
 package: "Failed to load CPU gemm_4bit_forward from kernels-community ...". peft imports bitsandbytes whenever
 it is installed, so every method printed it, ``lora`` and ``linear`` included. The kernel in question serves
 bitsandbytes' repacked CPU layout for 4-bit weights, which visiontune switches off for every 4-bit layer it
-builds (:func:`visiontune.methods.lora.keep_portable_4bit_layout`): the message is about a kernel visiontune
+builds (:func:`visiontune.methods.nf4.keep_portable_4bit_layout`): the message is about a kernel visiontune
 never calls, and there is nothing for a user to do. Other bitsandbytes messages pass through unchanged.
 """
 

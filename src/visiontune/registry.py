@@ -125,3 +125,20 @@ METHODS: Registry[Any] = Registry("method", "method.name", filled_by=("visiontun
 
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.dataset", filled_by=("visiontune.data",))
 """Built-in datasets: functions returning ImageRecords."""
+
+INFERENCE_PLUGINS: tuple[tuple[str, str | None, str], ...] = (
+    ("torch", None, "visiontune.infer.backends"),
+    ("onnxruntime", "onnx", "visiontune.infer.onnxruntime"),
+    ("openvino", "openvino", "visiontune.infer.openvino"),
+)
+"""The inference backends' plug-in list: ``(--backend name, export --format name or None, module that registers it)``.
+
+A backend is one module that registers an :class:`~visiontune.infer.backends.InferenceBackend` subclass in
+:data:`INFERENCE_BACKENDS` and is listed here. Its two names are written here as well so the command line builds
+``--backend`` / ``--format`` choices without importing torch; ``tests/infer/test_backends.py`` checks them against
+what each module registers. Order matters: ``auto`` picks the first backend that can run what it is given."""
+
+INFERENCE_BACKENDS: Registry[Any] = Registry(
+    "inference backend", "--backend", filled_by=tuple(dict.fromkeys(module for _, _, module in INFERENCE_PLUGINS)),
+)
+"""Inference backends (torch, onnxruntime, openvino): InferenceBackend instances, filled from INFERENCE_PLUGINS."""

@@ -1,7 +1,8 @@
 """Run directories before a run starts: what state one is in, whether a new run may use it, emptying it.
 
 Shared by fine-tuning (:mod:`visiontune.train`), extended pretraining (:mod:`visiontune.pretrain`) and
-sweeps. The rules, the same for both kinds of run:
+sweeps: each kind of run is a :class:`RunKind` (``visiontune.runs.TRAIN_RUNS``, ``visiontune.pretrain.runs.PRETRAIN_RUNS``),
+and :func:`start_run` is the start-up both loops share. The rules, the same for both kinds of run:
 
 =========================  ==========  ==================================  =========================
 existing directory         neither     ``run.resume=true``                 ``run.overwrite=true``
@@ -27,6 +28,10 @@ Nothing is written into an existing directory until these checks have passed, so
 start leaves a finished run exactly as it was. "Finished" means every artifact of the finished run
 reads back (an interrupted write of ``metrics.json`` is not a finished run), and the message names
 any file that does not.
+
+Why this module is longer than ~500 lines: the table above, the states it names, the one state machine that
+applies it (:meth:`RunKind.prepare`) and the ownership checks it relies on read together; each section below is
+one step of that table.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from visiontune.atomic import (
     MANIFEST_FORMAT, MANIFEST_NAME as MANIFEST, check_writable, claim_folder, clean_stale_temps, is_temp_name, read_manifest,
     write_json_atomic,
 )
-from visiontune.checkpoint import checkpoint_path, legacy_checkpoint
+from visiontune.checkpoint import (
+    CheckpointError, checkpoint_path, checkpoint_progress, legacy_checkpoint, legacy_message, load_checkpoint,
+)
 from visiontune.errors import ConfigError
 
 StateKind = Literal["new", "finished", "partial", "started", "foreign"]
@@ -411,3 +418,124 @@ def refuse_changes(differences: list[str], where: Path, unit: str = "run") -> No
             + "\nFix: use the stored values (see its config.yaml), or set run.name to a new run, or "
             "run.overwrite=true to discard the stored run"
         )
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+
+@dataclass
+class RunStart:
+    """How a run may start in its directory (:meth:`RunKind.prepare`): fresh, from a checkpoint, or already finished.
+
+    Attributes:
+        run_dir: the run directory.
+        checkpoint: the checkpoint to continue from (read and checked against the config and data).
+        finished: what a finished run of the same config and data gives back (its kind's result).
+        note: a sentence for the user (the previous run deleted, nothing left to resume).
+    """
+
+    run_dir: Path
+    checkpoint: dict[str, Any] | None = None
+    finished: Any = None
+    note: str | None = None
+
+
+class RunKind:
+    """One kind of run directory (fine-tuning, pretraining): its files, and how a stored run is compared to a new one.
+
+    :meth:`prepare` is the one state machine of this module's table; a kind supplies what differs: where its
+    runs go (:meth:`path`), what a finished run holds (``finished_files``, the first written last), every entry a
+    run makes (``makes``), and the comparisons of a stored config and data with the new run's.
+    """
+
+    kind: str
+    """The manifest kind (:func:`visiontune.atomic.claim_folder`), also the checkpoint kind."""
+    unit: str = "run"
+    """What a run is called in messages."""
+    finished_files: dict[str, Callable[[Path], str | None]]
+    makes: tuple[str, ...]
+    data_key: str
+    """The checkpoint entry holding the data's identity."""
+
+    def path(self, cfg: Any) -> Path:
+        """The run directory of ``cfg``."""
+        raise NotImplementedError
+
+    def is_config(self, stored: dict[str, Any]) -> bool:
+        """Whether a stored ``config.yaml`` is one of this kind's (raising counts as no)."""
+        raise NotImplementedError
+
+    def config_changes(self, stored: dict[str, Any], cfg: Any) -> list[str]:
+        """How a stored config differs from ``cfg``, one line per setting (settings a resume may change aside)."""
+        raise NotImplementedError
+
+    def data_changes(self, stored: Any, data: Any) -> list[str]:
+        """How the stored data identity (from a checkpoint) differs from ``data``."""
+        raise NotImplementedError
+
+    def finished(self, run_dir: Path, cfg: Any, data: Any) -> tuple[list[str], Any]:
+        """(how a finished run differs from ``cfg`` and ``data``, what it gives back when it does not)."""
+        raise NotImplementedError
+
+    def inspect(self, run_dir: str | Path) -> RunDirState:
+        """The state of a run directory of this kind (:func:`inspect_run_dir`)."""
+        return inspect_run_dir(Path(run_dir), self.finished_files, self.kind, self.makes,
+                               old_run_check(self.is_config, [n for n in self.makes if n != "config.yaml"]))
+
+    def prepare(self, cfg: Any, data: Any) -> RunStart:
+        """Decide, by reading only, whether and how this run may use its directory; then empty it if starting fresh.
+
+        A resume (from a checkpoint, or of a finished run) is refused unless the stored config matches ``cfg``
+        (:meth:`config_changes`) and the stored data identity matches ``data``. Nothing is written into an existing
+        directory before these checks pass; a fresh start then begins from an empty directory (``run.overwrite=true``
+        deletes the old one, and says so).
+
+        Raises:
+            ConfigError: the directory holds a run this config may not touch, or another configuration.
+            CheckpointError: the checkpoint is unreadable, or an old pickle (never loaded).
+        """
+        state = self.inspect(self.path(cfg))
+        progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
+        refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, self.unit, progress)
+        start = self._decide(cfg, data, state)
+        claim_run_dir(state)  # every check passed: the folder is this run's (marked before anything is written)
+        return start
+
+    def _decide(self, cfg: Any, data: Any, state: RunDirState) -> RunStart:
+        run_dir = state.path
+        if cfg.run.overwrite:
+            return RunStart(run_dir, note=clear_run_dir(state))
+        if state.kind == "finished":  # with run.resume=true: nothing left to do if it is the same run
+            changes, result = self.finished(run_dir, cfg, data)
+            refuse_changes(changes, run_dir, self.unit)
+            return RunStart(run_dir, finished=result, note=f"{run_dir} is already finished; nothing to resume")
+        if state.kind == "partial":  # with run.resume=true
+            if state.checkpoint is None:
+                raise CheckpointError(legacy_message(state.legacy))
+            ck = load_checkpoint(state.checkpoint, self.kind)
+            refuse_changes(self.config_changes(ck.get("config") or {}, cfg) + self.data_changes(ck.get(self.data_key), data),
+                           run_dir, self.unit)
+            return RunStart(run_dir, checkpoint=ck)
+        if state.kind == "started":  # with run.resume=true, but no checkpoint: start over, if it is the same run
+            stored, _ = read_yaml_mapping(run_dir / "config.yaml")
+            if stored is not None:
+                refuse_changes(self.config_changes(stored, cfg), run_dir, self.unit)
+            return RunStart(run_dir, note=clear_run_dir(state))
+        return RunStart(run_dir)
+
+
+def start_run(runs: RunKind, cfg: Any, data: Any, strategy: Any) -> RunStart:
+    """The start-up every kind of run shares: process 0 decides how the run uses its directory (:meth:`RunKind.prepare`)
+    and every process follows; the decision's note is printed; ``config.yaml`` is written unless a resumed run's
+    reads back (it was checked equal to ``cfg`` up to the settings a resume may change).
+
+    Args:
+        strategy: the run's processes (:mod:`visiontune.train.strategy`): its ``main`` and ``broadcast``.
+    """
+    begin = strategy.broadcast(runs.prepare(cfg, data) if strategy.main else None)
+    if begin.note and cfg.run.progress:
+        print(f"[visiontune] {begin.note}")
+    if begin.finished is None and strategy.main and (
+            begin.checkpoint is None or read_yaml_mapping(begin.run_dir / "config.yaml")[1]):
+        cfg.dump(begin.run_dir / "config.yaml")
+    return begin

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +25,7 @@ from visiontune.errors import ConfigError, WeightsError
 from visiontune.methods import Method
 from visiontune.registry import METHODS
 from visiontune.rundir import (
-    RunDirState, config_differences, exists_check, inspect_run_dir, json_check, old_run_check, read_json,
-    read_yaml_mapping, yaml_check,
+    RunDirState, RunKind, config_differences, exists_check, json_check, read_json, read_yaml_mapping, yaml_check,
 )
 from visiontune.backbones import backbone_identity, build_transform, create_backbone, set_band_preprocessing
 from visiontune.data import ImageRecords
@@ -63,17 +64,46 @@ RUN_MAKES = (
 """Every top-level entry a fine-tuning run writes: what an older run without a manifest may have deleted."""
 
 
-def _is_train_config(stored: dict[str, Any]) -> bool:
-    config_from_dict(stored)  # raises ConfigError for anything that is not a fine-tuning run's config
-    return True
+def default_run_name(cfg: Config) -> str:
+    """``<dataset>-<backbone>-<method>-<time>``: the run name when ``run.name`` is unset."""
+    ds = Path(cfg.data.dataset).stem if os.sep in cfg.data.dataset else cfg.data.dataset
+    return f"{ds}-{cfg.backbone.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class TrainRuns(RunKind):
+    """Fine-tuning run directories (the rules: :mod:`visiontune.rundir`); the data's identity is the split
+    (:func:`visiontune.data.splits.split_identity`)."""
+
+    kind = RUN_KIND
+    finished_files = FINISHED_FILES
+    makes = RUN_MAKES
+    data_key = "split"
+
+    def path(self, cfg: Config) -> Path:
+        return Path(cfg.run.dir) / (cfg.run.name or default_run_name(cfg))
+
+    def is_config(self, stored: dict[str, Any]) -> bool:
+        config_from_dict(stored)  # raises ConfigError for anything that is not a fine-tuning run's config
+        return True
+
+    def config_changes(self, stored: dict[str, Any], cfg: Config) -> list[str]:
+        return config_changes(stored, cfg)
+
+    def data_changes(self, stored: Any, data: dict[str, Any]) -> list[str]:
+        return split_differences(stored, data)
+
+    def finished(self, run_dir: Path, cfg: Config, data: dict[str, Any]) -> tuple[list[str], Any]:
+        changes = finished_run_changes(run_dir, cfg, data)
+        return changes, (read_json(run_dir / METRICS_FILE)[0] if not changes else None)
+
+
+TRAIN_RUNS = TrainRuns()
+"""The fine-tuning kind of run directory."""
 
 
 def inspect_run(run_dir: str | Path) -> RunDirState:
     """The state of a fine-tuning run directory (see :mod:`visiontune.rundir`)."""
-    return inspect_run_dir(
-        Path(run_dir), FINISHED_FILES, RUN_KIND, RUN_MAKES,
-        old_run_check(_is_train_config, [n for n in RUN_MAKES if n != "config.yaml"]),
-    )
+    return TRAIN_RUNS.inspect(run_dir)
 
 
 def config_changes(stored: dict[str, Any], cfg: Config) -> list[str]:
@@ -298,5 +328,5 @@ def load_run(run_dir: str | Path, device: str = "cpu", merge: bool = True) -> Lo
         if merge:
             unmerged, model = model, method.merge(model)
             merged = model is not unmerged  # Method.merge returns the model itself when there is nothing to fold
-    transform = build_transform(model, cfg.backbone.img_size, train=False)
+    transform = build_transform(model, train=False)  # the model records backbone.img_size (create_backbone)
     return LoadedRun(model, cfg, classes, method, transform, identity, run_dir, merged)

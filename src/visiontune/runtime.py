@@ -160,7 +160,7 @@ def optimizer_step(
 ) -> None:
     """One optimizer step after accumulated backward passes: unscale (fp16), clip, step, zero, schedule.
 
-    The single- and multi-process training loops both end an accumulation group with it.
+    The training loop (:func:`visiontune.train.loop.train_one_epoch`) ends every accumulation group with it.
     """
     if scaler:
         scaler.unscale_(optimizer)
@@ -190,18 +190,24 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 _ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def cpu_info() -> dict[str, Any]:
-    """The CPU and the vector extensions that decide which integer / bf16 kernels run (recorded with exports
-    and benchmarks): VNNI (``avx512_vnni`` / ``avx_vnni``) is what makes INT8 matrix products fast on x86."""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags from ``/proc/cpuinfo`` (the platform's name and no flags where
+    there is no such file): the one reader of it, for exports, benchmarks, ``doctor`` and the demo."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(found.group(1).split()) if found else set()
     except OSError:
-        pass
+        return model, flags
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    model = found.group(1).strip() if found else model
+    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return model, set(found.group(1).split()) if found else set()
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU and the vector extensions that decide which integer / bf16 kernels run (recorded with exports
+    and benchmarks): VNNI (``avx512_vnni`` / ``avx_vnni``) is what makes INT8 matrix products fast on x86."""
+    model, flags = cpu_model_and_flags()
     info: dict[str, Any] = {"cpu": model, "isa": [f for f in _ISA if f in flags], "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
                             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                             "torch": torch.__version__.split("+")[0], "torch_threads": torch.get_num_threads()}

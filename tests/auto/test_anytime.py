@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import visiontune.auto.executor as executor
-from visiontune.auto import PROBE, AutoSelect, Candidate
+from visiontune.auto import PROBE, AutoSelect, AutoSettings, Candidate
 from visiontune.auto.schedule import FlatPrior, StepTimes, by_priority, used_text
 from visiontune.train import loop as train_loop
 
@@ -46,19 +46,19 @@ def steps_clock(monkeypatch: pytest.MonkeyPatch):
 
 def _select(out: Path, clock, budget: float, **kw) -> AutoSelect:
     kw.setdefault("prior", FlatPrior())  # the order these tests assert is the flat prior's, whatever prior ships
-    return AutoSelect("digits", out, overrides=TINY, progress=False, folds=2, steps=12, budget_s=budget, clock=clock,
-                      candidates=(A, B, C), **kw)
+    settings = AutoSettings(progress=False, folds=2, steps=12, budget_s=budget, candidates=(A, B, C))
+    return AutoSelect("digits", out, settings, overrides=TINY, clock=clock, **kw)
 
 
 def test_cheapest_first_each_started_while_an_epoch_fits_and_estimates_follow_measured_steps(tmp_path, steps_clock) -> None:
     clock, jobs = steps_clock
     sel = _select(tmp_path, clock, 10)
     record = sel.run()
-    state = sel.state["finetune"]
+    state = sel.record.state["finetune"]
     # Flat prior: the cheapest step first (B, then A), each a first rung of 4 steps (2 epochs)
     assert [(n, p) for n, p, _, _ in jobs[:2]] == [("lora-q-v-r2-last-block-fold1", 2), ("lora-q-v-r4-fold1", 2)]
     assert state[B.name]["steps"] == 4 and state[A.name]["steps"] == 4
-    times = sel._step_times()
+    times = sel.finetune.step_times()
     assert times.step_s(B) == 1.0 and times.step_s(A) == 1.0  # measured: one tick a step
     # C was not measured: its cost (2) times the measured scale (median of 1/0.5 and 1/1) = 3 s a step, 6 an epoch,
     # and 2 s were left at t=8: not started, and the leaderboard says why
@@ -84,7 +84,7 @@ def test_the_budget_stops_a_fold_between_steps_and_its_checkpoint_is_the_evidenc
     clock, jobs = steps_clock
     sel = _select(tmp_path, clock, 3)
     record = sel.run()
-    state = sel.state["finetune"]
+    state = sel.record.state["finetune"]
     assert [(n, p, d) for n, p, d, _ in jobs] == [("lora-q-v-r2-last-block-fold1", 2, 3.0)]
     rec = state[B.name]
     assert rec["status"] == "budget" and rec["steps"] == 3
@@ -114,7 +114,7 @@ def test_a_prior_orders_the_candidates_by_expected_gain_per_second(tmp_path, ste
     # C: 10 / 2 beats B: 1 / 0.5; then B (its estimate scaled by C's measured steps) before A
     assert [n for n, *_ in jobs] == ["full-fine-tuning-fold1", "lora-q-v-r2-last-block-fold1"]
     assert jobs[1][2:] == (8.0, 4.0)  # B starts at t=4 with 4 s left: stopped after its 4th step, before epoch 2 ended
-    assert sel.state["finetune"][B.name]["rung"]["epoch"] == 1 and record["elapsed_s"] == 8.0
+    assert sel.record.state["finetune"][B.name]["rung"]["epoch"] == 1 and record["elapsed_s"] == 8.0
 
 
 def test_step_times_scale_unmeasured_candidates_by_the_measured_ones() -> None:

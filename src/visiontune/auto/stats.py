@@ -63,3 +63,13 @@ def corrected_interval(
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return Estimate(mean, low, high, n, se)
+
+
+def kfold_val_fraction(k: int) -> float:
+    """Held-out / training images of one fold of a ``k``-fold split (``1 / (k - 1)``): the correction's ratio."""
+    return 1.0 / max(k - 1, 1)
+
+
+def paired_folds(a: list[float], b: list[float], k: int) -> Estimate:
+    """Mean, standard error and interval of the fold-by-fold differences ``a - b`` (the same ``k`` folds)."""
+    return corrected_interval([x - y for x, y in zip(a, b)], kfold_val_fraction(k))

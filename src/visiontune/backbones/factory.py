@@ -6,6 +6,12 @@ the requested size. Weight files are loaded through timm's own pretrained path
 (``pretrained_cfg_overlay``), so each family's checkpoint filter runs: ViT position embeddings are
 resampled to the requested ``img_size`` as timm does for its hub weights (an offline source may ask for
 the interpolation its weights were fine-tuned with instead, see ``pos_embed_antialias``).
+
+Why one module over 500 lines: it is one path, name -> architecture -> weights -> built model, and each failure on
+it (unknown name, hub unreachable, file of another architecture, shape mismatch) must say which step failed and the
+fix, which needs the earlier steps' facts at hand. Weight sources (:mod:`~visiontune.backbones.weights`,
+:mod:`~visiontune.backbones.offline`, :mod:`~visiontune.backbones.hub`), transforms and the tiny test models are
+already modules of their own.
 """
 
 from __future__ import annotations

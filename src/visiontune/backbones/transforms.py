@@ -17,6 +17,19 @@ from visiontune.data.bands import BandSpec, BandTransform
 from visiontune.data.images import ToRGB
 
 
+def input_size(model: nn.Module, img_size: int | None = None) -> int:
+    """The square input size of ``model``: ``img_size`` when given, else what its preprocessing metadata records.
+
+    :func:`~visiontune.backbones.create_backbone` keeps ``pretrained_cfg["input_size"]`` truthful (it records
+    ``backbone.img_size``), and every method keeps that metadata, so a built model answers for itself; timm's
+    default 224 stands in for a model without any.
+    """
+    if img_size:
+        return int(img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
+
+
 def data_config(model: nn.Module, img_size: int | None = None) -> dict:
     """timm's data config for ``model`` (input size, interpolation, mean, std, crop), size overridden.
 
@@ -48,14 +61,15 @@ def set_band_preprocessing(model: nn.Module, spec: BandSpec | None) -> None:
 
 
 def build_transform(
-    model: nn.Module, img_size: int | None, train: bool, crop_scale: float = 0.5
+    model: nn.Module, img_size: int | None = None, train: bool = False, crop_scale: float = 0.5
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Image -> normalised tensor transform matching the backbone's pretraining preprocessing.
 
     Args:
         model: a backbone from :func:`~visiontune.backbones.create_backbone` (or any timm model): its
             ``pretrained_cfg`` supplies mean, std, interpolation, crop fraction and default input size.
-        img_size: square input size; None keeps the model's configured size.
+        img_size: square input size; None (the usual) keeps the model's own, which for a model built by
+            :func:`~visiontune.backbones.create_backbone` is ``backbone.img_size`` already.
         train: random-resized crop + horizontal flip (no colour jitter, no auto-augment: with a few
             hundred images those distort more than they help by default). Otherwise resize + center
             crop, deterministic.

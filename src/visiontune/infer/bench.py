@@ -2,8 +2,9 @@
 
 Variants, all on the same run: PyTorch with the adapters merged, PyTorch as trained (adapters kept
 separate, eager fp32: the baseline, what a hand-written timm + peft loop evaluates), and with
-onnxruntime installed the fp32 and INT8 ONNX exports (the run's ``export/`` when it holds them,
-else exported for the benchmark into a temporary folder, without the accuracy check).
+each installed export backend (onnxruntime, OpenVINO, ...: the registry's) its fp32 and INT8 exports (the
+run's ``export/`` when it holds them, else exported for the benchmark into a temporary folder, without the
+accuracy check).
 
 For each batch size it times two things: the bare forward pass on a random preprocessed batch, and the
 whole predictor on in-memory RGB images of twice the input size (resize + crop + normalise + forward +
@@ -34,7 +35,7 @@ from visiontune.data.bands import transform_channels
 from visiontune.errors import ConfigError
 from visiontune.runtime import autocast_dtype, inference_dtype, resolve_device
 from visiontune.eval.speed import _synchronizer, _timed_runs
-from visiontune.infer.backends import FP32_NAME, INT8_NAME, resolve_backend
+from visiontune.infer.backends import ExportBackend, all_backends, export_flags, get_backend
 from visiontune.infer.export import export_run
 from visiontune.infer.predictor import Predictor
 from visiontune.runs import load_run
@@ -47,26 +48,26 @@ def _rate(durations: list[float], batch: int) -> tuple[float, float]:
     return 1000.0 * statistics.median(durations), batch * len(durations) / sum(durations)
 
 
-def _onnx_exports(run_dir: Path, export: str | Path | None, stack: ExitStack, progress: bool) -> tuple[dict[str, Path], str]:
-    """``{"fp32": folder-or-file, "int8": ...}`` to benchmark, and where they came from."""
+def _exports(
+    backend: ExportBackend, run_dir: Path, export: str | Path | None, stack: ExitStack, progress: bool,
+) -> tuple[dict[str, Path], str]:
+    """``{"fp32": folder, "int8": folder}`` of ``backend``'s exports to benchmark, and where they came from."""
     folder = Path(export) if export is not None else run_dir / "export"
-    found = {p: folder for p, name in (("fp32", FP32_NAME), ("int8", INT8_NAME)) if (folder / name).is_file()}
+    found = {p: folder for p, name in zip(("fp32", "int8"), backend.files) if (folder / name).is_file()}
     if export is not None:
-        if not found:
-            raise ConfigError(f"--export {str(export)!r} holds neither {FP32_NAME} nor {INT8_NAME}; pass the folder "
-                              "`visiontune export` wrote")
         return found, f"exports in {folder}"
     if len(found) == 2:
         return found, f"the run's exports in {folder}"
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vt-bench-")))
     if progress:
-        print(f"bench-infer: no fp32 + INT8 export in {folder}; exporting both for the benchmark (no accuracy check; "
-              "`visiontune export RUN --int8` measures it)", flush=True)
+        print(f"bench-infer: no {backend.format} fp32 + INT8 export in {folder}; exporting both for the benchmark (no "
+              f"accuracy check; `visiontune export RUN{export_flags(backend, True)}` measures it)", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_run(run_dir, out=tmp / FP32_NAME, int8=True, check=False)
-    return {"fp32": tmp, "int8": tmp}, "exported for this benchmark (fp32 + INT8, calibrated on the run's training images)"
+        export_run(run_dir, out=tmp / backend.files[0], fmt=backend.format, int8=True, check=False)
+    return {"fp32": tmp, "int8": tmp}, (f"{backend.format} exported for this benchmark (fp32 + INT8, calibrated on the "
+                                        "run's training images)")
 
 
 def bench_infer(
@@ -81,11 +82,12 @@ def bench_infer(
         batch_sizes: batch sizes to time; 1 is the latency.
         iters: fixed timed passes per measurement; None repeats for ``min_time_s`` seconds.
         min_time_s: duration of each adaptive measurement.
-        device: where the PyTorch model runs (onnxruntime runs on the CPU).
+        device: where the PyTorch model runs (export backends run on the CPU).
         warmup: untimed passes before each measurement.
-        backends: ``torch`` and/or ``onnxruntime`` (default: every one installed).
-        export: a folder with the run's ``model.onnx`` / ``model.int8.onnx`` (default: ``<run>/export``,
-            exported into a temporary folder when it lacks them).
+        backends: registered inference backends (``torch``, ``onnxruntime``, ``openvino``; default: every one
+            installed).
+        export: a folder with the run's exports (default: ``<run>/export``; a backend whose fp32 and INT8
+            models are not both there gets them exported into a temporary folder).
         rounds: measurements per variant, taken in turns; figures are medians over rounds.
         progress: say what is being exported.
         bf16: also time the PyTorch model (merged when it merges) under bf16 autocast (variant ``... bf16``;
@@ -93,12 +95,10 @@ def bench_infer(
 
     Returns:
         One row per (variant, batch size): ``variant`` (``merged`` / ``unmerged`` / ``as trained`` for
-        torch methods with nothing to merge, ``onnxruntime fp32`` / ``onnxruntime int8``), ``backend``,
+        torch methods with nothing to merge, ``<backend> fp32`` / ``<backend> int8`` for export backends), ``backend``,
         ``precision``, ``batch``, ``forward_ms``, ``forward_img_s``, ``predictor_ms``, ``predictor_img_s``,
         ``iters``, ``speedup`` (forward img/s over the baseline's: the torch model as trained), ``source``.
     """
-    import importlib.util
-
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
         raise ConfigError(f"batch sizes {list(batch_sizes)} are invalid; give integers >= 1, e.g. 1,32")
@@ -108,9 +108,9 @@ def bench_infer(
         raise ConfigError(f"rounds={rounds} is invalid; use an integer >= 1")
     if not (math.isfinite(min_time_s) and min_time_s > 0):  # nan would time nothing, inf would never stop
         raise ConfigError(f"--min-time {min_time_s!r} is invalid; use a number of seconds above zero, e.g. 1")
-    if backends is None:
-        backends = ["torch"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") is not None else [])
-    backends = [resolve_backend(b, run_dir) for b in backends]
+    chosen = [b for b in all_backends() if b.available()] if backends is None else [get_backend(b) for b in backends]
+    for b in chosen:
+        b.require()
     dev = resolve_device(device)
     run = load_run(run_dir, device=str(dev), merge=False)
     merged = run.method.merge(run.model)
@@ -120,18 +120,22 @@ def bench_infer(
     if bf16:
         torch_variants.insert(1, (f"{torch_variants[0][0]} bf16", torch_variants[0][1], inference_dtype("bf16", "fp32", dev)))
     predictors: list[tuple[str, Predictor, str]] = []
-    if "torch" in backends:
+    if any(not b.exports for b in chosen):
         for name, model, dtype in torch_variants:
             predictors.append((name, Predictor(model, run.classes, run.transform, device=dev, batch_size=max(sizes), amp=dtype,
                                                merged=name.startswith("merged"), run_dir=run.run_dir,
                                                method=run.config.method.name),
                                "the run (PyTorch, eager)"))
     with ExitStack() as stack:
-        if "onnxruntime" in backends:
-            found, source = _onnx_exports(Path(run_dir), export, stack, progress)
+        exporting = [b for b in chosen if isinstance(b, ExportBackend)]
+        for backend in exporting:
+            found, source = _exports(backend, Path(run_dir), export, stack, progress)
+            if not found and (backends is not None or len(exporting) == 1):
+                raise ConfigError(f"--export {str(export)!r} holds neither {' nor '.join(backend.files)}; pass the "
+                                  f"folder `visiontune export{export_flags(backend)}` wrote")
             for precision, where in found.items():
-                pred = Predictor.from_export(where, int8=precision == "int8", batch_size=max(sizes))
-                predictors.append((f"onnxruntime {precision}", pred, source))
+                pred = Predictor.from_export(where, int8=precision == "int8", batch_size=max(sizes), backend=backend)
+                predictors.append((f"{backend.name} {precision}", pred, source))
         rng = np.random.default_rng(0)
         timings: dict[tuple[str, int], list[tuple[list[float], list[float]]]] = {}
         for _ in range(rounds):
@@ -193,9 +197,12 @@ def format_bench(rows: list[dict[str, Any]]) -> str:
                          "unmerged), the model a hand-written timm + peft loop evaluates")
         if any(v.endswith(" bf16") for v in variants):
             notes.append("... bf16 = the same PyTorch model under bf16 autocast (predict / eval / serve --precision bf16)")
-        onnx_src = sorted({r["source"] for r in rows if r["backend"] == "onnxruntime"})
-        if onnx_src:
-            notes.append(f"onnxruntime models: {'; '.join(onnx_src)}")
+        by_backend: dict[str, set[str]] = {}
+        for r in rows:
+            if r["device"] == "cpu" and r["source"] != "the run (PyTorch, eager)":
+                by_backend.setdefault(r["backend"], set()).add(r["source"])
+        for backend, sources in by_backend.items():
+            notes.append(f"{backend} models: {'; '.join(sorted(sources))}")
         rounds = rows[0].get("rounds", 1)
         notes.append("ms/batch is the median pass; img/s is all images over all passes' time"
                      + (f"; medians over {rounds} alternating rounds" if rounds > 1 else "")

@@ -1,4 +1,4 @@
-"""Evaluating a finished run, or its ONNX export, on its own test split or on another labeled dataset."""
+"""Evaluating a finished run, or its export (any export backend), on its own test split or on another labeled dataset."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from visiontune.data.bands import records_dataset, transform_channels
 from visiontune.errors import ConfigError
 from visiontune.eval.metrics import compute_metrics
 from visiontune.infer.files import EVAL_HEADER, check_table_path, write_table
-from visiontune.infer.backends import load_export, resolve_backend
-from visiontune.infer.predictor import _cpu_only, _export_precision
+from visiontune.infer.backends import ExportBackend, check_device, check_export_precision, load_export, resolve_backend
 from visiontune.runs import load_run
 from visiontune.runtime import inference_dtype, make_loader, resolve_device
 from visiontune.train.loop import predict_logits
@@ -29,13 +28,14 @@ def evaluate_run(
     """Evaluate a finished run on its own test split, or on another dataset (all its images, same labels).
 
     Args:
-        run_dir: a run directory, or an ONNX export of one (its test split is found through the run
+        run_dir: a run directory, or an export of one (its test split is found through the run
             directory the export records; ``data`` works without it).
         data: another dataset to evaluate on (same labels).
-        device: torch device (the onnxruntime backend runs on the CPU).
+        device: torch device (export backends run on the CPU).
         batch_size: images per forward pass (default: the run's ``optim.eval_batch_size``).
         progress: a progress bar.
-        backend: ``torch``, ``onnxruntime`` or None (torch for a run, onnxruntime for an export).
+        backend: a registered inference backend (``torch``, ``onnxruntime``, ``openvino``) or None (torch for a
+            run, the export's own backend for an export).
         int8: evaluate the INT8 export.
         workers: DataLoader worker processes decoding images (0: in this process). Images are decoded
             batch by batch, never all at once; only the logits of every image are kept.
@@ -59,18 +59,19 @@ def evaluate_run(
         raise ConfigError(f"--batch-size {batch_size} is invalid; use an integer >= 1, or leave it out for the run's "
                           "optim.eval_batch_size")
 
-    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
-        _cpu_only(device)
-        _export_precision(precision)
+    chosen = resolve_backend(backend, run_dir, int8)
+    if isinstance(chosen, ExportBackend):
+        check_device(chosen, device)
+        check_export_precision(chosen, precision)
         distributed.setup("cpu")
-        exp = load_export(run_dir, int8=int8)
+        exp = load_export(run_dir, int8=int8, backend=chosen)
         if exp.run_dir is None or not (exp.run_dir / "config.yaml").is_file():
             if data is None:
                 raise ConfigError(f"the export {str(run_dir)!r} records no run directory here ({exp.run_dir}), so its test "
                                   "split is unknown; pass --data with labeled images to evaluate on")
         model, classes, transform, dev, amp = exp.model, exp.classes, exp.transform, torch.device("cpu"), None
         cfg = load_config(exp.run_dir / "config.yaml") if exp.run_dir is not None and (exp.run_dir / "config.yaml").is_file() else None
-        extra = {"backend": "onnxruntime", "precision": exp.precision, "model": str(exp.model_path)}
+        extra = {"backend": chosen.name, "precision": exp.precision, "model": str(exp.model_path)}
         # The run's decoding size guard (recorded by the export, or its config; defaults without either).
         limits = cfg.data.image_limits() if cfg is not None else exp.limits()
     else:
@@ -79,7 +80,7 @@ def evaluate_run(
         run = load_run(run_dir, device=str(dev))
         model, classes, transform, cfg = run.model, run.classes, run.transform, run.config
         amp = inference_dtype(precision, cfg.optim.precision, dev)
-        extra = {"backend": "torch", "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+        extra = {"backend": chosen.name, "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
         limits = cfg.data.image_limits()
     if data is None:
         assert cfg is not None

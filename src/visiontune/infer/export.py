@@ -1,16 +1,18 @@
-"""ONNX export of a finished run: the merged model, plus its labels and preprocessing beside it.
+"""Export of a finished run: the merged model in an export backend's format (ONNX, OpenVINO IR ...), plus its
+labels and preprocessing beside it, and optionally an INT8 copy behind an accuracy guard.
 
-``torch.onnx.export`` does the conversion. Two exporters exist in torch 2.x: the torch.export-based
-one (``dynamo=True``, the default since torch 2.9, needs the ``onnxscript`` package) and the legacy
-TorchScript tracer (``dynamo=False``, deprecated but dependency-free; it cannot export Mona with a
-dynamic batch). ``exporter="auto"`` tries the first when onnxscript is installed and falls back to
-the second; both give the input and output a dynamic batch dimension.
+The conversion and the quantization are the format's (:class:`visiontune.infer.backends.ExportBackend`:
+``convert``, ``quantize``; ONNX in :mod:`visiontune.infer.onnxruntime`, OpenVINO in
+:mod:`visiontune.infer.openvino`); what is here is the same for every format: staging the files so a failed
+export changes nothing, the metadata JSON, the calibration images, and the INT8 accuracy guard (accuracy and
+weighted F1 of PyTorch, the fp32 and the INT8 model on the run's test split; INT8 is refused past ``max_drop``).
 
-An ONNX file carries no preprocessing, and a consumer that resizes or normalises differently gets
+A model file carries no preprocessing, and a consumer that resizes or normalises differently gets
 silently wrong answers. So the export writes ``<name>.json`` beside the model with the class names,
 the input/output tensor names, and the exact eval preprocessing (timm's data config and the resolved
 steps: resize, centre crop, scale to [0, 1], normalise), and copies the labels into the ONNX file's
-own metadata. With onnxruntime installed, the export is checked against PyTorch on a random batch.
+own metadata where the format has a place for it. With the format's runtime installed, the export is
+checked against PyTorch on a random batch.
 
 Written by hand: the metadata file is visiontune's run format turned inside out; the conversion is torch's.
 """
@@ -18,7 +20,6 @@ Written by hand: the metadata file is visiontune's run format turned inside out;
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from visiontune.atomic import (
-    atomic_write, check_writable, clean_stale_temps, publish, staging_path, write_json_atomic,
+    check_writable, clean_stale_temps, write_json_atomic,
 )
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.runtime import make_loader
@@ -45,18 +46,13 @@ from visiontune.config import load_config
 from visiontune.data import load_records, make_splits
 from visiontune.data.bands import decode_for, records_dataset
 from visiontune.eval import compute_metrics
-from visiontune.infer.backends import EXPORT_FORMAT, OnnxRuntimeModel, cpu_info, file_sha256, openvino_unsupported
+from visiontune.infer.backends import ExportBackend, all_backends, default_export_backend, export_backend, file_sha256
 from visiontune.infer.predictor import Predictor
-from visiontune.infer.quantize import (
-    DEFAULT_CALIBRATION, batches_of, check_keep_patterns, check_smoothing, quantize_int8,
-)
+from visiontune.infer.quantize import DEFAULT_CALIBRATION
 from visiontune.runs import ADAPTER_FILE
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 18
-MIN_OPSET = 7
-"""The oldest ONNX opset torch exports to (below it, --opset 0 exported opset 18 with a logged traceback)."""
 
 
 DEFAULT_MAX_DROP = 1.0
@@ -118,20 +114,6 @@ def _preprocessing(transform: Any, model: nn.Module, img_size: int | None) -> di
     return out
 
 
-def _exporters(exporter: str) -> list[str]:
-    """The exporters to try, in order, for ``exporter`` (auto / dynamo / legacy)."""
-    if exporter not in ("auto", "dynamo", "legacy"):
-        raise ConfigError(f"exporter={exporter!r} is invalid; use auto, dynamo or legacy")
-    has_onnxscript = importlib.util.find_spec("onnxscript") is not None
-    if exporter == "dynamo" and not has_onnxscript:
-        raise ConfigError("exporter='dynamo' needs the onnxscript package (pip install onnxscript); or use exporter='legacy'")
-    if exporter == "auto":
-        # The legacy tracer cannot export some graphs with a dynamic batch (Mona's depth-wise convolutions
-        # over a reshaped token grid), so it is the fallback, not the first choice.
-        return ["dynamo", "legacy"] if has_onnxscript else ["legacy"]
-    return [exporter]
-
-
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """Silence stdout, including what C++ code writes to file descriptor 1 (the legacy exporter dumps
@@ -146,76 +128,6 @@ def _quiet_stdout() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def _export_with(kind: str, model: nn.Module, example: tuple[torch.Tensor], out: Path, opset: int) -> None:
-    # Both exporters print progress and emit deprecation / tracer warnings that say nothing about this
-    # model's correctness (the parity check does).
-    with _quiet_stdout(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kind == "dynamo":
-            torch.onnx.export(
-                model, example, str(out), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-                external_data=False, verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                model, example, str(out), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-
-
-def export_model(
-    model: nn.Module, input_size: tuple[int, int, int], out: Path, exporter: str = "auto", opset: int = DEFAULT_OPSET,
-) -> str:
-    """Write ``model`` (``[B, C, H, W] -> [B, classes]``) to ONNX with a dynamic batch dimension.
-
-    Returns:
-        The exporter used (``dynamo`` or ``legacy``).
-
-    Raises:
-        ConfigError: onnx missing, a bad ``exporter``, or every exporter tried failed (each reason listed).
-    """
-    if importlib.util.find_spec("onnx") is None:
-        raise ConfigError("ONNX export needs the onnx package; install it with: pip install 'visiontune[onnx]'")
-    kinds = _exporters(exporter)
-    model = model.eval()
-    example = (torch.randn(2, *input_size),)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for kind in kinds:
-        try:
-            _export_with(kind, model, example, out, opset)
-            return kind
-        except Exception as exc:  # noqa: BLE001 - collected and reported together below
-            failures.append(f"{kind} exporter: {type(exc).__name__}: {str(exc).strip()[:400]}")
-    hint = ("" if importlib.util.find_spec("onnxscript") else
-            " Installing onnxscript enables torch's torch.export-based exporter (pip install onnxscript).")
-    raise ConfigError("ONNX export failed:\n  - " + "\n  - ".join(failures) + (f"\n{hint.strip()}" if hint else ""))
-
-
-def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
-
-
-def onnx_parity(path: Path, model: nn.Module, x: torch.Tensor) -> float | None:
-    """Largest |onnxruntime - PyTorch| output difference on ``x`` (None when onnxruntime is absent)."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
-    with torch.inference_mode():
-        ref = model.eval()(x).float().numpy()
-    return float(abs(got - ref).max())
 
 
 def _splits(cfg: Any, classes: list[str], why: str) -> dict[str, Any]:
@@ -275,7 +187,7 @@ def compare_on_test(
 
 
 def _drop_message(acc: dict[str, Any], max_drop: float) -> tuple[float, float, str]:
-    ref, q = acc["pytorch"], acc["onnx_int8"]
+    ref, q = acc["pytorch"], next(v for k, v in acc.items() if k.endswith("_int8"))
     d_acc, d_f1 = 100 * (ref["accuracy"] - q["accuracy"]), 100 * (ref["f1_weighted"] - q["f1_weighted"])
     text = (f"INT8 vs PyTorch on the run's {acc['images']} test images: accuracy {100 * ref['accuracy']:.2f}% -> "
             f"{100 * q['accuracy']:.2f}% ({-d_acc:+.2f} points), weighted F1 {100 * ref['f1_weighted']:.2f} -> "
@@ -284,8 +196,8 @@ def _drop_message(acc: dict[str, Any], max_drop: float) -> tuple[float, float, s
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx", exporter: str = "auto",
-    opset: int = DEFAULT_OPSET, check: bool = True, int8: bool = False, calibration: int | None = None,
+    run_dir: str | Path, out: str | Path | None = None, fmt: str | None = None, exporter: str | None = None,
+    opset: int | None = None, check: bool = True, int8: bool = False, calibration: int | None = None,
     max_drop: float = DEFAULT_MAX_DROP, warn_only: bool = False, keep_fp32: Sequence[str] = (),
     smoothing: float | None = None,
 ) -> ExportResult:
@@ -293,78 +205,73 @@ def export_run(
 
     Args:
         run_dir: a run directory written by :func:`visiontune.train`.
-        out: the ``.onnx`` path (default ``<run_dir>/export/model.onnx``); ``<out>.json`` (same stem)
-            gets labels and preprocessing; the INT8 model is ``<stem>.int8.onnx`` with its own JSON.
-        fmt: export format; ``onnx`` (``openvino`` is named only to say it is not supported in this build).
-        exporter: ``auto`` (torch.export-based when onnxscript is installed, falling back to the legacy
+        out: the model path (default ``<run_dir>/export/<the format's file name>``, e.g. ``model.onnx`` or
+            ``openvino_model.xml``); the JSON beside it (same stem) gets labels and preprocessing; the INT8 model
+            is ``<stem>.int8<suffix>`` with its own JSON.
+        fmt: an export backend's format (``onnx``, the default, or ``openvino``; see
+            :data:`visiontune.registry.INFERENCE_PLUGINS`).
+        exporter: ONNX: ``auto`` (torch.export-based when onnxscript is installed, falling back to the legacy
             tracer), ``dynamo`` or ``legacy``.
-        opset: ONNX opset version.
-        check: compare onnxruntime with PyTorch on a random batch, and measure accuracy and weighted F1
+        opset: ONNX opset version (default :data:`DEFAULT_OPSET`).
+        check: compare the export with PyTorch on a random batch, and measure accuracy and weighted F1
             of PyTorch, the fp32 export and the INT8 export on the run's test split (recorded in the JSON).
-        int8: also write an INT8 model by post-training static quantization (see
-            :mod:`visiontune.infer.quantize`), calibrated on the run's training images.
+        int8: also write an INT8 model by post-training static quantization (the format's own toolkit:
+            :mod:`visiontune.infer.quantize` for ONNX, NNCF for OpenVINO), calibrated on the run's training images.
         calibration: calibration images (default :data:`~visiontune.infer.quantize.DEFAULT_CALIBRATION`,
             capped by the training split).
         max_drop: most accuracy or weighted-F1 points INT8 may lose against PyTorch on the test split.
         warn_only: keep an INT8 model that loses more, with a warning, instead of refusing it.
-        keep_fp32: module-path patterns whose layers stay fp32 in the INT8 model (e.g. ``*.mlp.fc2``).
-        smoothing: SmoothQuant strength for INT8 (None: try several, keep the best on the calibration images).
+        keep_fp32: ONNX: module-path patterns whose layers stay fp32 in the INT8 model (e.g. ``*.mlp.fc2``).
+        smoothing: ONNX: SmoothQuant strength for INT8 (None: try several, keep the best on the calibration images).
 
     Raises:
-        ConfigError: unknown format / exporter, missing packages, a failed conversion, a dataset that
-            cannot be loaded for calibration, or an INT8 model that loses more than ``max_drop``
-            (with the numbers; the fp32 export is kept).
+        ConfigError: unknown format / exporter, an option the format does not take, missing packages, a failed
+            conversion, a dataset that cannot be loaded for calibration, or an INT8 model that loses more than
+            ``max_drop`` (with the numbers; the fp32 export is kept).
     """
-    if fmt == "openvino":
-        raise openvino_unsupported("--format")
-    if fmt != "onnx":
-        raise ConfigError(f"export format {fmt!r} is not supported; use onnx")
+    backend = export_backend(fmt) if fmt is not None else default_export_backend()
+    options = {"exporter": exporter, "opset": opset, "keep_fp32": list(keep_fp32), "smoothing": smoothing}
+    backend.check_export_options(options)
     calibration = DEFAULT_CALIBRATION if calibration is None else calibration
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ConfigError(f"calibration={calibration!r} is invalid; use a number of training images >= 1 "
                           f"(default {DEFAULT_CALIBRATION})")
-    check_smoothing(smoothing)  # before the fp32 export, not after it
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ConfigError(f"--opset {opset!r} is invalid; use an ONNX opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     if not (math.isfinite(max_drop) and max_drop >= 0):
         raise ConfigError(f"max_drop={max_drop!r} is invalid; use points of accuracy >= 0 (default {DEFAULT_MAX_DROP})")
-    keep = check_keep_patterns(keep_fp32)
-    if (keep or smoothing is not None) and not int8:
+    if (keep_fp32 or smoothing is not None) and not int8:
         raise ConfigError("--keep-fp32 and --smoothing shape the INT8 model; add --int8 (or drop them)")
-    if int8 and importlib.util.find_spec("onnxruntime") is None:
-        raise ConfigError("--int8 needs the onnxruntime package (its quantization toolkit); install it with: "
-                          "pip install 'visiontune[onnx]'")
+    backend.check_options(options)  # before the fp32 export, not after it
+    backend.require_convert()
+    if int8:
+        backend.require(f"--int8 (--format {backend.format})")
     run_dir = Path(run_dir)
-    path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
-    if path.suffix != ".onnx":
-        raise ConfigError(f"--out {str(path)!r} should end in .onnx")
-    int8_path = path.with_name(f"{path.stem}.int8.onnx")
-    check_export_targets(path, int8_path if int8 else None)  # before any work: nothing of the user's is replaced
+    path = Path(out) if out is not None else run_dir / "export" / backend.files[0]
+    if not backend.owns(path):
+        raise ConfigError(f"--out {str(path)!r} should end in {backend.suffix()} (--format {backend.format})")
+    int8_path = path.with_name(f"{path.stem}.int8{path.suffix}")
+    check_export_targets(path, int8_path if int8 else None, backend)  # before any work: nothing of the user's is replaced
     pred = Predictor.from_run(run_dir, device="cpu", merge=True)
-    # Written under temporary names and renamed into place at the end: a failed or refused export leaves the
+    # Written under temporary names and moved into place at the end: a failed or refused export leaves the
     # previous one (and its JSON) exactly as they were.
-    staged, staged_int8 = staging_path(path), staging_path(int8_path)
-    try:
-        return _export_staged(pred, run_dir, path, int8_path, staged, staged_int8, exporter, opset, check, int8,
-                              calibration, max_drop, warn_only, keep, smoothing)
-    finally:
-        staged.unlink(missing_ok=True)
-        staged_int8.unlink(missing_ok=True)
+    with backend.staging(path) as staged, backend.staging(int8_path) as staged_int8:
+        return _export_staged(backend, pred, run_dir, path, int8_path, staged, staged_int8, options, check, int8,
+                              calibration, max_drop, warn_only)
 
 
-def check_export_targets(path: Path, int8_path: Path | None = None) -> None:
+def check_export_targets(path: Path, int8_path: Path | None = None, backend: ExportBackend | None = None) -> None:
     """Refuse an export that would replace a file no visiontune export made (``--out RUN/metrics.onnx`` would
     replace the run's metrics.json); a previous export of the same name is replaced.
 
     Raises:
         ConfigError: naming the file and the fix.
     """
+    backend = backend or default_export_backend()
     pairs = [(path, path.with_suffix(".json"))]
     if int8_path is not None:
         pairs.append((int8_path, int8_path.with_suffix(".json")))
     for model, meta in pairs:
         ours = _is_export_json(meta, model.name)
-        for target in (model, meta):
+        for target in (model, meta, *backend.companions(model)):
             if target.is_dir() or (target.exists() and not ours):
                 raise ConfigError(
                     f"export --out {str(path)!r} would replace {str(target)!r}, which is not a visiontune export of "
@@ -379,53 +286,19 @@ def _is_export_json(meta: Path, model_name: str) -> bool:
         data = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("format") == EXPORT_FORMAT and data.get("model") == model_name
+    tags = {b.meta_format() for b in all_backends() if b.exports}
+    return isinstance(data, dict) and data.get("format") in tags and data.get("model") == model_name
 
 
-def _export_staged(
-    pred: Predictor, run_dir: Path, path: Path, int8_path: Path, staged: Path, staged_int8: Path, exporter: str,
-    opset: int, check: bool, int8: bool, calibration: int, max_drop: float, warn_only: bool, keep: list[str],
-    smoothing: float | None,
-) -> ExportResult:
+def export_metadata(pred: Predictor, cfg: Any, run_dir: Path, path: Path, backend: ExportBackend) -> dict[str, Any]:
+    """The export JSON's fields shared by every format and precision: labels, tensors, preprocessing, the run."""
     input_size = pred.input_size
-    cfg = load_config(run_dir / "config.yaml")
-    limits = cfg.data.image_limits()
-    splits = None
-    if int8:
-        splits = _splits(cfg, pred.classes, "INT8 calibration (the run's training images)")
-    kind = export_model(pred.model, input_size, staged, exporter=exporter, opset=opset)
-    _add_onnx_metadata(staged, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
-    diff = None
-    if check:
-        x = torch.randn((3, *input_size), generator=torch.Generator().manual_seed(0))
-        diff = onnx_parity(staged, pred.model, x)
-    warning = None
-    report = None
-    if int8:
-        assert splits is not None
-        images = calibration_images(splits["train"], pred.transform, calibration, seed=cfg.data.seed, limits=limits)
-        report = quantize_int8(staged, staged_int8, batches_of(images, 16), INPUT_NAME, keep_fp32=keep, smoothing=smoothing)
-        _add_onnx_metadata(staged_int8, {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)})
-    accuracy = None
-    if check and importlib.util.find_spec("onnxruntime") is not None:
-        try:
-            splits = splits or _splits(cfg, pred.classes, "the accuracy check")
-        except ConfigError as exc:
-            if int8:
-                raise
-            warning = f"accuracy check skipped: {exc}"
-        if splits is not None:
-            models: dict[str, Any] = {"pytorch": pred.model, "onnx_fp32": OnnxRuntimeModel(staged)}
-            if int8:
-                models["onnx_int8"] = OnnxRuntimeModel(staged_int8)
-            accuracy = compare_on_test(splits["test"], pred.transform, models, pred.classes, cfg.optim.eval_batch_size,
-                                       limits=limits)
-            del models
     adapter = run_dir / ADAPTER_FILE
-    meta = {
-        "format": EXPORT_FORMAT,
+    limits = cfg.data.image_limits()
+    return {
+        "format": backend.meta_format(),
         "model": path.name,
-        "backend": "onnxruntime",
+        "backend": backend.name,
         "precision": "fp32",
         "classes": pred.classes,
         "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32"},
@@ -435,16 +308,62 @@ def _export_staged(
         "backbone": backbone_identity(cfg.backbone),
         "run": {"run_dir": str(run_dir), "method": cfg.method.name, "merged": pred.merged,
                 "adapter_sha256": file_sha256(adapter) if adapter.is_file() else None},
-        "exporter": kind,
-        "opset": opset,
+    }
+
+
+def _export_staged(
+    backend: ExportBackend, pred: Predictor, run_dir: Path, path: Path, int8_path: Path, staged: Path, staged_int8: Path,
+    options: dict[str, Any], check: bool, int8: bool, calibration: int, max_drop: float, warn_only: bool,
+) -> ExportResult:
+    input_size = pred.input_size
+    cfg = load_config(run_dir / "config.yaml")
+    limits = cfg.data.image_limits()
+    splits = None
+    if int8:
+        splits = _splits(cfg, pred.classes, "INT8 calibration (the run's training images)")
+    converted = backend.convert(pred.model, input_size, staged, options)
+    labels = {"visiontune.classes": json.dumps(pred.classes), "visiontune.run_dir": str(run_dir)}
+    backend.label(staged, labels)
+    runs = backend.available()
+    diff = None
+    if check and runs:
+        x = torch.randn((3, *input_size), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            diff = float((backend.load(staged)(x).float() - pred.model.eval()(x).float()).abs().max())
+    warning = None
+    report = None
+    if int8:
+        assert splits is not None
+        images = calibration_images(splits["train"], pred.transform, calibration, seed=cfg.data.seed, limits=limits)
+        report = backend.quantize(staged, staged_int8, images, options)
+        backend.label(staged_int8, labels)
+    accuracy = None
+    fmt = backend.format
+    if check and runs:
+        try:
+            splits = splits or _splits(cfg, pred.classes, "the accuracy check")
+        except ConfigError as exc:
+            if int8:
+                raise
+            warning = f"accuracy check skipped: {exc}"
+        if splits is not None:
+            models: dict[str, Any] = {"pytorch": pred.model, f"{fmt}_fp32": backend.load(staged)}
+            if int8:
+                models[f"{fmt}_int8"] = backend.load(staged_int8)
+            accuracy = compare_on_test(splits["test"], pred.transform, models, pred.classes, cfg.optim.eval_batch_size,
+                                       limits=limits)
+            del models
+    meta = {
+        **export_metadata(pred, cfg, run_dir, path, backend), **converted,
         "parity_max_abs_diff": diff,
-        "accuracy": None if accuracy is None else {k: v for k, v in accuracy.items() if k != "onnx_int8"},
-        "machine": cpu_info(),
+        "accuracy": None if accuracy is None else {k: v for k, v in accuracy.items() if k != f"{fmt}_int8"},
+        "machine": backend.describe()["hardware"] | {f"{k}": v for k, v in backend.versions().items()},
     }
     meta_path = path.with_suffix(".json")
-    publish(staged, path)  # the model first, then the JSON that names it
+    backend.publish(staged, path)  # the model first, then the JSON that names it
     write_json_atomic(meta_path, meta)
-    result = ExportResult(path, meta_path, kind, pred.merged, diff, accuracy=accuracy, warning=warning)
+    result = ExportResult(path, meta_path, converted.get("exporter", backend.name), pred.merged, diff, accuracy=accuracy,
+                          warning=warning)
     if not int8:
         return result
     assert report is not None
@@ -457,19 +376,19 @@ def _export_staged(
             if not warn_only:  # the staged INT8 model is dropped; an INT8 export kept earlier stays as it was
                 raise ConfigError(
                     f"refusing the INT8 model: {warning}. The fp32 export is kept at {path}. To keep INT8 anyway: "
-                    "--max-drop with a larger number, or --warn-only; to lose less: --keep-fp32 with the sensitive "
-                    "layers (e.g. '*.mlp.fc2'), or more --calibration images"
+                    "--max-drop with a larger number, or --warn-only; to lose less: more --calibration images"
+                    + (", or --keep-fp32 with the sensitive layers (e.g. '*.mlp.fc2')" if "keep_fp32" in backend.export_options else "")
                 )
     else:
         warning = "INT8 accuracy was not measured (--no-check): nothing guards it against the PyTorch model"
     int8_meta = {
         **meta, "model": int8_path.name, "precision": "int8",
-        "quantization": report.as_dict(keep),
+        "quantization": report,
         "accuracy": None if accuracy is None else {**accuracy, "max_drop_points": max_drop, "accepted": accepted},
         "parity_max_abs_diff": None,
     }
     int8_meta_path = int8_path.with_suffix(".json")
-    publish(staged_int8, int8_path)
+    backend.publish(staged_int8, int8_path)
     write_json_atomic(int8_meta_path, int8_meta)
     if warning:
         warnings.warn(f"visiontune export: {warning}", stacklevel=2)

@@ -28,7 +28,7 @@ from visiontune.data.bands import blank_input, decode_for, transform_channels
 from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import autocast, inference_dtype, resolve_device
-from visiontune.infer.backends import load_export, resolve_backend
+from visiontune.infer.backends import ExportBackend, check_device, check_export_precision, load_export, resolve_backend
 from visiontune.runs import load_run
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes | bytearray
@@ -129,7 +129,7 @@ class Predictor:
         run_dir: the run it came from, if any.
         method: the run's method name, if any (reported by :attr:`info`).
         limits: the decoding size guard (largest image, most elongated aspect ratio) every input passes.
-        backend: ``torch``, or ``onnxruntime`` for an export (:meth:`from_export`); reported by :attr:`info`.
+        backend: the inference backend's name (``torch``; an export backend's for :meth:`from_export`); reported by :attr:`info`.
         precision: what the model computes in (default: ``fp32``, or the ``amp`` dtype); reported by :attr:`info`.
     """
 
@@ -189,8 +189,10 @@ class Predictor:
     def from_export(
         cls, path: str | Path, int8: bool = False, top_k: int = 5, batch_size: int = 32, threads: int | None = None,
         max_pixels: int | None = None, max_aspect: float | None = None, settings: tuple[str, str] = ("max_pixels", "max_aspect"),
+        backend: ExportBackend | None = None,
     ) -> Predictor:
-        """An onnxruntime predictor for an export (folder, .onnx, its .json) or a run directory's own export.
+        """A predictor for an export (folder, model file, its .json) or a run directory's own export, run by
+        ``backend`` (default: the export's own backend; for a run directory, the first export backend).
 
         Preprocessing is the one the export recorded, built by the same function as the run's; inputs
         pass the same decoding size guard, ``max_pixels`` / ``max_aspect`` defaulting to the run's
@@ -198,12 +200,12 @@ class Predictor:
 
         Raises:
             ConfigError: no export there (naming the ``visiontune export`` command), a stale export, or
-                no onnxruntime.
+                the backend's package missing.
         """
-        exp = load_export(path, int8=int8, threads=threads)
+        exp = load_export(path, int8=int8, threads=threads, backend=backend)
         return cls(exp.model, exp.classes, exp.transform, device="cpu", top_k=top_k, batch_size=batch_size,
                    merged=exp.merged, run_dir=exp.run_dir, method=exp.method, limits=exp.limits(max_pixels, max_aspect, settings),
-                   backend="onnxruntime", precision=exp.precision)
+                   backend=exp.backend.name, precision=exp.precision)
 
     # ------------------------------------------------------------------ info
     @property
@@ -300,39 +302,28 @@ def pipeline(
     """A :class:`Predictor` for a finished run directory: ``vt.pipeline("runs/<name>")("img.jpg")``.
 
     Args:
-        run_dir: a run directory written by :func:`visiontune.train`, or an ONNX export of one
-            (``visiontune export``: its folder, ``model.onnx`` / ``model.int8.onnx`` or the JSON beside it).
-        device: ``cpu``, ``cuda``, ``auto`` ... (torch backend; onnxruntime runs on the CPU).
+        run_dir: a run directory written by :func:`visiontune.train`, or an export of one (``visiontune export``:
+            its folder, its model file, e.g. ``model.onnx`` / ``openvino_model.int8.xml``, or the JSON beside it).
+        device: ``cpu``, ``cuda``, ``auto`` ... (torch backend; export backends run on the CPU).
         merge: fold adapters into the backbone when the method allows (same outputs, faster).
         top_k: default labels returned per image.
         batch_size: images per forward pass for batch input.
         max_pixels: largest decoded image (width x height; default: the run's ``data.max_pixels``).
             Larger JPEGs are decoded at reduced scale, other images are refused with a DataError.
         max_aspect: largest longer / shorter side ratio (default: the run's ``data.max_aspect``).
-        backend: ``torch``, ``onnxruntime`` (a run directory then uses its ``export/``), or None for
-            torch on a run and onnxruntime on an export. ``openvino`` is refused: not in this build.
-        int8: the INT8 export (``model.int8.onnx``, onnxruntime only).
+        backend: a registered inference backend (``torch``, ``onnxruntime``, ``openvino``; an export backend
+            on a run directory uses its ``export/``), or None for torch on a run and the export's own backend
+            on an export.
+        int8: the INT8 export (export backends only).
         settings: how errors name ``max_pixels`` / ``max_aspect`` (``("--max-pixels", "--max-aspect")``
             for the command line).
         precision: torch backend: ``run`` (the run's own, fp32 on a CPU), ``fp32`` or ``bf16`` autocast.
     """
-    if resolve_backend(backend, run_dir, int8) == "onnxruntime":
-        _cpu_only(device)
-        _export_precision(precision)
+    chosen = resolve_backend(backend, run_dir, int8)
+    if isinstance(chosen, ExportBackend):
+        check_device(chosen, device)
+        check_export_precision(chosen, precision)
         return Predictor.from_export(run_dir, int8=int8, top_k=top_k, batch_size=batch_size,
-                                     max_pixels=max_pixels, max_aspect=max_aspect, settings=settings)
+                                     max_pixels=max_pixels, max_aspect=max_aspect, settings=settings, backend=chosen)
     return Predictor.from_run(run_dir, device=device, merge=merge, top_k=top_k, batch_size=batch_size,
                               max_pixels=max_pixels, max_aspect=max_aspect, settings=settings, precision=precision)
-
-
-def _export_precision(precision: str) -> None:
-    """An ONNX export computes in the precision it was exported in: only ``run`` / ``fp32`` mean it."""
-    if precision not in ("run", "fp32"):
-        raise ConfigError(f"--precision {precision} applies to the torch backend; an ONNX export computes in the precision "
-                          "it was exported in (fp32, or INT8 with --int8): drop --precision or use --backend torch")
-
-
-def _cpu_only(device: str | torch.device) -> None:
-    if torch.device(device if device != "auto" else "cpu").type != "cpu":
-        raise ConfigError(f"device={str(device)!r} is invalid with the onnxruntime backend, which runs on the CPU here; "
-                          "use --device cpu, or --backend torch for the GPU")

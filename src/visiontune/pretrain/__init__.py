@@ -17,10 +17,11 @@ method (``backbone.weights=<run>/backbone.safetensors``), with its lineage in ``
 from visiontune.lazy import lazy_attributes
 
 _CONFIG = ("PretrainConfig", "Recipe", "load_pretrain_config", "parse_recipe", "pretrain_config_from_dict", "resolve_unfrozen")
-_LOOP = ("BACKBONE_FILE", "LINEAGE_FILE", "PretrainResult", "build_student", "export_checkpoint", "load_backbone",
-         "plot_history", "pretrain")
+_RUNS = ("BACKBONE_FILE", "LINEAGE_FILE", "PretrainResult", "load_backbone", "plot_history")
+_LOOP = ("build_student", "export_checkpoint", "pretrain")
 
-__all__ = sorted(_CONFIG + _LOOP)
+__all__ = sorted(_CONFIG + _RUNS + _LOOP)
 # Loaded on first use (torch, timm, peft), so importing the package is free.
 __getattr__ = lazy_attributes(__name__, {**dict.fromkeys(_CONFIG, "visiontune.pretrain.config"),
+                                         **dict.fromkeys(_RUNS, "visiontune.pretrain.runs"),
                                          **dict.fromkeys(_LOOP, "visiontune.pretrain.loop")})

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 
 from visiontune.config import (
-    BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, read_config_file, run_section_problems,
+    BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, optim_section_problems,
+    read_config_file, run_section_problems,
 )
 from visiontune.data.bands import band_config_problems
 from visiontune.errors import ConfigError
@@ -320,24 +321,11 @@ class PretrainOptimConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help("autocast dtype; auto = bf16 on CUDA, fp32 on CPU", default="auto")
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("steps", "batch_size"):
-            if getattr(self, key) < 1:
-                out.append(f"optim.{key}={getattr(self, key)} must be >= 1")
+        out = optim_section_problems(self, ("steps", "batch_size"), "the default")
         if self.batch_size == 1:
             out.append("optim.batch_size=1 leaves KoLeo without a neighbour; use >= 2")
-        for key in ("lr", "head_lr"):
-            v = getattr(self, key)
-            if v is not None and v <= 0:
-                out.append(f"optim.{key}={v} must be > 0 (or null)")
-        if self.weight_decay < 0:
-            out.append(f"optim.weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.warmup < 1.0:
             out.append(f"optim.warmup={self.warmup} must be in [0, 1)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            out.append(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            out.append(f"optim.clip_grad={self.clip_grad} must be > 0 (or null)")
         return out
 
     def resolved_lr(self) -> float:

@@ -5,11 +5,10 @@ see :mod:`visiontune.pretrain.model`), fresh heads, multi-crop data from unlabel
 ``optim.steps`` optimizer steps. Per step: the teacher sees the two global crops; the student sees
 them with iBOT masks plus the local crops; loss = DINO (every student view vs the teacher's other
 global views) + iBOT (masked patches) + KoLeo (student class tokens); AdamW step; teacher EMA.
-The run directory gets ``backbone.safetensors`` (LoRA merged: a plain timm state dict that
-``backbone.weights=<path>`` loads for any fine-tuning method), ``backbone.json`` (lineage: base
-weights, data, steps, recipe), ``history.json``, ``loss.png``, ``config.yaml`` and ``checkpoint/``
-(safetensors + JSON, never a pickle: :mod:`visiontune.checkpoint`). The run directory follows the
-rules of :mod:`visiontune.rundir`, as a fine-tuning run's does, and every file is written atomically.
+The run directory (:mod:`visiontune.pretrain.runs`) gets the merged backbone, its lineage, the history and
+``checkpoint/`` (safetensors + JSON, never a pickle: :mod:`visiontune.checkpoint`); every file is written
+atomically. The run's start-up is a fine-tuning run's: :func:`visiontune.train.strategy.launch` (processes,
+device) and :func:`visiontune.rundir.start_run` (the run directory's rules, :class:`visiontune.rundir.RunKind`).
 
 The loop is written here (a flat function, like :mod:`visiontune.train.loop`) because no library
 runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
@@ -18,13 +17,8 @@ runs ExPLoRA; DINOv2's own trainer needs xFormers, FSDP and CUDA.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,12 +30,10 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 import visiontune.distributed as distributed
-from visiontune.atomic import atomic_write, write_json_atomic
-from visiontune.checkpoint import (
-    CheckpointError, checkpoint_path, checkpoint_progress, legacy_checkpoint, legacy_message, load_checkpoint, save_checkpoint,
-)
+from visiontune.atomic import write_json_atomic
+from visiontune.checkpoint import CheckpointError, checkpoint_path, legacy_checkpoint, legacy_message, load_checkpoint, save_checkpoint
 from visiontune.errors import ConfigError
-from visiontune.pretrain.config import PretrainConfig, load_pretrain_config, pretrain_config_from_dict, resolve_unfrozen
+from visiontune.pretrain.config import PretrainConfig, load_pretrain_config, resolve_unfrozen
 from visiontune.pretrain.crops import (
     CropDataset, MultiCrop, StreamSampler, UnlabeledImages, band_statistics, collate_crops, load_unlabeled,
 )
@@ -54,164 +46,27 @@ from visiontune.pretrain.model import (
     apply_explora, check_vit, enable_multicrop, export_backbone, install_mask_hook, make_teacher, masked, patch_size,
     replace_patch_embed, tokens, trained_pairs,
 )
-from visiontune.rundir import (
-    RunDirState, claim_run_dir, clear_run_dir, config_differences, exists_check, inspect_run_dir, json_check,
-    old_run_check, read_json, read_yaml_mapping, refuse_changes, refuse_reuse, yaml_check,
+from visiontune.pretrain.runs import (
+    BACKBONE_FILE, LINEAGE_FILE, LINEAGE_FORMAT, PRETRAIN_RUNS, PretrainResult, load_backbone, plot_history, pool_identity,
 )
-from visiontune.runtime import autocast, autocast_dtype, resolve_device, seed_everything, torch_threads, warmup_cosine
-from visiontune.backbones import backbone_identity, create_backbone, data_config
-from visiontune.backbones.factory import _resolve_name
+from visiontune.rundir import start_run
+from visiontune.runtime import autocast, autocast_dtype, seed_everything, torch_threads, warmup_cosine
+from visiontune.backbones import backbone_identity, create_backbone, data_config, input_size
 from visiontune.backbones.weights import file_sha256, save_safetensors_atomic
-from visiontune.config import BackboneConfig
 from visiontune.methods.targets import find_blocks
+from visiontune.train.strategy import launch
 
-BACKBONE_FILE = "backbone.safetensors"
-LINEAGE_FILE = "backbone.json"
-LINEAGE_FORMAT = 1
-
-FINISHED_FILES = {
-    LINEAGE_FILE: json_check(lambda m: isinstance(m, dict) and isinstance(m.get("backbone"), dict), "'backbone' section"),
-    BACKBONE_FILE: exists_check,
-    "config.yaml": yaml_check,
-    "history.json": json_check(lambda h: isinstance(h, list), "list of steps"),
-}
-"""Every file of a finished pretraining run (``backbone.json`` first: it is written last)."""
-
-PRETRAIN_KIND = "pretrain"
-"""The manifest kind of a pretraining run directory (:func:`visiontune.atomic.claim_folder`)."""
-PRETRAIN_MAKES = (*FINISHED_FILES, "loss.png", "checkpoint", "tensorboard")
-"""Every top-level entry a pretraining run writes (its exported backbones aside, which a user keeps)."""
-
-NEUTRAL_KEYS = (
-    "run.dir", "run.progress", "run.threads", "run.resume", "run.overwrite", "run.checkpoint_every", "run.plot",
-)
-"""Settings a resumed pretraining run may change: none changes the trained backbone."""
-
-
-@dataclass
-class PretrainResult:
-    """What :func:`pretrain` returns.
-
-    Attributes:
-        run_dir: the run directory.
-        backbone: the new backbone file (use it as ``backbone.weights``).
-        lineage: the contents of ``backbone.json``.
-        history: one row of losses and schedules per step.
-    """
-
-    run_dir: Path
-    backbone: Path
-    lineage: dict[str, Any]
-    history: list[dict[str, Any]]
-
-    def overrides(self) -> list[str]:
-        """The fine-tuning overrides that select this backbone."""
-        chans = int(self.lineage["backbone"].get("in_chans", 3))
-        return [f"backbone.name={self.lineage['backbone']['name']}", f"backbone.weights={self.backbone}",
-                f"backbone.img_size={self.lineage['backbone']['img_size']}", *([f"data.channels={chans}"] if chans != 3 else [])]
-
+__all__ = [  # what visiontune.pretrain offers, some of it from visiontune.pretrain.runs
+    "BACKBONE_FILE", "LINEAGE_FILE", "PretrainResult", "StudentStep", "build_student", "export_checkpoint", "load_backbone",
+    "plot_history", "pretrain",
+]
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def _run_dir(cfg: PretrainConfig) -> Path:
-    name = cfg.run.name
-    if not name:
-        ds = Path(cfg.data.dataset).name or "data"
-        recipe = re.sub(r"[\[\]]", "", cfg.recipe_name()).replace(",", "+")
-        name = f"{ds}-{cfg.backbone.name}-{recipe}"
-    return Path(cfg.run.dir) / name
-
-
-def pool_identity(pool: UnlabeledImages) -> dict[str, Any]:
-    """A fingerprint of the pretraining images (their ids, in order), checked when a run is resumed."""
-    h = hashlib.sha256()
-    for i in pool.ids:
-        h.update(f"{i}\n".encode())
-    return {"sha256": h.hexdigest(), "images": len(pool)}
-
-
-def _changes(stored: dict[str, Any] | None, cfg: PretrainConfig) -> list[str]:
-    """How a stored pretraining config differs from ``cfg`` (except NEUTRAL_KEYS)."""
-    try:
-        stored_dict = pretrain_config_from_dict(stored or {}).to_dict()
-    except ConfigError as e:
-        return [f"the stored configuration is not valid in this version of visiontune ({e})"]
-    return config_differences(stored_dict, cfg.to_dict(), NEUTRAL_KEYS)
-
-
-def _pool_changes(stored: Any, now: dict[str, Any]) -> list[str]:
-    if not isinstance(stored, dict) or stored.get("sha256") == now["sha256"]:
-        return []
-    return [(f"pretraining images: {stored.get('images')} (sha256 {str(stored.get('sha256'))[:12]}) in the stored run, "
-             f"{now['images']} (sha256 {now['sha256'][:12]}) now: the dataset's files changed")]
-
-
-@dataclass
-class _Start:
-    run_dir: Path
-    checkpoint: dict[str, Any] | None = None
-    finished: PretrainResult | None = None
-    note: str | None = None
-
-
-def _prepare_run_dir(cfg: PretrainConfig, pool_id: dict[str, Any]) -> _Start:
-    """Decide, by reading only, how this run may use its directory (rules: :mod:`visiontune.rundir`).
-
-    A resume is refused when the stored config (except NEUTRAL_KEYS) or the image pool differ; a
-    fresh start begins from an empty directory.
-    """
-    run_dir = _run_dir(cfg)
-    state = inspect_pretrain_run(run_dir)
-    progress = checkpoint_progress(state.checkpoint) if state.checkpoint else ""
-    refuse_reuse(state, cfg.run.resume, cfg.run.overwrite, "pretraining run", progress)
-    start = _decide_start(cfg, pool_id, state)
-    claim_run_dir(state)  # every check passed: the folder is this run's (marked before anything is written)
-    return start
-
-
-def _is_pretrain_config(stored: dict[str, Any]) -> bool:
-    pretrain_config_from_dict(stored)  # raises for anything that is not a pretraining run's config
-    return True
-
-
-def inspect_pretrain_run(run_dir: Path) -> RunDirState:
-    """The state of a pretraining run directory (see :mod:`visiontune.rundir`)."""
-    return inspect_run_dir(
-        run_dir, FINISHED_FILES, PRETRAIN_KIND, PRETRAIN_MAKES,
-        old_run_check(_is_pretrain_config, [n for n in PRETRAIN_MAKES if n != "config.yaml"]),
-    )
-
-
-def _decide_start(cfg: PretrainConfig, pool_id: dict[str, Any], state: RunDirState) -> _Start:
-    run_dir = state.path
-    if cfg.run.overwrite:
-        return _Start(run_dir, note=clear_run_dir(state))
-    if state.kind == "finished":
-        lineage, _ = read_json(run_dir / LINEAGE_FILE)
-        history, _ = read_json(run_dir / "history.json")
-        refuse_changes(_changes(lineage.get("config"), cfg) + _pool_changes(lineage.get("data", {}).get("pool"), pool_id),
-                       run_dir, "pretraining run")
-        result = PretrainResult(run_dir, run_dir / BACKBONE_FILE, lineage, history)
-        return _Start(run_dir, finished=result, note=f"{run_dir} is already finished; nothing to resume")
-    if state.kind == "partial":
-        if state.checkpoint is None:
-            raise CheckpointError(legacy_message(state.legacy))
-        ck = load_checkpoint(state.checkpoint, "pretrain")
-        refuse_changes(_changes(ck.get("config"), cfg) + _pool_changes(ck.get("pool"), pool_id), run_dir, "pretraining run")
-        return _Start(run_dir, checkpoint=ck)
-    if state.kind == "started":
-        stored, _ = read_yaml_mapping(run_dir / "config.yaml")
-        if stored is not None:
-            refuse_changes(_changes(stored, cfg), run_dir, "pretraining run")
-        return _Start(run_dir, note=clear_run_dir(state))
-    return _Start(run_dir)
-
-
 def _crop_sizes(cfg: PretrainConfig, model: nn.Module) -> tuple[int, int]:
     ps = patch_size(model)
-    default = int((model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1])
-    g = int(cfg.crops.global_size or cfg.backbone.img_size or default)
+    g = int(cfg.crops.global_size or input_size(model))  # the student's own size: backbone.img_size when set
     loc = cfg.crops.local_size or max(ps, int(round(g * 7 / 16 / ps)) * ps)
     bad = [f"crops.{k}={v}" for k, v in (("global_size", g), ("local_size", loc)) if v % ps]
     if bad:
@@ -239,51 +94,6 @@ def _load_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-
-
-def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Loss curves (total, DINO, iBOT, KoLeo; raw and smoothed) and the teacher feature spread per step.
-
-    Returns:
-        The written PNG path.
-    """
-    from matplotlib.figure import Figure
-
-    steps = np.array([r["step"] for r in history])
-    fig = Figure(figsize=(11, 4))
-    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    window = max(1, len(history) // 25)
-    for key, color in (("loss", "black"), ("dino", "tab:blue"), ("ibot", "tab:orange"), ("koleo", "tab:green")):
-        y = np.array([r.get(key, np.nan) for r in history], dtype=float)
-        if np.all(np.isnan(y)):
-            continue
-        ax.plot(steps, y, color=color, alpha=0.25, linewidth=0.8)
-        smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
-        ax.plot(steps[window - 1 :] if len(y) >= window else steps, smooth, color=color, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "pretraining losses")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    spread = np.array([r.get("teacher_feat_std", np.nan) for r in history], dtype=float)
-    ax2.plot(steps, spread, color="tab:purple", label="teacher class-token spread (1 = isotropic, 0 = collapsed)")
-    ent = np.array([r.get("teacher_entropy", np.nan) for r in history], dtype=float)
-    if not np.all(np.isnan(ent)):
-        ax3 = ax2.twinx()
-        ax3.plot(steps, ent, color="tab:red", alpha=0.7, label="entropy of the batch-mean teacher probs (nats)")
-        per = np.array([r.get("teacher_sample_entropy", np.nan) for r in history], dtype=float)
-        if not np.all(np.isnan(per)):
-            # High batch-mean entropy with low per-sample entropy = prototypes used evenly and confidently;
-            # both at log K = the teacher says nothing yet (uniform), a collapse DINO's centering can hide.
-            ax3.plot(steps, per, color="tab:red", linestyle="--", alpha=0.7, label="mean per-image teacher entropy")
-        ax3.set_ylabel("entropy (nats)")
-        ax3.legend(loc="lower right", fontsize=8)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("spread")
-    ax2.legend(loc="upper right", fontsize=8)
-    ax2.grid(alpha=0.3)
-    ax2.set_title("collapse diagnostics")
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 class StudentStep(nn.Module):
@@ -369,38 +179,6 @@ def export_checkpoint(run_dir: str | Path, network: str = "teacher", out: str | 
     return path
 
 
-def load_backbone(path: str | Path, num_classes: int = 0) -> nn.Module:
-    """Build the backbone a pretraining run wrote, from its file and the ``backbone.json`` beside it.
-
-    RGB backbones load through the normal weight mechanism (:func:`visiontune.backbones.create_backbone`
-    with ``backbone.weights=<path>``); multi-band ones are built with the recorded ``in_chans``
-    (the ``visiontune train`` pipeline itself reads RGB images only).
-
-    Args:
-        path: ``backbone.safetensors`` of a pretraining run (or its run directory).
-        num_classes: size of a fresh classifier (0 = pooled features out).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / BACKBONE_FILE
-    meta_path = path.with_name(LINEAGE_FILE)
-    if not meta_path.is_file():
-        raise ConfigError(f"{str(path)!r} has no {LINEAGE_FILE} beside it; is it the output of `visiontune pretrain`?")
-    meta = json.loads(meta_path.read_text())["backbone"]
-    if int(meta.get("in_chans", 3)) == 3:
-        return create_backbone(BackboneConfig(name=meta["name"], weights=str(path), img_size=meta["img_size"]), num_classes)
-    from safetensors.torch import load_file
-
-    model = _resolve_name(meta["name"]).build(pretrained=False, in_chans=int(meta["in_chans"]), img_size=int(meta["img_size"]),
-                                              num_classes=num_classes)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    head = {n for n, _ in model.get_classifier().named_parameters(prefix="head")} if num_classes else set()
-    if unexpected or set(missing) - head:
-        raise ConfigError(f"{path} does not fit {meta['name']} with in_chans={meta['in_chans']}: "
-                          f"missing {sorted(set(missing) - head)[:4]}, unexpected {unexpected[:4]}")
-    return model
-
-
 # ----------------------------------------------------------------------------- main entry
 
 
@@ -432,10 +210,8 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     is the process's share of the global mean times N, and KoLeo's nearest neighbours are found in the
     whole batch (:func:`visiontune.distributed.gather_rows`). Process 0 alone writes the run directory.
     """
-    dist = distributed.setup(cfg.run.device)
-    device = dist.device if dist is not None else resolve_device(cfg.run.device)
-    if dist is not None and not dist.main:
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
+    strategy, cfg = launch(cfg)
+    device = strategy.device
     seed = cfg.run.seed
     seed_everything(seed, True)
     amp = autocast_dtype(cfg.optim.precision, device)
@@ -445,21 +221,14 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
                                            cfg.data.max_images, seed)
     if len(pool) < batch:
         raise ConfigError(f"optim.batch_size={batch} is larger than the {len(pool)} pretraining images; lower it")
-    if dist is not None:
-        distributed.check_global_batch(batch, dist.world)
+    distributed.check_global_batch(batch, strategy.world)
     pool_id = pool_identity(pool)
-    if dist is None:
-        begin = _prepare_run_dir(cfg, pool_id)
-    else:  # process 0 checks (and empties) the directory; the others follow its decision
-        begin = dist.broadcast(_prepare_run_dir(cfg, pool_id) if dist.main else None)
-    writes = dist is None or dist.main
+    # The run directory's rules (visiontune.rundir): process 0 decides, every process follows; config.yaml written.
+    begin = start_run(PRETRAIN_RUNS, cfg, pool_id, strategy)
+    writes = strategy.main
     run_dir = begin.run_dir
-    if begin.note and cfg.run.progress:
-        print(f"[visiontune] {begin.note}")
     if begin.finished is not None:
         return begin.finished
-    if begin.checkpoint is None and writes:  # a fresh start in an empty directory; a resumed run keeps its files
-        cfg.dump(run_dir / "config.yaml")
 
     # ---- networks (seeded so that a resumed run rebuilds identical LoRA / head initialisations)
     student, heads, surgery = build_student(cfg, device)
@@ -472,10 +241,9 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     trained_names = [n for n, p in student.named_parameters() if p.requires_grad]
     t_params, s_params = trained_pairs(student, teacher)
     step_model: nn.Module = StudentStep(student, heads, lambda: autocast(device, amp))
-    if dist is not None:
-        # Steps can leave parameters out of one process's graph: the backbone during the head warm-up, the mask
-        # token when none of that process's crops is masked (its share of the batch's masks can be empty).
-        step_model = dist.wrap(step_model, find_unused_parameters=True)
+    # Under a launcher, DDP: steps can leave parameters out of one process's graph: the backbone during the head
+    # warm-up, the mask token when none of that process's crops is masked (its share of the batch's masks can be empty).
+    step_model = strategy.wrap(step_model, find_unused_parameters=True)
 
     # ---- data
     gsize, lsize = _crop_sizes(cfg, student)
@@ -524,10 +292,10 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
         start, history, wall_before, cpu_before = ck["step"], ck["history"], ck["wall_time_s"], ck.get("cpu_time_s", 0.0)
         if cfg.run.progress:
             print(f"[visiontune] resumed {run_dir} at step {start}/{steps}")
-    if dist is not None and not dist.main:
+    if not strategy.main:
         # Crops and masks are seeded per image and step; what still draws from torch's generator (LoRA
         # dropout) draws per process, as in a fine-tuning run (the checkpoint holds process 0's state).
-        seed_everything(dist.rank_seed(seed) + start, True)
+        seed_everything(strategy.rank_seed(seed) + start, True)
 
     saved = {"step": start}
 
@@ -549,7 +317,7 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     # Under a launcher: this process's rows of each global batch (crop 1 of its images, then crop 2).
     mine = distributed.my_share(batch)
     rows = torch.tensor([*mine, *(batch + j for j in mine)])
-    world = 1 if dist is None else dist.world
+    world = strategy.world
     share_weight = len(mine) / batch  # this process's share of every per-image mean
     if cfg.run.progress:
         print(f"[visiontune] {cfg.recipe_name()} on {cfg.backbone.name}: {len(pool)} unlabeled images"
@@ -644,8 +412,8 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     cpu = cpu_before + time.process_time() - cpu0
 
     if not writes:  # process 0 writes the backbone and its lineage; every process returns them
-        assert dist is not None
-        return PretrainResult(run_dir=run_dir, backbone=run_dir / BACKBONE_FILE, lineage=dist.broadcast(None), history=history)
+        return PretrainResult(run_dir=run_dir, backbone=run_dir / BACKBONE_FILE, lineage=strategy.broadcast(None),
+                              history=history)
 
     # ---- the new backbone: LoRA merged, plain timm state dict, lineage beside it
     source = teacher if cfg.run.save == "teacher" else student
@@ -692,6 +460,5 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
     write_json_atomic(run_dir / LINEAGE_FILE, lineage)  # last: its presence marks a finished run
     if cfg.run.progress:
         print(f"[visiontune] new backbone {out} ({len(history)} steps, {wall:.0f}s); fine-tune it with {lineage['use']}")
-    if dist is not None:
-        dist.broadcast(lineage)
+    strategy.broadcast(lineage)  # the other processes return it too
     return PretrainResult(run_dir=run_dir, backbone=out, lineage=lineage, history=history)

@@ -73,8 +73,9 @@ from visiontune.infer.predictor import check_top_k, top_k_predictions
 from visiontune.multi import AdapterHost, check_host_precision
 from visiontune.serve.batching import MicroBatcher
 from visiontune.runtime import resolve_device
-from visiontune.infer.backends import ExportHost, is_export_path, resolve_backend
-from visiontune.infer.predictor import _cpu_only, _export_precision
+from visiontune.infer.backends import (
+    ExportBackend, ExportHost, check_device, check_export_precision, export_backend_of, resolve_backend,
+)
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 """Default largest accepted image file (10 MiB); ``visiontune serve --max-bytes`` changes it."""
@@ -147,8 +148,9 @@ class AdapterInfo(BaseModel):
 class AdaptersResponse(BaseModel):
     """Answer of ``GET /v1/adapters``."""
 
-    backend: str = Field(description="torch (one shared backbone) or onnxruntime (one exported model per adapter)")
-    precision: str = Field(description="what the models compute in: fp32 or bf16 (torch), fp32 or int8 (onnxruntime)")
+    backend: str = Field(description="torch (one shared backbone) or an export backend such as onnxruntime or openvino "
+                                     "(one exported model per adapter)")
+    precision: str = Field(description="what the models compute in: fp32 or bf16 (torch), fp32 or int8 (exports)")
     backbone: dict[str, Any]
     adapters: list[AdapterInfo]
     default: str | None = Field(description="the adapter used when a request names none (only with one adapter)")
@@ -322,7 +324,7 @@ def create_app(
 
     Args:
         host: the adapters: ``AdapterHost.from_runs({...})`` (torch, one shared backbone) or
-            ``ExportHost.from_exports({...})`` (onnxruntime); ``transform_for(name)`` preprocesses images.
+            ``ExportHost.from_exports({...})`` (an export backend); ``transform_for(name)`` preprocesses images.
         max_bytes: largest accepted image file in bytes (larger -> 413).
         max_batch: most requests per batched forward pass.
         max_wait_ms: how long the batcher waits for companions of a request.
@@ -546,9 +548,10 @@ def serve(
         max_aspect: largest longer / shorter side ratio.
         max_decodes: most images decoded at once.
         api_key: require this key on ``/v1/`` requests (see :func:`create_app`).
-        backend: ``torch`` (one shared backbone), ``onnxruntime`` (each adapter's export; a run directory
-            uses its ``export/``) or None (onnxruntime when every adapter is an export, else torch).
-        int8: serve the INT8 exports (onnxruntime).
+        backend: a registered inference backend: ``torch`` (one shared backbone), an export backend such as
+            ``onnxruntime`` or ``openvino`` (each adapter's export; a run directory uses its ``export/``), or None
+            (the exports' own backend when every adapter is an export, else torch).
+        int8: serve the INT8 exports (export backends).
         precision: torch backend: ``fp32`` (default) or ``bf16`` autocast (faster on CPUs with AMX or AVX-512 BF16).
         allowed_hosts: ``Host`` header values answered (see :func:`create_app`); default: the loopback names when
             ``host`` is a loopback address (against DNS rebinding), any host otherwise, plus ``host`` itself.
@@ -575,16 +578,19 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise ConfigError("the API key is empty; set --api-key / VISIONTUNE_API_KEY to a secret, or unset it for an open service")
     if backend in (None, "auto"):
-        kinds = {is_export_path(p) for p in adapters.values()}
-        if kinds == {True, False}:
-            raise ConfigError("some --adapter paths are ONNX exports and some are run directories; serve them with one "
-                              "backend: --backend onnxruntime (run directories then use their export/) or only run directories")
-        backend = "onnxruntime" if kinds == {True} or int8 else "torch"
+        kinds = {export_backend_of(p) for p in adapters.values()}
+        if len(kinds) > 1:
+            raise ConfigError("the --adapter paths are of different kinds (run directories and exports, or exports of "
+                              "different formats); serve them with one backend: --backend NAME (run directories then "
+                              "use their export/), or adapters of one kind")
+        found = next(iter(kinds), None)
+        backend = found.name if found is not None else None
+    chosen = None
     for path in adapters.values():
-        backend = resolve_backend(backend, path, int8)
-    if backend == "onnxruntime":
-        _cpu_only(device)
-        _export_precision(precision)
+        chosen = resolve_backend(backend, path, int8)
+    if isinstance(chosen, ExportBackend):
+        check_device(chosen, device)
+        check_export_precision(chosen, precision)
     else:
         check_host_precision(precision)  # before binding the port, as every other setting
     sock = _bind(host, port)
@@ -594,8 +600,8 @@ def serve(
                      "there is no API key, so anyone who can reach it can use it (set VISIONTUNE_API_KEY)")
             print(f"visiontune: warning: --host {host} makes the service reachable from other machines; {guard}. "
                   "Serve on 127.0.0.1 behind a reverse proxy with TLS for anything public.", file=sys.stderr, flush=True)
-        if backend == "onnxruntime":
-            adapter_host: Any = ExportHost.from_exports(adapters, int8=int8)
+        if isinstance(chosen, ExportBackend):
+            adapter_host: Any = ExportHost.from_exports(adapters, int8=int8, backend=chosen)
         else:
             adapter_host = AdapterHost.from_runs(adapters, device=resolve_device(device), precision=precision)
         if allowed_hosts is None:
@@ -606,7 +612,7 @@ def serve(
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(f"visiontune: serving {len(adapters)} adapter(s) [{', '.join(adapters)}] on http://{shown}:{bound_port} "
-              f"(web page /, API docs /docs; backend {backend}{' INT8' if int8 else ''}"
+              f"(web page /, API docs /docs; backend {chosen.name if chosen else 'torch'}{' INT8' if int8 else ''}"
               f"{' bf16' if precision == 'bf16' else ''})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         server.run(sockets=[sock])
