@@ -131,6 +131,32 @@ def test_export_json_has_the_band_count_and_statistics_and_onnx_agrees(lora_run,
     res.metadata_path.write_text(json.dumps(meta))
 
 
+def test_openvino_export_reads_13_bands_fp32_and_int8(lora_run, bands_dir, tmp_path):
+    """The OpenVINO backend shares the export JSON and its checks: the same band entry, N-band calibration."""
+    pytest.importorskip("openvino", reason="openvino is in the dev/openvino extras")
+    pytest.importorskip("nncf", reason="nncf is in the dev/openvino extras")
+    import shutil
+
+    from visiontune.infer.export import export_run
+
+    run = tmp_path / "lora"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("export"))
+    export_run(run, fmt="openvino", int8=True, calibration=6, warn_only=True)
+    fp32, int8 = (json.loads((run / "export" / n).read_text()) for n in ("openvino_model.json", "openvino_model.int8.json"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for meta in (fp32, int8):
+        assert meta["format"] == "visiontune-openvino/1" and meta["input"]["shape"] == ["batch", BANDS, 32, 32]
+        assert meta["preprocessing"]["bands"] == {"channels": BANDS, "bands": None, "mean": cfg["data"]["band_mean"],
+                                                  "std": cfg["data"]["band_std"]}
+    assert fp32["parity_max_abs_diff"] < 1e-4 and int8["quantization"]["calibration"]["images"] == 6
+    f = str(bands_dir / "class1" / "2.npy")
+    ref = vt.pipeline(str(run))(f)[0]
+    got = vt.pipeline(str(run), backend="openvino")(f)[0]
+    assert got["label"] == ref["label"] and abs(got["score"] - ref["score"]) < 1e-4
+    assert vt.pipeline(str(run), backend="openvino", int8=True).info["precision"] == "int8"
+    assert vt.evaluate(str(run), backend="openvino")["num_samples"] == vt.evaluate(str(run))["num_samples"]
+
+
 def test_serve_accepts_npy_and_tif_uploads_with_the_same_limits(lora_run, bands_dir):
     from fastapi.testclient import TestClient
 
@@ -195,13 +221,13 @@ def test_bad_band_inputs_fail_clearly_before_training(bands_dir, tmp_path):
 
 
 def test_auto_selects_on_13_bands(bands_dir, tmp_path):
-    from visiontune.auto import AutoSelect, Candidate
+    from visiontune.auto import AutoSelect, AutoSettings, Candidate
     from visiontune.auto.schedule import FlatPrior
 
-    sel = AutoSelect(str(bands_dir), tmp_path / "auto", overrides=[o for o in COMMON if not o.startswith("run.")],
-                     progress=False, folds=2, steps=2, prior=FlatPrior(),
-                     candidates=(Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4")),))
-    assert any(o.startswith("data.band_mean=") for o in sel.base_overrides)  # one set of statistics for every fold
+    lora = Candidate("lora q,v r4", ("method.name=lora", "method.targets=qv", "method.rank=4"))
+    sel = AutoSelect(str(bands_dir), tmp_path / "auto", AutoSettings(progress=False, folds=2, steps=2, candidates=(lora,)),
+                     overrides=[o for o in COMMON if not o.startswith("run.")], prior=FlatPrior())
+    assert any(o.startswith("data.band_mean=") for o in sel.task.base_overrides)  # one set of statistics for every fold
     result = sel.run()
     final = Path(result["final"]["run_dir"]) if isinstance(result.get("final"), dict) else None
     cfg = yaml.safe_load(((final or next((tmp_path / "auto").rglob("config.yaml")).parent) / "config.yaml").read_text())
