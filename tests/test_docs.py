@@ -158,7 +158,8 @@ def test_the_figures_page_names_command_machine_and_date_of_every_source():
 
 TINY_RUN = ["backbone.name=test_vit", "backbone.weights=none", "backbone.img_size=32", "data.dataset=digits",
             "data.train_per_class=4", "data.test_per_class=4", "data.val_per_class=null", "optim.epochs=1",
-            "optim.batch_size=16", "run.progress=false", "run.measure_speed=false", "run.plots=false"]
+            "optim.batch_size=16", "run.progress=false", "run.measure_speed=false", "run.plots=false",
+            "data.channels=null", "data.bands=null", "backbone.rgb_bands=null"]  # a multispectral command on digits
 """Appended to a documented ``train`` (later overrides win): the same command, seconds long on a random tiny ViT."""
 RUN_NAMES = {"RUN", "runs/demo/my-run", "runs/demo/my-full", "runs/smoke/lora"}
 """What the pages call a finished run: replaced by a tiny LoRA run trained here."""

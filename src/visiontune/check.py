@@ -77,7 +77,7 @@ def check_config(cfg: Any, num_classes: int = DRY_RUN_CLASSES) -> list[str]:
             raise MetaDeviceLimit(f"{type(e).__name__}: {_first_line(e)}") from e
         raise
     size = input_size(model, cfg.backbone.img_size)
-    x = torch.empty(2, 3, size, size, device="meta")
+    x = torch.empty(2, cfg.data.input_bands(), size, size, device="meta")
     try:
         with torch.no_grad():
             model.eval()(x)

@@ -175,6 +175,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import visiontune.distributed as distributed
     from visiontune.distributed import is_main
     from visiontune.infer import pipeline
+    from visiontune.data.bands import ARRAY_EXTENSIONS, transform_channels
     from visiontune.infer.files import check_table_path, collect_images, format_results
 
     if args.workers < 0:  # was taken as 1 silently
@@ -186,7 +187,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                          max_aspect=args.max_aspect, settings=("--max-pixels", "--max-aspect"), precision=args.precision)
     if args.output is not None:
         check_table_path(args.output)
-    paths, problems = collect_images(args.inputs)
+    multiband = transform_channels(predictor.transform) is not None
+    paths, problems = collect_images(args.inputs, ARRAY_EXTENSIONS) if multiband else collect_images(args.inputs)
     # Progress only where it helps: a folder's worth of images, and never in quiet mode.
     progress = not args.quiet and len(paths) >= 2 * args.batch_size and is_main()
     # Each process predicts a contiguous share of the images; process 0 gets every result, in input order.

@@ -34,6 +34,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from visiontune.data.bands import BandSpec, band_config_problems
 from visiontune.data.images import ImageLimits
 from visiontune.data.splits import split_problems
 from visiontune.atomic import write_text_atomic
@@ -175,6 +176,35 @@ class DataConfig:
         default=40_000_000,
     )
     max_aspect: float = _help("largest longer-side / shorter-side ratio of an image (resizing a thin strip costs memory)", default=20.0)
+    channels: int | None = _help(
+        "null = photos (decoded to RGB); N = multi-band arrays of N bands (.npy, .tif, multi-page .tif; HxWxN or NxHxW) "
+        "in the folder or manifest, e.g. 13 for Sentinel-2", default=None,
+    )
+    bands: list[int] | None = _help(
+        "0-based bands fed to the model, in order (e.g. [3,2,1]: Sentinel-2 red, green, blue for an RGB backbone); "
+        "null = all data.channels bands", default=None,
+    )
+    band_mean: list[float] | None = _help(
+        "per-band mean (one per file band) for multi-band data; null = computed from the training split and written "
+        "into the run's config.yaml, so every later command normalises the same way", default=None,
+    )
+    band_std: list[float] | None = _help("per-band std for multi-band data; null = computed with data.band_mean", default=None)
+
+    def band_spec(self) -> BandSpec | None:
+        """The multi-band input description (None for photos); needs the statistics resolved."""
+        if self.channels is None:
+            return None
+        if self.band_mean is None or self.band_std is None:
+            raise ConfigError("data.band_mean / data.band_std are not resolved yet: a run computes them from its "
+                              "training split (visiontune.train); give both to use the data outside a run")
+        return BandSpec(int(self.channels), tuple(self.bands) if self.bands is not None else None,
+                        tuple(self.band_mean), tuple(self.band_std))
+
+    def input_bands(self) -> int:
+        """Bands the model sees: 3 for photos, else data.bands' length or data.channels."""
+        if self.channels is None:
+            return 3
+        return len(self.bands) if self.bands is not None else int(self.channels)
 
     def image_limits(self) -> ImageLimits:
         """The :class:`~visiontune.data.images.ImageLimits` these settings describe (errors name data.max_*)."""
@@ -193,6 +223,7 @@ class DataConfig:
             out.append(f"data.max_pixels={self.max_pixels} must be >= 1 (default 40000000)")
         if not self.max_aspect >= 1:
             out.append(f"data.max_aspect={self.max_aspect} must be >= 1 (default 20)")
+        out.extend(band_config_problems(self.channels, self.band_mean, self.band_std, self.bands))
         return out
 
 
@@ -208,9 +239,25 @@ class BackboneConfig:
     img_size: int | None = _help("input resolution; null = the pretrained default", default=None)
     drop_path: float = _help("stochastic depth rate", default=0.0)
     grad_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    in_chans: int | None = _help(
+        "input bands of the model; null = 3 (photos), filled in from data.channels / data.bands for multi-band data",
+        default=None,
+    )
+    rgb_bands: list[int] | None = _help(
+        "RGB-pretrained weights on N != 3 input bands: which input bands (0-based, after data.bands) are red, green, "
+        "blue. The first layer (patch embedding or first conv) is widened: the pretrained filter of each colour is "
+        "copied to its band, every other band gets the mean of the three, and all are scaled by 3/N so a flat input "
+        "gives the same activation. null = every band gets the mean (scaled by 3/N). Not used when the weights "
+        "already have N bands (a `visiontune pretrain data.channels=N` backbone)", default=None,
+    )
 
     def problems(self) -> list[str]:
         out = []
+        if self.in_chans is not None and self.in_chans < 1:
+            out.append(f"backbone.in_chans={self.in_chans} must be >= 1 (or null)")
+        if self.rgb_bands is not None and (len(self.rgb_bands) != 3 or len(set(self.rgb_bands)) != 3):
+            out.append(f"backbone.rgb_bands={list(self.rgb_bands)} must be three distinct input-band indices (red, green, "
+                       "blue), e.g. [3,2,1] for Sentinel-2's 13 bands")
         if not self.name:
             out.append("backbone.name is empty; see `visiontune list backbones`")
         if self.img_size is not None and self.img_size < 8:
@@ -493,9 +540,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     else:
         problems.append(METHODS.unknown_message(method_name))
         method_cfg = MethodConfig(name=method_name)
+    problems.extend(_input_band_problems(sections))
     if problems:
         raise ConfigError(problems)
     return Config(method=method_cfg, **sections)
+
+
+def _input_band_problems(sections: dict[str, Any]) -> list[str]:
+    """``backbone.in_chans`` filled in from the data's band count (in place), or why the two disagree."""
+    data, backbone = sections["data"], sections["backbone"]
+    if not isinstance(data, DataConfig) or not isinstance(backbone, BackboneConfig) or band_config_problems(
+            data.channels, data.band_mean, data.band_std, data.bands):
+        return []
+    n = data.input_bands()
+    if backbone.in_chans is None and data.channels is not None:
+        backbone.in_chans = n
+    if (backbone.in_chans or 3) != n:
+        what = f"data.channels={data.channels}" + (f" with data.bands={data.bands}" if data.bands is not None else "")
+        return [f"backbone.in_chans={backbone.in_chans} but the data gives {n} bands ({what if data.channels else 'photos'});"
+                " leave backbone.in_chans=null (it follows the data)"]
+    if backbone.rgb_bands is not None and any(not 0 <= b < n for b in backbone.rgb_bands):
+        return [f"backbone.rgb_bands={list(backbone.rgb_bands)} must index the model's {n} input bands (0-based, after "
+                "data.bands)"]
+    return []
 
 
 def read_config_file(path: str | Path, where: str) -> dict[str, Any]:

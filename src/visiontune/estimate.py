@@ -476,7 +476,7 @@ def estimate_memory(
         # Frozen backbone, features computed without gradients; the head is fitted on cached features.
         ebs = cfg.optim.eval_batch_size
         model.eval()
-        acts = _inference_bytes(fast_forward(model, check=False), torch.empty(ebs, 3, size, size, device="meta"))
+        acts = _inference_bytes(fast_forward(model, check=False), torch.empty(ebs, cfg.data.input_bands(), size, size, device="meta"))
         copies = 0.0
         optimizer = 2 * grads
         detail.update(kind="inference", batch=ebs)
@@ -490,7 +490,7 @@ def estimate_memory(
             model.set_grad_checkpointing(False)  # counted whole, then composed per block below
         blocks = _blocks_of(model)
         forward = fast_forward(model, check=False)
-        x32 = torch.empty(batch, 3, size, size, device="meta")
+        x32 = torch.empty(batch, cfg.data.input_bands(), size, size, device="meta")
         trace = _trace(model, forward, x32, blocks)
         matmul = _matmul_weight(model)
         q_ids = set(quantized)

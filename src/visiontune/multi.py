@@ -32,7 +32,8 @@ from torch import nn
 from visiontune.errors import ConfigError, WeightsError
 from visiontune.precisions import HOST_PRECISIONS
 from visiontune.methods.base import Method, shared_copy, tensors_bytes
-from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.data.bands import BandSpec
+from visiontune.backbones import backbone_identity, build_transform, create_backbone, set_band_preprocessing
 from visiontune.config import load_config
 from visiontune.registry import METHODS
 from visiontune.runs import ADAPTER_FILE, check_identity, read_adapter, run_labels
@@ -129,6 +130,8 @@ class AdapterHost(TaskHost):
         self.tasks: dict[str, Task] = {}
         # For a random-init backbone (weights=none): (run.seed, number of classes) it was drawn with (see from_runs).
         self.random_init: tuple[int, int] | None = None
+        # Multi-band runs: the bands and statistics every task's preprocessing uses (None: photos).
+        self.band_spec: BandSpec | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -153,8 +156,10 @@ class AdapterHost(TaskHost):
                 # run.seed and builds the backbone (head size included) before drawing any other torch number.
                 torch.manual_seed(cfg.run.seed)
             backbone = create_backbone(cfg.backbone, num_classes=len(classes))
+        set_band_preprocessing(backbone, cfg.data.band_spec())
         transform = build_transform(backbone, train=False)  # the backbone records backbone.img_size
         host = cls(backbone, identity, device=device, transform=transform, precision=precision)
+        host.band_spec = cfg.data.band_spec()
         if identity.get("weights") == "none":
             host.random_init = (cfg.run.seed, len(classes))
         for name, run_dir in runs.items():
@@ -174,6 +179,12 @@ class AdapterHost(TaskHost):
                 f"run.seed={cfg.run.seed} and {len(classes)} classes, but this host's backbone was drawn with "
                 f"(run.seed, classes)={self.random_init}; timm's random init depends on both, so only such runs can "
                 "share a host; train with pretrained weights to host any mix"
+            )
+        if cfg.data.band_spec() != self.band_spec:
+            raise WeightsError(
+                f"task {name!r} ({run_dir}) reads {cfg.data.channels or 'RGB'} bands (data.bands={cfg.data.bands}) with its "
+                "own per-band statistics, unlike this host's first run; the tasks of one host share one preprocessing, "
+                "so serve it from its own host"
             )
         method = METHODS.get(cfg.method.name)(cfg.method)
         return self.add(name, method, state, classes, source=str(run_dir))

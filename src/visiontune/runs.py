@@ -8,6 +8,7 @@ what was trained, plus the head, with the backbone identity in its metadata), ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -26,7 +27,9 @@ from visiontune.registry import METHODS
 from visiontune.rundir import (
     RunDirState, RunKind, config_differences, exists_check, json_check, read_json, read_yaml_mapping, yaml_check,
 )
-from visiontune.backbones import backbone_identity, build_transform, create_backbone
+from visiontune.backbones import backbone_identity, build_transform, create_backbone, set_band_preprocessing
+from visiontune.data import ImageRecords
+from visiontune.data.bands import band_statistics
 from visiontune.data.splits import split_differences
 from visiontune.eval import plot_confusion, plot_history, write_report
 from visiontune.methods.base import classifier_of
@@ -228,6 +231,18 @@ def finish_run(
     write_json_atomic(run_dir / METRICS_FILE, metrics)
 
 
+def with_band_statistics(cfg: Config, train: ImageRecords) -> Config:
+    """``cfg`` with ``data.band_mean`` / ``data.band_std`` computed from the training split where null (multi-band
+    data only; photos and given statistics are returned unchanged). The run's config.yaml then records them, so
+    evaluation, prediction, the service and the export normalise with the same numbers."""
+    data = cfg.data
+    if data.channels is None or (data.band_mean is not None and data.band_std is not None):
+        return cfg
+    mean, std = band_statistics(train.items, int(data.channels), seed=data.seed, ids=train.ids, limits=data.image_limits())
+    data = dataclasses.replace(data, band_mean=data.band_mean or mean, band_std=data.band_std or std)
+    return dataclasses.replace(cfg, data=data)
+
+
 def build_model(cfg: Config, method: Method, num_classes: int) -> nn.Module:
     """Backbone + method applied, with the torch RNG seeded from ``run.seed`` first.
 
@@ -242,6 +257,7 @@ def build_backbone(cfg: Config, num_classes: int) -> nn.Module:
     """The run's backbone with a zeroed head, before the method is applied (torch RNG seeded from ``run.seed``)."""
     torch.manual_seed(cfg.run.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes)
+    set_band_preprocessing(model, cfg.data.band_spec())  # multi-band data: its statistics travel with the model
     zero_head(model)
     return model
 

@@ -11,7 +11,7 @@ from visiontune.backbones import create_backbone
 from visiontune.config import BackboneConfig
 from visiontune.errors import ConfigError, DataError
 from visiontune.pretrain import load_pretrain_config, parse_recipe, resolve_unfrozen
-from visiontune.pretrain.crops import check_arrays, load_array
+from visiontune.data.bands import check_arrays, load_bands as load_array
 from visiontune.pretrain.model import (
     apply_explora, enable_multicrop, export_backbone, install_mask_hook, make_teacher, masked, replace_patch_embed,
     tokens, trained_pairs,
@@ -175,7 +175,7 @@ def test_multispectral_patch_embedding_and_band_arrays(tmp_path):
     a, b = load_array(str(tmp_path / "a.npy"), 13), load_array(str(tmp_path / "b.npy"), 13)
     assert a.shape == (13, 20, 24) and torch.equal(a, b)
     np.save(tmp_path / "bad.npy", np.zeros((20, 24, 4), dtype=np.float32))
-    with pytest.raises(DataError, match="bad.npy: shape"):
+    with pytest.raises(DataError, match="bad.npy has shape"):
         check_arrays([str(tmp_path / "a.npy"), str(tmp_path / "bad.npy")], 13)
     tifffile = pytest.importorskip("tifffile")
     tifffile.imwrite(tmp_path / "c.tif", hwc)

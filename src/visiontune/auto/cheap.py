@@ -134,9 +134,15 @@ def image_meta(task: Task, sample: int = 20) -> dict[str, Any]:
     median of sqrt(width x height). Measured once per task."""
     if task.data_meta is None:
         from visiontune.data.cache import decode_compact
+        from visiontune.data.bands import read_bands
 
         gray, sides = True, []
         for i in range(0, len(task.pool), max(1, len(task.pool) // sample)):
+            if task.pool.channels is not None:  # multi-band arrays: never gray; their size from the array
+                h, w = read_bands(task.pool.items[i], task.pool.channels, task.pool.ids[i], task.cfg.data.image_limits()).shape[1:]
+                gray = False
+                sides.append(math.sqrt(h * w))
+                continue
             img = decode_compact(task.pool.items[i], task.pool.ids[i], task.cfg.data.image_limits())
             sides.append(math.sqrt(img.size[0] * img.size[1]))
             if gray and img.mode != "L":

@@ -25,7 +25,7 @@ from visiontune.data import load_records, make_splits
 from visiontune.data.records import ImageRecords
 from visiontune.errors import DataError
 from visiontune.registry import METHODS
-from visiontune.runs import build_model
+from visiontune.runs import build_model, with_band_statistics
 
 INNER_VAL_FRACTION = 0.2
 MIN_INNER_VAL_PER_CLASS = 10
@@ -82,7 +82,7 @@ def _fingerprint(ids: list[str]) -> str:
 def _concat(a: Any, b: Any) -> Any:
     return ImageRecords(
         items=[*a.items, *b.items], labels=np.concatenate([a.labels, b.labels]), ids=[*a.ids, *b.ids],
-        classes=list(a.classes), source=a.source,
+        classes=list(a.classes), source=a.source, channels=a.channels,
     )
 
 
@@ -102,10 +102,16 @@ class Task:
         # its measured input size)
         self.variants: dict[str, list[str]] = {b: [f"backbone.name={b}", *(defaults or {}).get(b, [])]
                                                for b in self.backbones}
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits(), channels=cfg.data.channels)
         splits = make_splits(records, cfg.data)
         # The selection sees the training (and validation) images only; the test split goes to the final run.
         self.pool = _concat(splits["train"], splits["val"]) if len(splits["val"]) else splits["train"]
+        # Multi-band data: one set of per-band statistics, of the labeled pool, for every fold and the final run.
+        resolved = with_band_statistics(cfg, self.pool).data
+        if resolved.band_mean != cfg.data.band_mean or resolved.band_std != cfg.data.band_std:
+            self.base_overrides = [*self.base_overrides, f"data.band_mean={resolved.band_mean}",
+                                   f"data.band_std={resolved.band_std}"]
+            self.cfg = cfg = load_config(None, overrides=self.base_overrides)
         self.test = splits["test"]
         self.classes = list(self.pool.classes)
         counts = np.bincount(self.pool.labels, minlength=len(self.classes))
@@ -253,7 +259,7 @@ def make_plan(task: Task, settings: AutoSettings, prior: GainPrior, clock: Clock
         cfg = task.config(name, CHEAP[0].overrides)
         model = build_model(cfg, method_of(cfg), len(task.classes)).eval()
         size = input_size(model)
-        x = torch.randn(8, 3, size, size)
+        x = torch.randn(8, cfg.data.input_bands(), size, size)
         with torch.no_grad():
             model(x)
             times = []

@@ -14,7 +14,7 @@ _EXPORTS = {
                 "describe_backbones", "list_backbones", "shared_backbones"),
     "offline": ("EFFICIENTNET_LITE", "MOBILENET_V2", "DinoV2ImgFocus", "OrderedStateDictSource"),
     "tiny": ("TINY_IMG_SIZE", "TinyBackbone"),
-    "transforms": ("ToRGB", "build_transform", "data_config", "input_size"),
+    "transforms": ("ToRGB", "build_transform", "data_config", "input_size", "set_band_preprocessing"),
     "weights": ("PackageWeightSource", "WeightSpec", "parse_weights", "weights_cache_dir"),
 }
 __getattr__ = lazy_attributes(__name__, {name: f"{__name__}.{module}" for module, names in _EXPORTS.items() for name in names})
@@ -40,6 +40,7 @@ __all__ = [
     "input_size",
     "list_backbones",
     "parse_weights",
+    "set_band_preprocessing",
     "shared_backbones",
     "weights_cache_dir",
 ]

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
+from visiontune.backbones.bands import describe_init, set_input_channels, widen_rgb
 from visiontune.backbones.hub import hub_access, offline_mode
 from visiontune.backbones.weights import FILE_SUFFIXES, WeightSpec, describe_key_problems, file_sha256, parse_weights
 from visiontune.errors import ConfigError, WeightsError
@@ -52,6 +53,7 @@ class BackboneSpec(Protocol):
     img_size: int | None
     drop_path: float
     grad_checkpointing: bool
+    # in_chans (None = 3) and rgb_bands (see BackboneConfig) are read with getattr: older specs lack them.
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,10 @@ def _load_from_file(
         state_dict.pop(f"{name}.weight", None)
         state_dict.pop(f"{name}.bias", None)
     overlay = dict(cfg_overlay, state_dict=state_dict, file=str(path), num_classes=0, hf_hub_id=None, url=None)
+    if kwargs.get("in_chans", 3) != 3:
+        # The file already has N-band filters (a multispectral `visiontune pretrain` backbone): load them as they
+        # are; timm would otherwise "adapt" (drop) a first layer that is not RGB.
+        overlay["first_conv"] = None
     try:
         model = _build(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
     except RuntimeError as e:
@@ -369,17 +375,75 @@ def _create_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {"drop_path_rate": float(cfg.drop_path)}
     if cfg.img_size:
         kwargs["img_size"] = int(cfg.img_size)
+    in_chans = int(getattr(cfg, "in_chans", None) or 3)
+    init = _input_init(cfg, arch, weights)
 
     if weights.spec.kind == "none":
-        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs, **_chans(in_chans))
     elif weights.spec.kind == "hub":
         model = _load_from_hub(arch, num_classes, kwargs, _offline_hint(arch))
     else:
         overlay = dict(getattr(weights.source, "pretrained_cfg", None) or {})
         antialias = getattr(weights.source, "pos_embed_antialias", None)
-        model = _load_from_file(arch, weights.path, num_classes, kwargs, overlay, antialias)
-
+        native = init == NATIVE_INIT
+        model = _load_from_file(arch, weights.path, num_classes, dict(kwargs, **_chans(in_chans if native else 3)),
+                                overlay, antialias)
+    if in_chans != 3 and init.startswith("widened"):
+        widen_rgb(model, in_chans, getattr(cfg, "rgb_bands", None))
+    if in_chans != 3:
+        set_input_channels(model, in_chans)
+        model.pretrained_cfg["input_init"] = init
     return _finish(model, cfg)
+
+
+NATIVE_INIT = "the weights' own first layer (already multi-band)"
+"""The ``input_init`` of a weight file whose first layer already has the run's band count."""
+
+
+def _chans(in_chans: int) -> dict[str, int]:
+    return {} if in_chans == 3 else {"in_chans": in_chans}
+
+
+def _file_input_bands(path: Path, key: str) -> int | None:
+    """Input channels of the first-layer weight ``key`` in a weight file (None when it has no such key)."""
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                shape = f.get_slice(key).get_shape() if key in f.keys() else None
+        else:
+            state = timm.models.load_state_dict(str(path), weights_only=True)
+            shape = list(state[key].shape) if key in state else None
+    except Exception:  # noqa: BLE001 - an unreadable file is reported, with its fix, by the load itself
+        return None
+    return int(shape[1]) if shape is not None and len(shape) == 4 else None
+
+
+def _input_init(cfg: BackboneSpec, arch: _Arch, weights: _Weights) -> str:
+    """How the first layer of a ``backbone.in_chans`` != 3 model starts (recorded in the run; "" for RGB).
+
+    Raises:
+        WeightsError: a weight file whose first layer has neither 3 nor ``in_chans`` input bands.
+    """
+    in_chans = int(getattr(cfg, "in_chans", None) or 3)
+    if in_chans == 3 and not (weights.path is not None and weights.path.name.endswith(".safetensors")):
+        return ""  # an RGB model; other files are checked by the load itself (reading them here costs a full load)
+    if weights.spec.kind == "none":
+        return "random (backbone.weights=none)"
+    if weights.spec.kind == "file" and weights.path is not None:
+        first = arch.default_cfg().get("first_conv")
+        first = first[0] if isinstance(first, (list, tuple)) and first else first
+        bands = _file_input_bands(weights.path, f"{first}.weight") if first else None
+        if bands == in_chans:
+            return NATIVE_INIT if in_chans != 3 else ""
+        if bands not in (None, 3):
+            raise WeightsError(
+                f"backbone.weights={str(weights.path)!r} has a {bands}-band first layer ({first}) but the data gives "
+                f"{in_chans} bands; set data.channels={bands} (without data.bands) for the {bands}-band arrays these "
+                "weights were pretrained on"
+            )
+    return describe_init(in_chans, getattr(cfg, "rgb_bands", None)) if in_chans != 3 else ""
 
 
 def _finish(model: nn.Module, cfg: BackboneSpec) -> nn.Module:
@@ -418,7 +482,8 @@ def create_meta_backbone(cfg: BackboneSpec, num_classes: int) -> nn.Module:
     if cfg.img_size:
         kwargs["img_size"] = int(cfg.img_size)
     with torch.device("meta"):
-        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        model = _build(arch, pretrained=False, num_classes=num_classes, **kwargs,
+                       **_chans(int(getattr(cfg, "in_chans", None) or 3)))
     return _finish(model, cfg)
 
 
@@ -487,12 +552,17 @@ def backbone_identity(cfg: BackboneSpec) -> dict[str, Any]:
         )
     else:
         digest = None
-    return {
+    identity = {
         "name": cfg.name,
         "weights": weights.canonical,
         "sha256": digest,
         "img_size": int(cfg.img_size) if cfg.img_size else _default_img_size(arch),
     }
+    in_chans = int(getattr(cfg, "in_chans", None) or 3)
+    if in_chans != 3:  # RGB runs keep the identity they always had
+        identity["in_chans"] = in_chans
+        identity["input_init"] = _input_init(cfg, arch, weights)
+    return identity
 
 
 def list_backbones() -> list[str]:

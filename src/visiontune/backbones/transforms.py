@@ -13,6 +13,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
+from visiontune.data.bands import BandSpec, BandTransform
 from visiontune.data.images import ToRGB
 
 
@@ -30,11 +31,33 @@ def input_size(model: nn.Module, img_size: int | None = None) -> int:
 
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict:
-    """timm's data config for ``model`` (input size, interpolation, mean, std, crop), size overridden."""
+    """timm's data config for ``model`` (input size, interpolation, mean, std, crop), size overridden.
+
+    A multi-band model (:func:`set_band_preprocessing`) adds ``bands``: the file band count, the bands fed and
+    their per-band statistics.
+    """
     cfg = resolve_data_config({}, model=model)
+    pre = getattr(model, "pretrained_cfg", None) or {}
+    chans = int(tuple(pre.get("input_size", (3,)))[0])
     if img_size:
-        cfg["input_size"] = (3, int(img_size), int(img_size))
+        cfg["input_size"] = (chans, int(img_size), int(img_size))
+    if pre.get("bands"):
+        cfg["bands"] = dict(pre["bands"])
     return cfg
+
+
+def set_band_preprocessing(model: nn.Module, spec: BandSpec | None) -> None:
+    """Make a model's preprocessing metadata describe multi-band input ``spec`` (nothing for photos).
+
+    The statistics then travel with the model: :func:`build_transform` normalises with them and the ONNX
+    export writes them (and the band count) into its JSON.
+    """
+    if spec is None:
+        return
+    cfg = model.pretrained_cfg
+    cfg["bands"] = spec.to_dict()
+    cfg["mean"], cfg["std"] = tuple(spec.selected(spec.mean)), tuple(spec.selected(spec.std))
+    cfg["input_size"] = (spec.in_chans, *tuple(cfg.get("input_size", (3, 224, 224)))[1:])
 
 
 def build_transform(
@@ -56,9 +79,12 @@ def build_transform(
             or no augmentation.
 
     Returns:
-        A picklable callable mapping any PIL image (gray, palette, RGBA, 16-bit) to a ``3 x H x W`` tensor.
+        A picklable callable mapping any PIL image (gray, palette, RGBA, 16-bit) to a ``3 x H x W`` tensor; for a
+        multi-band model, a :class:`~visiontune.data.bands.BandTransform` (``[channels, H, W]`` float bands in).
     """
     cfg = data_config(model, img_size)
+    if cfg.get("bands"):
+        return _band_transform(cfg, train, crop_scale)
     if not train:
         return eval_transform(cfg)
     tf = create_transform(
@@ -75,6 +101,14 @@ def eval_transform(cfg: dict) -> Callable[[Image.Image], torch.Tensor]:
     (``preprocessing``: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
     ``crop_mode``), so both backends see the same pixels.
     """
+    if cfg.get("bands"):
+        return _band_transform(cfg, False)
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     tf = create_transform(**{k: cfg[k] for k in keys if cfg.get(k) is not None}, is_training=False)
     return T.Compose([ToRGB(), *tf.transforms])
+
+
+def _band_transform(cfg: dict, train: bool, crop_scale: float = 0.5) -> BandTransform:
+    """The multi-band counterpart of the RGB transforms: same size, interpolation and eval crop, band statistics."""
+    return BandTransform(BandSpec.from_dict(cfg["bands"]), int(cfg["input_size"][-1]), train, crop_scale,
+                         str(cfg.get("interpolation") or "bilinear"), cfg.get("crop_pct"))

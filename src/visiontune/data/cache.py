@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from visiontune.data.bands import BandDataset
 from visiontune.data.images import ImageLimits, ToRGB, _default_transform, decode_image
 from visiontune.data.records import ImageRecords
 
@@ -210,7 +211,7 @@ def decoded_images(records: ImageRecords, budget_mb: float = DEFAULT_BUDGET_MB, 
 def image_dataset(
     records: ImageRecords, transform: Callable[[Image.Image], Any] | None, cache: bool = True,
     budget_mb: float = DEFAULT_BUDGET_MB, limits: ImageLimits | None = None,
-) -> CachedImageDataset:
+) -> CachedImageDataset | BandDataset:
     """The dataset the training loop uses: decoded once when ``cache`` (split read every epoch), else per access.
 
     Args:
@@ -219,6 +220,11 @@ def image_dataset(
         cache: keep decoded images in memory (for splits read more than once: train, val).
         budget_mb: memory bound of the decoded store.
         limits: the decoding size guard (``data.max_pixels`` / ``data.max_aspect`` of a run).
+
+    Multi-band records (``records.channels`` set) give a :class:`~visiontune.data.bands.BandDataset` (arrays kept
+    in memory when ``cache``).
     """
+    if records.channels is not None:
+        return BandDataset(records, transform, cache, limits)
     store = decoded_images(records, budget_mb, limits) if cache else None
     return CachedImageDataset(records, transform, store, limits)

@@ -31,6 +31,8 @@ class ImageRecords:
         splits: explicit split per image ("train" / "val" / "test") when the source defines one
             (a manifest's split column, an official train/test split), else None.
         source: where the records came from, for reports and messages.
+        channels: None for photos (decoded to RGB); N for multi-band arrays of N bands
+            (``data.channels``, read by :func:`visiontune.data.bands.read_bands`).
     """
 
     items: list[str | np.ndarray]
@@ -39,6 +41,7 @@ class ImageRecords:
     classes: list[str]
     splits: list[str] | None = None
     source: str = ""
+    channels: int | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -71,7 +74,7 @@ class ImageRecords:
             ids=[self.ids[i] for i in idx],
             classes=list(self.classes),
             splits=None if self.splits is None else [self.splits[i] for i in idx],
-            source=self.source,
+            source=self.source, channels=self.channels,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -102,7 +105,7 @@ class ImageRecords:
         mapping = np.array([index.get(c, -1) for c in self.classes], dtype=np.int64)
         return ImageRecords(
             items=self.items, labels=mapping[self.labels], ids=self.ids, classes=classes,
-            splits=self.splits, source=self.source,
+            splits=self.splits, source=self.source, channels=self.channels,
         )
 
 

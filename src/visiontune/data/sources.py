@@ -18,6 +18,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
+from visiontune.data.bands import ARRAY_EXTENSIONS, check_arrays
 from visiontune.data.images import MAX_LISTED, ImageLimits, validate_images
 from visiontune.data.records import SPLIT_NAMES, ImageRecords, sort_labels
 from visiontune.errors import ConfigError, DataError
@@ -35,6 +36,7 @@ MANIFEST_COLUMNS = ("path", "label")
 
 def load_records(
     dataset: str, root: str | None = None, classes: Sequence[str] | None = None, limits: ImageLimits | None = None,
+    channels: int | None = None,
 ) -> ImageRecords:
     """Load a dataset's image references and labels (no image is decoded, every file is checked).
 
@@ -48,6 +50,8 @@ def load_records(
         classes: fix the class list and order (e.g. a trained run's ``labels.json``); a label
             outside it is an error. Classes without images are allowed.
         limits: the decoding size guard every file must pass (``data.max_pixels`` / ``data.max_aspect``).
+        channels: None for photos; N (``data.channels``) for multi-band ``.npy`` / ``.tif`` arrays of N bands
+            (a folder or manifest; every file's band count, dtype and size checked from its header).
 
     Raises:
         DataError: unknown dataset, empty or malformed folder / manifest, unreadable images.
@@ -62,6 +66,12 @@ def load_records(
         raise ConfigError(f"data.dataset is empty; set it to a built-in name ({', '.join(DATASETS.names())}), "
                           "an image folder or a CSV manifest")
     if dataset in DATASETS and "/" not in dataset and os.sep not in dataset:
+        if channels is not None:
+            raise ConfigError(
+                f"data.channels={channels} reads multi-band arrays, but data.dataset={dataset!r} is a built-in dataset "
+                f"of photos; point data.dataset at a folder or CSV manifest of {'/'.join(ARRAY_EXTENSIONS)} files, or "
+                "set data.channels=null"
+            )
         records = DATASETS.get(dataset)(root)
         if classes is not None:
             records = records.with_classes(classes)
@@ -73,14 +83,14 @@ def load_records(
                     f"data.root={root!r} is set but data.dataset={dataset!r} is an image folder, which needs no "
                     f"root; remove data.root"
                 )
-            records = load_folder(path, classes, limits)
+            records = load_folder(path, classes, limits, channels)
         elif os.path.isfile(path):
             if not path.lower().endswith(".csv"):
                 raise DataError(
                     f"data.dataset={dataset!r} is a file but not a CSV manifest (.csv). Fix: point it at a "
                     f"folder with one subfolder per class, or at a CSV with header 'path,label[,split]'."
                 )
-            records = load_manifest(path, base=root, classes=classes, limits=limits)
+            records = load_manifest(path, base=root, classes=classes, limits=limits, channels=channels)
         else:
             close = difflib.get_close_matches(dataset, DATASETS.names(), n=2)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -93,16 +103,21 @@ def load_records(
     return records
 
 
-def load_folder(path: str, classes: Sequence[str] | None = None, limits: ImageLimits | None = None) -> ImageRecords:
+def load_folder(
+    path: str, classes: Sequence[str] | None = None, limits: ImageLimits | None = None, channels: int | None = None,
+) -> ImageRecords:
     """Records from ``path/<class>/**/<image>``; class order = sorted subfolder names (see module doc).
+
+    With ``channels``, the files are ``.npy`` / ``.tif`` arrays of that many bands instead of images.
 
     Raises:
         DataError: no class subfolders, empty class folders, a folder not in ``classes``, bad images.
     """
     root = os.path.abspath(path)
     subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    extensions = IMAGE_EXTENSIONS if channels is None else ARRAY_EXTENSIONS
     if not subdirs:
-        loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(extensions)]
         found = f"it holds {len(loose)} image files directly" if loose else "it is empty or holds no folders"
         raise DataError(
             f"image folder {path} has no class subfolders ({found}). Fix: put the images in one subfolder "
@@ -123,7 +138,7 @@ def load_folder(path: str, classes: Sequence[str] | None = None, limits: ImageLi
     labels: list[int] = []
     empty: list[str] = []
     for name in sort_labels(subdirs):
-        files, ignored = _list_images(os.path.join(root, name))
+        files, ignored = _list_images(os.path.join(root, name), extensions)
         if not files:
             note = f" ({ignored} non-image files ignored)" if ignored else ""
             empty.append(os.path.join(path, name) + note)
@@ -132,19 +147,28 @@ def load_folder(path: str, classes: Sequence[str] | None = None, limits: ImageLi
         labels.extend([class_names.index(name)] * len(files))
     if empty:
         raise DataError(
-            f"image folder {path}: class folder(s) without images: {', '.join(empty)}. Fix: add images "
-            f"({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) or remove the folder."
+            f"image folder {path}: class folder(s) without {'images' if channels is None else 'arrays'}: "
+            f"{', '.join(empty)}. Fix: add files ({'/'.join(e.lstrip('.') for e in extensions)}) or remove the folder"
+            + ("; for multi-band .npy/.tif arrays set data.channels to their band count." if channels is None else ".")
         )
     records = ImageRecords(
         items=items, labels=np.array(labels, dtype=np.int64), ids=ids, classes=class_names,
-        splits=None, source=f"image folder {path}",
+        splits=None, source=f"{'image' if channels is None else f'{channels}-band array'} folder {path}", channels=channels,
     )
-    validate_images(records, limits=limits)
+    _validate(records, limits)
     return records
 
 
-def _list_images(folder: str) -> tuple[list[str], int]:
-    """Image files under ``folder`` (relative, sorted, hidden skipped) and how many other files were ignored."""
+def _validate(records: ImageRecords, limits: ImageLimits | None) -> None:
+    """Every file usable: decoded (photos) or its header checked (multi-band arrays); all problems at once."""
+    if records.channels is None:
+        validate_images(records, limits=limits)
+    else:
+        check_arrays(records.items, records.channels, records.ids, limits)
+
+
+def _list_images(folder: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[str], int]:
+    """Files with ``extensions`` under ``folder`` (relative, sorted, hidden skipped) and how many others were ignored."""
     found: list[str] = []
     ignored = 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -154,7 +178,7 @@ def _list_images(folder: str) -> tuple[list[str], int]:
         for f in sorted(filenames):
             if f.startswith("."):
                 continue
-            if f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(extensions):
                 found.append(f if rel == "." else os.path.join(rel, f))
             else:
                 ignored += 1
@@ -163,6 +187,7 @@ def _list_images(folder: str) -> tuple[list[str], int]:
 
 def load_manifest(
     path: str, base: str | None = None, classes: Sequence[str] | None = None, limits: ImageLimits | None = None,
+    channels: int | None = None,
 ) -> ImageRecords:
     """Records from a CSV manifest with header ``path,label[,split]``.
 
@@ -176,6 +201,7 @@ def load_manifest(
         base: folder that relative paths start from (default: the CSV's folder).
         classes: fixed class list/order; a label outside it is an error.
         limits: the decoding size guard every file must pass.
+        channels: None for images; N for multi-band arrays of N bands.
 
     Raises:
         DataError: missing columns, empty fields, unknown split or label, missing or duplicate
@@ -255,9 +281,9 @@ def load_manifest(
     index = {c: i for i, c in enumerate(class_names)}
     records = ImageRecords(
         items=items, labels=np.array([index[lb] for lb in labels], dtype=np.int64), ids=ids,
-        classes=class_names, splits=splits if isplit is not None else None, source=f"manifest {path}",
+        classes=class_names, splits=splits if isplit is not None else None, source=f"manifest {path}", channels=channels,
     )
-    validate_images(records, limits=limits)
+    _validate(records, limits)
     return records
 
 

@@ -45,6 +45,7 @@ from visiontune.registry import INFERENCE_BACKENDS, INFERENCE_PLUGINS
 from visiontune.backbones.transforms import eval_transform
 from visiontune.config import load_config
 from visiontune.data.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageLimits
+from visiontune.data.bands import input_channels
 from visiontune.multi import TaskHost
 from visiontune.runs import ADAPTER_FILE
 from visiontune.runtime import cpu_info  # recorded with exports; benchmarks import it from here
@@ -452,13 +453,14 @@ def check_export(model: TaggedModel, meta: dict[str, Any], meta_path: Path) -> N
     pre = meta.get("preprocessing")
     size = pre.get("input_size") if isinstance(pre, dict) else None
     ok = (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-          and size[0] == 3 and all(1 <= v <= MAX_INPUT_SIDE for v in size[1:]))
+          and size[0] == input_channels(pre) and all(1 <= v <= MAX_INPUT_SIDE for v in size[1:]))
     crop = pre.get("crop_pct") if isinstance(pre, dict) else None
     if ok and crop is not None:
         ok = isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop and max(size[1:]) / crop <= MAX_INPUT_SIDE
     if not ok:
         raise ConfigError(f"{str(meta_path)!r}: preprocessing input_size {size!r} / crop_pct {crop!r} is not an image "
-                          f"of [3, H, W] with sides of 1 to {MAX_INPUT_SIDE} pixels after resizing; {fix}")
+                          f"of [C, H, W] (C = 3, or the bands its 'bands' entry feeds) with sides of 1 to {MAX_INPUT_SIDE} pixels "
+                          f"after resizing; {fix}")
     want = model.input_shape
     fixed = [(i, d) for i, d in enumerate(want[1:], start=1) if isinstance(d, int)]
     if any(size[i - 1] != d for i, d in fixed):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visiontune.data.bands import transform_channels
 from visiontune.errors import ConfigError
 from visiontune.runtime import autocast_dtype, inference_dtype, resolve_device
 from visiontune.eval.speed import _synchronizer, _timed_runs
@@ -145,7 +146,9 @@ def bench_infer(
                     sync = _synchronizer(dev_b)
                     x = torch.randn(b, c, h, w, device=dev_b)
                     fwd = _timed_runs(lambda p=pred, x=x: p.probabilities(x), sync, warmup, iters, min_time_s)
-                    images = [Image.fromarray(rng.integers(0, 256, (2 * h, 2 * w, 3), dtype=np.uint8)) for _ in range(b)]
+                    bands = transform_channels(pred.transform)  # a multi-band run reads HxWxC arrays, not photos
+                    images = [rng.integers(0, 256, (2 * h, 2 * w, bands), dtype=np.uint16) if bands else
+                              Image.fromarray(rng.integers(0, 256, (2 * h, 2 * w, 3), dtype=np.uint8)) for _ in range(b)]
                     full = _timed_runs(lambda p=pred, ims=images: p(ims), sync, warmup, iters, min_time_s)
                     timings.setdefault((name, b), []).append((fwd, full))
     rows = []

@@ -9,7 +9,8 @@ import torch
 
 import visiontune.distributed as distributed
 from visiontune.config import load_config
-from visiontune.data import ImageDataset, load_records, make_splits
+from visiontune.data import load_records, make_splits
+from visiontune.data.bands import records_dataset, transform_channels
 from visiontune.errors import ConfigError
 from visiontune.eval.metrics import compute_metrics
 from visiontune.infer.files import EVAL_HEADER, check_table_path, write_table
@@ -83,14 +84,14 @@ def evaluate_run(
         limits = cfg.data.image_limits()
     if data is None:
         assert cfg is not None
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=limits)
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=limits, channels=cfg.data.channels)
         if list(records.classes) != classes:
             raise ConfigError(f"the run's dataset {cfg.data.dataset!r} now has classes {records.classes}, not {classes}")
         test = make_splits(records, cfg.data)["test"]
     else:
-        test = load_records(data, classes=classes, limits=limits)
+        test = load_records(data, classes=classes, limits=limits, channels=transform_channels(transform))
     size = batch_size or (cfg.optim.eval_batch_size if cfg is not None else 64)
-    loader = distributed.shard_eval(make_loader(ImageDataset(test, transform, limits), size, False, 0, workers))
+    loader = distributed.shard_eval(make_loader(records_dataset(test, transform, limits), size, False, 0, workers))
     logits, labels = predict_logits(model, loader, dev, amp, progress and distributed.is_main())
     pred = logits.argmax(1)
     metrics = compute_metrics(labels.numpy(), pred.numpy(), classes)

@@ -43,8 +43,8 @@ from visiontune.runtime import make_loader
 from visiontune.backbones import backbone_identity
 from visiontune.backbones.transforms import data_config
 from visiontune.config import load_config
-from visiontune.data import ImageDataset, load_records, make_splits
-from visiontune.data.images import load_image
+from visiontune.data import load_records, make_splits
+from visiontune.data.bands import decode_for, records_dataset
 from visiontune.eval import compute_metrics
 from visiontune.infer.backends import ExportBackend, all_backends, default_export_backend, export_backend, file_sha256
 from visiontune.infer.predictor import Predictor
@@ -85,10 +85,15 @@ def _short(v: Any) -> float:
 def _preprocessing(transform: Any, model: nn.Module, img_size: int | None) -> dict[str, Any]:
     """The eval preprocessing as data: timm's data config and the transform's resolved steps."""
     cfg = data_config(model, img_size)
-    steps: list[dict[str, Any]] = [{"op": "to_rgb", "note": "gray replicated, alpha composited on white, 16-bit scaled"}]
+    bands = cfg.get("bands")
+    steps: list[dict[str, Any]] = [
+        {"op": "read_bands", "channels": bands["channels"], "note": ".npy/.tif, HxWxC or CxHxW, values as stored, float32"}
+        if bands else {"op": "to_rgb", "note": "gray replicated, alpha composited on white, 16-bit scaled"}]
     for t in getattr(transform, "transforms", []):
         kind = type(t).__name__
-        if kind == "Resize":
+        if kind == "SelectBands":
+            steps.append({"op": "select_bands", "bands": t.bands})
+        elif kind == "Resize":
             steps.append({"op": "resize_shorter_side", "size": t.size if isinstance(t.size, int) else list(t.size),
                           "interpolation": str(t.interpolation.value), "antialias": bool(t.antialias)})
         elif kind == "CenterCrop":
@@ -100,10 +105,13 @@ def _preprocessing(transform: Any, model: nn.Module, img_size: int | None) -> di
                           "std": [_short(v) for v in torch.as_tensor(t.std)]})
         elif kind != "ToRGB":
             steps.append({"op": kind, "repr": repr(t)})
-    return {
+    out = {
         "input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
         "std": list(cfg["std"]), "crop_pct": cfg.get("crop_pct"), "crop_mode": cfg.get("crop_mode"), "steps": steps,
     }
+    if bands:  # multi-band: the file band count, the bands fed and the per-band statistics of the training split
+        out["bands"] = bands
+    return out
 
 
 @contextlib.contextmanager
@@ -125,7 +133,7 @@ def _quiet_stdout() -> Iterator[None]:
 def _splits(cfg: Any, classes: list[str], why: str) -> dict[str, Any]:
     """The run's own train / test split (the same records, seed and counts as training used)."""
     try:
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits(), channels=cfg.data.channels)
     except (VisiontuneError, OSError) as exc:
         raise ConfigError(f"{why} needs the run's dataset {cfg.data.dataset!r}, which cannot be loaded here ({exc}); "
                           "export on a machine that has it") from None
@@ -148,7 +156,7 @@ def calibration_images(
         for q in queues:
             if q and len(order) < count:
                 order.append(int(q.pop(0)))
-    return [transform(load_image(train.items[i], train.ids[i], limits)).numpy() for i in order]
+    return [transform(decode_for(transform, train.items[i], train.ids[i], limits)).numpy() for i in order]
 
 
 def compare_on_test(
@@ -156,7 +164,7 @@ def compare_on_test(
 ) -> dict[str, Any]:
     """Accuracy and weighted F1 of each model on the same preprocessed test images, and how far each
     strays from the first (the PyTorch reference): top-1 agreement and mean / max |logit difference|."""
-    loader = make_loader(ImageDataset(test, transform, limits), batch_size, False, 0, 0)
+    loader = make_loader(records_dataset(test, transform, limits), batch_size, False, 0, 0)
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}
     labels = []
     with torch.inference_mode():

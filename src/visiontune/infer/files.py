@@ -105,8 +105,11 @@ def prediction_header(top_k: int) -> list[str]:
     return ["file", *[c for i in range(1, top_k + 1) for c in (f"label_{i}", f"score_{i}")], "error"]
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[PredictionResult]]:
-    """Expand files and folders into image paths (sorted per folder).
+def collect_images(
+    inputs: Sequence[str | os.PathLike], extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+) -> tuple[list[str], list[PredictionResult]]:
+    """Expand files and folders into image paths (sorted per folder); ``extensions`` are what a folder's files must
+    end with (a multi-band run's: ``visiontune.data.bands.ARRAY_EXTENSIONS``).
 
     Returns:
         ``(paths to predict, problems)``: a missing path or a folder without images becomes a
@@ -121,10 +124,10 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 found.extend(os.path.join(root, f) for f in sorted(files)
-                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                             if not f.startswith(".") and f.lower().endswith(extensions)
                              and os.path.isfile(os.path.join(root, f)))  # a FIFO named x.png would block the reader
             if not found:
-                problems.append(PredictionResult(str(p), error=f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+                problems.append(PredictionResult(str(p), error=f"folder holds no image files ({', '.join(extensions)})"))
             paths.extend(found)
         elif p.exists() and not p.is_file():
             problems.append(PredictionResult(str(p), error="not a regular file (a FIFO, socket or device); pass image files"))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visiontune.data.bands import blank_input, decode_for, transform_channels
 from visiontune.data.images import ImageLimits, decode_image
 from visiontune.errors import ConfigError, DataError
 from visiontune.runtime import autocast, inference_dtype, resolve_device
@@ -210,7 +211,7 @@ class Predictor:
     @property
     def input_size(self) -> tuple[int, int, int]:
         """``(C, H, W)`` the transform produces."""
-        return tuple(self.transform(Image.new("RGB", (8, 8))).shape)  # type: ignore[return-value]
+        return tuple(self.transform(blank_input(self.transform)).shape)  # type: ignore[return-value]
 
     @property
     def info(self) -> dict[str, Any]:
@@ -223,7 +224,10 @@ class Predictor:
 
     # ------------------------------------------------------------------ prediction
     def preprocess(self, item: ImageInput, name: str | None = None) -> torch.Tensor:
-        """One input -> the normalised ``3 x H x W`` tensor the model sees."""
+        """One input -> the normalised ``C x H x W`` tensor the model sees (a multi-band run reads ``.npy`` / ``.tif``
+        paths, their bytes or ``HxWxC`` / ``CxHxW`` arrays through :func:`visiontune.data.bands.decode_for`)."""
+        if transform_channels(self.transform) is not None:
+            return self.transform(decode_for(self.transform, item, name, self.limits))
         return self.transform(to_image(item, name, self.limits))
 
     @torch.inference_mode()

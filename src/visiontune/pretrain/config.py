@@ -24,6 +24,7 @@ from visiontune.config import (
     BackboneConfig, YamlConfig, _help, apply_overrides, build_dataclass, deep_merge, optim_section_problems,
     read_config_file, run_section_problems,
 )
+from visiontune.data.bands import band_config_problems
 from visiontune.errors import ConfigError
 from visiontune.methods.targets import target_problems
 
@@ -169,18 +170,7 @@ class PretrainDataConfig:
             out.append("data.dataset is empty; set it to a built-in name, an image/array folder or a CSV manifest")
         if self.max_images is not None and self.max_images < 2:
             out.append(f"data.max_images={self.max_images} must be >= 2 (KoLeo and centering need a batch)")
-        if self.channels is not None and self.channels < 1:
-            out.append(f"data.channels={self.channels} must be >= 1 (or null for RGB images)")
-        for key in ("band_mean", "band_std"):
-            v = getattr(self, key)
-            if v is None:
-                continue
-            if self.channels is None:
-                out.append(f"data.{key} is set but data.channels is null; it only applies to multi-band arrays")
-            elif len(v) != self.channels:
-                out.append(f"data.{key} has {len(v)} values, data.channels={self.channels} needs one per band")
-        if self.band_std is not None and any(s <= 0 for s in self.band_std):
-            out.append("data.band_std values must be > 0")
+        out.extend(band_config_problems(self.channels, self.band_mean, self.band_std))
         if self.num_workers < 0:
             out.append(f"data.num_workers={self.num_workers} must be >= 0")
         return out

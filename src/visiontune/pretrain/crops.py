@@ -10,7 +10,7 @@ random resized crop, flip, colour jitter, grayscale, blur, solarisation; geometr
 multi-band data). Every sample's augmentation is seeded by (run seed, position in the sample
 stream), so the crops are the same with any number of DataLoader workers and after a resume.
 
-The transforms are torchvision's; written here are only the multi-band reader and the bookkeeping.
+The transforms are torchvision's; the multi-band reader is :mod:`visiontune.data.bands` (shared with fine-tuning).
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from torch.utils.data import Dataset, Sampler
 from visiontune.errors import ConfigError, DataError
 from visiontune.config import load_config
 from visiontune.data import ImageRecords, load_image, load_records, make_splits, validate_images
-from visiontune.data.images import MAX_LISTED
+from visiontune.data import bands
+from visiontune.data.bands import ARRAY_EXTENSIONS, check_arrays, load_bands
 from visiontune.data.sources import IMAGE_EXTENSIONS
 from visiontune.registry import DATASETS
-
-ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")
-"""File types read as multi-band arrays when ``data.channels`` is set."""
 
 
 @dataclass
@@ -79,7 +77,7 @@ def heldout_identities(run_config: str) -> tuple[set[str], str]:
         (identities, a one-line description for the lineage record).
     """
     cfg = load_config(run_config)
-    records = load_records(cfg.data.dataset, root=cfg.data.root)
+    records = load_records(cfg.data.dataset, root=cfg.data.root, channels=cfg.data.channels)
     splits = make_splits(records, cfg.data)
     held = {_identity(it, i) for s in ("val", "test") for it, i in zip(splits[s].items, splits[s].ids)}
     return held, f"val+test of {run_config} ({cfg.data.dataset}, seed {cfg.data.seed}: {len(held)} images)"
@@ -147,87 +145,9 @@ def load_unlabeled(
 # ----------------------------------------------------------------------------- multi-band arrays
 
 
-def _tifffile() -> Any:
-    try:
-        import tifffile
-    except ImportError as e:
-        raise DataError(
-            "reading .tif arrays needs the tifffile package: pip install 'visiontune[multispectral]' (or tifffile), "
-            "or save the bands as .npy"
-        ) from e
-    return tifffile
-
-
-def _array_shape(path: str) -> tuple[int, ...]:
-    if path.lower().endswith(".npy"):
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    with _tifffile().TiffFile(path) as tif:
-        return tuple(tif.series[0].shape)
-
-
-def _band_axis(shape: tuple[int, ...], channels: int) -> int | None:
-    """0 for CxHxW, 2 for HxWxC, -1 for a single-band HxW; None when the shape does not fit."""
-    if len(shape) == 2 and channels == 1:
-        return -1
-    if len(shape) == 3:
-        if shape[2] == channels:
-            return 2
-        if shape[0] == channels:
-            return 0
-    return None
-
-
-def check_arrays(files: Sequence[str], channels: int) -> None:
-    """Check every array's band count from its header (no pixel data read); report all bad files at once."""
-    problems = []
-    for f in files:
-        try:
-            shape = _array_shape(f)
-        except DataError:
-            raise
-        except Exception as e:  # numpy / tifffile raise many types for corrupt files
-            problems.append(f"  - {f}: unreadable ({type(e).__name__}: {e})")
-            continue
-        if _band_axis(shape, channels) is None:
-            problems.append(f"  - {f}: shape {shape} has no axis of {channels} bands (expected HxWx{channels} or {channels}xHxW)")
-    if problems:
-        more = [f"  ... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
-        raise DataError(
-            f"{len(problems)} of {len(files)} arrays are unusable with data.channels={channels}:\n"
-            + "\n".join(problems[:MAX_LISTED] + more) + "\nFix: re-export them, or set data.channels to their band count."
-        )
-
-
-def load_array(path: str, channels: int) -> torch.Tensor:
-    """A multi-band array file as a float32 ``[C, H, W]`` tensor."""
-    if path.lower().endswith(".npy"):
-        a = np.load(path, allow_pickle=False)
-    else:
-        a = _tifffile().imread(path)
-    axis = _band_axis(a.shape, channels)
-    if axis is None:
-        raise DataError(f"{path}: shape {a.shape} has no axis of {channels} bands")
-    if axis == -1:
-        a = a[None]
-    elif axis == 2:
-        a = np.moveaxis(a, 2, 0)
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
 def band_statistics(items: Sequence[str], channels: int, max_files: int = 64, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-band mean and std over the pixels of up to ``max_files`` arrays (a seeded subset)."""
-    pick = np.random.default_rng([seed, 11]).permutation(len(items))[:max_files]
-    total = torch.zeros(channels, dtype=torch.float64)
-    sq = torch.zeros(channels, dtype=torch.float64)
-    n = 0
-    for k in pick:
-        x = load_array(str(items[k]), channels).double().flatten(1)
-        total += x.sum(1)
-        sq += (x * x).sum(1)
-        n += x.shape[1]
-    mean = total / n
-    std = (sq / n - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
-    return mean.tolist(), std.tolist()
+    """Per-band mean and std of the pool (:func:`visiontune.data.bands.band_statistics` over up to 64 arrays)."""
+    return bands.band_statistics(items, channels, max_files=max_files, seed=seed)
 
 
 # ----------------------------------------------------------------------------- multi-crop
@@ -326,7 +246,7 @@ class CropDataset(Dataset):
     def __getitem__(self, key: int) -> list[torch.Tensor]:
         i = key % len(self.pool)
         item = self.pool.items[i]
-        img = load_array(str(item), int(self.channels)) if self.pool.multiband else load_image(item, self.pool.ids[i])
+        img = load_bands(str(item), int(self.channels)) if self.pool.multiband else load_image(item, self.pool.ids[i])
         state = int(np.random.SeedSequence([self.seed, key]).generate_state(1)[0])
         # In the main process, torch's thread pool would split each tiny crop op over all cores; on a
         # busy machine the synchronisation costs ~50x the work. DataLoader workers run single-threaded anyway.

@@ -451,7 +451,8 @@ def _pretrain(cfg: PretrainConfig, callback: Callable[[int, dict[str, Any]], Non
             "head_params": sum(p.numel() for p in heads.parameters() if p.requires_grad),
         },
         "config": cfg.to_dict(),
-        "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}",
+        "use": f"backbone.name={cfg.backbone.name} backbone.weights={out} backbone.img_size={img_size}"
+               + (f" data.channels={channels}" if channels is not None else ""),
     }
     write_json_atomic(run_dir / "history.json", history, indent=None)
     if history and cfg.run.plot:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from visiontune.backbones.bands import replace_first_conv
 from visiontune.errors import ConfigError
 from visiontune.methods.lora import LoRA, LoraConfig, lora_layers, merge_adapters, strip_adapters
 from visiontune.methods.qkv import fuse_qkv
@@ -92,18 +93,10 @@ def replace_patch_embed(model: nn.Module, channels: int) -> nn.Conv2d:
     """Give ``model`` a fresh patch embedding for ``channels`` input bands, trained from scratch.
 
     The pretrained RGB filters do not transfer to arbitrary bands, so the new projection starts from
-    PyTorch's default init; the rest of the network keeps its weights.
+    PyTorch's default init (:func:`visiontune.backbones.bands.replace_first_conv`); the rest of the network
+    keeps its weights.
     """
-    old = model.patch_embed.proj
-    new = nn.Conv2d(channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, padding=old.padding,
-                    bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-    model.patch_embed.proj = new
-    if hasattr(model.patch_embed, "in_chans"):
-        model.patch_embed.in_chans = channels
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and "input_size" in cfg:
-        cfg["input_size"] = (channels, *tuple(cfg["input_size"])[1:])
-    return new
+    return replace_first_conv(model, channels, None, "patch_embed.proj")
 
 
 def apply_explora(

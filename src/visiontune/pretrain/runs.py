@@ -69,8 +69,9 @@ class PretrainResult:
 
     def overrides(self) -> list[str]:
         """The fine-tuning overrides that select this backbone."""
+        chans = int(self.lineage["backbone"].get("in_chans", 3))
         return [f"backbone.name={self.lineage['backbone']['name']}", f"backbone.weights={self.backbone}",
-                f"backbone.img_size={self.lineage['backbone']['img_size']}"]
+                f"backbone.img_size={self.lineage['backbone']['img_size']}", *([f"data.channels={chans}"] if chans != 3 else [])]
 
 
 def pool_identity(pool: UnlabeledImages) -> dict[str, Any]:

@@ -17,7 +17,8 @@ keeps serving. Forward passes run on one worker thread that micro-batches concur
 adapter (:mod:`visiontune.serve.batching`).
 
 Small files must not exhaust the server: a 140 KB PNG can declare 12,000 x 12,000 pixels. Images are
-decoded by :func:`visiontune.data.images.decode_image`, which reads the size from the header and
+decoded by :func:`visiontune.data.images.decode_image` (a multi-band run's ``.npy`` / ``.tif`` upload by
+:func:`visiontune.data.bands.read_bands`, through :func:`~visiontune.data.bands.decode_for`), which reads the size from the header and
 refuses (413) an image over ``--max-pixels`` or ``--max-aspect`` before decoding a pixel (a JPEG
 is first tried at reduced scale), and at most ``--max-decodes`` images are decoded at once (further
 requests wait), so decoding memory is bounded by ``max_decodes`` images of at most ``max_pixels``
@@ -51,8 +52,8 @@ from visiontune.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageLimits,
     ImageTooLargeError,
-    decode_image,
 )
+from visiontune.data.bands import decode_for
 from visiontune.errors import ConfigError, DataError
 
 try:
@@ -470,7 +471,7 @@ def create_app(
             transform = host.transform_for(name)
             try:
                 async with decode_slots:
-                    x = await run_in_threadpool(lambda: transform(decode_image(data, "the uploaded image", limits)))
+                    x = await run_in_threadpool(lambda: transform(decode_for(transform, data, "the uploaded image", limits)))
             except ImageTooLargeError as exc:
                 raise ApiError(413, "image_too_large", str(exc)) from None
             except DataError as exc:

@@ -42,7 +42,7 @@ def existing_runs(sweep: Sweep, check_split: bool = True) -> dict[str, tuple[Any
     def split_of(cfg: Config) -> dict[str, Any]:
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
         if key not in splits:
-            splits[key] = split_identity(make_splits(load_records(cfg.data.dataset, root=cfg.data.root), cfg.data))
+            splits[key] = split_identity(make_splits(load_records(cfg.data.dataset, root=cfg.data.root, channels=cfg.data.channels), cfg.data))
         return splits[key]
 
     out: dict[str, tuple[Any, list[str]]] = {}

@@ -57,7 +57,7 @@ from visiontune.eval.metrics import load_metric_functions
 from visiontune.methods.base import classifier_of
 from visiontune.methods.baselines import fit_probe_head
 from visiontune.rundir import read_json, start_run
-from visiontune.runs import TRAIN_RUNS, build_model, default_run_name, finish_run
+from visiontune.runs import TRAIN_RUNS, build_model, default_run_name, finish_run, with_band_statistics
 from visiontune.train.cache import PrefixCache, build_prefix_cache
 from visiontune.train.checkpointing import Progress, TrainCheckpoint
 from visiontune.train.evaluation import (
@@ -238,8 +238,9 @@ def _train(
     amp = autocast_dtype(cfg.optim.precision, device)
 
     if splits is None:
-        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits())
+        records = load_records(cfg.data.dataset, root=cfg.data.root, limits=cfg.data.image_limits(), channels=cfg.data.channels)
         splits = make_splits(records, cfg.data)
+    cfg = with_band_statistics(cfg, splits["train"])  # multi-band: per-band mean/std of the training split, kept in config.yaml
     classes = list(splits["train"].classes)
     if len(splits["test"]) == 0:
         raise ConfigError("the test split is empty: lower data.train_per_class / data.val_per_class, or add test rows")
@@ -301,7 +302,7 @@ def _train(
     size = input_size(model)
     speed = None
     if cfg.run.measure_speed and writes:
-        speed = measure_speed(infer_model, (3, size, size), batch_size=min(32, cfg.optim.eval_batch_size), device=str(device))
+        speed = measure_speed(infer_model, (cfg.data.input_bands(), size, size), batch_size=min(32, cfg.optim.eval_batch_size), device=str(device))
 
     metrics = {
         "run": {

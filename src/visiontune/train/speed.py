@@ -176,7 +176,7 @@ def _agrees(model: nn.Module, fast: nn.Module) -> bool:
         model.eval()
         ref = next((p for p in model.parameters() if p.is_floating_point()), None)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 3, *model.patch_embed.img_size, generator=gen)
+        x = torch.randn(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, generator=gen)
         if ref is not None:
             x = x.to(ref.device, ref.dtype)
         a, b = model(x), fast(x)
