@@ -123,3 +123,17 @@ def test_step_times_scale_unmeasured_candidates_by_the_measured_ones() -> None:
     assert StepTimes({}, base_step_s=0.1).step_s(C) == pytest.approx(0.2)  # before any: the plan's forward pass
     order = by_priority([A, C, B], FlatPrior(), {}, StepTimes({}, 0.0))
     assert order == [B, A, C]  # nothing measured, a clock at zero: relative cost decides
+
+
+def test_a_candidate_the_budget_stopped_after_two_folds_is_judged_on_them() -> None:
+    from visiontune.auto.leaderboard import MIN_PAIRED_FOLDS, is_eligible
+
+    fold = {"accuracy": 0.7}
+    assert is_eligible({"status": "complete", "folds": [fold] * 5})
+    # Stopped three folds into five (the Fashion-MNIST 10/class selection's LoRA on the last blocks): it is decided on
+    # its finished folds, paired with the probe's same folds, instead of counting for nothing.
+    assert is_eligible({"status": "partial (budget)", "folds": [fold] * 3})
+    assert is_eligible({"status": "partial (budget)", "folds": [fold] * MIN_PAIRED_FOLDS})
+    assert not is_eligible({"status": "partial (budget)", "folds": [fold]})  # one fold: no spread to read
+    assert not is_eligible({"status": "pruned", "folds": [fold] * 3})  # the pruner's judgement stands
+    assert not is_eligible({"status": "budget", "folds": []})
