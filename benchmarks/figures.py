@@ -114,6 +114,24 @@ AUTO_FMNIST50 = Source(
     "visiontune auto fashion-mnist data.train_per_class=50 data.test_per_class=100 backbone.weights=offline "
     "backbone.img_size=112 --out runs/auto/fmnist50-final", _AUTO_MACHINE,
 )
+_LODO_MACHINE = ("AMD EPYC (AVX-512), 2 cores, shared: load average 10-25 during the runs "
+                 "(docs/tutorials/choose-a-method.md)")
+AUTO_FMNIST10_LODO = Source(
+    "benchmarks/results/auto-fmnist10-lodo/leaderboard.json",
+    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
+    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_FASHION_MNIST --budget 30m "
+    "--out runs/auto/fmnist10-lodo2", _LODO_MACHINE,
+)
+AUTO_ELPV20_LODO = Source(
+    "benchmarks/results/auto-elpv20-lodo/leaderboard.json",
+    "visiontune auto elpv data.train_per_class=20 data.test_per_class=100 backbone.weights=offline backbone.img_size=112 "
+    "--backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_ELPV --budget 20m --out runs/auto/elpv20-lodo", _LODO_MACHINE,
+)
+AUTO_MRI40 = Source(
+    "benchmarks/results/auto-mri40-15m/leaderboard.json",
+    "visiontune auto MRI40 backbone.weights=offline --prior PRIOR_WITHOUT_BRAIN_MRI4 --budget 15m --out runs/auto/mri40-15m",
+    _LODO_MACHINE,
+)
 HEAD_INIT = Source(
     "benchmarks/results/head-init-views/results.json",
     "python benchmarks/head_init_views.py --runs /tmp/lpft/study --out benchmarks/results/head-init-views",
@@ -407,6 +425,13 @@ FIGURES.update({
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
+    **{f"{name}.accuracy": Figure("the chosen model's test accuracy (prior fitted without the task's dataset)", src,
+                                  _auto_accuracy)
+       for name, src in (("auto-fmnist10-lodo", AUTO_FMNIST10_LODO), ("auto-elpv20-lodo", AUTO_ELPV20_LODO),
+                         ("auto-mri40", AUTO_MRI40))},
+    **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
+       for name, src in (("auto-fmnist10-lodo", AUTO_FMNIST10_LODO), ("auto-elpv20-lodo", AUTO_ELPV20_LODO),
+                         ("auto-mri40", AUTO_MRI40))},
 })
 """Every figure a page may quote, by id."""
 
