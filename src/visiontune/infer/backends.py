@@ -21,6 +21,10 @@ transform, so every backend sees the same pixels.
 
 Written by hand: the runtimes run the models; what is here is finding the right file, checking it
 belongs to the run, and the glue.
+
+Why one module over 500 lines: the protocol, its registry, how a path resolves to a backend, and the checks
+that an export belongs to its run and fits its model are one contract every backend and every command relies on;
+the format-specific code lives in the plug-ins (``infer/onnxruntime.py``, ``infer/openvino.py``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ each, whatever the upload claims.
 FastAPI, starlette and uvicorn do the HTTP work; what is written here is the request checking (the
 body is read with a size cap before any parsing, so an oversized upload is refused without being
 held in memory) and the glue to the adapter host.
+
+Why one module over 500 lines: the response schemas (they are the OpenAPI page), the routes, the mapping of
+every failure to a 4xx/5xx JSON body and the server's start-up checks (bind address, API key) describe one
+service and change together; the batching and the labeling page live in their own modules.
 """
 
 from __future__ import annotations
