@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -27,15 +28,23 @@ def tiny_overrides(tmp_path) -> list[str]:
 # ----------------------------------------------------------------------------- tiny trained runs (tests/infer, tests/serve)
 
 
-def _load_adapter_runs_helper() -> ModuleType:
-    """``tests/infer/_adapter_runs.py`` as a module (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("visiontune_test_adapter_runs", Path(__file__).parent / "infer" / "_adapter_runs.py")
+def load_module(name: str, path: Path) -> ModuleType:
+    """The Python file ``path`` as module ``name`` (tests/ and benchmarks/ are not packages), registered in
+    ``sys.modules`` first: dataclasses resolve a module's string annotations through it."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-_ADAPTER_RUNS = _load_adapter_runs_helper()
+@pytest.fixture(scope="session")
+def script_module():
+    """:func:`load_module`, for tests of the scripts under ``benchmarks/``."""
+    return load_module
+
+
+_ADAPTER_RUNS = load_module("visiontune_test_adapter_runs", Path(__file__).parent / "infer" / "_adapter_runs.py")
 
 
 @pytest.fixture(scope="session")

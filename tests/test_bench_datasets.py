@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -20,14 +19,9 @@ LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
 
 
 @pytest.fixture(scope="module")
-def ds():
-    spec = importlib.util.spec_from_file_location("visiontune_bench_datasets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolves the module's string annotations through sys.modules, so register it first.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def ds(script_module):
+    yield script_module("visiontune_bench_datasets", SCRIPT)
+    sys.modules.pop("visiontune_bench_datasets", None)
 
 
 def _image(fmt: str, value: int) -> bytes:

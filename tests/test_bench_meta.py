@@ -3,9 +3,7 @@ adds nothing (resumable)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +18,8 @@ META_KEYS = {"shots_per_class", "classes", "pool", "gray", "image_px_median", "p
 
 
 @pytest.fixture(scope="module")
-def meta():
-    spec = importlib.util.spec_from_file_location("visiontune_bench_meta", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def meta(script_module):
+    return script_module("visiontune_bench_meta", SCRIPT)
 
 
 def _argv(tmp: Path) -> list[str]:

