@@ -96,6 +96,23 @@ def test_the_budget_stops_a_fold_between_steps_and_its_checkpoint_is_the_evidenc
     assert rows[B.name]["first_rung"]["epoch"] == 1 and rows[B.name]["partial"]["fold"] == 1
 
 
+
+def test_a_fold_stops_before_the_step_that_would_cross_its_deadline(tmp_path, steps_clock) -> None:
+    # 3.5 s: after step 3 the next step (1 s, the median gap so far) would end at 4 > 3.5, so the fold stops there
+    # instead of overrunning the budget by a step (a minute a step on a loaded CPU made a 15-minute run 10.7 % over).
+    clock, jobs = steps_clock
+    sel = _select(tmp_path, clock, 3.5)
+    record = sel.run()
+    assert [(n, d) for n, _, d, _ in jobs] == [("lora-q-v-r2-last-block-fold1", 3.5)]
+    assert sel.record.state["finetune"][B.name]["steps"] == 3 and record["elapsed_s"] == 3.0
+
+
+def test_the_next_step_is_expected_to_take_the_median_gap() -> None:
+    from visiontune.auto.executor import next_step_s
+
+    assert next_step_s([]) == 0.0 and next_step_s([5.0]) == 0.0
+    assert next_step_s([0.0, 1.0, 2.0, 9.0, 10.0]) == 1.0  # an epoch's end (7 s of validation) is not a step
+
 class _Prefers(FlatPrior):
     """A prior that expects ten times the gain from one candidate (flat in the decision)."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,8 +39,8 @@ def run_fold(
     Module level, so that a Ray worker imports it by name. ``splits`` holds the fold's training, inner
     validation and held-out records (``test``). With ``pause_after``, training stops once that epoch is
     checkpointed and the held-out scores are those of the model at that point (``"paused": True``); the same
-    overrides with ``run.resume=true`` continue the fold later. When ``clock()`` passes ``deadline``, training stops
-    after the optimizer step it is in (``"stopped": True``) and the last epoch's checkpoint, if there is one, is
+    overrides with ``run.resume=true`` continue the fold later. When the next optimizer step would end past ``deadline``
+    (:func:`next_step_s`), training stops before it (``"stopped": True``) and the last epoch's checkpoint, if there is one, is
     scored the same way (``row`` is None when the first epoch had not ended): the fold's partial evidence.
     ``steps`` counts this call's optimizer steps, ``job_s`` is this call's own time by ``clock``, and ``curve`` the
     fold's learning curve so far (per epoch: training loss, and validation accuracy where the fold validates).
@@ -56,10 +57,12 @@ def run_fold(
         os.chdir(cwd)  # relative data paths and --out mean what they mean on the driver
     cfg = load_config(None, overrides=overrides)
     steps = [0]
+    marks: list[float] = []  # the clock after each optimizer step
 
-    def stop() -> bool:  # asked after every optimizer step: counts them, and ends the fold at the deadline
+    def stop() -> bool:  # asked after every optimizer step: counts them, and ends the fold before the deadline
         steps[0] += 1
-        return deadline is not None and clock() >= deadline
+        marks.append(clock())
+        return deadline is not None and (marks[-1] >= deadline or marks[-1] + next_step_s(marks) > deadline)
 
     def partial(paused: bool) -> dict[str, Any]:
         run_dir = Path(cfg.run.dir) / cfg.run.name
@@ -86,6 +89,16 @@ def run_fold(
         "job_s": clock() - t0, "steps_per_epoch": math.ceil(len(splits["train"]) / cfg.optim.batch_size),
         "trainable_pct": m["params"]["trainable_pct"], "curve": _curve(m["train"]["history"]), "epochs": cfg.optim.epochs,
     }
+
+
+def next_step_s(marks: list[float]) -> float:
+    """What the next optimizer step is expected to take: the median gap between the clock readings after the steps
+    so far (0 before two), so that a fold stops before the step that would cross its deadline rather than after it,
+    and a budget is overrun by the scoring's error at most, not by a step (a minute on a loaded CPU). The median
+    leaves out the gaps an epoch's end adds (validation, the checkpoint)."""
+    if len(marks) < 2:
+        return 0.0
+    return statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
 
 def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
