@@ -109,8 +109,12 @@ def _fold_ready(row: dict[str, Any]) -> dict[str, list[float]] | None:
 
 
 def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, ...] = SHOTS) -> dict[str, Any]:
-    """rule -> shots -> list of per-task regrets (points), and the counts of tasks with fold scores."""
+    """rule -> shots -> list of per-task regrets (points) over every task the rule could decide (``regrets``), the
+    same on the tasks where EVERY rule decided (``common``: the fair comparison), the per-task choices (``choices``)
+    and the counts of tasks with fold scores."""
     regrets: dict[str, dict[int, list[float]]] = {r: defaultdict(list) for r in RULES}
+    common: dict[str, dict[int, list[float]]] = {r: defaultdict(list) for r in RULES}
+    choices: list[dict[str, Any]] = []
     with_folds: dict[int, int] = defaultdict(int)
     tasks: dict[int, int] = defaultdict(int)
     datasets = sorted({r["dataset"] for r in rows})
@@ -134,26 +138,45 @@ def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, 
                 chosen.update({"argmax CV": max(ready["folds"], key=lambda m: np.mean(ready["folds"][m])),
                                "one-SE rule": _one_se(ready), "flat-prior Bayes": _bayes(ready, None, margin),
                                "meta-prior Bayes": _bayes(ready, prior, margin)})
-            for rule, m in chosen.items():
-                if m is not None:
-                    regrets[rule][s].append(100 * (best - test[m]))
-    return {"regrets": regrets, "with_folds": dict(with_folds), "tasks": dict(tasks), "datasets": datasets}
+            regret = {rule: 100 * (best - test[m]) for rule, m in chosen.items() if m is not None}
+            for rule, v in regret.items():
+                regrets[rule][s].append(v)
+            if len(regret) == len(RULES):
+                for rule, v in regret.items():
+                    common[rule][s].append(v)
+                choices.append({"task": row.get("task", f"{row['dataset']}/s{s}"), "shots": s,
+                                "test": {m: round(100 * v, 1) for m, v in test.items()},
+                                "chosen": {rule: chosen[rule] for rule in RULES}})
+    return {"regrets": regrets, "common": common, "choices": choices, "with_folds": dict(with_folds),
+            "tasks": dict(tasks), "datasets": datasets}
 
 
-def markdown(result: dict[str, Any], command: str, margin: float, shots: tuple[int, ...] = SHOTS) -> str:
-    head = "| rule | " + " | ".join(f"{s} shots/class: mean (worst), tasks" for s in shots) + " |"
-    lines = [head, "|:---|" + "---:|" * len(shots)]
+def _table(regrets: dict[str, dict[int, list[float]]], shots: tuple[int, ...], common: bool) -> list[str]:
+    lines = ["| rule | " + " | ".join(f"{s} shots/class: mean (worst), tasks" for s in shots) + " |",
+             "|:---|" + "---:|" * len(shots)]
     for rule in RULES:
         cells = []
         for s in shots:
-            v = result["regrets"][rule].get(s, [])
+            v = regrets[rule].get(s, [])
             if not v:
-                cells.append("n/a (no fold scores)" if rule in NEED_FOLDS else "n/a (no tasks)")
+                cells.append("n/a (no task with every rule's evidence)" if common else
+                             "n/a (no fold scores)" if rule in NEED_FOLDS else "n/a (no tasks)")
             else:
                 cells.append(f"{np.mean(v):.2f} ({max(v):.1f}), {len(v)}")
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(result: dict[str, Any], command: str, margin: float, shots: tuple[int, ...] = SHOTS) -> str:
     counts = ", ".join(f"{s}: {result['tasks'].get(s, 0)} tasks ({result['with_folds'].get(s, 0)} with fine-tune fold scores)"
                        for s in shots)
+    short = {"always probe": "probe", "always default LoRA": "LoRA", "prior only": "prior", "argmax CV": "argmax",
+             "one-SE rule": "1-SE", "flat-prior Bayes": "flat", "meta-prior Bayes": "meta"}
+    picks = ["| task | test accuracy (%) | " + " | ".join(short[r] for r in RULES) + " |",
+             "|:---|:---|" + ":---|" * len(RULES)]
+    for c in sorted(result.get("choices", []), key=lambda c: (c["shots"], c["task"])):
+        acc = ", ".join(f"{m} {v:.1f}" for m, v in sorted(c["test"].items()))
+        picks.append(f"| {c['task']} | {acc} | " + " | ".join(str(c["chosen"][r]) for r in RULES) + " |")
     return "\n".join([
         "# Leave-one-dataset-out regret of the decision rules",
         "",
@@ -164,7 +187,20 @@ def markdown(result: dict[str, Any], command: str, margin: float, shots: tuple[i
         f"prior is refitted without its tasks. Datasets: {len(result['datasets'])} ({', '.join(result['datasets'])}); "
         f"{counts}.",
         "",
-        *lines,
+        "## Every rule on the same tasks",
+        "",
+        "The tasks where every rule could decide (the probe's and a fine-tune's fold scores and test accuracies): the "
+        "comparison the rules are judged by.",
+        "",
+        *_table(result["common"], shots, True),
+        "",
+        "## Each rule on every task it could decide",
+        "",
+        *_table(result["regrets"], shots, False),
+        "",
+        "## The choices, task by task (the tasks of the first table)",
+        "",
+        *picks,
         "",
     ])
 

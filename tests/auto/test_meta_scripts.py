@@ -68,6 +68,10 @@ def test_regret_is_leave_one_dataset_out_and_says_what_it_cannot_judge(meta_tabl
         values = folds["regrets"][rule][10]
         assert values and min(values) >= 0 and np.isfinite(values).all(), rule
     assert "n/a" not in regret.markdown(folds, "x", 0.0)
+    # the judged comparison: every rule on the same tasks (those where every rule could decide), one choice row each
+    assert len({len(folds["common"][rule][10]) for rule in regret.RULES}) == 1
+    assert len(folds["choices"]) == sum(len(folds["common"]["always probe"][s]) for s in regret.SHOTS)
+    assert not any(result["common"][rule] for rule in regret.RULES)  # no fold scores: no common tasks
 
 
 def test_regret_cuts_every_methods_folds_to_those_the_fine_tunes_ran() -> None:
