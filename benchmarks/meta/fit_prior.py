@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     load_prior(args.out)  # what auto will read: validated now, not at the user's first run
     print(f"{args.out}: {len(kept)} rows of {len(data['provenance']['datasets'])} datasets "
           f"({len(rows) - len(kept)} left out, {data['provenance']['rows_dropped_missing']} lacking a feature)")
-    print(f"{'group':<22} {'kind':<11} {'rows':>5} {'datasets':>8} {'LODO sd':>8} {'fit sd':>7}")
+    print(f"{'group':<22} {'kind':<11} {'rows':>5} {'datasets':>8} {'LODO sd':>8} {'fit sd':>7}  model (LODO sd of each)")
     for group, kinds in data["models"].items():
         for kind, m in kinds.items():
-            print(f"{group:<22} {kind:<11} {m['rows']:>5} {m['datasets']:>8} {100 * m['sd']:>7.1f}p {100 * m['fit_sd']:>6.1f}p")
+            each = ", ".join(f"{n} {100 * v:.1f}p" for n, v in m["lodo_sd"].items())
+            print(f"{group:<22} {kind:<11} {m['rows']:>5} {m['datasets']:>8} {100 * m['sd']:>7.1f}p {100 * m['fit_sd']:>6.1f}p"
+                  f"  {m['model']} ({each})")
     return 0
 
 

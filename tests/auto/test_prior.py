@@ -76,20 +76,51 @@ def test_round_trip_keys_fallbacks_and_widening(tmp_path: Path, meta_table) -> N
     assert prior.gain(family_candidates(Family("transformer", 12))[3], VIT).flat  # mona: never run, flat
     far = prior.gain(LORA, {**VIT, "shots_per_class": 500})
     assert far.outside == ("shots_per_class",) and far.sd > 2 * g.sd
-    missing = prior.gain(LORA, {k: v for k, v in VIT.items() if k != "probe_cv_logloss"})
-    assert missing.missing == ("probe_cv_logloss",) and missing.sd > g.sd
+    missing = prior.gain(LORA, {k: v for k, v in VIT.items() if k != "shots_per_class"})
+    assert missing.missing == ("shots_per_class",) and missing.sd > g.sd
     # scheduling: the expected improvement is positive, and higher where the prior expects more
     def task(acc: float) -> dict:
         return {**VIT, "probe_cv_accuracy": acc, "probe_cv_logloss": 1.6 - 1.2 * acc, "probe_gap": 1 - acc}
 
-    assert prior.gain(LORA, task(0.35)).mean > prior.gain(LORA, task(0.65)).mean
-    assert 0 < prior.expected_gain(LORA, task(0.65)) < prior.expected_gain(LORA, task(0.35))
+    def fewer(shots: int) -> dict:  # fewer shots, a lower probe accuracy: more to gain (what the table holds)
+        return {**VIT, "shots_per_class": shots}
+
+    assert prior.gain(LORA, fewer(5)).mean > prior.gain(LORA, fewer(20)).mean
+    assert 0 < prior.expected_gain(LORA, fewer(20)) < prior.expected_gain(LORA, fewer(5))
     near = prior.describe(VIT)["nearest"]
     assert len(near) == 3 and all(t["backbone"] == "dinov2-112" for t in near)
     assert near[0]["distance"] <= near[1]["distance"] <= near[2]["distance"]
     assert prior.describe(VIT)["provenance"]["code"] == "abc1234"
     assert len(feature_vector(VIT)) == len(FEATURES) and None not in feature_vector(VIT)
 
+
+
+def _one_model(gain, n_sets: int = 6, per_set: int = 8, seed: int = 0) -> dict:
+    """A prior fitted on rows whose LoRA gain is ``gain(meta, rng)``, for one backbone (dinov2-112)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in range(n_sets):
+        for t in range(per_set):
+            meta = {**{k: VIT[k] for k in ("classes", "probe_cv_logloss", "probe_gap", "prototype_gap", "gray")},
+                    "shots_per_class": (5, 10, 20, 50)[t % 4], "probe_cv_accuracy": float(rng.uniform(0.3, 0.9))}
+            rows.append({"task": f"s{d}/{t}", "dataset": f"s{d}", "backbone": "dinov2-112", "backbone_family": "transformer",
+                         "meta": meta, "test": {"probe": 0.5, "lora": 0.5 + gain(meta, rng)}})
+    return fit_prior(rows)["models"]["dinov2-112"]["lora"]
+
+
+def test_the_prior_keeps_the_model_that_predicts_other_datasets_best() -> None:
+    # No feature says anything about the gain: the mean gain predicts a new dataset best, and is kept
+    flat = _one_model(lambda meta, rng: 0.08 + rng.normal(0, 0.03))
+    assert flat["model"] == "intercept only" and flat["coef"] == [0.0] * len(FEATURES)
+    assert flat["intercept"] == pytest.approx(0.08, abs=0.01) and flat["sd"] == pytest.approx(flat["lodo_sd"]["intercept only"], abs=1e-5)
+    prior = MetaPrior({**fit_prior([]), "models": {"dinov2-112": {"lora": flat}}})
+    far = prior.gain(LORA, {**VIT, "probe_cv_accuracy": 5.0, "shots_per_class": 4096})
+    assert far.outside == () and far.sd == pytest.approx(flat["sd"])  # features it does not read widen nothing
+    assert prior.gain(LORA, {k: v for k, v in VIT.items() if k != "probe_gap"}).missing == ()
+    # The gain falls with the probe's accuracy: every feature's model wins, and reads it
+    slope = _one_model(lambda meta, rng: 0.3 - 0.4 * meta["probe_cv_accuracy"] + rng.normal(0, 0.01))
+    assert slope["model"] == "all features" and slope["sd"] < slope["lodo_sd"]["intercept only"] / 3
+    assert slope["coef"][[n for n, _ in FEATURES].index("probe_cv_accuracy")] < 0
 
 def _good(meta_table) -> dict:
     return fit_prior(meta_table(datasets=3, tasks=3))

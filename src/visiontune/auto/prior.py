@@ -6,9 +6,11 @@ cheaply before any fine-tuning (:func:`visiontune.auto.cheap.meta_features`). Fr
 backbone and candidate kind predicts the gain ``test[kind] - test[probe]`` from those meta-features (after Auto-sklearn
 2.0's meta-feature policy and ZAP's zero-shot selection; Quick-Tune meta-learns the same kind of predictor):
 
-* **Model.** scikit-learn's :class:`~sklearn.linear_model.BayesianRidge` on standardized features (a linear model
-  with its regularization learned by evidence maximization: on a few hundred rows from a dozen datasets anything
-  more flexible fits the datasets, not the features).
+* **Model.** Per group and kind, the best by leave-one-dataset-out error of three, simplest first
+  (:data:`MODELS`): the mean gain, scikit-learn's :class:`~sklearn.linear_model.BayesianRidge` on log2 shots per
+  class, and BayesianRidge on every standardized feature (a linear model with its regularization learned by
+  evidence maximization: on a few hundred rows from a dozen datasets anything more flexible fits the datasets, not
+  the features). Features a model does not read neither widen its sd nor count as missing.
 * **Its uncertainty** is *not* the model's own predictive variance, which is computed as if tasks were independent:
   tasks of one dataset share its images and its quirks. It is the root mean square of **leave-one-dataset-out**
   residuals: for each dataset, the model is refitted on every other dataset and predicts that dataset's tasks; each
@@ -160,19 +162,41 @@ def lodo_residuals(x: np.ndarray, y: np.ndarray, datasets: list[str], make_model
     return res, math.sqrt(float(np.mean(per_dataset)))
 
 
-def _fit_one(x: np.ndarray, y: np.ndarray, datasets: list[str]) -> dict[str, Any]:
+MODELS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("intercept only", ()), ("shots per class", ("shots_per_class",)), ("all features", None))
+"""The models :func:`_fit_one` chooses between, simplest first (name, the features it reads; None: every one): the
+one with the lowest leave-one-dataset-out RMS residual is kept (a tie keeps the simpler). With a few dozen rows of a
+dozen datasets the features may not predict a new dataset's gain better than the mean gain does; then the mean it is
+(Auto-sklearn 2.0 likewise chooses its selection policy by cross-validation on the meta-data)."""
+
+
+def _fit_one(x: np.ndarray, y: np.ndarray, datasets: list[str], names: list[str]) -> dict[str, Any]:
+    from sklearn.dummy import DummyRegressor
     from sklearn.preprocessing import StandardScaler
 
-    _, sd = lodo_residuals(x, y, datasets)
+    scored = []
+    for name, used in MODELS:
+        cols = list(range(len(names))) if used is None else [names.index(n) for n in used if n in names]
+        if used and len(cols) < len(used):
+            continue
+        make = _default_model if cols else DummyRegressor
+        _, sd = lodo_residuals(x[:, cols or [0]], y, datasets, make)
+        scored.append((sd, len(scored), name, cols))
+    sd, _, name, cols = min(scored)
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
-    model = _default_model().fit(z, y)
-    fit_sd = float(np.sqrt(np.mean((y - model.predict(z)) ** 2)))
+    coef = np.zeros(len(names))
+    intercept = float(np.mean(y))
+    if cols:
+        model = _default_model().fit(z[:, cols], y)
+        coef[cols], intercept = model.coef_, float(model.intercept_)
+    fit_sd = float(np.sqrt(np.mean((y - intercept - z @ coef) ** 2)))
     return {
-        "intercept": float(model.intercept_), "coef": [float(c) for c in model.coef_],
+        "intercept": intercept, "coef": [float(c) for c in coef],
         "center": [float(c) for c in scaler.mean_], "scale": [float(s) for s in scaler.scale_],
         "low": [float(v) for v in x.min(0)], "high": [float(v) for v in x.max(0)],
         "sd": max(sd, 1e-4), "fit_sd": fit_sd, "rows": len(y), "datasets": len(set(datasets)),
+        "model": name, "lodo_sd": {n: round(float(v), 5) for v, _, n, _ in scored},
     }
 
 
@@ -202,7 +226,7 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
                 continue
             xs = np.stack([x for _, x in sel])
             ys = np.array([r["test"][kind] - r["test"]["probe"] for r, _ in sel], dtype=float)
-            models.setdefault(g, {})[kind] = _fit_one(xs, ys, datasets)
+            models.setdefault(g, {})[kind] = _fit_one(xs, ys, datasets, [n for n, _ in features])
     from sklearn.preprocessing import StandardScaler
 
     # The nearest-task distance's scale: over every task (a constant feature gets scale 1, as StandardScaler does)
@@ -225,7 +249,9 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
         "provenance": {
             **(provenance or {}), "rows": len(rows), "rows_used": len(usable), "rows_dropped_missing": dropped,
             "datasets": sorted({str(r["dataset"]) for r, _ in usable}),
-            "model": "scikit-learn BayesianRidge on standardized features; sd = leave-one-dataset-out RMS residual",
+            "model": ("per group and kind, the lowest leave-one-dataset-out RMS residual of: the mean gain, scikit-learn "
+                      "BayesianRidge on log2 shots per class, BayesianRidge on every standardized feature; "
+                      "sd = that RMS residual"),
         },
     }
 
@@ -405,9 +431,10 @@ class MetaPrior:
         m = self.models[group][kind]
         x = feature_vector(features, self.features)
         names = [n for n, _ in self.features]
-        missing = tuple(n for n, v in zip(names, x) if v is None)
+        missing = tuple(n for n, v, c in zip(names, x, m.coef) if v is None and c != 0)
         xv = np.array([m.center[i] if v is None else v for i, v in enumerate(x)], dtype=float)
-        excess = np.maximum(0.0, np.maximum(xv - m.high, m.low - xv)) / m.scale
+        # Only a feature the model reads can put the task outside what it was fitted on (or be missing from it).
+        excess = np.where(m.coef != 0, np.maximum(0.0, np.maximum(xv - m.high, m.low - xv)) / m.scale, 0.0)
         outside = tuple(n for n, e in zip(names, excess) if e > 0)
         sd = m.sd * (1.0 + float(excess.max(initial=0.0))) * (MISSING_WIDEN if missing else 1.0)
         mean = m.intercept + float(m.coef @ ((xv - m.center) / m.scale))
