@@ -40,7 +40,7 @@ TABLE = ROOT / "benchmarks" / "meta" / "results" / "tasks.jsonl"
 OUT = ROOT / "benchmarks" / "meta" / "results" / "regret.md"
 SHOTS = (5, 10, 20)
 CHEAP = ("probe", "prototype")
-OVERRIDES = {"lora": ("method.name=lora",), "lora_lastk": ("method.name=lora", "method.blocks=last:4"),
+OVERRIDES = {"prototype": ("method.name=prototype",), "lora": ("method.name=lora",), "lora_lastk": ("method.name=lora", "method.blocks=last:4"),
              "dora": ("method.name=dora",), "mona": ("method.name=mona",), "full": ("method.name=full",)}
 RULES = ("always probe", "always default LoRA", "prior only", "argmax CV", "one-SE rule", "flat-prior Bayes",
          "meta-prior Bayes")
@@ -68,7 +68,7 @@ def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
     features = _features(row)
     posts = {}
     for m in folds:
-        gain = FLAT if prior is None or m in CHEAP else prior.gain(Candidate(m, OVERRIDES[m]), features)
+        gain = FLAT if prior is None or m == "probe" else prior.gain(Candidate(m, OVERRIDES[m]), features)
         posts[m] = posterior([a - b for a, b in zip(folds[m], folds["probe"])], 1.0 / k, gain)
     return choose(posts, "probe", {m for m in posts if m not in CHEAP}, margin, _seconds(row))[0]
 

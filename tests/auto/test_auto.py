@@ -227,13 +227,13 @@ def test_run_progress_false_in_the_overrides_silences_the_selection_like_quiet(t
 
 
 class _Believes(FlatPrior):
-    """A prior that believes one thing of every fine-tune."""
+    """A prior that believes one thing of every fine-tune (and nothing of the cheap candidates)."""
 
     def __init__(self, gain: PriorGain):
         self.belief = gain
 
     def gain(self, candidate: Candidate, features: dict) -> PriorGain:
-        return self.belief
+        return PriorGain() if candidate.cheap else self.belief
 
 
 NOISE = np.array([0.06, -0.05, 0.04, -0.03, 0.05])  # +1.4 points, standard error 3.4: a tie by the one-SE rule
@@ -283,7 +283,8 @@ def test_a_selection_reports_the_posterior_the_prior_and_its_nearest_tasks(tmp_p
     assert lora["prior"]["source"] == "family transformer" and lora["prior"]["kind"] == "lora"
     assert "shots_per_class" in lora["prior"]["outside"]  # 4 labels per class; the synthetic table has 5 to 20
     assert 0 < lora["prior_share"] < 1 and lora["data_share"] == pytest.approx(1 - lora["prior_share"])
-    assert rows[CHEAP[1].name]["gain"]["prior"]["source"] == "flat"  # cheap candidates: the folds alone
+    proto = rows[CHEAP[1].name]["gain"]["prior"]  # the prototype's gain is learned too (it trails the probe by ~3)
+    assert proto["source"] == "family transformer" and proto["kind"] == "prototype" and proto["mean"] < 0
     assert record["prior"]["name"] == "meta" and len(record["prior"]["nearest"]) == 3
     assert record["decision"]["cost_margin"] == 0.5
     md = (tmp_path / "leaderboard.md").read_text()

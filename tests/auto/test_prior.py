@@ -30,6 +30,8 @@ def test_candidates_map_to_the_meta_benchmark_kinds() -> None:
     assert kinds == ["lora", "lora_lastk", "dora", "mona", "full"]
     assert [candidate_kind(c) for c in family_candidates(Family("cnn", 16))] == kinds  # Mona: skipped later, on a CNN
     assert candidate_kind(Candidate("bitfit", ("method.name=bitfit",))) is None
+    assert candidate_kind(Candidate("nearest prototype", ("method.name=prototype",), cheap=True)) == "prototype"
+    assert candidate_kind(Candidate("linear probe", ("method.name=linear",), cheap=True)) is None  # the reference
     assert candidate_kind(Candidate("odd", ("method.name=lora", "method.blocks=0:3"))) is None
     assert backbone_key("vit_small_patch14_dinov2.lvd142m", 112) == "dinov2-112"
     assert backbone_key("tf_efficientnet_lite0", None) == "lite0-224"
@@ -56,6 +58,7 @@ def test_fitted_prior_sd_comes_from_other_datasets(meta_table) -> None:
     assert m["sd"] > m["fit_sd"]
     assert set(data["models"]) == {"dinov2-112", "lite0-224", "family transformer", "family cnn", "pooled"}
     assert "mona" not in data["models"]["pooled"]  # no row ran it: no model, a flat prior
+    assert data["models"]["dinov2-112"]["prototype"]["intercept"] == pytest.approx(-0.03, abs=0.01)  # it trails the probe
     few = fit_prior(meta_table(datasets=2))
     assert few["models"] == {}  # two datasets cannot be judged leave-one-dataset-out
 

@@ -112,7 +112,7 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
     probe_row = next(r for r in eligible if r["candidate"] == PROBE)
     probe = _fold_acc(state, probe_row)
     cheap = {c.name for c in task.cheap}
-    cands = {c.name: c for c in candidates}
+    cands = {c.name: c for c in (*task.cheap, *candidates) if c.name != PROBE}  # the probe is the reference
     posts: dict[str, Posterior] = {}
     for r in eligible:
         name = r["candidate"]

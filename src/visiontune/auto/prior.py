@@ -23,7 +23,8 @@ backbone and candidate kind predicts the gain ``test[kind] - test[probe]`` from 
   mean and the sd multiplied by :data:`MISSING_WIDEN`. The report names both.
 * **Kinds.** An ``auto`` :class:`~visiontune.auto.candidates.Candidate` maps to ``lora`` (LoRA on whole depth),
   ``lora_lastk`` (LoRA with ``method.blocks=last:k``), ``dora``, ``mona`` or ``full`` by its overrides
-  (:func:`candidate_kind`); anything else (and a kind with no fitted model) gets a flat prior: the folds alone.
+  (:func:`candidate_kind`), the cheap nearest prototype to ``prototype`` (:data:`MODELED`); anything else (and a
+  kind with no fitted model) gets a flat prior: the folds alone.
 
 It ships as a small JSON file beside this module (``prior.json``; :func:`default_prior`), never a pickle: reading it
 runs no code. It holds the coefficients, scalers, fitted ranges, leave-one-dataset-out sd and row counts of every
@@ -54,6 +55,10 @@ from visiontune.errors import ConfigError
 FORMAT, VERSION = "visiontune-gain-prior", 1
 KINDS = ("lora", "lora_lastk", "dora", "mona", "full")
 """Fine-tuning kinds of the meta-benchmark's ``test`` columns that the prior models (gain over ``probe``)."""
+MODELED = (*KINDS, "prototype")
+"""Every kind the prior models: the fine-tunes, and the nearest prototype (a cheap candidate with a test accuracy on
+every task of the table: with two folds of four images its tie with the probe is no evidence, and other datasets
+say how far it usually trails)."""
 FEATURES: tuple[tuple[str, str], ...] = (
     ("shots_per_class", "log2"),
     ("classes", "log2"),
@@ -90,6 +95,8 @@ def candidate_kind(candidate: Candidate) -> str | None:
         if not blocks or blocks == "all":
             return "lora"
         return "lora_lastk" if blocks.startswith("last:") else None
+    if name == "prototype":
+        return "prototype"
     return name if name in ("dora", "mona", "full") and (not blocks or blocks == "all") else None
 
 
@@ -219,7 +226,7 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
             groups.setdefault(g, []).append((r, x))
     models: dict[str, dict[str, Any]] = {}
     for g, members in groups.items():
-        for kind in KINDS:
+        for kind in MODELED:
             sel = [(r, x) for r, x in members if isinstance(r["test"].get(kind), (int, float))]
             datasets = [str(r["dataset"]) for r, _ in sel]
             if len(set(datasets)) < min_datasets:
@@ -236,7 +243,7 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
         center, scale = scaler.mean_, scaler.scale_
     tasks = [{"task": str(r.get("task", "")), "dataset": str(r["dataset"]), "backbone": str(r["backbone"]),
               "x": [round(float(v), 5) for v in x],
-              "gain": {k: round(float(r["test"][k] - r["test"]["probe"]), 5) for k in KINDS
+              "gain": {k: round(float(r["test"][k] - r["test"]["probe"]), 5) for k in MODELED
                        if isinstance(r["test"].get(k), (int, float))}}
              for r, x in usable]
     return {
@@ -290,8 +297,8 @@ def validate_prior(data: Any) -> list[str]:
             continue
         for kind, m in kinds.items():
             where = f"models[{g!r}][{kind!r}]"
-            if kind not in KINDS:
-                problems.append(f"{where}: unknown kind (known: {', '.join(KINDS)})")
+            if kind not in MODELED:
+                problems.append(f"{where}: unknown kind (known: {', '.join(MODELED)})")
             if not isinstance(m, dict):
                 problems.append(f"{where} is not an object")
                 continue
@@ -318,7 +325,7 @@ def validate_prior(data: Any) -> list[str]:
         for i, t in enumerate(tasks):
             if not (isinstance(t, dict) and isinstance(t.get("dataset"), str) and isinstance(t.get("task"), str)
                     and isinstance(t.get("backbone"), str) and _finite_list(t.get("x"), n)
-                    and isinstance(t.get("gain"), dict) and all(k in KINDS and _finite(v) for k, v in t["gain"].items())):
+                    and isinstance(t.get("gain"), dict) and all(k in MODELED and _finite(v) for k, v in t["gain"].items())):
                 problems.append(f"tasks[{i}] must hold task, dataset, backbone (strings), x ({n} finite numbers), gain")
                 break
     if not isinstance(data.get("provenance"), dict):
@@ -475,5 +482,5 @@ class MetaPrior:
                 "nearest": self.nearest(features)}
 
 
-__all__ = ["FEATURES", "KINDS", "MetaPrior", "backbone_key", "candidate_kind", "default_prior", "feature_vector",
+__all__ = ["FEATURES", "KINDS", "MODELED", "MetaPrior", "backbone_key", "candidate_kind", "default_prior", "feature_vector",
            "fit_prior", "load_prior", "lodo_residuals", "read_table", "resolve_prior", "validate_prior"]
