@@ -72,6 +72,13 @@ def test_regret_is_leave_one_dataset_out_and_says_what_it_cannot_judge(meta_tabl
     assert len({len(folds["common"][rule][10]) for rule in regret.RULES}) == 1
     assert len(folds["choices"]) == sum(len(folds["common"]["always probe"][s]) for s in regret.SHOTS)
     assert not any(result["common"][rule] for rule in regret.RULES)  # no fold scores: no common tasks
+    # side by side, the zero-shot rule chooses among the methods with fold scores only, as the fold rules do
+    from visiontune.auto.prior import MetaPrior, fit_prior
+
+    prior = MetaPrior(fit_prior(rows))
+    row = next(r for r in rows if r["shots"] == 10)
+    assert regret._prior_only(row, prior, 0.0) in regret.KINDS  # the synthetic fine-tunes all gain
+    assert regret._prior_only(row, prior, 0.0, {"probe", "prototype"}) in ("probe", "prototype")
 
 
 def test_regret_cuts_every_methods_folds_to_those_the_fine_tunes_ran() -> None:
