@@ -16,6 +16,8 @@ not a candidate but are checked to equal the chosen policy's rows.
   ``auto``. With the spread: the sd of the ratio over datasets, and the seed sd (the ratio recomputed from one seed of
   the policy against the same seed of random, sd over the seeds), and the per-dataset comparison with the runner-up.
 * ``auto_choice.json`` (``--choose``): the policy ``auto`` ships, chosen mechanically by :data:`CRITERION`.
+* ``cv_check.md``, when ``cv_check.jsonl`` exists (``simulate.py --out`` elsewhere ``--cv-at 20 50``, the file copied
+  in): accuracy at those budgets with the fixed-C probe and with C chosen by grouped CV.
 
 Usage (repo root)::
 
@@ -178,6 +180,31 @@ def choose(acc: dict, by_seed: dict, datasets: list[str], ks: list[int]) -> dict
     return out
 
 
+def cv_check(path: Path) -> str:
+    """``cv_check.md``: accuracy at the ``--cv-at`` budgets with the fixed-C probe and with C chosen by CV, per policy,
+    and each non-random policy minus random (mean over datasets, datasets where it is ahead)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    cells: dict = defaultdict(list)
+    for r in rows:
+        if "accuracy_cv" in r:
+            for key in ("accuracy", "accuracy_cv"):
+                cells[(r["strategy"], r["per_class"], key, r["dataset"])].append(r[key])
+    datasets = sorted({r["dataset"] for r in rows})
+    policies = sorted({s for s, _, _, _ in cells}, key=lambda s: (s != "random", s))
+    ks = sorted({k for _, k, _, _ in cells})
+    out = ["| labels/class | probe | " + " | ".join(policies) + " | " + " | ".join(
+        f"{s} minus random (datasets ahead)" for s in policies[1:]) + " |", "|---|---|" + "---|" * (2 * len(policies) - 1)]
+    for k in ks:
+        for key, what in (("accuracy", "C fixed (0.1)"), ("accuracy_cv", "C by grouped CV")):
+            mean = {s: {d: 100 * np.mean(cells[(s, k, key, d)]) for d in datasets} for s in policies}
+            diffs = [[mean[s][d] - mean["random"][d] for d in datasets] for s in policies[1:]]
+            out.append(f"| {k} | {what} | " + " | ".join(f"{np.mean(list(mean[s].values())):.1f}" for s in policies)
+                       + " | " + " | ".join(f"{np.mean(dd):+.1f} ({sum(x > 0 for x in dd)} of {len(datasets)})"
+                                            for dd in diffs) + " |")
+    secs = [r["cv_s"] for r in rows if "cv_s" in r]
+    return "\n".join(out) + f"\n\nCV fits: {len(secs)}, {sum(secs):.0f} s in all, median {np.median(secs):.1f} s each.\n"
+
+
 def fmt_ratio(p: dict, n: int) -> str:
     r = p["ratio_per_dataset"][n]
     return (f"{p['ratio'][n]:.2f} (datasets {min(r.values()):.2f}-{max(r.values()):.2f}, sd "
@@ -252,6 +279,11 @@ def main() -> None:
         out.append(f"| {s} | " + " | ".join(cells) + " |")
     (args.results / "criterion.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
+
+    if (args.results / "cv_check.jsonl").is_file():
+        cv = cv_check(args.results / "cv_check.jsonl")
+        (args.results / "cv_check.md").write_text(cv)
+        print(cv)
 
     import matplotlib
 

@@ -64,7 +64,7 @@ margin (shipped before) 0.97 N and 0.72 N. No policy reached 0.8 N at N = 20. Th
 AUTO_UNCERTAINTY = "margin"
 """The model-based rule ``auto`` uses above the switch point (see :data:`AUTO_SWITCH_PER_CLASS`): margin. Used from
 the first labeled round (a probe on 2 labels per class) it trailed a random draw by 4.0 points at 5/class (mean of 6
-datasets); used after 5 labels per class it led random by 0.9, 1.8, 3.2 and 3.1 points at 10, 20, 30 and 50."""
+datasets); used after 5 labels per class it led random by 0.9, 1.8, 3.2 and 3.0 points at 10, 20, 30 and 50."""
 AUTO_COVERAGE = "random"
 """The rule ``auto`` uses up to the switch point: the best measured there. In the simulation TypiClust tied a random
 draw at 2-10 labels per class and ProbCover trailed both, so ``auto`` falls back to random picks on a cold start;
