@@ -8,16 +8,18 @@ pool, its labels hidden. Starting from 0 labels, each round asks a strategy of :
 standardised features, L2 logistic regression; C by grouped CV, or fixed with ``--probe-c``: the committed results
 use ``--probe-c 0.1``, the C the CV chose at 20 and 50 labels/class in a pilot, because the CV made every round
 ~20x dearer on the shared 2-core CPU) and records its test accuracy.
-Uncertainty strategies (margin, entropy) have no model before the first labels: their first round is a random draw.
+Uncertainty strategies (margin, entropy, BADGE) have no model before the first labels: their first round is a random
+draw. ``--strategies auto`` with ``--auto-coverage/--auto-uncertainty/--auto-switch`` and ``--label`` simulates a
+composition as a whole policy; ``--strategies auto`` alone, the shipped constants.
 
-Usage (repo root)::
+Usage (repo root; ``benchmarks/suggest/README.md`` has every command of the committed results)::
 
     python benchmarks/suggest/simulate.py --cache runs/suggest/features --out benchmarks/suggest/results \\
         --datasets neu_steel6 flowers5 pbc_blood8 aid_aerial10 dtd10 isic_skin7 --seeds 0 1 2 \\
-        --strategies random typiclust probcover margin --probe-c 0.1
-    python benchmarks/suggest/analyze.py --choose      # -> results/auto_choice.json (coverage rule, switch point)
-    python benchmarks/suggest/simulate.py ... --strategies auto --auto-switch 10 --auto-coverage random --probe-c 0.1
-    python benchmarks/suggest/analyze.py               # -> results/table.md, criterion.md, curves.png
+        --strategies random typiclust probcover margin entropy badge --probe-c 0.1
+    python benchmarks/suggest/simulate.py ... --strategies auto --auto-coverage random --auto-uncertainty margin \\
+        --auto-switch 5 --probe-c 0.1 --label random-then-margin@5
+    python benchmarks/suggest/analyze.py --choose      # -> results/auto_choice.json, table.md, criterion.md, curves.png
 
 Rows go to ``--out/rounds.jsonl`` (one per dataset x strategy x seed x round; a finished (dataset, strategy,
 seed) is skipped when the script runs again).
