@@ -114,6 +114,11 @@ AUTO_FMNIST50 = Source(
     "visiontune auto fashion-mnist data.train_per_class=50 data.test_per_class=100 backbone.weights=offline "
     "backbone.img_size=112 --out runs/auto/fmnist50-final", _AUTO_MACHINE,
 )
+SUGGEST = Source(
+    "benchmarks/suggest/results/auto_choice.json",
+    "python benchmarks/suggest/analyze.py --choose (after the simulate.py runs of benchmarks/suggest/README.md)",
+    "AMD EPYC, 2 cores, AVX-512, shared (benchmarks/suggest/README.md)",
+)
 _LODO_MACHINE = ("AMD EPYC (AVX-512), 2 cores, shared: load average 10-25 during the runs "
                  "(docs/tutorials/choose-a-method.md)")
 AUTO_FMNIST10_LODO = Source(
@@ -432,6 +437,12 @@ FIGURES.update({
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
        for name, src in (("auto-fmnist10-lodo", AUTO_FMNIST10_LODO), ("auto-elpv20-lodo", AUTO_ELPV20_LODO),
                          ("auto-mri40", AUTO_MRI40))},
+    # benchmarks/suggest: the whole policy `visiontune suggest --strategy auto` ships, and its criterion
+    **{f"suggest.auto-{n}": Figure(f"labels per class `auto` needs to reach random's accuracy at {n}/class, over {n} "
+                                   "(mean of 6 datasets)", SUGGEST, lambda c, n=n: f"{c['ratio'][str(n)]:.2f}")
+       for n in (20, 50)},
+    "suggest.gap-20": Figure("`auto` minus the runner-up policy in that ratio at 20/class, mean ± SE over the datasets",
+                             SUGGEST, lambda c: "{mean:+.2f} ± {se:.2f}".format(**c["chosen_minus_runner_up_ratio"]["20"])),
 })
 """Every figure a page may quote, by id."""
 

@@ -47,9 +47,10 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("runs/suggest/features"))
     p.add_argument("--seed-cache", type=Path, default=None)
     p.add_argument("--per-class", type=int, default=130)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a shared machine)")
     args = p.parse_args()
     b = ob.BACKBONES["dinov2-112"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = create_backbone(ob._BB(b), 0).eval()
     tf = build_transform(model, b.img_size, train=False)
     for spec in args.data:

@@ -8,16 +8,18 @@ pool, its labels hidden. Starting from 0 labels, each round asks a strategy of :
 standardised features, L2 logistic regression; C by grouped CV, or fixed with ``--probe-c``: the committed results
 use ``--probe-c 0.1``, the C the CV chose at 20 and 50 labels/class in a pilot, because the CV made every round
 ~20x dearer on the shared 2-core CPU) and records its test accuracy.
-Uncertainty strategies (margin, entropy) have no model before the first labels: their first round is a random draw.
+Uncertainty strategies (margin, entropy, BADGE) have no model before the first labels: their first round is a random
+draw. ``--strategies auto`` with ``--auto-coverage/--auto-uncertainty/--auto-switch`` and ``--label`` simulates a
+composition as a whole policy; ``--strategies auto`` alone, the shipped constants.
 
-Usage (repo root)::
+Usage (repo root; ``benchmarks/suggest/README.md`` has every command of the committed results)::
 
     python benchmarks/suggest/simulate.py --cache runs/suggest/features --out benchmarks/suggest/results \\
         --datasets neu_steel6 flowers5 pbc_blood8 aid_aerial10 dtd10 isic_skin7 --seeds 0 1 2 \\
-        --strategies random typiclust probcover margin --probe-c 0.1
-    python benchmarks/suggest/analyze.py --choose      # -> results/auto_choice.json (coverage rule, switch point)
-    python benchmarks/suggest/simulate.py ... --strategies auto --auto-switch 10 --auto-coverage random --probe-c 0.1
-    python benchmarks/suggest/analyze.py               # -> results/table.md, criterion.md, curves.png
+        --strategies random typiclust probcover margin entropy badge --probe-c 0.1
+    python benchmarks/suggest/simulate.py ... --strategies auto --auto-coverage random --auto-uncertainty margin \\
+        --auto-switch 5 --probe-c 0.1 --label random-then-margin@5
+    python benchmarks/suggest/analyze.py --choose      # -> results/auto_choice.json, table.md, criterion.md, curves.png
 
 Rows go to ``--out/rounds.jsonl`` (one per dataset x strategy x seed x round; a finished (dataset, strategy,
 seed) is skipped when the script runs again).
@@ -56,9 +58,15 @@ PROBE_C: float | None = None
 """Fixed inverse L2 strength of the probe (``--probe-c``); None = chosen by grouped CV as ``method.name=linear`` does."""
 
 
-def probe(x: np.ndarray, y: np.ndarray, n_classes: int) -> nn.Linear:
+CV_AT: tuple[int, ...] = ()
+"""Budgets (labels per class) at which the row also records ``accuracy_cv``: the probe refitted with C chosen by grouped
+CV, as ``method.name=linear`` does (``--cv-at``); the picks still come from the fixed-C probe, so the policy is the
+same and only the scoring probe differs."""
+
+
+def probe(x: np.ndarray, y: np.ndarray, n_classes: int, c: float | None = None) -> nn.Linear:
     head = nn.Linear(x.shape[1], n_classes)
-    fit_probe_head(head, (torch.from_numpy(x), torch.from_numpy(y), np.arange(len(y))), None, c=PROBE_C)
+    fit_probe_head(head, (torch.from_numpy(x), torch.from_numpy(y), np.arange(len(y))), None, c=c)
     return head
 
 
@@ -90,13 +98,19 @@ def run_one(d: dict, strategy: str, seed: int, per_class: list[int]) -> list[dic
         labeled += [int(unl[p.index]) for p in picks]
         ly = y[labeled]
         if len(set(ly.tolist())) >= 2:
-            head = probe(x[labeled], ly, C)
+            head = probe(x[labeled], ly, C, PROBE_C)
             acc = float((predict(head, x[d["test"]]).argmax(1) == y[d["test"]]).mean())
         else:  # one class seen: the probe can only predict it
             head, acc = None, float((y[d["test"]] == ly[0]).mean())
+        extra = {}
+        if k in CV_AT and head is not None:
+            t1 = time.perf_counter()
+            cv = probe(x[labeled], ly, C, None)
+            extra = {"accuracy_cv": float((predict(cv, x[d["test"]]).argmax(1) == y[d["test"]]).mean()),
+                     "cv_s": round(time.perf_counter() - t1, 3)}
         rows.append({"per_class": k, "labels": len(labeled), "accuracy": acc, "classes_seen": int(len(set(ly.tolist()))),
                      "select_s": round(sel_s, 3), "rule": st.auto_choice(len(labeled) - budget, C, budget, probs is not None)
-                     if strategy == "auto" else name})
+                     if strategy == "auto" else name, **extra})
     return rows
 
 
@@ -113,10 +127,12 @@ def main() -> None:
     p.add_argument("--auto-coverage", default=None, help="override AUTO_COVERAGE")
     p.add_argument("--auto-uncertainty", default=None, help="override AUTO_UNCERTAINTY")
     p.add_argument("--probe-c", type=float, default=None, help="fix the probe's C (default: grouped CV, as the product)")
+    p.add_argument("--cv-at", nargs="*", type=int, default=[], help="budgets (labels per class) at which the row also "
+                   "records accuracy_cv, the probe with C chosen by grouped CV (the picks keep the fixed-C probe)")
     p.add_argument("--label", default=None, help="strategy name written to the rows (default: the strategy)")
     args = p.parse_args()
-    global PROBE_C
-    PROBE_C = args.probe_c
+    global PROBE_C, CV_AT
+    PROBE_C, CV_AT = args.probe_c, tuple(args.cv_at)
     if args.auto_switch is not None:
         st.AUTO_SWITCH_PER_CLASS = args.auto_switch
     if args.auto_coverage is not None:

@@ -335,7 +335,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 def _suggest_parsers(sub: Any) -> None:
     """``suggest`` (which images to label next) and ``label`` (the page that labels them)."""
-    from visiontune.suggest.strategies import STRATEGIES
+    from visiontune.suggest.strategies import AUTO_COVERAGE, AUTO_SWITCH_PER_CLASS, AUTO_UNCERTAINTY, STRATEGIES
 
     sg = sub.add_parser("suggest", help="which unlabeled images to label next (active learning), with the reason per image",
                         description="Pick the unlabeled images whose labels would help most: coverage of the pool on a "
@@ -344,8 +344,9 @@ def _suggest_parsers(sub: Any) -> None:
     sg.add_argument("unlabeled_dir", metavar="UNLABELED_DIR", help="folder of images to choose from (recursive)")
     sg.add_argument("--budget", type=int, required=True, help="how many images to pick")
     sg.add_argument("--strategy", choices=list(STRATEGIES), default="auto",
-                    help="auto (default): margin once a model exists and the round ends above 10 labels per class, "
-                         "else the best measured cold-start rule (random: TypiClust only tied it in benchmarks/suggest)")
+                    help=f"auto (default): {AUTO_UNCERTAINTY} once a model exists and the round ends above "
+                         f"{AUTO_SWITCH_PER_CLASS:g} labels per class, else {AUTO_COVERAGE} (the best whole policy "
+                         "measured in benchmarks/suggest)")
     src = sg.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, metavar="RUN_DIR", help="a trained run: its features and classifier")
     src.add_argument("--labeled", default=None, metavar="DATA",

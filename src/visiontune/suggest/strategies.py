@@ -22,7 +22,8 @@ model exists, budget, seed) to ``budget`` pool indices, each with the reason a p
   embedding's outer-product form (``<g_i, g_j> = <r_i, r_j> <x_i, x_j>``), never building the N x (C D) matrix;
   ``x`` is the pooled feature vector (the probe standardises it first; the raw features are used here).
 * ``auto``: a cold-start rule while few labels exist per class, then a model-based one: the switch point
-  :data:`AUTO_SWITCH_PER_CLASS` and both rules come from the simulation in ``benchmarks/suggest``.
+  :data:`AUTO_SWITCH_PER_CLASS` and both rules are the whole policy the simulation in ``benchmarks/suggest``
+  measured best (random picks up to 5 labels per class, then margin).
 
 Clustering and neighbour search are scikit-learn's (``MiniBatchKMeans`` / ``KMeans``, ``NearestNeighbors``);
 only the selection rules above are written here, since no maintained library implements them.
@@ -48,21 +49,26 @@ PURITY = 0.95
 DELTAS = np.round(np.arange(0.01, 1.001, 0.01), 2)
 """ProbCover's candidate radii on L2-normalised features (a fine grid: on small pools the pure radius is small)."""
 
-AUTO_SWITCH_PER_CLASS = 10.0
-"""``auto`` uses :data:`AUTO_COVERAGE` until this many labels per class exist after the round,
-:data:`AUTO_UNCERTAINTY` beyond.
+AUTO_SWITCH_PER_CLASS = 5.0
+"""``auto`` uses :data:`AUTO_COVERAGE` for a round that ends at no more than this many labels per class (and whenever
+no model exists: a cold start, or labels of one class), :data:`AUTO_UNCERTAINTY` beyond. ``0`` would mean the
+model-based rule as soon as a model exists; ``math.inf``, never.
 
-Taken from the simulation (``benchmarks/suggest``): averaged over 6 datasets, margin trailed a random draw at 5 and 10
-labels per class (-4.0, -0.5 points) and led from 20 on (+0.1, +2.0, +2.6 at 20, 30, 50). Of the two compositions
-simulated, random-then-margin above 10/class reached random's accuracy at N labels per class with 0.97 N (N = 20) and
-0.72 N (N = 50); random-then-BADGE above 5/class (what the per-strategy curves suggested: BADGE led margin over
-20-50/class on average) with 1.00 N and 0.79 N, so ``auto`` is the former: the best measured."""
+Chosen mechanically by ``benchmarks/suggest/analyze.py --choose`` (``results/auto_choice.json``; a test holds these
+constants to it) among the 12 whole policies simulated from 0 labels (6 datasets, 3 seeds, linear probe on offline
+DINOv2-S features): the lowest mean over N = 20 and 50 of the labels per class needed to reach random's accuracy at N,
+over N. Random to 5 labels per class, then margin needed 0.86 N at N = 20 and 0.67 N at N = 50 (per-dataset ranges
+0.50-1.16 and 0.49-0.82); the runner-up, BADGE from the first labeled round, 0.91 N and 0.72 N; random to 10, then
+margin (shipped before) 0.97 N and 0.72 N. No policy reached 0.8 N at N = 20. The runner-up's gap is within the noise
+(chosen minus runner-up per dataset: -0.05 ± 0.03 standard error at N = 20, 3 of 6 datasets better)."""
 AUTO_UNCERTAINTY = "margin"
-"""The model-based rule ``auto`` uses above the switch point (see :data:`AUTO_SWITCH_PER_CLASS`)."""
+"""The model-based rule ``auto`` uses above the switch point (see :data:`AUTO_SWITCH_PER_CLASS`): margin. Used from
+the first labeled round (a probe on 2 labels per class) it trailed a random draw by 4.0 points at 5/class (mean of 6
+datasets); used after 5 labels per class it led random by 0.9, 1.8, 3.2 and 3.0 points at 10, 20, 30 and 50."""
 AUTO_COVERAGE = "random"
-"""The rule ``auto`` uses below the switch point: the best measured there. In the simulation TypiClust tied a random
-draw (49.0 vs 49.2 % mean accuracy over 2-10 labels per class, 6 datasets) and ProbCover trailed both, so ``auto``
-falls back to random picks on a cold start; ``--strategy typiclust`` / ``probcover`` remain available."""
+"""The rule ``auto`` uses up to the switch point: the best measured there. In the simulation TypiClust tied a random
+draw at 2-10 labels per class and ProbCover trailed both, so ``auto`` falls back to random picks on a cold start;
+``--strategy typiclust`` / ``probcover`` remain available."""
 
 STRATEGIES = ("auto", "random", "typiclust", "probcover", "margin", "entropy", "badge")
 
