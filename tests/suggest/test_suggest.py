@@ -176,7 +176,7 @@ def test_cli_writes_picks_and_reports_errors_on_one_line(pool, tiny_backbone, tm
     assert "--budget -2 must be a whole number" in capsys.readouterr().err
 
 
-def test_with_a_trained_run_margin_uses_its_classifier_and_labels(pool, tiny_overrides, tmp_path):
+def test_with_a_trained_run_margin_uses_its_classifier_and_labels(pool, tiny_overrides, tmp_path, monkeypatch):
     import visiontune as vt
 
     result = vt.train(vt.load_config(None, overrides=[*tiny_overrides, "method.name=linear", "run.name=r"]))
@@ -184,7 +184,13 @@ def test_with_a_trained_run_margin_uses_its_classifier_and_labels(pool, tiny_ove
     r = suggest(folder, 5, out=tmp_path / "run.csv", strategy="auto", run=result.run_dir, cache=tmp_path / "c",
                 progress=False)
     labels = [str(c) for c in range(10)]  # digits
-    assert r.classes == labels and r.rule == st.AUTO_COVERAGE  # 5 picks over 10 classes: under the switch point
+    seen = result.metrics["run"]["train_size"] + result.metrics["run"]["val_size"]  # the run's labeled images
+    assert r.classes == labels and r.rule == st.auto_choice(seen, 10, 5, True)
+    # the switch point counts the images the run learned from: just under them per class, auto turns to margin
+    monkeypatch.setattr(st, "AUTO_SWITCH_PER_CLASS", seen / 10 - 0.01)
+    a = suggest(folder, 5, out=tmp_path / "a.csv", strategy="auto", run=result.run_dir, cache=tmp_path / "c",
+                progress=False)
+    assert seen >= 10 and a.rule == st.AUTO_UNCERTAINTY and a.picks[0]["reason"].startswith("margin")
     m = suggest(folder, 5, out=tmp_path / "m.csv", strategy="margin", run=result.run_dir, cache=tmp_path / "c",
                 progress=False)
     for p in m.picks:

@@ -3,6 +3,8 @@ package docstring of :mod:`visiontune.suggest` says what each rule does)."""
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,15 @@ def _model(run: str | Path | None, overrides: Sequence[str], pool_dir: str) -> t
     model = create_backbone(cfg.backbone, 0).eval()
     return model, build_transform(model, cfg.backbone.img_size, train=False), backbone_identity(cfg.backbone), [], \
         f"backbone {cfg.backbone.name} ({cfg.backbone.weights})"
+
+
+def _run_labeled(run: str | Path) -> int:
+    """The labeled images a finished run learned from (its training and validation splits, by its metrics.json):
+    what ``auto``'s switch point counts when the model comes from ``--run``."""
+    from visiontune.runs import METRICS_FILE
+
+    split = json.loads((Path(run) / METRICS_FILE).read_text()).get("run", {})
+    return int(split.get("train_size") or 0) + int(split.get("val_size") or 0)
 
 
 def _pooled(model: Any) -> Any:
@@ -175,12 +186,12 @@ def suggest(
             fit_probe_head(head, (torch.from_numpy(lab_x), torch.from_numpy(lab_y), np.arange(len(lab_y))), None)
             return _probs_in_chunks(head, feats), classes
 
-    n_lab = 0 if lab_x is None else len(lab_x)
+    n_lab = _run_labeled(run) if run is not None else 0 if lab_x is None else len(lab_x)
     from visiontune.suggest.strategies import auto_choice
 
     rule = auto_choice(n_lab, len(classes), budget, probs is not None) if strategy == "auto" else strategy
     picks: list[Pick] = select(strategy, feats, budget, seed, labeled=lab_x, probs=probs,
-                               n_classes=len(classes) or None)
+                               n_classes=len(classes) or None, n_labeled=n_lab)
     rows = [{"path": paths[p.index], "reason": p.reason, "score": p.score} for p in picks]
     meta = {"strategy": strategy, "rule": rule, "classes": classes, "budget": budget, "seed": seed, "pool": len(paths),
             "features": what, "labeled": str(labeled) if labeled else None, "run": str(run) if run else None,
