@@ -334,7 +334,7 @@ def render(result: dict[str, Any]) -> str:
            "the first rung (paused a third of the way, scored) + the rest resumed, as fold 1 runs with pruning.")
         + f" {s['repeats']} run(s) per contender, alternating, each a fresh process.",
         "",
-        "| candidate | contender | s per fold (process) | in process | s/step | full schedule (steps x s/step) "
+        "| candidate | contender | s per fold (process) | in process | s/step | full schedule, in process (est.) "
         "| start + imports | task + fold split (once per selection) | " + " | ".join(PHASES.values())
         + " | other | harness + exit | held-out acc % | load before/after |",
         "|:--|:--|--:|--:|--:|--:|--:|--:|" + "--:|" * len(PHASES) + "--:|--:|--:|--:|",
@@ -349,7 +349,7 @@ def render(result: dict[str, Any]) -> str:
             flag = " (loaded)" if x["all_loaded"] else ""
             lines.append(
                 f"| {name} | {side}{flag} | {x['process_s']:.1f} | {x['in_process_s']:.1f} | {x['s_per_step']:.2f} "
-                f"| {full_steps * x['s_per_step']:.0f} | {x['imports_s']:.1f} | {x['task_s']:.1f} | "
+                f"| {x['in_process_s'] - x['phases']['steps'] + full_steps * x['s_per_step']:.0f} | {x['imports_s']:.1f} | {x['task_s']:.1f} | "
                 + " | ".join(f"{x['phases'][k]:.1f}" for k in PHASES)
                 + f" | {x['phases']['other']:.1f} | {x['exit_s']:.1f} | {100 * x['accuracy']:.0f} | {loads} |")
     lines += ["", "Ratios (medians; > 1 means the first is slower):", "",
@@ -367,7 +367,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         "s per fold (process) = launching the interpreter to its exit (the harness's clock); in process = the fold "
         "job(s) / `train` / `peer.run` alone, after imports and the task (auto builds the task, with its candidate "
-        "checks, once per selection: the project workers rebuild it, the peer gets its images as files). s/step = training-steps time / optimizer steps. Peer: "
+        "checks, once per selection: the project workers rebuild it, the peer gets its images as files). Full schedule "
+        f"(est.) = in process with the training steps scaled to auto's {full_steps} steps on this fold (the other "
+        "phases as measured: they do not grow with the epochs but for the per-epoch checkpoint). s/step = training-steps time / optimizer steps. Peer: "
         "'training steps' is its timed loop, 'held-out scoring' its test pass, 'other' model build, peft and loaders. "
         "A run whose 1-min load average before or after was above threads + 0.75 is loaded; a contender's medians "
         "leave loaded runs out when it has a quiet one, '(loaded)' marks contenders with none (on this shared "
