@@ -150,16 +150,18 @@ def worker_peer(job: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"probe": worker_probe, "project": worker_project, "peer": worker_peer}
 
 
-def run_worker(kind: str, job: dict[str, Any], tmp: Path, timeout: float = 3600) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter; returns its result plus load averages around it."""
+def run_worker(kind: str, job: dict[str, Any], tmp: Path, timeout: float = 3600, script: Path | None = None) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter (``script --worker JOB``, default this file); returns its result plus
+    load averages around it. The job holds ``launched``, the wall clock just before the interpreter starts, so that
+    a worker can tell its start-up and imports apart (:func:`started`)."""
     job_file = tmp / f"job-{time.time_ns()}.json"
     out_file = job_file.with_suffix(".out.json")
-    job_file.write_text(json.dumps({**job, "kind": kind, "out": str(out_file)}))
     load_before = os.getloadavg()[0]
+    job_file.write_text(json.dumps({**job, "kind": kind, "out": str(out_file), "launched": time.time()}))
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file)], cwd=ROOT, capture_output=True,
-        text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [sys.executable, str((script or Path(__file__)).resolve()), "--worker", str(job_file)], cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     if proc.returncode != 0 or not out_file.exists():
         raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -171,16 +173,65 @@ def run_worker(kind: str, job: dict[str, Any], tmp: Path, timeout: float = 3600)
 # ============================================================================ preparation
 
 
-def prepare(args: argparse.Namespace, settings: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Resolve every method's project config, export the backbone for the peer, fix the split, check parity."""
+def export_backbone(base: Any, num_classes: int, image: str, tmp: Path) -> dict[str, Any]:
+    """Save ``base``'s backbone (the project's weights at its size) for the peer and check that the peer preprocesses
+    ``image`` (a file) and computes its features exactly as the project does; the peer spec's model part."""
     import torch
+    from PIL import Image
     from safetensors.torch import save_file
 
-    import visiontune as vt
     from visiontune.backbones import build_transform, create_backbone
-    from visiontune.data import load_records, make_splits
+
+    backbone = create_backbone(base.backbone, num_classes=0)
+    weights = tmp / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    sys.path.insert(0, str(HERE))
+    import peer
+
+    probe_spec = {"arch": base.backbone.name, "img_size": base.backbone.img_size, "num_classes": num_classes,
+                  "weights": str(weights), "augment": False, "crop_scale": base.data.crop_scale}
+    peer_model = peer.build_model(probe_spec).eval()
+    _, peer_tf = peer.transforms(peer_model, probe_spec)
+    with Image.open(image) as img:
+        rgb = img.convert("RGB")
+    x = build_transform(backbone, base.backbone.img_size, train=False)(rgb)
+    assert torch.equal(x, peer_tf(rgb)), "peer and project preprocess differently"
+    with torch.no_grad():
+        diff = (backbone.eval()(x[None]) - peer_model.forward_head(peer_model.forward_features(x[None]), pre_logits=True)).abs().max()
+    assert float(diff) == 0.0, f"peer and project backbones differ by {float(diff)}"
+    return probe_spec
+
+
+def peer_spec(cfg: Any, probe_spec: dict[str, Any], items: dict[str, list[tuple[str, int]]],
+              peer_extra: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The peer's spec for the project config ``cfg`` (its resolved recipe: epochs, batch, learning rates, schedule,
+    the method's rank/alpha/dropout), on ``items`` (``train``/``test`` (path, label) pairs); and the method's words."""
+    import torch
+
     from visiontune.registry import METHODS as REG
     from visiontune.train.loop import resolve_config
+
+    method = REG.get(cfg.method.name)(cfg.method)
+    cfg = resolve_config(cfg, method, torch.device("cpu"))
+    spec = {
+        **probe_spec, "augment": cfg.data.augment, "epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
+        "eval_batch_size": cfg.optim.eval_batch_size, "lr": cfg.optim.lr, "head_lr": cfg.optim.head_lr,
+        "weight_decay": cfg.optim.weight_decay, "warmup_epochs": cfg.optim.warmup_epochs,
+        "min_lr_ratio": cfg.optim.min_lr_ratio, "label_smoothing": cfg.optim.label_smoothing,
+        "clip_grad": cfg.optim.clip_grad, "train": items["train"], "test": items["test"], **peer_extra,
+    }
+    if peer_extra["method"] in ("lora", "dora", "qlora"):
+        spec.update(rank=cfg.method.rank, alpha=method.alpha, dropout=cfg.method.dropout, use_dora=method.use_dora,
+                    quantize=method.quantized, target_regex=peer_extra.get("target_regex") or PEER_TARGETS[peer_extra["target"]])
+    if peer_extra["method"] == "mona":
+        spec.update(inner_dim=cfg.method.inner_dim, mona_dropout=cfg.method.dropout)
+    return spec, method.describe()
+
+
+def prepare(args: argparse.Namespace, settings: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Resolve every method's project config, export the backbone for the peer, fix the split, check parity."""
+    import visiontune as vt
+    from visiontune.data import load_records, make_splits
 
     common = [
         f"optim.epochs={settings['epochs']}", f"data.test_per_class={settings['test_per_class']}", "optim.head_init=zero",
@@ -196,48 +247,13 @@ def prepare(args: argparse.Namespace, settings: dict[str, Any], tmp: Path) -> di
         if not all(isinstance(it, str) for it in splits[name].items):
             raise SystemExit(f"the peer reads image files; {base.data.dataset} has in-memory images")
     items = {k: [(str(p), int(y)) for p, y in zip(splits[k].items, splits[k].labels)] for k in ("train", "test")}
-    backbone = create_backbone(base.backbone, num_classes=0)
-    weights = tmp / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
-
-    # Parity checks: the peer's preprocessing and model are the project's.
-    sys.path.insert(0, str(HERE))
-    import peer
-
-    probe_spec = {"arch": base.backbone.name, "img_size": base.backbone.img_size, "num_classes": len(records.classes),
-                  "weights": str(weights), "augment": False, "crop_scale": base.data.crop_scale}
-    peer_model = peer.build_model(probe_spec).eval()
-    _, peer_tf = peer.transforms(peer_model, probe_spec)
-    from PIL import Image
-
-    with Image.open(items["test"][0][0]) as img:
-        rgb = img.convert("RGB")
-    x = build_transform(backbone, base.backbone.img_size, train=False)(rgb)
-    assert torch.equal(x, peer_tf(rgb)), "peer and project preprocess differently"
-    with torch.no_grad():
-        diff = (backbone.eval()(x[None]) - peer_model.forward_head(peer_model.forward_features(x[None]), pre_logits=True)).abs().max()
-    assert float(diff) == 0.0, f"peer and project backbones differ by {float(diff)}"
-    del backbone, peer_model
-
+    probe_spec = export_backbone(base, len(records.classes), items["test"][0][0], tmp)
     plans = {}
     for name in args.methods:
         overrides, peer_extra = METHODS[name]
         cfg = vt.load_config(args.config, [*common, *overrides])
-        method = REG.get(cfg.method.name)(cfg.method)
-        cfg = resolve_config(cfg, method, torch.device("cpu"))
-        spec = {
-            **probe_spec, "augment": cfg.data.augment, "epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
-            "eval_batch_size": cfg.optim.eval_batch_size, "lr": cfg.optim.lr, "head_lr": cfg.optim.head_lr,
-            "weight_decay": cfg.optim.weight_decay, "warmup_epochs": cfg.optim.warmup_epochs,
-            "min_lr_ratio": cfg.optim.min_lr_ratio, "label_smoothing": cfg.optim.label_smoothing,
-            "clip_grad": cfg.optim.clip_grad, "train": items["train"], "test": items["test"], **peer_extra,
-        }
-        if peer_extra["method"] in ("lora", "dora", "qlora"):
-            spec.update(rank=cfg.method.rank, alpha=method.alpha, dropout=cfg.method.dropout, use_dora=method.use_dora,
-                        quantize=method.quantized, target_regex=PEER_TARGETS[peer_extra["target"]])
-        if peer_extra["method"] == "mona":
-            spec.update(inner_dim=cfg.method.inner_dim, mona_dropout=cfg.method.dropout)
-        plans[name] = {"overrides": [*common, *overrides], "spec": spec, "detail": method.describe()}
+        spec, detail = peer_spec(cfg, probe_spec, items, peer_extra)
+        plans[name] = {"overrides": [*common, *overrides], "spec": spec, "detail": detail}
     tokens = base.optim.batch_size * ((base.backbone.img_size // 14) ** 2 + 1)
     return {"plans": plans, "n_train": len(items["train"]), "n_test": len(items["test"]), "tokens": tokens,
             "classes": list(records.classes)}

@@ -98,3 +98,17 @@ def test_auto_runs_on_the_real_offline_cnn(tmp_path: Path) -> None:
     rows = {r["candidate"]: r for r in record["leaderboard"]}
     assert rows["mona"]["status"] == "skipped" and "lora conv r8" in rows
     assert record["decision"]["candidate"] in rows
+
+
+def test_the_last_blocks_candidate_trains_on_the_frozen_prefix_cache_on_a_vit(tmp_path: Path) -> None:
+    from visiontune.train.loop import train
+
+    last = family_candidates(backbone_family(_cfg("test_vit")))[1]
+    assert "method.blocks=last:1" in last.overrides and "run.prefix_cache=views" in last.overrides
+    cfg = _cfg("test_vit", *TINY, *last.overrides, "run.progress=false", "run.plots=false", "run.measure_speed=false",
+               f"run.dir={tmp_path}", "run.name=last")
+    assert cfg.data.augment  # with augmentation the default (auto) would cache nothing for training
+    cache = train(cfg).metrics["train"]["prefix_cache"]
+    assert cache["used"] and cache["train_views"] == 4 and cache["start_block"] == 1
+    # A CNN's last stages get no ViT cache setting
+    assert not any(o.startswith("run.prefix") for c in family_candidates(Family("cnn", 7)) for o in c.overrides)

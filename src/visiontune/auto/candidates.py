@@ -40,6 +40,13 @@ from visiontune.methods.targets import find_blocks
 
 LAST_BLOCKS_SHARE, LAST_BLOCKS_MAX = 1 / 3, 4
 """Adapters on the last blocks only: the last third of the blocks, at most 4 (4 of ViT-S/B's 12, as before)."""
+PREFIX_VIEWS = 4
+PREFIX_CACHE = ("run.prefix_cache=views", f"run.prefix_views={PREFIX_VIEWS}")
+"""The last-blocks candidate's frozen prefix (patch embedding and the blocks below the adapted ones) is computed once
+per job over ``PREFIX_VIEWS`` augmented crops of each image, epoch ``e`` training on crop ``e mod PREFIX_VIEWS``
+(:mod:`visiontune.train.cache`; timm ViTs, other backbones train uncached with the reason in ``metrics.json``),
+instead of at every step: with augmentation ``run.prefix_cache=auto`` caches nothing. A fold of 24 epochs then sees 4
+distinct crops per image instead of 24."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,12 @@ def family_candidates(family: Family) -> tuple[Candidate, ...]:
 
     Costs (see :class:`Candidate`): DoRA 2x LoRA and full fine-tuning 0.9x (per-step CPU times of ViT-S/16 in
     ``/work/shared/OFFLINE.md``: LoRA 4.2 s, DoRA 8.9 s, full 3.5 s); the last-blocks LoRA the share of blocks it
-    trains through (the frozen prefix runs once per image, :mod:`visiontune.train.cache`), at least 0.25; Mona 1.2
-    (not measured: two adapters per block with depthwise convolutions).
+    trains through, at least 0.25; Mona 1.2 (not measured: two adapters per block with depthwise convolutions).
+
+    On a transformer the last-blocks LoRA trains on the frozen-prefix cache (:data:`PREFIX_CACHE`): the blocks below
+    the adapted ones run over :data:`PREFIX_VIEWS` augmented views of each image once per job instead of over every
+    image at every step (``benchmarks/fold_cost.py``: a DINOv2-S step on the last 4 blocks at 112 px was half
+    spent in the 8 frozen blocks).
     """
     full = Candidate("full fine-tuning", ("method.name=full",), cost=0.9)
     mona = Candidate("mona", ("method.name=mona",), cost=1.2)
@@ -105,10 +116,11 @@ def family_candidates(family: Family) -> tuple[Candidate, ...]:
     first, wide = ("qv", "all-linear") if family.kind == "transformer" else ("conv", "conv")
     k = last_blocks(family.depth)
     shown = "q,v" if first == "qv" else first
+    cached = PREFIX_CACHE if family.kind == "transformer" else ()
     return (
         Candidate(f"lora {shown} r8", ("method.name=lora", f"method.targets={first}", "method.rank=8")),
         Candidate(f"lora {wide} r16 {_blocks_word(k)}",
-                  ("method.name=lora", f"method.targets={wide}", "method.rank=16", f"method.blocks=last:{k}"),
+                  ("method.name=lora", f"method.targets={wide}", "method.rank=16", f"method.blocks=last:{k}", *cached),
                   cost=max(0.25, k / max(family.depth, 1))),
         Candidate(f"dora {wide} r16", ("method.name=dora", f"method.targets={wide}", "method.rank=16"), cost=2.0),
         mona,
@@ -141,4 +153,4 @@ def why_not(cfg_of: Callable[[tuple[str, ...]], Config], candidate: Candidate) -
     return None
 
 
-__all__ = ["Candidate", "Family", "backbone_family", "balanced", "family_candidates", "last_blocks", "why_not"]
+__all__ = ["PREFIX_CACHE", "PREFIX_VIEWS", "Candidate", "Family", "backbone_family", "balanced", "family_candidates", "last_blocks", "why_not"]

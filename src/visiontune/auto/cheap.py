@@ -60,6 +60,21 @@ def _logloss(y: np.ndarray, logits: torch.Tensor, n_classes: int) -> float:
     return float(log_loss(y, torch.softmax(logits.double(), 1).numpy(), labels=list(range(n_classes))))
 
 
+def probe_model(task: Task, name: str) -> torch.nn.Module:
+    """Backbone ``name`` with a probe head, on the run's device, in eval mode."""
+    cfg = task.config(name, CHEAP[0].overrides)
+    return build_model(cfg, method_of(cfg), len(task.classes)).to(resolve_device(cfg.run.device)).eval()
+
+
+def pool_features(task: Task, name: str, model: torch.nn.Module, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s (:func:`probe_model`) pooled features and labels of every image of the labeled pool, in pool order:
+    what the cheap candidates are fitted on and the folds' LP-FT heads start from."""
+    cfg = task.config(name, CHEAP[0].overrides)
+    tf = build_transform(model, train=False)
+    loader = make_loader(image_dataset(task.pool, tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, 0)
+    return extract_features(fast_forward(model), loader, resolve_device(cfg.run.device), None, progress, f"features {name}")
+
+
 def cheap_stage(task: Task, record: Record, features: Features, keys: list[str] | None = None) -> str:
     """Score the cheap candidates of every backbone in ``keys`` (default: the task's) not yet in the record, keeping
     their features in ``features``; the backbone whose best cheap candidate scores highest."""
@@ -67,13 +82,9 @@ def cheap_stage(task: Task, record: Record, features: Features, keys: list[str] 
     for name in keys or task.backbones:
         if name in state["cheap"]:
             continue
-        cfg = task.config(name, CHEAP[0].overrides)
-        device = resolve_device(cfg.run.device)
-        model = build_model(cfg, method_of(cfg), len(task.classes)).to(device).eval()
+        model = probe_model(task, name)
         t0 = record.clock()
-        tf = build_transform(model, train=False)
-        loader = make_loader(image_dataset(task.pool, tf, cfg.data.cache), cfg.optim.eval_batch_size, False, 0, 0)
-        x, y = extract_features(fast_forward(model), loader, device, None, record.progress, f"features {name}")
+        x, y = pool_features(task, name, model, record.progress)
         feat_s = record.clock() - t0
         features[name] = (x, y)
         head_numel = sum(p.numel() for p in model.get_classifier().parameters())
@@ -153,4 +164,5 @@ def image_meta(task: Task, sample: int = 20) -> dict[str, Any]:
     return task.data_meta
 
 
-__all__ = ["Features", "GRAY_TOLERANCE", "cheap_stage", "fold_mean", "image_meta", "meta_features", "scores"]
+__all__ = ["Features", "GRAY_TOLERANCE", "cheap_stage", "fold_mean", "image_meta", "meta_features", "pool_features",
+           "probe_model", "scores"]

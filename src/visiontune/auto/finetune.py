@@ -48,6 +48,27 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
 
 
+def fold_overrides(task: Task, backbone: str, cand: Candidate, j: int, epochs: int, folds_dir: Path, resume: bool,
+                   threads: int | None = None) -> list[str]:
+    """Every override of ``cand``'s job on fold ``j`` (0-based): the task's and the candidate's, the fold's schedule,
+    its run folder under ``folds_dir`` (continued with ``resume``, else replaced), no progress bars or plots."""
+    extra = [f"optim.epochs={epochs}", "run.progress=false", "run.plots=false", f"run.dir={folds_dir}",
+             f"run.name={slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
+             *([f"run.threads={threads}"] if threads else [])]
+    return task.overrides(backbone, cand.overrides, extra)
+
+
+def fold_head_features(task: Task, features: Features, backbone: str, j: int,
+                       splits: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cheap stage's ``features`` of fold ``j``'s training images, for its fine-tune's LP-FT head: the same images
+    in the same order when the fold has no inner validation split (else the head init computes its own)."""
+    if backbone not in features or len(splits["val"]):
+        return None
+    x, y = features[backbone]
+    idx = np.sort(task.folds[j][0])
+    return x[idx], y[idx]
+
+
 class FineTuneStage:
     """The fine-tuning stage of one selection on one backbone (:meth:`run`)."""
 
@@ -153,11 +174,9 @@ class FineTuneStage:
         deadline = None if left is None else self.record.clock() + left - self.budget.score_s(backbone, splits)
         # Fold 1 after its first rung continues from the checkpoint that the rung left.
         resume = j == 0 and "rung" in rec
-        extra = [f"optim.epochs={epochs}", "run.progress=false", "run.plots=false", f"run.dir={self.record.out / 'folds'}",
-                 f"run.name={slug(cand.name)}-fold{j + 1}", "run.resume=true" if resume else "run.overwrite=true",
-                 *([f"run.threads={runner.threads}"] if runner.threads else [])]
-        runner.submit(cand.name, [*task.overrides(backbone, cand.overrides), *extra], splits,
-                      deadline, str(Path.cwd()), pause, self.record.clock, self._head_features(backbone, j, splits))
+        runner.submit(cand.name, fold_overrides(task, backbone, cand, j, epochs, self.record.out / "folds", resume,
+                                                runner.threads), splits,
+                      deadline, str(Path.cwd()), pause, self.record.clock, fold_head_features(task, self.features, backbone, j, splits))
 
     def _take(self, name: str, out: dict[str, Any] | None, lost: str | None) -> None:
         """Record a job the executor gave back: a lost worker, a stop by the budget, a first rung, or a fold."""
@@ -195,15 +214,6 @@ class FineTuneStage:
             self._end(cand, "complete")
         else:
             self.record.save()
-
-    def _head_features(self, backbone: str, j: int, splits: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cheap stage's features of fold ``j``'s training images, for its fine-tune's LP-FT head: the same
-        images in the same order when the fold has no inner validation split (else the head init computes its own)."""
-        if backbone not in self.features or len(splits["val"]):
-            return None
-        x, y = self.features[backbone]
-        idx = np.sort(self.task.folds[j][0])
-        return x[idx], y[idx]
 
     def _stopped(self, trial: Any, cand: Candidate, rec: dict[str, Any], out: dict[str, Any], fold: int) -> None:
         """Keep what a fold stopped by the budget showed: its last checkpoint's held-out score, and, when fold 1 had
@@ -263,4 +273,4 @@ class FineTuneStage:
         self.record.save()
 
 
-__all__ = ["FINISHED", "FineTuneStage", "slug"]
+__all__ = ["FINISHED", "FineTuneStage", "fold_head_features", "fold_overrides", "slug"]
