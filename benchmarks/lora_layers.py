@@ -109,7 +109,7 @@ def main() -> None:
     for targets in args.targets:
         for variant in args.variants:
             got = [r for r in rows if r["targets"].split("-")[0] == targets and r["variant"] == variant]
-            med = lambda k: statistics.median(r[k] for r in got)  # noqa: E731
+            med = lambda k, got=got: statistics.median(r[k] for r in got)  # noqa: E731
             print(f"| {got[0]['targets']} r{got[0]['rank']} | {variant} | {med('rss_start_mb'):.0f} | {med('rss_peak_mb'):.0f} | "
                   f"{med('training_added_mb'):.0f} | {med('step_s'):.3f} |")
 
