@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "labels": row["labels"], "probe_accuracy": row["accuracy"],
                                         "probe_matches_simulation": ref is not None, **res, "backbone": args.backbone,
                                         "steps": args.steps, "overrides": args.overrides, "code": code,
-                                        "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"})
+                                        "machine": meta.ob._machine(args.threads),
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     rows = meta.read_units(path)
     if rows:
         (args.out / RENDERED).write_text(render(rows))
