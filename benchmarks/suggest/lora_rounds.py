@@ -87,14 +87,12 @@ def render(rows: list[dict]) -> str:
     diffs: dict[int, list[tuple[float, float]]] = {}
     for k, name, seed in keys:
         a, r = by.get((name, seed, k, "auto")), by.get((name, seed, k, "random"))
-        cell = [f"{100 * x[f]:.1f}" if x else "-" for f in ("lora_accuracy",) for x in (r, a)]
+        cell = []
+        for f in ("lora_accuracy", "probe_accuracy"):
+            cell += [f"{100 * x[f]:.1f}" if x else "-" for x in (r, a)]
+            cell.append(f"{100 * (a[f] - r[f]):+.1f}" if a and r else "-")
         if a and r:
-            dl, dp = a["lora_accuracy"] - r["lora_accuracy"], a["probe_accuracy"] - r["probe_accuracy"]
-            diffs.setdefault(k, []).append((dl, dp))
-            cell += [f"{100 * dl:+.1f}", f"{100 * r['probe_accuracy']:.1f}", f"{100 * a['probe_accuracy']:.1f}",
-                     f"{100 * dp:+.1f}"]
-        else:
-            cell += ["-"] * 4
+            diffs.setdefault(k, []).append((a["lora_accuracy"] - r["lora_accuracy"], a["probe_accuracy"] - r["probe_accuracy"]))
         out.append(f"| {k} | {name} | {seed} | " + " | ".join(cell) + " |")
     for k, ds in sorted(diffs.items()):
         dl, dp = np.array(ds).T
