@@ -92,12 +92,14 @@ def render(rows: list[dict]) -> str:
             cell += [f"{100 * x[f]:.1f}" if x else "-" for x in (r, a)]
             cell.append(f"{100 * (a[f] - r[f]):+.1f}" if a and r else "-")
         if a and r:
-            diffs.setdefault(k, []).append((a["lora_accuracy"] - r["lora_accuracy"], a["probe_accuracy"] - r["probe_accuracy"]))
+            diffs.setdefault(k, []).append([x[f] for f in ("lora_accuracy", "probe_accuracy") for x in (r, a)])
         out.append(f"| {k} | {name} | {seed} | " + " | ".join(cell) + " |")
     for k, ds in sorted(diffs.items()):
-        dl, dp = np.array(ds).T
-        out.append(f"| {k} | **mean of {len(ds)}** | | | | **{100 * dl.mean():+.1f}** (auto ahead on {int((dl > 0).sum())}, "
-                   f"behind on {int((dl < 0).sum())}) | | | **{100 * dp.mean():+.1f}** |")
+        lr_, la, pr, pa = 100 * np.array(ds).T
+        dl = la - lr_
+        out.append(f"| {k} | **mean of {len(ds)}** | | {lr_.mean():.1f} | {la.mean():.1f} | **{dl.mean():+.1f}** (auto ahead "
+                   f"on {int((dl > 0).sum())}, behind on {int((dl < 0).sum())}) | {pr.mean():.1f} | {pa.mean():.1f} | "
+                   f"**{(pa - pr).mean():+.1f}** |")
     machine = sorted({r.get("machine", "?") for r in rows})
     return ("# LoRA on the simulated policies' picks (issue 33)\n\nTest accuracy % on the simulation's fixed test "
             "split; LoRA = `visiontune.train` on exactly the labeled images of that round (see "
