@@ -262,6 +262,25 @@ def cheap_unit(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, cla
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
+def family_of(label: str) -> Any:
+    """The :func:`~visiontune.auto.candidates.backbone_family` of the backbone ``label`` (a key of :data:`BACKBONES`)."""
+    return backbone_family(load_config(None, overrides=["data.dataset=digits", *BACKBONES[label].overrides()]))
+
+
+def finetune_overrides(spec: str, backbone: str, candidate: Iterable[str], n_train: int, args: Any, run_name: str) -> list[str]:
+    """The overrides of one fine-tune in ``auto``'s fold regime: ``candidate`` on the backbone ``backbone`` (a key of
+    :data:`BACKBONES`) for ``n_train`` images of the dataset ``spec``, batch :data:`BATCH`, epochs by
+    :func:`~visiontune.auto.folds.fold_epochs` for ``args.steps`` optimizer steps; ``args.overrides`` last but the
+    run's place (``args.runs``, ``run_name``) and ``args.threads``."""
+    defaults = load_config(None, overrides=[f"data.dataset={spec}", *args.overrides])
+    return [
+        f"data.dataset={spec}", f"optim.batch_size={BATCH}", "run.measure_speed=false", *BACKBONES[backbone].overrides(),
+        *candidate, *args.overrides, f"optim.epochs={fold_epochs(n_train, BATCH, defaults.optim.epochs, args.steps)}",
+        "run.progress=false", "run.plots=false", f"run.dir={args.runs}", f"run.name={run_name}", "run.overwrite=true",
+        f"run.threads={args.threads}",
+    ]
+
+
 def finetune_unit(overrides: list[str], train_recs: ImageRecords, test_recs: ImageRecords, head: tuple[np.ndarray, np.ndarray],
                   threads: int) -> dict:
     """One fine-tune in auto's fold regime; its test accuracy on the fixed test set (runs in a Ray worker)."""
@@ -374,8 +393,7 @@ class Harness:
 
     def backbone_family(self, label: str) -> Any:
         if label not in self.family:
-            b = BACKBONES[label]
-            self.family[label] = backbone_family(load_config(None, overrides=["data.dataset=digits", *b.overrides()]))
+            self.family[label] = family_of(label)
         return self.family[label]
 
     def feats(self, label: str, name: str, train: np.ndarray) -> dict[str, np.ndarray]:
@@ -433,15 +451,9 @@ class Harness:
                   suffix: str = "") -> tuple:
         """:func:`finetune_unit`'s arguments (but the threads) for ``u``'s candidate trained on the images ``train``
         of ``d`` (its LP-FT head from their features ``head``) and scored on the images ``test``."""
-        b = BACKBONES[u.backbone]
         cand = family_candidates(self.backbone_family(u.backbone))[_CANDIDATE_INDEX[u.method.removesuffix(FOLDS_SUFFIX)]]
         run_name = f"{u.task}-{u.backbone}-{u.method}{suffix}".replace("/", "-")
-        overrides = [
-            f"data.dataset={d.spec}", f"optim.batch_size={BATCH}", "run.measure_speed=false", *b.overrides(), *cand.overrides,
-            *self.args.overrides, f"optim.epochs={fold_epochs(len(train), BATCH, self.defaults(d).optim.epochs, self.args.steps)}",
-            "run.progress=false", "run.plots=false", f"run.dir={self.args.runs}", f"run.name={run_name}", "run.overwrite=true",
-            f"run.threads={self.args.threads}",
-        ]
+        overrides = finetune_overrides(d.spec, u.backbone, cand.overrides, len(train), self.args, run_name)
         return overrides, d.records.subset(train), d.records.subset(test), head
 
     def describe(self, u: Unit) -> dict:

@@ -51,7 +51,7 @@ def load_dataset(cache: Path, name: str, test_per_class: int) -> dict:
     rng = np.random.default_rng(0)
     test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:test_per_class] for c in range(len(classes))])
     pool = np.setdiff1d(np.arange(len(y)), test)
-    return {"x": x, "y": y, "classes": classes, "test": np.sort(test), "pool": pool}
+    return {"x": x, "y": y, "classes": classes, "test": np.sort(test), "pool": pool, "ids": ids}
 
 
 PROBE_C: float | None = None
@@ -75,7 +75,9 @@ def predict(head: nn.Linear, x: np.ndarray) -> np.ndarray:
         return torch.softmax(head(torch.from_numpy(x)), 1).numpy()
 
 
-def run_one(d: dict, strategy: str, seed: int, per_class: list[int]) -> list[dict]:
+def run_one(d: dict, strategy: str, seed: int, per_class: list[int], keep_labeled: bool = False) -> list[dict]:
+    """One whole policy from 0 labels: a row per round; ``keep_labeled`` adds the round's labeled set to its row
+    (``labeled``: indices into ``d["x"]``, in the order they were picked; ``lora_rounds.py`` fine-tunes on it)."""
     x, y, C = d["x"], d["y"], len(d["classes"])
     pool = d["pool"]
     labeled: list[int] = []  # indices into x
@@ -110,7 +112,7 @@ def run_one(d: dict, strategy: str, seed: int, per_class: list[int]) -> list[dic
                      "cv_s": round(time.perf_counter() - t1, 3)}
         rows.append({"per_class": k, "labels": len(labeled), "accuracy": acc, "classes_seen": int(len(set(ly.tolist()))),
                      "select_s": round(sel_s, 3), "rule": st.auto_choice(len(labeled) - budget, C, budget, probs is not None)
-                     if strategy == "auto" else name, **extra})
+                     if strategy == "auto" else name, **extra, **({"labeled": list(labeled)} if keep_labeled else {})})
     return rows
 
 
