@@ -190,8 +190,7 @@ def suggest(
     from visiontune.suggest.strategies import auto_choice
 
     rule = auto_choice(n_lab, len(classes), budget, probs is not None) if strategy == "auto" else strategy
-    picks: list[Pick] = select(strategy, feats, budget, seed, labeled=lab_x, probs=probs,
-                               n_classes=len(classes) or None, n_labeled=n_lab)
+    picks: list[Pick] = select(rule, feats, budget, seed, labeled=lab_x, probs=probs, n_classes=len(classes) or None)
     rows = [{"path": paths[p.index], "reason": p.reason, "score": p.score} for p in picks]
     meta = {"strategy": strategy, "rule": rule, "classes": classes, "budget": budget, "seed": seed, "pool": len(paths),
             "features": what, "labeled": str(labeled) if labeled else None, "run": str(run) if run else None,

@@ -266,8 +266,7 @@ def auto_choice(n_labeled: int, n_classes: int, budget: int, has_model: bool) ->
 
 
 def select(strategy: str, pool: np.ndarray, budget: int, seed: int, labeled: np.ndarray | None = None,
-           probs: Callable[[], tuple[np.ndarray, Sequence[str]]] | None = None, n_classes: int | None = None,
-           n_labeled: int | None = None) -> list[Pick]:
+           probs: Callable[[], tuple[np.ndarray, Sequence[str]]] | None = None, n_classes: int | None = None) -> list[Pick]:
     """``budget`` picks from ``pool`` by ``strategy`` (see the module docstring).
 
     Args:
@@ -278,15 +277,13 @@ def select(strategy: str, pool: np.ndarray, budget: int, seed: int, labeled: np.
         labeled: features [M, D] of the labeled images (None or empty for a cold start).
         probs: computes the pool's class probabilities and class names (a probe or a run); None when no model.
         n_classes: known class count (ProbCover's delta rule); defaults to 10 when unknown.
-        n_labeled: how many images are labeled already, where ``labeled`` does not hold them (a trained run's
-            training images): ``auto``'s switch point counts them.
     """
     check_strategy(strategy)
     if not 1 <= budget <= len(pool):
         raise ConfigError(f"budget {budget} must be between 1 and the pool size {len(pool)}")
     labeled = np.zeros((0, pool.shape[1]), np.float32) if labeled is None else np.asarray(labeled, np.float32)
     if strategy == "auto":
-        strategy = auto_choice(len(labeled) if n_labeled is None else n_labeled, n_classes or 0, budget, probs is not None)
+        strategy = auto_choice(len(labeled), n_classes or 0, budget, probs is not None)
     if strategy == "random":
         return random_picks(len(pool), budget, seed)
     if strategy == "typiclust":
