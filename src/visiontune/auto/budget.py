@@ -8,10 +8,17 @@ import statistics
 from typing import Any
 
 from visiontune.auto.candidates import Candidate
+from visiontune.auto.leaderboard import MIN_PAIRED_FOLDS
 from visiontune.auto.plan import Task
 from visiontune.auto.record import Record
 from visiontune.auto.schedule import StepTimes
 from visiontune.auto.settings import FINAL_RESERVE
+
+
+def _judgeable(rec: dict[str, Any]) -> bool:
+    """Whether the decision could judge a candidate on its folds if the budget stopped it now."""
+    status = rec.get("status")
+    return status == "complete" or (status not in ("pruned", "skipped", "failed") and len(rec.get("folds", [])) >= MIN_PAIRED_FOLDS)
 
 
 class Budget:
@@ -39,15 +46,18 @@ class Budget:
         return self.cheap_final_s(backbone) + FINAL_RESERVE * steps * times.step_s(cand)
 
     def time_left(self, backbone: str, cand: Candidate, completes: bool, times: StepTimes,
-                  candidates: tuple[Candidate, ...]) -> float | None:
+                  candidates: tuple[Candidate, ...], prior_pick: Candidate | None = None) -> float | None:
         """Seconds of the budget a job of ``cand`` may use: what is left less the final retrain's reserve, for the
-        dearest candidate that could be shipped after it (a complete one, or ``cand`` if this job ``completes`` it;
-        else the cheap candidates' retrain; ``candidates``: those of the stage). None without a budget."""
+        dearest candidate that could be shipped after it: one the decision could judge on its folds (complete, or
+        :data:`~visiontune.auto.leaderboard.MIN_PAIRED_FOLDS` folds finished and not pruned), ``cand`` if this job
+        ``completes`` it, and ``prior_pick``, the one the prior alone would choose
+        (:func:`~visiontune.auto.leaderboard.prior_pick`); else the cheap candidates' retrain (``candidates``: those
+        of the stage). None without a budget."""
         budget_s = self.budget_s
         if budget_s is None:
             return None
-        shippable = [c for c in candidates
-                     if self.record.state["finetune"].get(c.name, {}).get("status") == "complete" or (completes and c == cand)]
+        state = self.record.state["finetune"]
+        shippable = [c for c in candidates if _judgeable(state.get(c.name, {})) or (completes and c == cand) or c == prior_pick]
         reserve = max([self.cheap_final_s(backbone), *(self.final_s(backbone, c, times) for c in shippable)])
         return budget_s - self.record.elapsed() - reserve
 

@@ -32,6 +32,7 @@ from visiontune.auto.budget import Budget
 from visiontune.auto.candidates import Candidate
 from visiontune.auto.cheap import Features, fold_mean, meta_features
 from visiontune.auto.executor import fold_executor
+from visiontune.auto.leaderboard import prior_pick
 from visiontune.auto.plan import Task
 from visiontune.auto.record import Record
 from visiontune.auto.rungs import open_study, resume_trial, rung_epoch, tell, undecided
@@ -115,7 +116,7 @@ class FineTuneStage:
         self.trials: dict[str, Any] = {}  # started candidates -> their Optuna trial
         for c in self.waiting:
             state.setdefault(c.name, {"folds": [], "status": "waiting", "best_epochs": [], "steps_per_epoch": [], "job_s": 0.0})
-        features = meta_features(task, record.state, backbone)
+        features = self.meta = meta_features(task, record.state, backbone)
         options = {k.removeprefix("ray_"): v for k, v in self.settings.executor_options().items()}
         with fold_executor(self.settings.executor, task.cfg.run.device, **options) as runner:
             if runner.facts["executor"] != "local":
@@ -164,7 +165,9 @@ class FineTuneStage:
         pause = rung_epoch(epochs) if self._first_rung_due(cand) else None
         # Anytime: the job starts if one epoch of it fits what the budget leaves after the final retrain's reserve,
         # and stops between two steps when that runs out (visiontune.auto.schedule).
-        left = self.budget.time_left(backbone, cand, j == task.k - 1 and pause is None, times, self.candidates)
+        # The reserve covers the candidate the prior alone would choose, too: the decision may ship it unfolded.
+        pick = prior_pick(self.candidates, self.state, self.prior, self.meta, self.settings.cost_margin)
+        left = self.budget.time_left(backbone, cand, j == task.k - 1 and pause is None, times, self.candidates, pick)
         need = times.start_needs(cand, task.steps_per_epoch(len(splits["train"])))
         if left is not None and (left <= 0 or left < need):
             rec["why"] = (f"not started on fold {j + 1}: {max(left, 0.0):.0f} s of the budget left after the "

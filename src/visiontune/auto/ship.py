@@ -1,5 +1,5 @@
 """Stage 5 of ``visiontune auto``, ship: the winner is retrained on every labeled image (fine-tuning for the median
-best number of steps found on the folds) as a normal run in ``OUT/model`` (``predict``, ``serve``, ``export``,
+best number of steps found on the folds, or the regime's whole schedule for one chosen on its prior alone) as a normal run in ``OUT/model`` (``predict``, ``serve``, ``export``,
 ``eval`` work on it); the test split, when the data has one, is read here, once. ``OUT/leaderboard.md`` / ``.json``
 and two plots hold the selection (:mod:`visiontune.auto.report`).
 """
@@ -25,7 +25,11 @@ def final_run(task: Task, record: Record, backbone: str, decision: dict[str, Any
     cand = next(c for c in (*task.cheap, *candidates) if c.name == name)
     extra = [f"run.progress={str(record.progress).lower()}", f"run.dir={record.out}", "run.name=model", "run.overwrite=true"]
     note = ""
-    if not cand.cheap:
+    if not cand.cheap and not record.state["finetune"][name]["best_epochs"]:  # chosen on its prior alone
+        epochs = task.epochs(len(task.pool))
+        extra.append(f"optim.epochs={epochs}")
+        note = f"{epochs} epochs: no fold finished, so the regime's schedule for {len(task.pool)} images"
+    elif not cand.cheap:
         rec = record.state["finetune"][name]
         best_steps = statistics.median(e * s for e, s in zip(rec["best_epochs"], rec["steps_per_epoch"]))
         epochs = int(round(best_steps / task.steps_per_epoch(len(task.pool))))
