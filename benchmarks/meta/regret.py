@@ -17,7 +17,9 @@ chose, in points (0: it chose the best). Rules:
   meta-benchmark's fold units fine-tune a task's first folds, as ``auto`` under a short budget sees only those): ``argmax CV`` (best fold mean), ``one-SE rule`` (the
   rule ``auto`` used before the posterior: best mean unless a method with at most half its seconds is within one
   corrected standard error, paired), ``flat-prior Bayes`` and ``meta-prior Bayes`` (:mod:`visiontune.auto.decision`
-  with a flat and the learned prior).
+  with a flat and the learned prior);
+* ``auto's rule``: what ``visiontune auto`` decides, the meta-prior Bayes rule where the task has fine-tune fold
+  scores and the prior alone where it has none (a candidate the budget left without two finished folds).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ CHEAP = ("probe", "prototype")
 OVERRIDES = {"prototype": ("method.name=prototype",), "lora": ("method.name=lora",), "lora_lastk": ("method.name=lora", "method.blocks=last:4"),
              "dora": ("method.name=dora",), "mona": ("method.name=mona",), "full": ("method.name=full",)}
 RULES = ("always probe", "always default LoRA", "prior only", "argmax CV", "one-SE rule", "flat-prior Bayes",
-         "meta-prior Bayes")
+         "meta-prior Bayes", "auto's rule")
+"""``auto's rule`` is what ``visiontune auto`` does: the meta-prior Bayes rule where the fine-tune has fold scores, the
+prior alone where it has none (a candidate the budget left without two finished folds is judged on its prior)."""
 NEED_FOLDS = {"argmax CV", "one-SE rule", "flat-prior Bayes", "meta-prior Bayes"}
 
 
@@ -132,6 +136,7 @@ def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, 
             best = max(test.values())
             chosen = {"always probe": "probe", "always default LoRA": "lora" if "lora" in test else None,
                       "prior only": _prior_only(row, prior, margin)}
+            chosen["auto's rule"] = chosen["prior only"]
             folds = _fold_ready(row)
             if folds is not None:
                 with_folds[s] += 1
@@ -139,6 +144,7 @@ def evaluate(rows: list[dict[str, Any]], margin: float = 0.0, shots: tuple[int, 
                 chosen.update({"argmax CV": max(ready["folds"], key=lambda m: np.mean(ready["folds"][m])),
                                "one-SE rule": _one_se(ready), "flat-prior Bayes": _bayes(ready, None, margin),
                                "meta-prior Bayes": _bayes(ready, prior, margin)})
+                chosen["auto's rule"] = chosen["meta-prior Bayes"]
             regret = {rule: 100 * (best - test[m]) for rule, m in chosen.items() if m is not None}
             for rule, v in regret.items():
                 regrets[rule][s].append(v)
@@ -175,7 +181,7 @@ def markdown(result: dict[str, Any], command: str, margin: float, shots: tuple[i
     counts = ", ".join(f"{s}: {result['tasks'].get(s, 0)} tasks ({result['with_folds'].get(s, 0)} with fine-tune fold scores)"
                        for s in shots)
     short = {"always probe": "probe", "always default LoRA": "LoRA", "prior only": "prior", "argmax CV": "argmax",
-             "one-SE rule": "1-SE", "flat-prior Bayes": "flat", "meta-prior Bayes": "meta"}
+             "one-SE rule": "1-SE", "flat-prior Bayes": "flat", "meta-prior Bayes": "meta", "auto's rule": "auto"}
     picks = ["| task | test accuracy (%) | " + " | ".join(short[r] for r in RULES) + " |",
              "|:---|:---|" + ":---|" * len(RULES)]
     for c in sorted(result.get("choices", []), key=lambda c: (c["shots"], c["task"])):

@@ -72,6 +72,9 @@ def test_regret_is_leave_one_dataset_out_and_says_what_it_cannot_judge(meta_tabl
     assert len({len(folds["common"][rule][10]) for rule in regret.RULES}) == 1
     assert len(folds["choices"]) == sum(len(folds["common"]["always probe"][s]) for s in regret.SHOTS)
     assert not any(result["common"][rule] for rule in regret.RULES)  # no fold scores: no common tasks
+    # auto's rule: the prior alone where no fine-tune has fold scores, the meta-prior Bayes rule where one has
+    assert result["regrets"]["auto's rule"][5] == result["regrets"]["prior only"][5]
+    assert folds["common"]["auto's rule"][10] == folds["common"]["meta-prior Bayes"][10]
     # side by side, the zero-shot rule chooses among the methods with fold scores only, as the fold rules do
     from visiontune.auto.prior import MetaPrior, fit_prior
 
