@@ -119,31 +119,29 @@ SUGGEST = Source(
     "python benchmarks/suggest/analyze.py --choose (after the simulate.py runs of benchmarks/suggest/README.md)",
     "AMD EPYC, 2 cores, AVX-512, shared (benchmarks/suggest/README.md)",
 )
-_LODO_MACHINE = ("AMD EPYC (AVX-512), 2 cores, shared: load average 10-25 during the runs "
-                 "(docs/tutorials/choose-a-method.md)")
-AUTO_FMNIST10_LODO = Source(
-    "benchmarks/results/auto-fmnist10-lodo/leaderboard.json",
+AUTO_FMNIST10_LOADED = Source(
+    "benchmarks/results/auto-fmnist10-loaded/leaderboard.json",
     "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
     "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_FASHION_MNIST --budget 30m "
-    "--out runs/auto/fmnist10-lodo2", _LODO_MACHINE,
+    "--out runs/auto/fmnist10-loaded",
+    "AMD EPYC (AVX-512), 2 cores, beside the meta-benchmark's two workers (docs/tutorials/choose-a-method.md)",
 )
-AUTO_ELPV20_LODO = Source(
-    "benchmarks/results/auto-elpv20-lodo/leaderboard.json",
+_V4_MACHINE = "AMD EPYC (AVX-512), 2 cores, quiet: nothing else running (docs/tutorials/choose-a-method.md)"
+AUTO_FMNIST10_V4 = Source(
+    "benchmarks/results/auto-fmnist10-v4/leaderboard.json",
+    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
+    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_FASHION_MNIST --budget 30m "
+    "--out runs/auto/fmnist10-v4", _V4_MACHINE,
+)
+AUTO_ELPV20_V4 = Source(
+    "benchmarks/results/auto-elpv20-v4/leaderboard.json",
     "visiontune auto elpv data.train_per_class=20 data.test_per_class=100 backbone.weights=offline backbone.img_size=112 "
-    "--backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_ELPV --budget 20m --out runs/auto/elpv20-lodo", _LODO_MACHINE,
+    "--backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_ELPV --budget 20m --out runs/auto/elpv20-v4", _V4_MACHINE,
 )
-AUTO_FMNIST10_V3 = Source(
-    "benchmarks/results/auto-fmnist10-v3/leaderboard.json",
-    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
-    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_FASHION_MNIST --budget 30m "
-    "--out runs/auto/fmnist10-v3",
-    "AMD EPYC (AVX-512), 2 cores, beside a 2-worker meta-benchmark and a helper's benchmark: load average 4-6 "
-    "(docs/tutorials/choose-a-method.md)",
-)
-AUTO_MRI40 = Source(
-    "benchmarks/results/auto-mri40-15m/leaderboard.json",
-    "visiontune auto MRI40 backbone.weights=offline --prior PRIOR_WITHOUT_BRAIN_MRI4 --budget 15m --out runs/auto/mri40-15m",
-    _LODO_MACHINE,
+AUTO_MRI40_V4 = Source(
+    "benchmarks/results/auto-mri40-v4/leaderboard.json",
+    "visiontune auto MRI40 backbone.weights=offline --prior PRIOR_WITHOUT_BRAIN_MRI4 --budget 15m --out runs/auto/mri40-v4",
+    _V4_MACHINE,
 )
 HEAD_INIT = Source(
     "benchmarks/results/head-init-views/results.json",
@@ -440,11 +438,11 @@ FIGURES.update({
        for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.accuracy": Figure("the chosen model's test accuracy (prior fitted without the task's dataset)", src,
                                   _auto_accuracy)
-       for name, src in (("auto-fmnist10-lodo", AUTO_FMNIST10_LODO), ("auto-elpv20-lodo", AUTO_ELPV20_LODO),
-                         ("auto-mri40", AUTO_MRI40), ("auto-fmnist10-v3", AUTO_FMNIST10_V3))},
+       for name, src in (("auto-fmnist10-v4", AUTO_FMNIST10_V4), ("auto-elpv20-v4", AUTO_ELPV20_V4),
+                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
-       for name, src in (("auto-fmnist10-lodo", AUTO_FMNIST10_LODO), ("auto-elpv20-lodo", AUTO_ELPV20_LODO),
-                         ("auto-mri40", AUTO_MRI40), ("auto-fmnist10-v3", AUTO_FMNIST10_V3))},
+       for name, src in (("auto-fmnist10-v4", AUTO_FMNIST10_V4), ("auto-elpv20-v4", AUTO_ELPV20_V4),
+                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED))},
     # benchmarks/suggest: the whole policy `visiontune suggest --strategy auto` ships, and its criterion
     **{f"suggest.auto-{n}": Figure(f"labels per class `auto` needs to reach random's accuracy at {n}/class, over {n} "
                                    "(mean of 6 datasets)", SUGGEST, lambda c, n=n: f"{c['ratio'][str(n)]:.2f}")
