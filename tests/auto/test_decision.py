@@ -74,6 +74,22 @@ def test_equal_differences_pin_the_mean_and_no_folds_leave_the_prior() -> None:
     assert (q.mean, q.sd, q.prior_share) == (0.02, 0.01, 1.0) and q.p_better == pytest.approx(stats.norm.sf(-2))
 
 
+def test_folds_that_happen_to_agree_are_floored_at_a_folds_binomial_resolution() -> None:
+    from visiontune.auto.decision import fold_variance_floor
+
+    floor = fold_variance_floor(0.72, 20)  # two folds of 20 held-out images at about 72 %
+    assert floor == pytest.approx(0.72 * 0.28 / 20) and fold_variance_floor(0.5, 0) == 0.0
+    # Both folds +0.0 (flowers5 20/class: LoRA tied the probe on each): not a gain known to be exactly zero
+    pinned = posterior([0.0, 0.0], 0.2, PriorGain(0.06, 0.07))
+    assert (pinned.mean, pinned.sd) == (0.0, 0.0)
+    p = posterior([0.0, 0.0], 0.2, PriorGain(0.06, 0.07), min_var=floor)
+    loc, scale, dof = correlated_t([0.0, 0.0], 0.2, floor)
+    assert (loc, dof) == (0.0, 1) and scale == pytest.approx(((1 / 2 + 1 / 4) * floor) ** 0.5)
+    assert 0.0 < p.mean < 0.06 and 0.0 < p.sd < 0.07 and 0.0 < p.prior_share < 1.0  # the prior and the folds both count
+    # A spread above the floor is left as it is
+    assert correlated_t([0.1, -0.2, 0.3], 0.2, floor) == correlated_t([0.1, -0.2, 0.3], 0.2)
+
+
 def test_choice_charges_the_cost_margin_to_dearer_candidates_only() -> None:
     posts = {"probe": posterior([0.0] * 5, 0.2), "proto": posterior([0.004] * 5, 0.2),
              "lora": posterior([0.012] * 5, 0.2)}

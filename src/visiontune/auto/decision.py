@@ -90,25 +90,43 @@ class Posterior:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def correlated_t(diffs: list[float] | np.ndarray, rho: float) -> tuple[float, float, int] | None:
+def fold_variance_floor(accuracy: float, n_heldout: float) -> float:
+    """The least variance a paired fold difference is credited with: the binomial variance p(1-p)/n of an accuracy
+    ``accuracy`` measured on one fold's ``n_heldout`` images (0 without images).
+
+    Two or three folds of 10-20 images often give exactly equal differences (both +0.0, both -12.5 points): a sample
+    variance of zero, which the t would read as a gain known exactly, overriding the prior and every other fold to
+    come. No accuracy measured on n images is known better than its binomial resolution, so the sample variance is
+    floored there. The floor only binds when the folds happen to agree (their spread is usually far above it)."""
+    if n_heldout <= 0:
+        return 0.0
+    p = min(max(float(accuracy), 0.0), 1.0)
+    return p * (1.0 - p) / float(n_heldout)
+
+
+def correlated_t(diffs: list[float] | np.ndarray, rho: float, min_var: float = 0.0) -> tuple[float, float, int] | None:
     """(location, scale, degrees of freedom) of the correlated t on the mean of paired fold ``diffs``, or None with
-    fewer than two folds; ``rho`` is one fold's test share of the data (n_test / n_total, 1/k for k-fold)."""
+    fewer than two folds; ``rho`` is one fold's test share of the data (n_test / n_total, 1/k for k-fold);
+    ``min_var`` floors the folds' sample variance (:func:`fold_variance_floor`)."""
     d = np.asarray(diffs, dtype=float)
     k = len(d)
     if k < 2:
         return None
     if not 0 <= rho < 1:
         raise ValueError(f"rho={rho} must be in [0, 1)")
-    return float(d.mean()), math.sqrt((1.0 / k + rho / (1.0 - rho)) * float(d.var(ddof=1))), k - 1
+    var = max(float(d.var(ddof=1)), float(min_var))
+    return float(d.mean()), math.sqrt((1.0 / k + rho / (1.0 - rho)) * var), k - 1
 
 
-def posterior(diffs: list[float] | np.ndarray, rho: float, prior: PriorGain = FLAT, rope: float = ROPE_POINTS / 100
-              ) -> Posterior:
-    """The posterior on the mean gain from paired fold ``diffs`` (candidate - probe, fractions) and ``prior``."""
+def posterior(diffs: list[float] | np.ndarray, rho: float, prior: PriorGain = FLAT, rope: float = ROPE_POINTS / 100,
+              min_var: float = 0.0) -> Posterior:
+    """The posterior on the mean gain from paired fold ``diffs`` (candidate - probe, fractions) and ``prior``;
+    ``min_var`` floors the folds' sample variance (:func:`fold_variance_floor`; 0: none, so equal differences pin the
+    mean)."""
     from scipy import stats
     from scipy.integrate import cumulative_trapezoid, trapezoid
 
-    t = correlated_t(diffs, rho)
+    t = correlated_t(diffs, rho, min_var)
     k = len(diffs)
     if t is None:  # no evidence: the prior alone
         m, s = (0.0, math.inf) if prior.flat else (prior.mean, prior.sd)
@@ -155,4 +173,4 @@ def choose(posteriors: dict[str, Posterior], probe: str, dearer: set[str], margi
     return best, utility
 
 
-__all__ = ["FLAT", "Posterior", "ROPE_POINTS", "check_points", "choose", "correlated_t", "posterior"]
+__all__ = ["FLAT", "Posterior", "ROPE_POINTS", "check_points", "choose", "correlated_t", "fold_variance_floor", "posterior"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from visiontune.auto.candidates import Candidate
 from visiontune.auto.cheap import meta_features
-from visiontune.auto.decision import Posterior, choose, posterior
+from visiontune.auto.decision import Posterior, choose, fold_variance_floor, posterior
 from visiontune.auto.plan import PROBE, Task
 from visiontune.auto.schedule import GainPrior, PriorGain
 from visiontune.auto.settings import AutoSettings
@@ -156,8 +156,12 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
         name = r["candidate"]
         belief = beliefs.get(name, PriorGain())
         # With fewer than two folds (a candidate on its prior alone) there is no spread to read: the prior decides.
-        diffs = [a - b for a, b in zip(_fold_acc(state, r), probe)] if r.get("basis") != "prior alone" else []
-        posts[name] = posterior(diffs, 1.0 / task.k, belief, rope / 100)
+        acc = _fold_acc(state, r)
+        diffs = [a - b for a, b in zip(acc, probe)] if r.get("basis") != "prior alone" else []
+        # Folds that happen to agree exactly are not a gain known exactly: floored at a fold's binomial resolution.
+        floor = fold_variance_floor((np.mean(acc[:len(diffs)] or [0.0]) + np.mean(probe[:len(diffs)] or [0.0])) / 2,
+                                    len(task.pool) / task.k) if diffs and name != PROBE else 0.0
+        posts[name] = posterior(diffs, 1.0 / task.k, belief, rope / 100, floor)
         r["gain"] = {**posts[name].as_dict(), "expected_accuracy": probe_row["accuracy"] + (0.0 if name == PROBE else posts[name].mean)}
     dearer = {n for n in posts if n not in cheap}
     # Ties go to the cheaper fold; a candidate on its prior alone has no measured fold, so it goes last.
