@@ -156,7 +156,7 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
         name = r["candidate"]
         belief = beliefs.get(name, PriorGain())
         # With fewer than two folds (a candidate on its prior alone) there is no spread to read: the prior decides.
-        acc = _fold_acc(state, r)
+        acc = _fold_acc(state, r) if r.get("basis") != "prior alone" else []
         diffs = [a - b for a, b in zip(acc, probe)] if r.get("basis") != "prior alone" else []
         # Folds that happen to agree exactly are not a gain known exactly: floored at a fold's binomial resolution.
         floor = fold_variance_floor((np.mean(acc[:len(diffs)] or [0.0]) + np.mean(probe[:len(diffs)] or [0.0])) / 2,
