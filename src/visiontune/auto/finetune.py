@@ -37,7 +37,7 @@ from visiontune.auto.plan import Task
 from visiontune.auto.record import Record
 from visiontune.auto.rungs import open_study, resume_trial, rung_epoch, tell, undecided
 from visiontune.auto.schedule import GainPrior, StepTimes, by_priority
-from visiontune.auto.settings import THIRDS, AutoSettings
+from visiontune.auto.settings import FINAL_RESERVE, THIRDS, AutoSettings
 
 FINISHED = ("complete", "pruned", "skipped")
 """Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the
@@ -230,6 +230,17 @@ class FineTuneStage:
             trial.report(out["row"]["accuracy"], 1)
         self.record.log(f"{cand.name}: stopped by the budget at epoch {out['epoch']} of {out['epochs']} of fold {fold}: "
                         f"{out['row']['accuracy']:.3f} on its held-out part")
+
+    def can_retrain(self, backbone: str) -> set[str] | None:
+        """The candidates whose final retrain fits what is left of the budget by the measured step times (without
+        the reserve's safety margin: the reserve was kept with it), or None without a budget: a candidate chosen on
+        its prior alone must still be shipped within the budget."""
+        budget_s = self.budget.budget_s
+        if budget_s is None:
+            return None
+        left, times = budget_s - self.record.elapsed(), self.step_times()
+        return {c.name for c in self.candidates
+                if self.budget.final_s(backbone, c, times) / FINAL_RESERVE <= left}
 
     def step_times(self) -> StepTimes:
         """Seconds per optimizer step, measured from every candidate's jobs so far (auto.json keeps them)."""

@@ -125,7 +125,8 @@ def _fold_acc(state: dict[str, Any], row: dict[str, Any]) -> list[float]:
 
 
 def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: GainPrior,
-           candidates: tuple[Candidate, ...], rows: list[dict[str, Any]]) -> dict[str, Any]:
+           candidates: tuple[Candidate, ...], rows: list[dict[str, Any]],
+           can_retrain: set[str] | None = None) -> dict[str, Any]:
     """The highest posterior expected accuracy, less the cost margin for a fine-tune; the reason in words.
 
     Each eligible candidate's gain over the probe gets a posterior (:mod:`visiontune.auto.decision`: ``prior``
@@ -134,7 +135,8 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
     eligible row (``gain``). A candidate the budget stopped is judged on its finished folds, each paired with the
     probe's same fold (``zip`` keeps the first ones: folds run in order); the partial fold is not in them. One the
     budget left with fewer than two finished folds, and not pruned, is judged on its learned prior alone
-    (:func:`on_prior_alone`; ``basis`` "prior alone" on its row). This replaces the
+    (:func:`on_prior_alone`; ``basis`` "prior alone" on its row) if its final retrain fits what is left of the budget
+    (``can_retrain``: the names that fit; None: no budget). This replaces the
     one-standard-error rule, which sent every tie to the cheaper candidate whatever other datasets say: on 100
     labeled images it kept the probe where LoRA was 5 points better on the test images.
     """
@@ -148,7 +150,8 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
     beliefs = {name: prior.gain(c, features) for name, c in cands.items()}
     for r in rows:  # the budget left it without two finished folds: its prior alone, where one was learned
         rec = state["finetune"].get(r["candidate"])
-        if not r.get("eligible") and rec is not None and r["candidate"] in beliefs and on_prior_alone(rec, beliefs[r["candidate"]]):
+        if (not r.get("eligible") and rec is not None and r["candidate"] in beliefs and on_prior_alone(rec, beliefs[r["candidate"]])
+                and (can_retrain is None or r["candidate"] in can_retrain)):
             r["eligible"], r["basis"] = True, "prior alone"
     eligible = [r for r in rows if r.get("eligible")]
     posts: dict[str, Posterior] = {}

@@ -71,7 +71,8 @@ class AutoSelect:
 
     def decide(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The decision on ``rows`` (:func:`visiontune.auto.leaderboard.decide`)."""
-        return decide(self.task, self.record.state, self.settings, self.prior, self.candidates, rows)
+        return decide(self.task, self.record.state, self.settings, self.prior, self.candidates, rows,
+                      self.finetune.can_retrain(rows[0]["backbone"]) if self.finetune is not None else None)
 
     def run(self) -> dict[str, Any]:
         """The whole selection (continuing one ``OUT`` holds); the leaderboard record."""
