@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from visiontune.auto.candidates import Candidate
-from visiontune.auto.decision import FLAT, choose, fold_variance_floor, posterior
+from visiontune.auto.decision import FLAT, choose, paired_floor, posterior
 from visiontune.auto.prior import KINDS, MetaPrior, fit_prior, read_table
 from visiontune.auto.stats import corrected_interval
 
@@ -73,7 +73,7 @@ def _bayes(row: dict[str, Any], prior: Any, margin: float) -> str:
     posts = {}
     for m in folds:
         gain = FLAT if prior is None or m == "probe" else prior.gain(Candidate(m, OVERRIDES[m]), features)
-        floor = 0.0 if m == "probe" else fold_variance_floor((np.mean(folds[m]) + np.mean(folds["probe"])) / 2, row["pool"] / k)
+        floor = 0.0 if m == "probe" else paired_floor(folds[m], folds["probe"], row["pool"] / k)
         posts[m] = posterior([a - b for a, b in zip(folds[m], folds["probe"])], 1.0 / k, gain, min_var=floor)
     return choose(posts, "probe", {m for m in posts if m not in CHEAP}, margin, _seconds(row))[0]
 

@@ -8,17 +8,11 @@ import statistics
 from typing import Any
 
 from visiontune.auto.candidates import Candidate
-from visiontune.auto.leaderboard import MIN_PAIRED_FOLDS
+from visiontune.auto.leaderboard import judgeable_if_stopped
 from visiontune.auto.plan import Task
 from visiontune.auto.record import Record
 from visiontune.auto.schedule import StepTimes
 from visiontune.auto.settings import FINAL_RESERVE
-
-
-def _judgeable(rec: dict[str, Any]) -> bool:
-    """Whether the decision could judge a candidate on its folds if the budget stopped it now."""
-    status = rec.get("status")
-    return status == "complete" or (status not in ("pruned", "skipped", "failed") and len(rec.get("folds", [])) >= MIN_PAIRED_FOLDS)
 
 
 class Budget:
@@ -34,16 +28,17 @@ class Budget:
         feat_s = float(self.record.state["cheap"][backbone].get("feature_s", 0.0))
         return feat_s * (len(task.pool) + len(task.test)) / len(task.pool)
 
-    def final_s(self, backbone: str, cand: Candidate, times: StepTimes) -> float:
+    def final_s(self, backbone: str, cand: Candidate, times: StepTimes, margin: float = FINAL_RESERVE) -> float:
         """The final retrain of ``cand`` on every labeled image, from its measured step time: the median best step
-        count of its folds (or, before any, a fold's whole schedule), with :data:`FINAL_RESERVE`'s margin."""
+        count of its folds (or, before any, a fold's whole schedule), its steps with ``margin`` (the reserve's,
+        :data:`FINAL_RESERVE`, unless asked for the estimate itself with 1)."""
         rec = self.record.state["finetune"].get(cand.name, {})
         if rec.get("best_epochs"):
             steps = statistics.median(e * s for e, s in zip(rec["best_epochs"], rec["steps_per_epoch"]))
         else:
             n = len(self.task.fold_splits(0)["train"])
             steps = self.task.epochs(n) * self.task.steps_per_epoch(n)
-        return self.cheap_final_s(backbone) + FINAL_RESERVE * steps * times.step_s(cand)
+        return self.cheap_final_s(backbone) + margin * steps * times.step_s(cand)
 
     def time_left(self, backbone: str, cand: Candidate, completes: bool, times: StepTimes,
                   candidates: tuple[Candidate, ...], prior_pick: Candidate | None = None) -> float | None:
@@ -57,7 +52,7 @@ class Budget:
         if budget_s is None:
             return None
         state = self.record.state["finetune"]
-        shippable = [c for c in candidates if _judgeable(state.get(c.name, {})) or (completes and c == cand) or c == prior_pick]
+        shippable = [c for c in candidates if judgeable_if_stopped(state.get(c.name, {})) or (completes and c == cand) or c == prior_pick]
         reserve = max([self.cheap_final_s(backbone), *(self.final_s(backbone, c, times) for c in shippable)])
         return budget_s - self.record.elapsed() - reserve
 

@@ -104,6 +104,15 @@ def fold_variance_floor(accuracy: float, n_heldout: float) -> float:
     return p * (1.0 - p) / float(n_heldout)
 
 
+def paired_floor(candidate: list[float], probe: list[float], n_heldout: float) -> float:
+    """:func:`fold_variance_floor` for paired fold accuracies (the same folds, in order): at the mean accuracy of the
+    two over the folds both have, on one fold's ``n_heldout`` images; 0 without paired folds."""
+    n = min(len(candidate), len(probe))
+    if n == 0:
+        return 0.0
+    return fold_variance_floor((float(np.mean(candidate[:n])) + float(np.mean(probe[:n]))) / 2, n_heldout)
+
+
 def correlated_t(diffs: list[float] | np.ndarray, rho: float, min_var: float = 0.0) -> tuple[float, float, int] | None:
     """(location, scale, degrees of freedom) of the correlated t on the mean of paired fold ``diffs``, or None with
     fewer than two folds; ``rho`` is one fold's test share of the data (n_test / n_total, 1/k for k-fold);
@@ -173,4 +182,4 @@ def choose(posteriors: dict[str, Posterior], probe: str, dearer: set[str], margi
     return best, utility
 
 
-__all__ = ["FLAT", "Posterior", "ROPE_POINTS", "check_points", "choose", "correlated_t", "fold_variance_floor", "posterior"]
+__all__ = ["FLAT", "Posterior", "ROPE_POINTS", "check_points", "choose", "correlated_t", "fold_variance_floor", "paired_floor", "posterior"]

@@ -37,7 +37,7 @@ from visiontune.auto.plan import Task
 from visiontune.auto.record import Record
 from visiontune.auto.rungs import open_study, resume_trial, rung_epoch, tell, undecided
 from visiontune.auto.schedule import GainPrior, StepTimes, by_priority
-from visiontune.auto.settings import FINAL_RESERVE, THIRDS, AutoSettings
+from visiontune.auto.settings import THIRDS, AutoSettings
 
 FINISHED = ("complete", "pruned", "skipped")
 """Candidate states a rerun does not continue (``skipped``: it cannot apply to the backbone); one stopped by the
@@ -240,7 +240,7 @@ class FineTuneStage:
             return None
         left, times = budget_s - self.record.elapsed(), self.step_times()
         return {c.name for c in self.candidates
-                if self.budget.final_s(backbone, c, times) / FINAL_RESERVE <= left}
+                if self.budget.final_s(backbone, c, times, margin=1.0) <= left}
 
     def step_times(self) -> StepTimes:
         """Seconds per optimizer step, measured from every candidate's jobs so far (auto.json keeps them)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from visiontune.auto.candidates import Candidate
 from visiontune.auto.cheap import meta_features
-from visiontune.auto.decision import Posterior, choose, fold_variance_floor, posterior
+from visiontune.auto.decision import Posterior, choose, paired_floor, posterior
 from visiontune.auto.plan import PROBE, Task
 from visiontune.auto.schedule import GainPrior, PriorGain
 from visiontune.auto.settings import AutoSettings
@@ -58,6 +58,16 @@ def is_eligible(rec: dict[str, Any]) -> bool:
 
 STOPPED_BY_BUDGET = ("budget", "partial (budget)")
 """Statuses of a candidate the budget stopped, or never let start: nothing judged it worse than the others."""
+RULED_OUT = ("pruned", "skipped", "failed")
+"""Statuses after which a candidate cannot be shipped without finishing its folds: the pruner found it behind, it
+cannot apply to the backbone, or its worker died."""
+
+
+def judgeable_if_stopped(rec: dict[str, Any]) -> bool:
+    """Whether the decision could judge a candidate on its folds if the budget stopped it now (complete, or
+    :data:`MIN_PAIRED_FOLDS` folds finished and not ruled out): what the final retrain's reserve must cover."""
+    status = rec.get("status")
+    return status == "complete" or (status not in RULED_OUT and len(rec.get("folds", [])) >= MIN_PAIRED_FOLDS)
 
 
 def on_prior_alone(rec: dict[str, Any], belief: PriorGain) -> bool:
@@ -79,7 +89,7 @@ def prior_pick(candidates: tuple[Candidate, ...], finetune: dict[str, Any], prio
     best, best_mean = None, cost_margin / 100
     for c in candidates:
         rec = finetune.get(c.name, {"status": "waiting", "folds": []})
-        if rec.get("status") in ("pruned", "skipped", "failed") or is_eligible(rec):
+        if rec.get("status") in RULED_OUT or is_eligible(rec):
             continue
         belief = prior.gain(c, features)
         if not belief.flat and belief.mean > best_mean:
@@ -154,16 +164,16 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
                 and (can_retrain is None or r["candidate"] in can_retrain)):
             r["eligible"], r["basis"] = True, "prior alone"
     eligible = [r for r in rows if r.get("eligible")]
+    on_prior = {r["candidate"] for r in eligible if r.get("basis") == "prior alone"}
     posts: dict[str, Posterior] = {}
     for r in eligible:
         name = r["candidate"]
         belief = beliefs.get(name, PriorGain())
-        # With fewer than two folds (a candidate on its prior alone) there is no spread to read: the prior decides.
-        acc = _fold_acc(state, r) if r.get("basis") != "prior alone" else []
-        diffs = [a - b for a, b in zip(acc, probe)] if r.get("basis") != "prior alone" else []
+        # A candidate on its prior alone has fewer than two folds, no spread to read: the prior decides.
+        acc = [] if name in on_prior else _fold_acc(state, r)
+        diffs = [a - b for a, b in zip(acc, probe)]
         # Folds that happen to agree exactly are not a gain known exactly: floored at a fold's binomial resolution.
-        floor = fold_variance_floor((np.mean(acc[:len(diffs)] or [0.0]) + np.mean(probe[:len(diffs)] or [0.0])) / 2,
-                                    len(task.pool) / task.k) if diffs and name != PROBE else 0.0
+        floor = 0.0 if name == PROBE else paired_floor(acc, probe, len(task.pool) / task.k)
         posts[name] = posterior(diffs, 1.0 / task.k, belief, rope / 100, floor)
         r["gain"] = {**posts[name].as_dict(), "expected_accuracy": probe_row["accuracy"] + (0.0 if name == PROBE else posts[name].mean)}
     dearer = {n for n in posts if n not in cheap}
@@ -177,10 +187,9 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
     def said(name: str) -> str:
         p = posts[name]
         sd = f" ± {100 * p.sd:.1f}" if math.isfinite(p.sd) else ""
-        alone = next((r for r in eligible if r["candidate"] == name), {}).get("basis") == "prior alone"
         return (f"{name}: {100 * p.mean:+.1f}{sd} points over the probe, P(better) {p.p_better:.2f}, P(within ±{rope:g}) "
                 f"{p.p_equivalent:.2f}, " + ("on the prior alone (the budget let it finish fewer than "
-                                              f"{MIN_PAIRED_FOLDS} folds)" if alone else f"{100 * p.prior_share:.0f} % from the prior"))
+                                              f"{MIN_PAIRED_FOLDS} folds)" if name in on_prior else f"{100 * p.prior_share:.0f} % from the prior"))
 
     rivals = sorted((n for n in posts if n not in (best, PROBE)), key=lambda n: -utility[n])
     if best == PROBE:
@@ -194,4 +203,5 @@ def decide(task: Task, state: dict[str, Any], settings: AutoSettings, prior: Gai
     return {"candidate": best, "reason": why, "rule": "posterior", "cost_margin": cost_margin, "rope": rope}
 
 
-__all__ = ["MIN_PAIRED_FOLDS", "STOPPED_BY_BUDGET", "decide", "is_eligible", "leaderboard", "on_prior_alone", "prior_pick"]
+__all__ = ["MIN_PAIRED_FOLDS", "RULED_OUT", "STOPPED_BY_BUDGET", "decide", "is_eligible", "judgeable_if_stopped", "leaderboard",
+           "on_prior_alone", "prior_pick"]
