@@ -27,6 +27,7 @@ Usage (repo root)::
     python benchmarks/datasets.py extract flowers5 --repo PATH_TO_CLONE_OR_BARE_GIT_DIR --out /data
     python benchmarks/datasets.py extract-all --mirror-root /work/.mirror --out /data
     python benchmarks/datasets.py markdown            # rewrites benchmarks/datasets/DATASETS.md
+    python benchmarks/datasets.py subset /data/brain_mri4 --per-class 10 --out /data/mri40   # a small task
 
 ``--out`` is the parent folder: a dataset lands in ``OUT/NAME/``. The repository can be a normal clone or a
 bare git directory (files are read from git's objects at the pinned commit, so the clone's checkout does not
@@ -788,6 +789,50 @@ def mirror_repo(mirror_root: str, repo: str) -> str:
     return os.path.join(mirror_root, repo.replace("/", "+"))
 
 
+def _head(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def subset(source: str, out: str, per_class: int, seed: int = 0, replace: bool = False) -> dict[str, list[str]]:
+    """Copy ``per_class`` images of every class of the image folder ``source`` to ``out`` (a small task of its own).
+
+    Each class's files, sorted by name, are put in the order of a permutation seeded by ``(seed, class)``; the
+    first ``per_class`` are copied (so a larger ``per_class`` with the same seed contains a smaller one's images).
+    ``out/SUBSET.json`` records the source, the seed and every file copied. Nothing is overwritten: an existing
+    ``out`` needs ``replace``. Returns class -> copied file names.
+    """
+    import random
+
+    src = Path(source)
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir()) if src.is_dir() else []
+    if not classes:
+        raise ExtractError(f"{source!r} holds no class folders. Fix: pass an image folder laid out as "
+                           f"SOURCE/CLASS/IMAGE (e.g. one written by `extract-all --out`)")
+    dest = Path(out)
+    if dest.exists():
+        if not replace:
+            raise ExtractError(f"{out!r} exists. Fix: choose another --out, or pass --replace to rebuild it")
+        shutil.rmtree(dest)
+    chosen: dict[str, list[str]] = {}
+    for c in classes:
+        files = sorted(f.name for f in (src / c).iterdir() if f.is_file() and is_image(_head(f)))
+        if len(files) < per_class:
+            raise ExtractError(f"class {c!r} of {source!r} has {len(files)} images, fewer than --per-class "
+                               f"{per_class}. Fix: a smaller --per-class")
+        random.Random(f"{seed}/{c}").shuffle(files)
+        chosen[c] = sorted(files[:per_class])
+    for c, names in chosen.items():
+        (dest / c).mkdir(parents=True)
+        for n in names:
+            shutil.copy2(src / c / n, dest / c / n)
+    record = {"source": str(src.resolve()), "per_class": per_class, "seed": seed,
+              "rule": "per class: files sorted by name, shuffled by random.Random(f'{seed}/{class}'), first per_class",
+              "files": chosen}
+    (dest / "SUBSET.json").write_text(json.dumps(record, indent=1) + "\n")
+    return chosen
+
+
 def _git_specs(names: list[str]) -> Iterator[GitDataset]:
     for n in names:
         d = DATASETS.get(n)
@@ -815,6 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--only", nargs="*", default=None, help="dataset names (default: every git dataset)")
     p.add_argument("--replace", action="store_true")
+    p = sub.add_parser("subset", help="copy N images per class of an extracted dataset to a folder of its own")
+    p.add_argument("source", help="an image folder SOURCE/CLASS/IMAGE, e.g. /work/data/brain_mri4")
+    p.add_argument("--out", required=True, help="the new folder (must not exist unless --replace)")
+    p.add_argument("--per-class", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace", action="store_true")
     p = sub.add_parser("markdown", help=f"write the dataset table (default {MARKDOWN_PATH})")
     p.add_argument("--out", default=str(MARKDOWN_PATH))
     args = parser.parse_args(argv)
@@ -833,6 +884,9 @@ def main(argv: list[str] | None = None) -> int:
             for spec in _git_specs(names):
                 dest = extract(spec, mirror_repo(args.mirror_root, spec.repo), args.out, replace=args.replace)
                 print(f"wrote {dest}")
+        elif args.command == "subset":
+            chosen = subset(args.source, args.out, args.per_class, args.seed, args.replace)
+            print(f"wrote {args.out}: {sum(map(len, chosen.values()))} images, {len(chosen)} classes")
         elif args.command == "markdown":
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(render_markdown())

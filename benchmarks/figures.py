@@ -98,21 +98,12 @@ SWEEP_FMNIST50 = Source(
     "benchmarks/results/dinov2-fmnist50-cpu/results.csv", "visiontune sweep configs/sweeps/dinov2-fmnist50-cpu.yaml --quiet",
     "AMD EPYC, 2 cores (docs/how-to/sweeps.md)",
 )
-_AUTO_MACHINE = "Intel Xeon (AVX-512 BF16/VNNI, AMX), 2 cores (docs/tutorials/choose-a-method.md)"
-AUTO_ELPV = Source(
-    "benchmarks/results/auto-elpv/leaderboard.json",
-    "visiontune auto elpv data.train_per_class=20 data.test_per_class=100 backbone.weights=offline backbone.img_size=112 "
-    "--budget 20m --out runs/auto/elpv112-final", _AUTO_MACHINE,
-)
-AUTO_FMNIST10 = Source(
-    "benchmarks/results/auto-fmnist10/leaderboard.json",
-    "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
-    "backbone.img_size=112 --budget 30m --out runs/auto/fmnist10-final", _AUTO_MACHINE,
-)
+_AUTO_MACHINE = "Intel Xeon (AVX-512 BF16/VNNI, AMX), 2 cores, quiet: nothing else running (docs/tutorials/choose-a-method.md)"
 AUTO_FMNIST50 = Source(
     "benchmarks/results/auto-fmnist50/leaderboard.json",
     "visiontune auto fashion-mnist data.train_per_class=50 data.test_per_class=100 backbone.weights=offline "
-    "backbone.img_size=112 --out runs/auto/fmnist50-final", _AUTO_MACHINE,
+    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior benchmarks/results/auto-fmnist50/prior.json "
+    "--out runs/auto/auto-fmnist50", _AUTO_MACHINE,
 )
 SUGGEST = Source(
     "benchmarks/suggest/results/auto_choice.json",
@@ -126,22 +117,23 @@ AUTO_FMNIST10_LOADED = Source(
     "--out runs/auto/fmnist10-loaded",
     "AMD EPYC (AVX-512), 2 cores, beside the meta-benchmark's two workers (docs/tutorials/choose-a-method.md)",
 )
-_V4_MACHINE = "AMD EPYC (AVX-512), 2 cores, quiet: nothing else running (docs/tutorials/choose-a-method.md)"
 AUTO_FMNIST10_V4 = Source(
     "benchmarks/results/auto-fmnist10-v4/leaderboard.json",
     "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
-    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_FASHION_MNIST --budget 30m "
-    "--out runs/auto/fmnist10-v4", _V4_MACHINE,
+    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior benchmarks/results/auto-fmnist10-v4/prior.json "
+    "--budget 30m --out runs/auto/auto-fmnist10-v4", _AUTO_MACHINE,
 )
 AUTO_ELPV20_V4 = Source(
     "benchmarks/results/auto-elpv20-v4/leaderboard.json",
     "visiontune auto elpv data.train_per_class=20 data.test_per_class=100 backbone.weights=offline backbone.img_size=112 "
-    "--backbone vit_small_patch14_dinov2 --prior PRIOR_WITHOUT_ELPV --budget 20m --out runs/auto/elpv20-v4", _V4_MACHINE,
+    "--backbone vit_small_patch14_dinov2 --prior benchmarks/results/auto-elpv20-v4/prior.json --budget 20m "
+    "--out runs/auto/auto-elpv20-v4", _AUTO_MACHINE,
 )
 AUTO_MRI40_V4 = Source(
     "benchmarks/results/auto-mri40-v4/leaderboard.json",
-    "visiontune auto MRI40 backbone.weights=offline --prior PRIOR_WITHOUT_BRAIN_MRI4 --budget 15m --out runs/auto/mri40-v4",
-    _V4_MACHINE,
+    "python benchmarks/datasets.py subset /work/data/brain_mri4 --per-class 10 --out /work/bench/mri40; "
+    "visiontune auto /work/bench/mri40 backbone.weights=offline --prior benchmarks/results/auto-mri40-v4/prior.json "
+    "--budget 15m --out runs/auto/auto-mri40-v4", _AUTO_MACHINE,
 )
 HEAD_INIT = Source(
     "benchmarks/results/head-init-views/results.json",
@@ -157,8 +149,8 @@ EXPLORA = Source(
 AUTO_FMNIST10_RAY = Source(
     "benchmarks/results/auto-fmnist10-ray/leaderboard.json",
     "visiontune auto fashion-mnist data.train_per_class=10 data.test_per_class=100 backbone.weights=offline "
-    "backbone.img_size=112 --budget 30m --out runs/auto/fmnist10-ray-final --executor ray --cpus-per-run 1",
-    _AUTO_MACHINE,
+    "backbone.img_size=112 --backbone vit_small_patch14_dinov2 --prior benchmarks/results/auto-fmnist10-ray/prior.json "
+    "--budget 30m --out runs/auto/auto-fmnist10-ray --executor ray --cpus-per-run 1", _AUTO_MACHINE,
 )
 PRECISION = Source(
     "benchmarks/results/precision-amx.json", "python benchmarks/bench_precision.py runs/demo/lora --rounds 5 --threads 2",
@@ -411,8 +403,9 @@ FIGURES.update({
                                         lambda b: f"{b['elapsed_s'] / 60:.1f} min"),
     **{f"{name}.fold-s": Figure("train seconds per fold of LoRA all-linear r16 on the last 4 blocks, mean of its folds",
                                 src, lambda b: f"{next(c for c in b['leaderboard'] if 'last 4' in c['candidate'])['train_s_per_fold']:.1f} s")
-       for name, src in (("auto-fmnist10-ray", AUTO_FMNIST10_RAY), ("auto-fmnist10", AUTO_FMNIST10))},
-    "auto-fmnist10.minutes": Figure("selection time (one process)", AUTO_FMNIST10, lambda b: f"{b['elapsed_s'] / 60:.1f} min"),
+       for name, src in (("auto-fmnist10-ray", AUTO_FMNIST10_RAY), ("auto-fmnist10-v4", AUTO_FMNIST10_V4))},
+    "auto-fmnist10-v4.minutes": Figure("selection time (one process)", AUTO_FMNIST10_V4,
+                                       lambda b: f"{b['elapsed_s'] / 60:.1f} min"),
     "bf16.speedup": Figure("evaluation img/s, bf16 autocast / fp32", PRECISION,
                            lambda r: f"{_eval_img_s(r, 'bf16') / _eval_img_s(r, 'fp32'):.2f}x"),
     "bf16.img-s": Figure("evaluation img/s, bf16 vs fp32", PRECISION,
@@ -432,17 +425,15 @@ FIGURES.update({
     "startup.predict-imports": Figure("what the predict process imported of peft / bitsandbytes", STARTUP,
                                       lambda r: "neither" if r["commands"]["predict (tiny LoRA run)"]["imported"] == "[]"
                                       else r["commands"]["predict (tiny LoRA run)"]["imported"]),
-    **{f"{name}.accuracy": Figure("the chosen model's test accuracy", src, _auto_accuracy)
-       for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
-    **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
-       for name, src in (("auto-elpv", AUTO_ELPV), ("auto-fmnist10", AUTO_FMNIST10), ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.accuracy": Figure("the chosen model's test accuracy (prior fitted without the task's dataset)", src,
                                   _auto_accuracy)
        for name, src in (("auto-fmnist10-v4", AUTO_FMNIST10_V4), ("auto-elpv20-v4", AUTO_ELPV20_V4),
-                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED))},
+                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED),
+                         ("auto-fmnist50", AUTO_FMNIST50))},
     **{f"{name}.time": Figure("selection time (of the budget)", src, _auto_time)
        for name, src in (("auto-fmnist10-v4", AUTO_FMNIST10_V4), ("auto-elpv20-v4", AUTO_ELPV20_V4),
-                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED))},
+                         ("auto-mri40-v4", AUTO_MRI40_V4), ("auto-fmnist10-loaded", AUTO_FMNIST10_LOADED),
+                         ("auto-fmnist50", AUTO_FMNIST50))},
     # benchmarks/suggest: the whole policy `visiontune suggest --strategy auto` ships, and its criterion
     **{f"suggest.auto-{n}": Figure(f"labels per class `auto` needs to reach random's accuracy at {n}/class, over {n} "
                                    "(mean of 6 datasets)", SUGGEST, lambda c, n=n: f"{c['ratio'][str(n)]:.2f}")

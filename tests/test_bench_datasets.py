@@ -215,3 +215,30 @@ def test_table_is_complete_and_markdown_is_current(ds, capsys):
     assert ds.main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ds.DATASETS)
+
+
+def test_subset_copies_n_per_class_nested_over_n_and_never_overwrites(ds, tmp_path):
+    src = tmp_path / "src"
+    for c, n in (("a", 6), ("b", 5)):
+        (src / c).mkdir(parents=True)
+        for i in range(n):
+            (src / c / f"{i:02d}.png").write_bytes(_image("PNG", 10 * i + len(c)))
+    (src / "a" / "notes.txt").write_text("not an image")
+    (src / "PROVENANCE.json").write_text("{}")
+    three = ds.subset(str(src), str(tmp_path / "three"), 3, seed=1)
+    assert {c: len(v) for c, v in three.items()} == {"a": 3, "b": 3}
+    assert sorted(p.name for p in (tmp_path / "three" / "a").iterdir()) == three["a"]
+    record = json.loads((tmp_path / "three" / "SUBSET.json").read_text())
+    assert record["files"] == three and record["seed"] == 1
+    assert (tmp_path / "three" / "a" / three["a"][0]).read_bytes() == (src / "a" / three["a"][0]).read_bytes()
+    four = ds.subset(str(src), str(tmp_path / "four"), 4, seed=1)
+    assert all(set(three[c]) <= set(four[c]) for c in three)
+    assert ds.subset(str(src), str(tmp_path / "again"), 3, seed=1) == three
+    with pytest.raises(ds.ExtractError, match="exists.*--replace"):
+        ds.subset(str(src), str(tmp_path / "three"), 2, seed=1)
+    assert ds.subset(str(src), str(tmp_path / "three"), 2, seed=1, replace=True)["b"] != []
+    with pytest.raises(ds.ExtractError, match="fewer than --per-class"):
+        ds.subset(str(src), str(tmp_path / "six"), 6)
+    with pytest.raises(ds.ExtractError, match="no class folders"):
+        ds.subset(str(tmp_path / "missing"), str(tmp_path / "x"), 1)
+    assert not (tmp_path / "six").exists()

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 
-def synthetic_meta_table(datasets: int = 6, tasks: int = 6, seed: int = 0, fold_scores: bool = False) -> list[dict[str, Any]]:
+def synthetic_meta_table(datasets: int = 6, tasks: int = 6, seed: int = 0, fold_scores: bool = False,
+                         offset_sd: float = 0.03) -> list[dict[str, Any]]:
     """Rows per dataset x backbone x task: a fine-tune's gain over the probe falls as the probe's accuracy rises (as on
-    VTAB-1k), plus a per-dataset offset (what leave-one-dataset-out must not see) and noise."""
+    VTAB-1k), plus a per-dataset offset of sd ``offset_sd`` (what leave-one-dataset-out must not see) and noise."""
     rng = np.random.default_rng(seed)
     rows = []
     for d in range(datasets):
         name = f"set{d}"
-        offset = rng.normal(0, 0.03)
+        offset = rng.normal(0, offset_sd)
         for backbone, family in (("dinov2-112", "transformer"), ("lite0-224", "cnn")):
             for t in range(tasks):
                 shots = (5, 10, 20)[t % 3]

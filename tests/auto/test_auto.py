@@ -272,7 +272,7 @@ def test_decision_takes_the_highest_posterior_expected_accuracy_less_the_cost_ma
 def test_a_selection_reports_the_posterior_the_prior_and_its_nearest_tasks(tmp_path: Path, meta_table) -> None:
     from visiontune.auto.prior import MetaPrior, fit_prior
 
-    prior = MetaPrior(fit_prior(meta_table()), "synthetic")
+    prior = MetaPrior(fit_prior(meta_table(offset_sd=0.01)), "synthetic")  # features that predict: a model reading them
     sel = _select(tmp_path, prior=prior, cost_margin=0.5, prune=False)
     record = sel.run()
     features = sel.meta_features("test_vit")

@@ -13,7 +13,7 @@ import pytest
 
 from visiontune.auto.candidates import Candidate, Family, family_candidates
 from visiontune.auto.prior import (
-    FEATURES, MAX_BYTES, MetaPrior, backbone_key, candidate_kind, feature_vector, fit_prior, load_prior, lodo_residuals,
+    FEATURES, MAX_BYTES, MetaPrior, backbone_key, candidate_kind, feature_vector, fit_prior, load_prior, lodo_residuals, one_se_choice,
     resolve_prior,
 )
 from visiontune.auto.schedule import FlatPrior
@@ -64,7 +64,9 @@ def test_fitted_prior_sd_comes_from_other_datasets(meta_table) -> None:
 
 
 def test_round_trip_keys_fallbacks_and_widening(tmp_path: Path, meta_table) -> None:
-    data = fit_prior(meta_table(), provenance={"date": "2026-12-07", "code": "abc1234"})
+    # datasets that differ little beyond what the features say: the features' model wins by more than one SE
+    data = fit_prior(meta_table(offset_sd=0.01), provenance={"date": "2026-12-07", "code": "abc1234"})
+    assert data["models"]["dinov2-112"]["lora"]["model"] == "all features"
     path = tmp_path / "prior.json"
     path.write_text(json.dumps(data))
     prior = load_prior(path)
@@ -86,7 +88,7 @@ def test_round_trip_keys_fallbacks_and_widening(tmp_path: Path, meta_table) -> N
         return {**VIT, "probe_cv_accuracy": acc, "probe_cv_logloss": 1.6 - 1.2 * acc, "probe_gap": 1 - acc}
 
     def fewer(shots: int) -> dict:  # fewer shots, a lower probe accuracy: more to gain (what the table holds)
-        return {**VIT, "shots_per_class": shots}
+        return {**task(0.45 + 0.08 * math.log2(shots / 5)), "shots_per_class": shots}
 
     assert prior.gain(LORA, fewer(5)).mean > prior.gain(LORA, fewer(20)).mean
     assert 0 < prior.expected_gain(LORA, fewer(20)) < prior.expected_gain(LORA, fewer(5))
@@ -124,6 +126,15 @@ def test_the_prior_keeps_the_model_that_predicts_other_datasets_best() -> None:
     slope = _one_model(lambda meta, rng: 0.3 - 0.4 * meta["probe_cv_accuracy"] + rng.normal(0, 0.01))
     assert slope["model"] == "all features" and slope["sd"] < slope["lodo_sd"]["intercept only"] / 3
     assert slope["coef"][[n for n, _ in FEATURES].index("probe_cv_accuracy")] < 0
+
+
+def test_a_richer_model_must_beat_the_simpler_by_more_than_one_standard_error() -> None:
+    simple = np.array([0.004, 0.002, 0.006, 0.003, 0.005])  # mean squared residual per left-out dataset
+    assert one_se_choice([simple, simple * 0.97, simple * 0.95]) == 0  # 3-5 % lower: chance, the mean gain is kept
+    assert one_se_choice([simple, simple * 0.3, simple * 0.29]) == 1  # far lower: log2 shots; the richest adds nothing
+    assert one_se_choice([simple, simple * 0.9, simple * 0.1]) == 2
+    assert one_se_choice([simple * 0.5, simple, simple]) == 0
+    assert one_se_choice([np.array([0.004])]) == 0  # one dataset: no standard error, the lowest
 
 def _good(meta_table) -> dict:
     return fit_prior(meta_table(datasets=3, tasks=3))

@@ -156,6 +156,13 @@ def lodo_residuals(x: np.ndarray, y: np.ndarray, datasets: list[str], make_model
     """Leave-one-dataset-out residuals ``y - prediction`` (each row predicted by a model that saw no row of its own
     dataset; features standardized on the training part only) and their root mean square, every dataset weighing
     the same."""
+    res, per_dataset = _lodo(x, y, datasets, make_model)
+    return res, math.sqrt(float(np.mean(per_dataset)))
+
+
+def _lodo(x: np.ndarray, y: np.ndarray, datasets: list[str], make_model: Callable[[], Any]
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lodo_residuals`' residuals and each dataset's mean squared residual (in the order of first appearance)."""
     from sklearn.model_selection import LeaveOneGroupOut
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -165,31 +172,46 @@ def lodo_residuals(x: np.ndarray, y: np.ndarray, datasets: list[str], make_model
     for tr, te in LeaveOneGroupOut().split(x, y, groups):
         model = make_pipeline(StandardScaler(), make_model()).fit(x[tr], y[tr])
         res[te] = y[te] - model.predict(x[te])
-    per_dataset = [float(np.mean(res[groups == d] ** 2)) for d in dict.fromkeys(datasets)]
-    return res, math.sqrt(float(np.mean(per_dataset)))
+    return res, np.array([float(np.mean(res[groups == d] ** 2)) for d in dict.fromkeys(datasets)])
+
+
+def one_se_choice(per_dataset: list[np.ndarray]) -> int:
+    """The index of the simplest model (models in order of complexity) whose leave-one-dataset-out RMS residual is
+    within one standard error of the lowest (the one-standard-error rule of model selection: Breiman et al. 1984;
+    Hastie, Tibshirani & Friedman, *Elements of Statistical Learning*, 7.10). ``per_dataset[i]`` holds model i's
+    mean squared residual per left-out dataset; the standard error of the best model's RMS is the standard error of
+    the mean of its per-dataset squares, carried through the square root (delta method). With a dozen datasets a
+    richer model that is better by less than that is better by chance."""
+    rms = [math.sqrt(float(np.mean(d))) for d in per_dataset]
+    best = int(np.argmin(rms))
+    d = per_dataset[best]
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) / (2 * rms[best]) if len(d) > 1 and rms[best] > 0 else 0.0
+    return next(i for i, r in enumerate(rms) if r <= rms[best] + se)
 
 
 MODELS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("intercept only", ()), ("shots per class", ("shots_per_class",)), ("all features", None))
 """The models :func:`_fit_one` chooses between, simplest first (name, the features it reads; None: every one): the
-one with the lowest leave-one-dataset-out RMS residual is kept (a tie keeps the simpler). With a few dozen rows of a
-dozen datasets the features may not predict a new dataset's gain better than the mean gain does; then the mean it is
-(Auto-sklearn 2.0 likewise chooses its selection policy by cross-validation on the meta-data)."""
+simplest whose leave-one-dataset-out RMS residual is within one standard error of the lowest is kept
+(:func:`one_se_choice`). With a few dozen rows of a dozen datasets the features may not predict a new dataset's gain
+better than the mean gain does; then the mean it is (Auto-sklearn 2.0 likewise chooses its selection policy by
+cross-validation on the meta-data)."""
 
 
 def _fit_one(x: np.ndarray, y: np.ndarray, datasets: list[str], names: list[str]) -> dict[str, Any]:
     from sklearn.dummy import DummyRegressor
     from sklearn.preprocessing import StandardScaler
 
-    scored = []
+    scored, per_dataset = [], []
     for name, used in MODELS:
         cols = list(range(len(names))) if used is None else [names.index(n) for n in used if n in names]
         if used and len(cols) < len(used):
             continue
         make = _default_model if cols else DummyRegressor
-        _, sd = lodo_residuals(x[:, cols or [0]], y, datasets, make)
-        scored.append((sd, len(scored), name, cols))
-    sd, _, name, cols = min(scored)
+        _, squares = _lodo(x[:, cols or [0]], y, datasets, make)
+        per_dataset.append(squares)
+        scored.append((math.sqrt(float(np.mean(squares))), len(scored), name, cols))
+    sd, _, name, cols = scored[one_se_choice(per_dataset)]
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
     coef = np.zeros(len(names))
@@ -256,9 +278,9 @@ def fit_prior(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = No
         "provenance": {
             **(provenance or {}), "rows": len(rows), "rows_used": len(usable), "rows_dropped_missing": dropped,
             "datasets": sorted({str(r["dataset"]) for r, _ in usable}),
-            "model": ("per group and kind, the lowest leave-one-dataset-out RMS residual of: the mean gain, scikit-learn "
-                      "BayesianRidge on log2 shots per class, BayesianRidge on every standardized feature; "
-                      "sd = that RMS residual"),
+            "model": ("per group and kind, the simplest within one standard error of the lowest leave-one-dataset-out "
+                      "RMS residual of: the mean gain, scikit-learn BayesianRidge on log2 shots per class, BayesianRidge "
+                      "on every standardized feature; sd = its RMS residual"),
         },
     }
 
