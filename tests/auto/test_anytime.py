@@ -152,7 +152,8 @@ def test_a_candidate_the_budget_stopped_after_two_folds_is_judged_on_them() -> N
     assert is_eligible({"status": "partial (budget)", "folds": [fold] * 3})
     assert is_eligible({"status": "partial (budget)", "folds": [fold] * MIN_PAIRED_FOLDS})
     assert not is_eligible({"status": "partial (budget)", "folds": [fold]})  # one fold: no spread to read
-    assert not is_eligible({"status": "pruned", "folds": [fold] * 3})  # the pruner's judgement stands
+    assert is_eligible({"status": "pruned", "folds": [fold] * 3})  # pruned after fold 3: weighed on its 3 folds
+    assert not is_eligible({"status": "pruned", "folds": [fold]})  # pruned after fold 1: one fold, no spread
     assert not is_eligible({"status": "budget", "folds": []})
 
 

@@ -164,7 +164,8 @@ def leaderboard_markdown(record: dict[str, Any]) -> str:
         "the budget stopped is not in the fold mean; a candidate the budget left with fewer than two finished folds (not "
         "pruned) is judged on its learned prior alone, where one applies; "
         "'pruned' = stopped early by successive "
-        "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3), 'budget' = not started (too little of the budget left for one epoch) or stopped by it between two optimizer steps, its last checkpoint scored on the fold's held-out part"
+        "halving (not in the top third at a rung: a third of the way into fold 1, the end of fold 1, the end of fold 3; "
+        "one pruned after two or more finished folds is judged on those), 'budget' = not started (too little of the budget left for one epoch) or stopped by it between two optimizer steps, its last checkpoint scored on the fold's held-out part"
         + ("; 'failed' = the worker training one of its folds died (the same command retries it)."
            if any(r.get("status") == "failed" for r in record["leaderboard"]) else "."),
         "",
