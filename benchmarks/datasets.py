@@ -41,6 +41,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -802,8 +803,6 @@ def subset(source: str, out: str, per_class: int, seed: int = 0, replace: bool =
     ``out/SUBSET.json`` records the source, the seed and every file copied. Nothing is overwritten: an existing
     ``out`` needs ``replace``. Returns class -> copied file names.
     """
-    import random
-
     src = Path(source)
     classes = sorted(d.name for d in src.iterdir() if d.is_dir()) if src.is_dir() else []
     if not classes:

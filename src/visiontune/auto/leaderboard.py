@@ -74,8 +74,8 @@ def judgeable_if_stopped(rec: dict[str, Any]) -> bool:
     """Whether the decision could judge a candidate on its folds if the budget stopped it now (complete, pruned after
     :data:`MIN_PAIRED_FOLDS` folds, or that many folds finished and not ruled out): what the final retrain's reserve
     must cover."""
-    status = rec.get("status")
-    return status == "complete" or (status not in ("skipped", "failed") and len(rec.get("folds", [])) >= MIN_PAIRED_FOLDS)
+    return is_eligible(rec) if rec.get("status") in RULED_OUT else (
+        rec.get("status") == "complete" or len(rec.get("folds", [])) >= MIN_PAIRED_FOLDS)
 
 
 def on_prior_alone(rec: dict[str, Any], belief: PriorGain) -> bool:
